@@ -1,0 +1,46 @@
+# vtc: `make test` and `make demo` need nothing but python3.11 and pip; the venv lives outside the clone,
+# keyed by a hash of the pinned lock file, so CI and later clones on the same machine reuse it.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+LOCK := requirements/test.lock
+LOCK_HASH := $(shell sha256sum $(LOCK) | cut -c1-16)
+VENV ?= $(HOME)/.cache/vtc/venv-$(LOCK_HASH)
+VPY := $(VENV)/bin/python
+# Never let the clone's top-level `kernels/` or `eval/` folders shadow real packages: no cwd on sys.path.
+export PYTHONSAFEPATH := 1
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: venv install test demo lint bench clean-venv
+
+$(VENV)/.complete: $(LOCK)
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade "pip>=24"
+	$(VPY) -m pip install --quiet -r $(LOCK)
+	touch $@
+
+venv: $(VENV)/.complete
+
+# Re-point the editable install at *this* clone every time (the venv is shared between clones).
+install: venv
+	$(VPY) -m pip install --quiet --no-deps --no-build-isolation -e .
+
+test: install
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+demo: install
+	$(VENV)/bin/vtc demo --out out
+
+lint: install
+	$(VENV)/bin/ruff check vtc kernels eval tests
+	$(VENV)/bin/ruff format --check vtc kernels eval tests
+
+bench: install
+	$(VENV)/bin/vtc bench --cpu
+
+clean-venv:
+	rm -rf $(VENV)

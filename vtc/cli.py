@@ -1,0 +1,5 @@
+"""Command-line entry point (``vtc``)."""
+
+
+def main(argv=None):
+    raise SystemExit("vtc CLI: not built yet")
