@@ -1,0 +1,36 @@
+"""Model adapters keyed by ``config.model_type``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vtc.adapters.base import ModelAdapter
+from vtc.adapters.llava import LlavaAdapter
+
+ADAPTERS: dict[str, type[ModelAdapter]] = {t: LlavaAdapter for t in LlavaAdapter.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """Return the adapter for ``model``, keyed by ``model.config.model_type``.
+
+    Raises
+    ------
+    ValueError
+        If the model type has no adapter; the message lists the supported types.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"vtc does not support model_type={model_type!r} ({type(model).__name__}). "
+            f"Supported model types: {supported_model_types()}. Pass a LLaVA checkpoint "
+            "(e.g. llava-hf/llava-1.5-7b-hf loaded with LlavaForConditionalGeneration)."
+        )
+    return ADAPTERS[model_type](model)
+
+
+__all__ = ["ADAPTERS", "ModelAdapter", "LlavaAdapter", "get_adapter", "supported_model_types"]

@@ -1,0 +1,111 @@
+"""Independent references the engine is compared against (no vtc code on the reference side except the
+forced replay of a recorded selection, which is applied to a *no-cache* recompute)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def generate(model, inputs: dict, steps: int = 4):
+    """Greedy cached ``generate``; returns (sequences [B, T+steps], logits [steps, B, V], output)."""
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    return out.sequences, torch.stack(out.logits), out
+
+
+def positions_like_generate(mask: torch.Tensor) -> torch.Tensor:
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 1)
+
+
+def greedy_nocache(model, inputs: dict, steps: int = 4, layer_masks=None):
+    """Greedy decoding that recomputes the whole sequence at every step, without any cache.
+
+    ``layer_masks``: optional callable ``(layer_idx, T) -> [B, 1, T, T] bool`` giving the allowed
+    attention of each layer (a masking reference); installed as temporary pre-hooks.
+    """
+    ids = inputs["input_ids"]
+    had_mask = inputs.get("attention_mask") is not None
+    mask = inputs["attention_mask"] if had_mask else torch.ones_like(ids)
+    logits = []
+    handles = []
+    if layer_masks is not None:
+        layers = model.model.language_model.layers
+        eager = model.config.text_config._attn_implementation == "eager"
+
+        def make(l):
+            def hook(mod, args, kwargs):
+                T = args[0].shape[1]
+                allowed = layer_masks(l, T)
+                if eager:
+                    m = torch.zeros(allowed.shape, dtype=args[0].dtype)
+                    m = m.masked_fill(~allowed, torch.finfo(args[0].dtype).min)
+                else:
+                    m = allowed
+                kwargs["attention_mask"] = m
+                return args, kwargs
+
+            return hook
+
+        handles = [layer.register_forward_pre_hook(make(l), with_kwargs=True) for l, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for _ in range(steps):
+                out = model(
+                    input_ids=ids,
+                    attention_mask=mask if had_mask else None,
+                    position_ids=positions_like_generate(mask),
+                    pixel_values=inputs.get("pixel_values"),
+                    use_cache=False,
+                )
+                last = out.logits[:, -1]
+                logits.append(last)
+                nxt = last.argmax(-1, keepdim=True)
+                ids = torch.cat([ids, nxt], 1)
+                mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    finally:
+        for h in handles:
+            h.remove()
+    return ids, torch.stack(logits)
+
+
+def dropped_masks(selections: dict, inputs: dict, image_token: int, num_layers: int):
+    """Allowed-attention function of a full-length run where the visual tokens that a drop-mode run
+    removed are masked out as keys from their boundary layer on (original positions)."""
+    ids = inputs["input_ids"]
+    B, T0 = ids.shape
+    valid0 = inputs["attention_mask"].bool() if inputs.get("attention_mask") is not None else torch.ones(B, T0, dtype=torch.bool)
+    image = (ids == image_token) & valid0
+    bounds = sorted(selections)
+    dropped_at = {}
+    for l in range(num_layers):
+        d = torch.zeros(B, T0, dtype=torch.bool)
+        active = [b for b in bounds if b <= l]
+        if active:
+            kept = torch.zeros(B, T0, dtype=torch.bool)
+            for b in range(B):
+                kept[b, selections[active[-1]][b]] = True
+            d = image & ~kept
+        dropped_at[l] = d
+
+    def allowed(l: int, T: int) -> torch.Tensor:
+        valid = torch.ones(B, T, dtype=torch.bool)
+        valid[:, :T0] = valid0
+        drop = torch.zeros(B, T, dtype=torch.bool)
+        drop[:, :T0] = dropped_at[l]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        a = causal[None] & valid[:, None, :] & ~drop[:, None, :]
+        a |= torch.eye(T, dtype=torch.bool)[None]  # every query sees itself: no fully-masked rows
+        return a[:, None]
+
+    return allowed
+
+
+def snapshot_hooks(model) -> list[tuple[str, int, int]]:
+    """Counts of hooks on every submodule, to check that removal leaves nothing behind."""
+    return [
+        (n, len(m._forward_pre_hooks), len(m._forward_hooks))
+        for n, m in model.named_modules()
+    ]

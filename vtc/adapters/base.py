@@ -1,0 +1,159 @@
+"""Model adapters: all model-specific knowledge and every touch of transformers internals.
+
+An adapter wraps one model instance and answers, for the engine and the methods:
+where the decoder layers, the rotary embedding and the image-feature entry point live,
+which token id marks an image, how many tokens one image occupies, and how a decoder layer
+projects queries and keys (so scorers can rank tokens without calling the layer again).
+
+Shape names: ``B`` batch, ``T`` sequence, ``D`` hidden, ``H`` query heads, ``Hkv`` key/value heads,
+``dh`` head dim, ``L`` layers.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class ModelAdapter:
+    """Base adapter. Subclasses set :attr:`model_types` and implement the module lookups."""
+
+    #: ``config.model_type`` values this adapter serves.
+    model_types: tuple[str, ...] = ()
+    #: ``text_config.model_type`` values whose decoder layers this adapter knows.
+    text_model_types: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # --- module lookups -------------------------------------------------------------------------
+    @property
+    def base_model(self) -> nn.Module:
+        """The multimodal trunk whose ``forward`` receives ``input_ids`` and image inputs."""
+        raise NotImplementedError
+
+    @property
+    def language_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def rotary_emb(self) -> nn.Module:
+        return self.language_model.rotary_emb
+
+    @property
+    def text_config(self):
+        return self.language_model.config
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.text_config._attn_implementation
+
+    @property
+    def image_token_id(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = getattr(self.text_config, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(self.model.config, "pad_token_id", None)
+        return 0 if pad is None else int(pad)
+
+    def tokens_per_image(self) -> int:
+        """Visual tokens one image occupies in the prompt before any compression."""
+        raise NotImplementedError
+
+    def grid_of_image(self) -> tuple[int, int]:
+        """``(h, w)`` of the feature grid one image is laid out on."""
+        raise NotImplementedError
+
+    # --- attention projections (for scorers) ------------------------------------------------------
+    def _attn(self, layer_idx: int) -> nn.Module:
+        return self.layers[layer_idx].self_attn
+
+    def _rope_fn(self, layer_idx: int) -> Callable:
+        module = sys.modules[type(self._attn(layer_idx)).__module__]
+        return module.apply_rotary_pos_emb
+
+    def head_dims(self) -> tuple[int, int, int]:
+        """``(H, Hkv, dh)`` of the decoder's attention."""
+        cfg = self.text_config
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or heads
+        dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return heads, kv, dh
+
+    def project_qk(
+        self,
+        layer_idx: int,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        query_rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated query of one row position and rotated keys of all positions, as layer ``layer_idx`` makes them.
+
+        Parameters
+        ----------
+        layer_idx : int
+            Decoder layer whose ``input_layernorm``, ``q_proj`` and ``k_proj`` are applied.
+        hidden : torch.Tensor
+            ``[B, T, D]`` the layer's input (before its ``input_layernorm``).
+        cos, sin : torch.Tensor
+            ``[B, T, dh]`` rotary tables for those positions.
+        query_rows : torch.Tensor, optional
+            ``[B]`` index of the query token per row; the last position when omitted.
+
+        Returns
+        -------
+        q : torch.Tensor
+            ``[B, H, dh]`` rotated query (only one row is projected).
+        k : torch.Tensor
+            ``[B, Hkv, T, dh]`` rotated keys.
+        """
+        layer = self.layers[layer_idx]
+        attn = layer.self_attn
+        _, _, dh = self.head_dims()
+        B, T, _ = hidden.shape
+        x = layer.input_layernorm(hidden)
+        if query_rows is None:
+            xq = x[:, -1:]
+            cq, sq = cos[:, -1:], sin[:, -1:]
+        else:
+            rows = torch.arange(B, device=x.device)
+            xq = x[rows, query_rows].unsqueeze(1)
+            cq, sq = cos[rows, query_rows].unsqueeze(1), sin[rows, query_rows].unsqueeze(1)
+        q = attn.q_proj(xq).view(B, 1, -1, dh).transpose(1, 2)
+        k = attn.k_proj(x).view(B, T, -1, dh).transpose(1, 2)
+        if getattr(attn, "q_norm", None) is not None:
+            q = attn.q_norm(q)
+        if getattr(attn, "k_norm", None) is not None:
+            k = attn.k_norm(k)
+        rope = self._rope_fn(layer_idx)
+        q, _ = rope(q, q, cq, sq)
+        _, k = rope(k, k, cos, sin)
+        return q[:, :, 0], k
+
+    # --- image features entry point (pre-LLM methods) -------------------------------------------
+    def image_feature_owner(self) -> nn.Module:
+        """The module whose ``get_image_features`` both ``generate`` and ``forward`` call."""
+        return self.base_model
+
+    def check_supported(self) -> None:
+        tt = getattr(self.text_config, "model_type", None)
+        if self.text_model_types and tt not in self.text_model_types:
+            raise ValueError(
+                f"vtc's {type(self).__name__} supports language models of type {sorted(self.text_model_types)}, "
+                f"got text_config.model_type={tt!r}. Open an issue with the checkpoint name to add it."
+            )

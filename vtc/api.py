@@ -1,0 +1,169 @@
+"""Public entry point: ``handle = vtc.apply(model, method)``.
+
+``method`` may be
+* a method dataclass instance, e.g. ``vtc.PyramidDrop(lam=0.5)``;
+* a registered name plus keyword arguments: ``vtc.apply(model, "pyramid_drop", lam=0.4)``;
+* a YAML preset: a file path, or the name of a file in ``configs/`` (``"pdrop_default"``), whose
+  keys mirror the dataclass fields (``method: pyramid_drop`` plus fields, or ``methods: [...]``);
+* a dict with the same keys as a preset;
+* a list of any of these, to compose (at most one pre-LLM and one in-decoder method).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vtc.adapters import get_adapter
+from vtc.engine.session import Session
+from vtc.engine.stats import CallStats
+from vtc.methods.base import Method
+from vtc.registry import build_dataclass, get_method_class, list_methods
+
+
+class Handle:
+    """The hooks of one :func:`apply` call. Use as a context manager or call :meth:`remove`.
+
+    Attributes
+    ----------
+    methods : list[Method]
+    session : vtc.engine.session.Session
+    """
+
+    def __init__(self, session: Session, methods: list[Method]):
+        self.session = session
+        self.methods = methods
+
+    @property
+    def stats(self) -> CallStats | None:
+        """Token accounting of the latest call (prefill + decode steps so far)."""
+        return self.session.calls[-1] if self.session.calls else None
+
+    @property
+    def calls(self) -> list[CallStats]:
+        """Accounting of every call since :meth:`reset_stats`."""
+        return self.session.calls
+
+    def reset_stats(self) -> None:
+        self.session.calls.clear()
+
+    @property
+    def active(self) -> bool:
+        return self.session._attached
+
+    def remove(self) -> None:
+        """Remove every hook and instance patch; the model is as before ``apply``."""
+        if self.session._attached:
+            self.session.remove()
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"Handle({[m.to_dict() for m in self.methods]}, active={self.active})"
+
+
+def presets_dir() -> Path:
+    return Path(str(resources.files("vtc.configs")))
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def load_preset(spec: str | os.PathLike) -> list[Method]:
+    """Methods from a YAML preset: a path, or a preset name from ``configs/``."""
+    path = Path(spec)
+    if not path.suffix:
+        path = presets_dir() / f"{spec}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"preset {str(spec)!r} not found (looked for {path}); available presets: {list_presets()}, "
+            f"methods: {list_methods()}"
+        )
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"preset {path} must be a mapping with 'method' or 'methods', got {type(data).__name__}")
+    return resolve_methods(data, _origin=str(path))
+
+
+def resolve_methods(method: Any, _origin: str | None = None, **kwargs) -> list[Method]:
+    """Turn any accepted ``method`` spelling into a list of method instances."""
+    if isinstance(method, Method):
+        if kwargs:
+            raise ValueError(f"keyword arguments {sorted(kwargs)} given with a method instance; set them on the instance")
+        return [method]
+    if isinstance(method, (list, tuple)):
+        if kwargs:
+            raise ValueError("keyword arguments cannot be combined with a list of methods")
+        out: list[Method] = []
+        for m in method:
+            out.extend(resolve_methods(m))
+        return out
+    if isinstance(method, dict):
+        data = dict(method)
+        data.update(kwargs)
+        if "methods" in data:
+            rest = sorted(set(data) - {"methods", "description"})
+            if rest:
+                raise ValueError(f"unknown keys {rest} next to 'methods' in {_origin or 'config'}; only 'methods' is allowed")
+            return resolve_methods(list(data["methods"]))
+        if "method" not in data:
+            raise ValueError(f"config {_origin or data} needs a 'method' key naming one of {list_methods()}")
+        name = data.pop("method")
+        data.pop("description", None)
+        cls = get_method_class(name)
+        return [build_dataclass(cls, data, what=f"method {name!r}")]
+    if isinstance(method, (str, os.PathLike)):
+        s = str(method)
+        if s in list_methods():
+            cls = get_method_class(s)
+            return [build_dataclass(cls, kwargs, what=f"method {s!r}")]
+        if kwargs:
+            raise ValueError(f"{s!r} is not a registered method ({list_methods()}); keyword arguments need a method name")
+        return load_preset(s)
+    raise TypeError(f"method must be a Method, name, preset path, dict or list; got {type(method).__name__}")
+
+
+def apply(model, method: Any, **kwargs) -> Handle:
+    """Attach compression hooks to ``model`` (in place, reversibly) and return a :class:`Handle`.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A supported model (see :func:`vtc.adapters.supported_model_types`), e.g.
+        ``LlavaForConditionalGeneration``.
+    method : Method, str, dict, path or list
+        See the module docstring.
+    **kwargs
+        Fields of the method when ``method`` is a registered name.
+
+    Examples
+    --------
+    >>> handle = vtc.apply(model, "pyramid_drop", lam=0.5)      # doctest: +SKIP
+    >>> out = model.generate(**inputs, max_new_tokens=32)      # doctest: +SKIP
+    >>> handle.remove()                                        # doctest: +SKIP
+    """
+    methods = resolve_methods(method, **kwargs)
+    if not methods:
+        raise ValueError("no method given")
+    adapter = get_adapter(model)
+    decoder = [m for m in methods if m.kind == "decoder"]
+    pre = [m for m in methods if m.kind == "pre_llm"]
+    if len(decoder) > 1:
+        raise ValueError(
+            f"at most one in-decoder method per apply, got {[m.name for m in decoder]}; combine their schedules instead"
+        )
+    if len(pre) > 1:
+        raise ValueError(f"at most one pre-LLM method per apply, got {[m.name for m in pre]}")
+    plan = decoder[0].plan(adapter) if decoder else None
+    session = Session(model, adapter, plan, [m.component(adapter) for m in pre])
+    session.attach()
+    return Handle(session, methods)

@@ -1,0 +1,65 @@
+"""Small tensor helpers of the engine: compacting rows with left padding, gathering per row.
+
+Shape names: ``B`` batch, ``T`` current length, ``Tn`` new length, ``D`` hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def compact_rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded layout of the kept slots of each row, order preserved.
+
+    Parameters
+    ----------
+    keep : torch.Tensor
+        ``[B, T]`` bool.
+
+    Returns
+    -------
+    src : torch.Tensor
+        ``[B, Tn]`` long, the slot of ``keep`` each new slot takes, ``-1`` at padding; ``Tn`` is the
+        largest kept count of any row.
+    valid : torch.Tensor
+        ``[B, Tn]`` bool, False at padding (padding is on the left).
+    """
+    B, T = keep.shape
+    counts = keep.sum(1)
+    Tn = int(counts.max().item()) if B else 0
+    pad = Tn - counts  # [B]
+    dest = pad.unsqueeze(1) + keep.long().cumsum(1) - 1  # [B, T] destination of each kept slot
+    src = torch.full((B, Tn + 1), -1, dtype=torch.long, device=keep.device)
+    # send dropped slots to a trash column Tn
+    dest = torch.where(keep, dest, torch.full_like(dest, Tn))
+    src.scatter_(1, dest, torch.arange(T, device=keep.device).expand(B, T))
+    src = src[:, :Tn]
+    valid = torch.arange(Tn, device=keep.device).unsqueeze(0) >= pad.unsqueeze(1)
+    src = torch.where(valid, src, torch.full_like(src, -1))
+    return src, valid
+
+
+def gather_rows(x: torch.Tensor, src: torch.Tensor, fill=0) -> torch.Tensor:
+    """``out[b, j] = x[b, src[b, j]]`` along dim 1, ``fill`` where ``src < 0``. ``x`` is ``[B, T, ...]``."""
+    idx = src.clamp(min=0)
+    if x.dim() == 2:
+        out = x.gather(1, idx)
+        pad = (src < 0)
+    else:
+        shape = idx.shape + x.shape[2:]
+        out = x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(shape))
+        pad = (src < 0).view(*src.shape, *([1] * (x.dim() - 2)))
+    if fill is None:
+        return out
+    return out.masked_fill(pad, fill)
+
+
+def scatter_rows(full: torch.Tensor, src: torch.Tensor, valid: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """Write ``part[b, j]`` back to ``full[b, src[b, j]]`` for valid slots; returns a new tensor.
+
+    ``full`` is ``[B, T, D]``, ``part`` is ``[B, Tn, D]``, ``src``/``valid`` are ``[B, Tn]``.
+    """
+    out = full.clone()
+    b, j = valid.nonzero(as_tuple=True)
+    out[b, src[b, j]] = part[b, j].to(out.dtype)
+    return out

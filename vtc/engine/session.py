@@ -1,0 +1,525 @@
+"""The hook engine: every hook one ``vtc.apply`` puts on one model instance, and their per-call state.
+
+Hooks (instance only, all removed by :meth:`Session.remove`):
+
+* a forward pre-hook on the multimodal trunk (``LlavaModel``): tells prefill from decode, runs the
+  pre-LLM components (DFMR) first, then resets the per-call state from the rewritten ``input_ids``;
+* a forward hook on the trunk: updates decode counters and cache lengths;
+* a forward pre-hook on every decoder layer: at prefill it applies the selections (``drop`` shrinks
+  the sequence for all later layers, ``skip`` routes a subset through one layer) and rewrites what
+  later layers need — RoPE ``cos/sin``, ``position_ids`` and a mask built per layer with
+  ``create_causal_mask(..., layer_idx=l)``; at decode it rebuilds each shortened layer's mask for
+  its own cache length and shifts positions in ``compact`` mode;
+* a forward hook on each ``skip``-routed layer: writes the processed subset back into the stream.
+
+Shape names: ``B`` batch, ``T0`` prefill length entering the LLM, ``Tv`` view length, ``D`` hidden.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from vtc.engine.ops import compact_rows, gather_rows, scatter_rows
+from vtc.engine.state import CallState, ImageSpan, View
+from vtc.engine.stats import CallStats
+from vtc.schedules import Schedule, keep_count
+from vtc.scorers import ScoreContext, Scorer
+
+POSITION_POLICIES = ("compact", "original")
+MODES = ("drop", "skip")
+
+
+@dataclass
+class DecoderPlan:
+    """What an in-decoder method asks of the engine.
+
+    Attributes
+    ----------
+    schedule : Schedule
+        Per-layer share of visual tokens.
+    scorer : Scorer
+        Ranks visual tokens at each selection.
+    mode : {"drop", "skip"}
+        ``drop``: dropped tokens are gone for every later layer. ``skip``: at a routed layer only the
+        selected visual tokens (and all text) go through attention and MLP; the others carry their
+        hidden state past the layer unchanged and may be selected again later.
+    positions : {"compact", "original"}
+        ``compact`` renumbers RoPE positions after a drop (PyramidDrop's code); ``original`` keeps
+        them (FastV, p-MoD). ``skip`` mode requires ``original``.
+    """
+
+    schedule: Schedule
+    scorer: Scorer
+    mode: str = "drop"
+    positions: str = "compact"
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}; choose one of {MODES}")
+        if self.positions not in POSITION_POLICIES:
+            raise ValueError(f"positions={self.positions!r}; choose one of {POSITION_POLICIES}")
+        if self.mode == "skip" and self.positions != "original":
+            raise ValueError(
+                "mode='skip' keeps every token in the residual stream, so positions cannot be renumbered; "
+                "use positions='original'"
+            )
+        if self.mode == "drop" and not self.schedule.is_monotone():
+            raise ValueError(
+                f"mode='drop' needs non-increasing shares (dropped tokens are gone), got {list(self.schedule.shares)}; "
+                "use mode='skip' for schedules that let tokens come back"
+            )
+
+    def selection_layers(self) -> list[int]:
+        if self.mode == "drop":
+            return list(self.schedule.boundaries)
+        routed = {l for l, s in enumerate(self.schedule.shares) if s < 1.0} | set(self.schedule.boundaries)
+        return sorted(routed)
+
+
+class PreLLMComponent:
+    """Interface of methods that act before the LLM (DFMR). See :mod:`vtc.methods.dfmr`."""
+
+    def attach(self, session: Session) -> None:  # instance patches
+        pass
+
+    def detach(self, session: Session) -> None:
+        pass
+
+    def prefill(self, session: Session, kwargs: dict) -> dict:
+        return kwargs
+
+    def decode(self, session: Session, kwargs: dict) -> dict:
+        return kwargs
+
+    def image_spans(self) -> list[ImageSpan] | None:
+        """Spans of each image after the rewrite, or None to let the engine find them."""
+        return None
+
+    def visual_original(self) -> list[int] | None:
+        return None
+
+
+class Session:
+    """All hooks of one :func:`vtc.apply` call; see the module docstring."""
+
+    def __init__(self, model, adapter, plan: DecoderPlan | None, pre_llm: list[PreLLMComponent] | None = None):
+        self.model = model
+        self.adapter = adapter
+        self.plan = plan
+        self.pre_llm = list(pre_llm or [])
+        self.state: CallState | None = None
+        self.calls: list[CallStats] = []
+        self.forced: dict[int, list[torch.Tensor]] | None = None
+        self._handles: list = []
+        self._attached = False
+        self._warned_compile = False
+        L = adapter.num_layers
+        if plan is not None:
+            if plan.schedule.num_layers != L:
+                raise ValueError(
+                    f"schedule has {plan.schedule.num_layers} layers but the model has L={L} decoder layers"
+                )
+            self._selection = set(plan.selection_layers())
+            self._prev_needed = {l - 1 for l in self._selection} if plan.scorer.needs_prev_input else set()
+        else:
+            self._selection, self._prev_needed = set(), set()
+        self._sig = inspect.signature(adapter.base_model.forward)
+
+    # --- attach / remove ------------------------------------------------------------------------------
+    def attach(self) -> None:
+        if getattr(self.model, "_vtc_session", None) is not None:
+            raise RuntimeError(
+                "vtc is already applied to this model; remove the first handle (handle.remove()) or pass both "
+                "methods to one vtc.apply(model, [m1, m2]) call"
+            )
+        self._check_generation_config()
+        base = self.adapter.base_model
+        self._handles.append(base.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+        self._handles.append(base.register_forward_hook(self._top_post, with_kwargs=True))
+        if self.plan is not None:
+            for l, layer in enumerate(self.adapter.layers):
+                self._handles.append(layer.register_forward_pre_hook(self._make_layer_pre(l), with_kwargs=True))
+                if self.plan.mode == "skip" and l in self._selection:
+                    self._handles.append(layer.register_forward_hook(self._make_skip_post(l), with_kwargs=True))
+        for comp in self.pre_llm:
+            comp.attach(self)
+        self.model._vtc_session = self
+        self._attached = True
+        if hasattr(self.model, "_orig_mod") or getattr(self.model, "_compiled_call_impl", None) is not None:
+            warnings.warn(
+                "vtc hooks on a torch.compile'd model: data-dependent top-k and ragged shapes cause graph breaks, and "
+                "hooks added after compilation may be ignored. Apply vtc before compiling, or run eagerly.",
+                stacklevel=3,
+            )
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for comp in reversed(self.pre_llm):
+            comp.detach(self)
+        if getattr(self.model, "_vtc_session", None) is self:
+            del self.model._vtc_session
+        self.state = None
+        self._attached = False
+
+    def _check_generation_config(self) -> None:
+        gc = getattr(self.model, "generation_config", None)
+        if gc is None:
+            return
+        if getattr(gc, "cache_implementation", None) in ("static", "offloaded_static", "hybrid", "sliding_window"):
+            raise ValueError(
+                f"generation_config.cache_implementation={gc.cache_implementation!r} is not supported: vtc needs "
+                "per-layer cache lengths (DynamicCache). Set model.generation_config.cache_implementation = None."
+            )
+        if getattr(gc, "prefill_chunk_size", None):
+            raise ValueError(
+                f"generation_config.prefill_chunk_size={gc.prefill_chunk_size} (chunked prefill) is not supported: "
+                "visual tokens are ranked over the whole prompt in one pass. Set it to None."
+            )
+
+    # --- trunk hooks ----------------------------------------------------------------------------------
+    def _top_pre(self, module, args, kwargs):
+        if args:
+            bound = self._sig.bind_partial(*args, **kwargs)
+            kwargs = dict(bound.arguments)
+            extra = kwargs.pop("kwargs", None)
+            if extra:
+                kwargs.update(extra)
+        if not self._warned_compile and torch.compiler.is_compiling():
+            self._warned_compile = True
+            warnings.warn("vtc hooks run under torch.compile: expect graph breaks; results stay correct.", stacklevel=2)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        self._check_cache(cache)
+        past = cache.get_seq_length() if cache is not None else 0
+        ids = kwargs.get("input_ids")
+        q_len = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+        if past == 0:
+            for comp in self.pre_llm:
+                kwargs = comp.prefill(self, kwargs)
+            self._begin_prefill(kwargs)
+        else:
+            st = self.state
+            if st is None or st.cache() is not cache:
+                raise ValueError(
+                    f"got a non-empty incoming cache ({past} tokens) that this vtc handle did not fill: continuing from "
+                    "a cache (multi-turn reuse, generate(cache=...)) is not supported, because layers hold different "
+                    "lengths after compression. Start each prompt from an empty cache."
+                )
+            if q_len > 1:
+                raise ValueError(
+                    f"got {q_len} new tokens on top of a filled cache: chunked prefill and multi-token decode steps are "
+                    "not supported; prefill the whole prompt in one call and decode one token at a time"
+                )
+            for comp in self.pre_llm:
+                kwargs = comp.decode(self, kwargs)
+            self._begin_decode(kwargs, q_len)
+        return (), kwargs
+
+    def _top_post(self, module, args, kwargs, output):
+        st = self.state
+        if st is None:
+            return None
+        stats = st.stats
+        cache = st.cache()
+        if st.in_decode:
+            stats.decode_steps += 1
+            st.decoded_tokens += st.decode_q
+        L = self.adapter.num_layers
+        stats.cache_len = [[stats.prefill_tokens[l][b] + st.decoded_tokens for b in range(st.batch_size)] for l in range(L)]
+        if cache is not None:
+            stats.cache_slots = [cache.get_seq_length(l) for l in range(L)]
+        return None
+
+    def _check_cache(self, cache) -> None:
+        if cache is None:
+            return
+        from transformers.cache_utils import DynamicCache
+
+        if not isinstance(cache, DynamicCache) or getattr(cache, "is_compileable", False):
+            raise ValueError(
+                f"{type(cache).__name__} is not supported: vtc needs a DynamicCache, whose layers may hold different "
+                "lengths. Do not pass cache_implementation='static' (or a StaticCache) while vtc is applied."
+            )
+
+    def _begin_prefill(self, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            raise ValueError(
+                "vtc needs input_ids to locate the image tokens; got inputs_embeds only. Pass input_ids (and "
+                "pixel_values) instead of precomputed embeddings."
+            )
+        am = kwargs.get("attention_mask")
+        if am is not None and am.dim() != 2:
+            raise ValueError(f"vtc needs a 2D padding mask [B, T]; got a {am.dim()}D attention_mask")
+        B, T0 = ids.shape
+        valid = am.bool() if am is not None else torch.ones(B, T0, dtype=torch.bool, device=ids.device)
+        if am is not None and not bool((am[:, 1:] >= am[:, :-1]).all()):
+            raise ValueError(
+                "right padding (or holes) in attention_mask is not supported: the last prompt token of every row must "
+                "be the last column. Use tokenizer.padding_side = 'left' (processor.tokenizer.padding_side = 'left')."
+            )
+        image = (ids == self.adapter.image_token_id) & valid
+        spans = None
+        for comp in self.pre_llm:
+            spans = comp.image_spans() or spans
+        if spans is None:
+            spans = self._find_spans(image)
+        dev = ids.device
+        image_index = torch.full((B, T0), -1, dtype=torch.long, device=dev)
+        grid_rc = torch.full((B, T0, 2), -1, dtype=torch.long, device=dev)
+        for i, s in enumerate(spans):
+            idx = torch.arange(s.length, device=dev)
+            per_row = sum(1 for t in spans[:i] if t.row == s.row)
+            image_index[s.row, s.start : s.start + s.length] = per_row
+            gw = max(s.grid[1], 1)
+            grid_rc[s.row, s.start : s.start + s.length, 0] = idx // gw
+            grid_rc[s.row, s.start : s.start + s.length, 1] = idx % gw
+        ordinal = torch.where(image, image.long().cumsum(1) - 1, torch.full_like(ids, -1))
+        n_vis = image.sum(1)
+        L = self.adapter.num_layers
+        vis_orig = None
+        for comp in self.pre_llm:
+            vis_orig = comp.visual_original() or vis_orig
+        stats = CallStats(
+            num_layers=L,
+            batch_size=B,
+            num_images=[sum(1 for s in spans if s.row == b) for b in range(B)],
+            visual_original=list(vis_orig) if vis_orig is not None else n_vis.tolist(),
+            visual_input=n_vis.tolist(),
+            prefill_visual=[[0] * B for _ in range(L)],
+            prefill_tokens=[[0] * B for _ in range(L)],
+        )
+        self.state = CallState(
+            batch_size=B,
+            prefill_len=T0,
+            base=None,  # filled at layer 0 from the positions the model computed
+            n_visual0=n_vis,
+            image_ordinal=ordinal,
+            image_index=image_index,
+            grid_rc=grid_rc,
+            spans=spans,
+            stats=stats,
+            model_mask_was_none=am is None,
+        )
+        self.state.valid0 = valid
+        self.state.image0 = image
+        self.calls.append(stats)
+
+    def _find_spans(self, image: torch.Tensor) -> list[ImageSpan]:
+        per = self.adapter.tokens_per_image()
+        grid = self.adapter.grid_of_image()
+        spans = []
+        for b in range(image.shape[0]):
+            row = image[b].tolist()
+            t, T = 0, len(row)
+            while t < T:
+                if not row[t]:
+                    t += 1
+                    continue
+                e = t
+                while e < T and row[e]:
+                    e += 1
+                run = e - t
+                n_img, rem = divmod(run, per)
+                if rem:
+                    # a run that is not a multiple of one image: treat it as one image with a 1-row grid
+                    spans.append(ImageSpan(b, t, run, (1, run)))
+                else:
+                    for i in range(n_img):
+                        spans.append(ImageSpan(b, t + i * per, per, grid))
+                t = e
+        return spans
+
+    def _begin_decode(self, kwargs: dict, q_len: int) -> None:
+        st = self.state
+        st.in_decode = True
+        st.decode_q = q_len
+        am = kwargs.get("attention_mask")
+        T0 = st.prefill_len
+        if am is not None:
+            if am.dim() != 2:
+                raise ValueError(f"vtc needs a 2D padding mask at decode; got {am.dim()}D")
+            st.decode_tail = am[:, T0:].bool()
+        else:
+            cache = st.cache()
+            past0 = cache.get_seq_length(0)
+            st.decode_tail = torch.ones(st.batch_size, past0 - T0 + q_len, dtype=torch.bool, device=st.valid0.device)
+
+    # --- layer hooks ----------------------------------------------------------------------------------
+    def _mask(self, hidden, mask2d, cache, layer_idx):
+        return create_causal_mask(
+            config=self.adapter.text_config,
+            inputs_embeds=hidden,
+            attention_mask=mask2d,
+            cache=cache,
+            position_ids=None,
+            layer_idx=layer_idx,
+        )
+
+    def _set_layer_kwargs(self, kwargs, hidden, view: View, cache, l: int):
+        kwargs["attention_mask"] = self._mask(hidden, view.mask2d(), cache, l)
+        kwargs["position_ids"] = None if self.adapter.attn_implementation.startswith("flash") else view.pos
+        kwargs["position_embeddings"] = (view.cos, view.sin)
+
+    def _make_layer_pre(self, l: int):
+        def hook(module, args, kwargs):
+            st = self.state
+            if st is None:
+                return None
+            if st.in_decode:
+                return self._layer_decode(l, args, kwargs)
+            return self._layer_prefill(l, args, kwargs)
+
+        return hook
+
+    def _base_view(self, kwargs, hidden) -> View:
+        st = self.state
+        B, T0 = st.batch_size, st.prefill_len
+        pos = kwargs["position_ids"]
+        cos, sin = kwargs["position_embeddings"]
+        return View(
+            src=torch.arange(T0, device=hidden.device).expand(B, T0),
+            valid=st.valid0,
+            image=st.image0,
+            pos=pos.expand(B, -1),
+            cos=cos.expand(B, -1, -1),
+            sin=sin.expand(B, -1, -1),
+            shift=None,
+            mask2d_is_none=st.model_mask_was_none,
+        )
+
+    def _keep_targets(self, l: int, view: View) -> torch.Tensor:
+        st = self.state
+        share = self.plan.schedule.shares[l]
+        target = torch.tensor([keep_count(int(n), share) for n in st.n_visual0.tolist()], device=view.src.device)
+        return torch.minimum(target, view.n_image())
+
+    def _select(self, l: int, hidden, view: View) -> torch.Tensor:
+        """Kept visual slots of ``view`` at layer ``l``, ``[B, Tv]`` bool."""
+        st = self.state
+        cand = view.image & view.valid
+        if self.forced is not None and l in self.forced:
+            kept = torch.zeros_like(cand)
+            for b, idx in enumerate(self.forced[l]):
+                kept[b] = torch.isin(view.src[b], idx.to(view.src.device)) & cand[b]
+            return kept
+        ctx = ScoreContext(l, hidden, view, self.adapter, st, prev_input=st.saved_inputs.pop(l - 1, None))
+        return self.plan.scorer.select(ctx, self._keep_targets(l, view))
+
+    def _layer_prefill(self, l: int, args, kwargs):
+        st = self.state
+        plan = self.plan
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if l == 0:
+            st.cache_ref = weakref.ref(cache) if cache is not None else None
+            st.base = self._base_view(kwargs, hidden)
+            st.current = st.base
+        view = st.current
+        touched = view is not st.base
+
+        if plan.mode == "drop" and l in self._selection:
+            kept = self._select(l, hidden, view)
+            st.selections[l] = [view.src[b][kept[b]] for b in range(st.batch_size)]
+            keep = view.valid & (~view.image | kept)
+            src, valid = compact_rows(keep)
+            hidden = gather_rows(hidden, src, 0)
+            view = self._derive_view(view, src, valid, hidden)
+            st.current = view
+            touched = True
+
+        if plan.mode == "skip" and l in self._selection:
+            kept = self._select(l, hidden, view)
+            st.selections[l] = [view.src[b][kept[b]] for b in range(st.batch_size)]
+            keep = view.valid & (~view.image | kept)
+            src, valid = compact_rows(keep)
+            st.skip_pending[l] = (hidden, src, valid)
+            if l in self._prev_needed:
+                st.saved_inputs[l] = (hidden, view)
+            sub_hidden = gather_rows(hidden, src, 0)
+            sub = self._derive_view(view, src, valid, sub_hidden)
+            self._set_layer_kwargs(kwargs, sub_hidden, sub, cache, l)
+            st.layer_prefix[l] = (sub.valid, None)
+            self._record(l, sub)
+            return (sub_hidden, *args[1:]), kwargs
+
+        if touched:
+            self._set_layer_kwargs(kwargs, hidden, view, cache, l)
+            st.layer_prefix[l] = (view.valid, view.shift)
+        if l in self._prev_needed:
+            st.saved_inputs[l] = (hidden, view)
+        self._record(l, view)
+        return (hidden, *args[1:]), kwargs
+
+    def _derive_view(self, view: View, src, valid, hidden) -> View:
+        """The view made of slots ``src`` of ``view`` (``-1`` = new left padding)."""
+        st = self.state
+        new_src = gather_rows(view.src, src, -1)
+        image = gather_rows(view.image, src, False) & valid
+        if self.plan.positions == "original":
+            pos = gather_rows(view.pos, src, 0)
+            cos = gather_rows(view.cos, src, 0.0)
+            sin = gather_rows(view.sin, src, 0.0)
+            shift = None
+        else:
+            base = st.base
+            first = torch.where(base.valid, base.pos, torch.full_like(base.pos, torch.iinfo(torch.long).max)).min(1).values
+            first = torch.where(base.valid.any(1), first, torch.zeros_like(first))
+            pos = torch.where(valid, first.unsqueeze(1) + valid.long().cumsum(1) - 1, torch.zeros_like(src))
+            cos, sin = self.adapter.rotary_emb(hidden, pos)
+            shift = base.valid.sum(1) - valid.sum(1)
+        return View(
+            src=new_src,
+            valid=valid,
+            image=image,
+            pos=pos,
+            cos=cos,
+            sin=sin,
+            shift=shift,
+            mask2d_is_none=st.model_mask_was_none and bool(valid.all()),
+        )
+
+    def _record(self, l: int, view: View) -> None:
+        stats = self.state.stats
+        stats.prefill_visual[l] = (view.image & view.valid).sum(1).tolist()
+        stats.prefill_tokens[l] = view.valid.sum(1).tolist()
+
+    def _make_skip_post(self, l: int):
+        def hook(module, args, kwargs, output):
+            st = self.state
+            if st is None or st.in_decode or l not in st.skip_pending:
+                return None
+            full, src, valid = st.skip_pending.pop(l)
+            out = output[0] if isinstance(output, tuple) else output
+            merged = scatter_rows(full, src, valid, out)
+            return (merged, *output[1:]) if isinstance(output, tuple) else merged
+
+        return hook
+
+    def _layer_decode(self, l: int, args, kwargs):
+        st = self.state
+        if l not in st.layer_prefix:
+            return None
+        prefix, shift = st.layer_prefix[l]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        tail = st.decode_tail
+        if st.model_mask_was_none and bool(prefix.all()) and bool(tail.all()):
+            mask2d = None
+        else:
+            mask2d = torch.cat([prefix.long(), tail.long()], dim=1)
+        kwargs["attention_mask"] = self._mask(hidden, mask2d, cache, l)
+        if shift is not None:
+            pos = kwargs["position_ids"].expand(st.batch_size, -1) - shift.unsqueeze(1)
+            kwargs["position_embeddings"] = self.adapter.rotary_emb(hidden, pos)
+            kwargs["position_ids"] = pos
+        if self.adapter.attn_implementation.startswith("flash"):
+            kwargs["position_ids"] = None
+        return args, kwargs

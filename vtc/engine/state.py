@@ -1,0 +1,107 @@
+"""Per-call state of the engine: reset at every prefill, keyed by batch row, never shared across calls.
+
+Shape names: ``B`` batch rows, ``T0`` prompt length entering the LLM, ``Tv`` length of a view, ``L`` layers.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from vtc.engine.stats import CallStats
+
+
+@dataclass
+class View:
+    """The tokens a decoder layer sees at prefill, as indices into the prompt entering the LLM.
+
+    Attributes
+    ----------
+    src : torch.Tensor
+        ``[B, Tv]`` long, index into the prefill sequence (``T0``) of each slot; ``-1`` for left padding
+        created by ragged drops.
+    valid : torch.Tensor
+        ``[B, Tv]`` bool, False at padding (original left padding or created by drops).
+    image : torch.Tensor
+        ``[B, Tv]`` bool, True at visual tokens.
+    pos : torch.Tensor
+        ``[B, Tv]`` long, RoPE position ids used at this view.
+    cos, sin : torch.Tensor
+        ``[B, Tv, dh]`` rotary tables for ``pos``.
+    shift : torch.Tensor or None
+        ``[B]`` long, amount to subtract from decode positions at layers using this view (compact
+        positions); None in ``original`` mode.
+    mask2d_is_none : bool
+        True when no slot is padded and the model had no 2D mask: layers may then take the
+        ``is_causal`` fast path.
+    """
+
+    src: torch.Tensor
+    valid: torch.Tensor
+    image: torch.Tensor
+    pos: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    shift: torch.Tensor | None = None
+    mask2d_is_none: bool = False
+
+    @property
+    def length(self) -> int:
+        return self.src.shape[1]
+
+    def mask2d(self) -> torch.Tensor | None:
+        return None if self.mask2d_is_none else self.valid.long()
+
+    def n_image(self) -> torch.Tensor:
+        return (self.image & self.valid).sum(1)
+
+    def n_valid(self) -> torch.Tensor:
+        return self.valid.sum(1)
+
+
+@dataclass
+class ImageSpan:
+    """One image's run of visual tokens in a row of the prefill sequence."""
+
+    row: int
+    start: int
+    length: int
+    grid: tuple[int, int]
+
+
+@dataclass
+class CallState:
+    """Everything one call (prefill + its decode steps) needs; rebuilt at every prefill."""
+
+    batch_size: int
+    prefill_len: int
+    base: View
+    n_visual0: torch.Tensor  # [B] visual tokens entering the LLM per row
+    image_ordinal: torch.Tensor  # [B, T0] ordinal of each visual token among its row's visual tokens (-1 else)
+    image_index: torch.Tensor  # [B, T0] which image of the row a visual token belongs to (-1 else)
+    grid_rc: torch.Tensor  # [B, T0, 2] (row, col) of a visual token in its image grid (-1 else)
+    spans: list[ImageSpan]
+    stats: CallStats
+    model_mask_was_none: bool
+    valid0: torch.Tensor | None = None  # [B, T0] bool
+    image0: torch.Tensor | None = None  # [B, T0] bool
+    in_decode: bool = False
+    decoded_tokens: int = 0
+    decode_tail: torch.Tensor | None = None  # [B, n] bool, mask columns after the prefill at this step
+    cache_ref: weakref.ReferenceType | None = None
+    # decode bookkeeping: layer -> (prefix valid [B, T_l] bool, shift [B] or None)
+    layer_prefix: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    # drop mode: the view each layer sees (None: the base view, untouched)
+    layer_view: dict[int, View] = field(default_factory=dict)
+    # kept visual tokens per boundary: layer -> [B] list of LongTensor (indices into T0)
+    selections: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+    # scratch for the current forward
+    current: View | None = None
+    saved_inputs: dict[int, tuple[torch.Tensor, View]] = field(default_factory=dict)
+    skip_pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    decode_q: int = 0
+
+    def cache(self):
+        return None if self.cache_ref is None else self.cache_ref()

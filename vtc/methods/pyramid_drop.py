@@ -1,0 +1,61 @@
+"""PyramidDrop (Xing et al., CVPR 2025): drop a share of the visual tokens at each stage end.
+
+The decoder is split into stages; at the input of each new stage the image tokens are ranked by
+the attention of the last instruction token, computed with that layer's own ``input_layernorm``,
+``q_proj``, ``k_proj`` and RoPE on the previous layer's output, and only the top share is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vtc.engine.session import DecoderPlan
+from vtc.methods.base import DecoderMethod, check_choice
+from vtc.registry import register_method
+from vtc.schedules import stages
+from vtc.scorers import LastQueryAttention
+
+
+@register_method("pyramid_drop")
+@dataclass
+class PyramidDrop(DecoderMethod):
+    """PyramidDrop.
+
+    Parameters
+    ----------
+    layers : list[int] or None
+        First layer of each new stage (drop at its input). Default ``[8, 16, 24]`` for 32 layers,
+        scaled to depth (``L*s//4``).
+    ratios : list[float] or None
+        Share of the original visual tokens kept from each boundary on. Default ``lam**s``.
+    lam : float
+        Lambda, the kept share per stage, used when ``ratios`` is None. Default 0.5 (576→288→144→72).
+    positions : {"compact", "original"}
+        ``compact`` renumbers RoPE positions after a drop, as the official code does.
+    precision : {"model", "fp32"}
+        ``model`` follows the official precision path (logits in model dtype, fp32 softmax, head mean
+        in model dtype); ``fp32`` computes the ranking in fp32.
+    backend : {"auto", "torch", "triton"}
+        Kernel backend of the ranking.
+    """
+
+    layers: list[int] | None = None
+    ratios: list[float] | None = None
+    lam: float = 0.5
+    positions: str = "compact"
+    precision: str = "model"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        check_choice("positions", self.positions, ("compact", "original"))
+        if self.ratios is None and not (0.0 < self.lam <= 1.0):
+            raise ValueError(f"lam={self.lam!r} is outside (0, 1]; lam=1 keeps every token")
+        if self.ratios is not None:
+            for r in self.ratios:
+                if not (0.0 < r <= 1.0):
+                    raise ValueError(f"ratio {r!r} in ratios={self.ratios} is outside (0, 1]")
+        self.scorer_obj = LastQueryAttention(source="next", precision=self.precision, backend=self.backend)
+
+    def plan(self, adapter) -> DecoderPlan:
+        sched = stages(adapter.num_layers, self.layers, self.ratios, self.lam)
+        return DecoderPlan(sched, self.scorer_obj, mode="drop", positions=self.positions)

@@ -1,0 +1,301 @@
+"""Per-layer budgets of visual tokens: how many a decoder layer keeps, as a share of the original count.
+
+A schedule is a pure function of the layer count ``L``. It says, for every decoder layer ``l``, the
+share of a row's original visual tokens that layer ``l`` processes, and at which layers a selection
+runs (the *boundaries*). Every in-decoder method is a schedule, a scorer and a mode (``drop`` or
+``skip``); see :mod:`vtc.methods`.
+
+Token counts are ``floor(N0 * share)`` per row, as PyramidDrop's and p-MoD's code do (``int()``).
+
+Builders
+--------
+``stages``          PyramidDrop: drop at stage boundaries, keeping ``lam**s`` (or explicit ratios).
+``shifted_cosine``  p-MoD's progressive ratio decay (PRD), training-free.
+``single``          FastV: one drop before layer ``K`` keeping ``1 - R``.
+``explicit``        any per-layer list.
+
+``solve`` finds the schedule parameter that meets an average visual-token budget or a share of
+LLM prefill FLOPs, so methods can be compared at equal cost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Visual-token budget per decoder layer.
+
+    Attributes
+    ----------
+    shares : tuple[float, ...]
+        ``[L]`` share of the original visual tokens that layer ``l`` processes, in ``[0, 1]``.
+    boundaries : tuple[int, ...]
+        Sorted layers at whose input a ``drop``-mode selection runs: where the share changes, plus
+        any boundary listed explicitly (a boundary may keep the same share, which exercises the
+        machinery without dropping). In ``skip`` mode every layer with a share below 1, and every
+        boundary, is routed.
+    """
+
+    shares: tuple[float, ...]
+    boundaries: tuple[int, ...]
+
+    def __post_init__(self):
+        L = len(self.shares)
+        if L == 0:
+            raise ValueError("a schedule needs at least one layer; got an empty share list")
+        for i, s in enumerate(self.shares):
+            if not (0.0 <= s <= 1.0) or math.isnan(s):
+                raise ValueError(f"share of layer {i} is {s!r}; shares must lie in [0, 1]")
+        _check_layers(self.boundaries, L, "boundaries")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.shares)
+
+    def counts(self, n_visual: int) -> list[int]:
+        """Visual tokens processed per layer for a row with ``n_visual`` tokens, ``[L]``."""
+        return [keep_count(n_visual, s) for s in self.shares]
+
+    def mean_tokens(self, n_visual: int) -> float:
+        """Average visual tokens over layers (the papers' "average tokens")."""
+        c = self.counts(n_visual)
+        return sum(c) / len(c)
+
+    def mean_share(self) -> float:
+        return sum(self.shares) / len(self.shares)
+
+    def is_monotone(self) -> bool:
+        return all(b <= a + 1e-12 for a, b in zip(self.shares, self.shares[1:]))
+
+
+def keep_count(n_visual: int, share: float) -> int:
+    """``floor(n_visual * share)`` with a guard against float round-off just below an integer."""
+    x = n_visual * share
+    r = round(x)
+    return int(r) if abs(x - r) < 1e-9 else int(math.floor(x))
+
+
+def _check_layers(layers: Sequence[int], num_layers: int, what: str) -> None:
+    for i in layers:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise TypeError(f"{what} must be integers, got {i!r} in {list(layers)}")
+    if list(layers) != sorted(set(layers)):
+        raise ValueError(f"{what} must be strictly increasing, got {list(layers)}; sort them and drop duplicates")
+    for i in layers:
+        if i == 0:
+            raise ValueError(
+                f"{what} contain layer 0, got {list(layers)}: a selection at the input of layer 0 happens before the "
+                "LLM; use a pre-LLM method (dfmr) for that, or start at layer 1"
+            )
+        if not (1 <= i < num_layers):
+            raise ValueError(f"{what} {list(layers)} contain {i}, outside the valid range [1, {num_layers - 1}] for L={num_layers}")
+
+
+def _check_ratio(name: str, r: float, low_open: bool = True) -> None:
+    ok = (0.0 < r <= 1.0) if low_open else (0.0 <= r <= 1.0)
+    if not ok or math.isnan(r):
+        rng = "(0, 1]" if low_open else "[0, 1]"
+        raise ValueError(f"{name}={r!r} is outside {rng}; a kept share of 1 keeps every token")
+
+
+def default_stage_layers(num_layers: int, num_stages: int = 4) -> list[int]:
+    """PyramidDrop's default boundaries scaled to depth: ``[8, 16, 24]`` for 32 layers."""
+    if num_stages < 2:
+        raise ValueError(f"num_stages={num_stages} must be >= 2 (one stage means no drop)")
+    if num_layers < num_stages:
+        raise ValueError(
+            f"cannot split L={num_layers} layers into {num_stages} stages; pass explicit layers or fewer stages"
+        )
+    return [num_layers * s // num_stages for s in range(1, num_stages)]
+
+
+def stages(
+    num_layers: int,
+    layers: Sequence[int] | None = None,
+    ratios: Sequence[float] | None = None,
+    lam: float = 0.5,
+) -> Schedule:
+    """PyramidDrop stages: drop at the input of each layer in ``layers``.
+
+    Parameters
+    ----------
+    num_layers : int
+        ``L``.
+    layers : sequence of int, optional
+        First layer of each new stage; default ``default_stage_layers(L)`` (``[8, 16, 24]`` at L=32).
+    ratios : sequence of float, optional
+        Share of the *original* visual tokens kept from each boundary on; default ``lam**s``.
+    lam : float
+        PyramidDrop's lambda, used when ``ratios`` is not given.
+    """
+    layers = list(default_stage_layers(num_layers) if layers is None else layers)
+    _check_layers(layers, num_layers, "layers")
+    if ratios is None:
+        _check_ratio("lam", lam)
+        ratios = [lam ** (s + 1) for s in range(len(layers))]
+    ratios = list(ratios)
+    if len(ratios) != len(layers):
+        raise ValueError(f"got {len(ratios)} ratios for {len(layers)} drop layers {layers}; give one ratio per layer")
+    for r in ratios:
+        _check_ratio("ratio", r)
+    if any(b > a for a, b in zip(ratios, ratios[1:])):
+        raise ValueError(f"ratios {ratios} must be non-increasing: dropped tokens cannot come back in drop mode")
+    shares = []
+    cur = 1.0
+    for l in range(num_layers):
+        if l in layers:
+            cur = ratios[layers.index(l)]
+        shares.append(cur)
+    return Schedule(tuple(shares), tuple(layers))
+
+
+def shifted_cosine(num_layers: int, dense_above: float = 0.85, floor: float = 0.15, shift: float = 0.5) -> Schedule:
+    """p-MoD's progressive ratio decay: ``R(l) = 0.5*cos(pi*l/(L-1)) + shift``.
+
+    Layers with ``R(l) > dense_above`` stay dense (share 1); every other layer keeps ``max(R(l), floor)``.
+    Defaults are p-MoD's (0.85, 0.15, 0.5); at ``L = 32`` the mean kept share is 0.5375.
+    """
+    if num_layers < 2:
+        raise ValueError(f"shifted_cosine needs L >= 2 layers, got {num_layers}")
+    _check_ratio("dense_above", dense_above)
+    _check_ratio("floor", floor)
+    if floor > dense_above:
+        raise ValueError(f"floor={floor} exceeds dense_above={dense_above}; need floor <= dense_above")
+    if not (0.0 <= shift <= 1.0):
+        raise ValueError(f"shift={shift} is outside [0, 1]")
+    shares, bounds = [], []
+    for l in range(num_layers):
+        r = 0.5 * math.cos(math.pi * l / (num_layers - 1)) + shift
+        if r > dense_above:
+            shares.append(1.0)
+        else:
+            shares.append(min(1.0, max(r, floor)))
+        if l > 0 and shares[l] != shares[l - 1]:
+            bounds.append(l)
+    if shares[0] < 1.0:
+        raise ValueError(
+            f"shifted_cosine(dense_above={dense_above}, shift={shift}) routes layer 0; raise dense_above or lower shift "
+            "so the first layer stays dense"
+        )
+    return Schedule(tuple(shares), tuple(bounds))
+
+
+def single(num_layers: int, k: int = 2, r: float = 0.5) -> Schedule:
+    """FastV: layers ``0..K-1`` see every visual token; from layer ``K`` on a share ``1 - R`` is kept."""
+    if not (0.0 <= r < 1.0) or math.isnan(r):
+        raise ValueError(f"FastV drop rate r={r!r} is outside [0, 1); r is the share *removed*")
+    _check_layers([k], num_layers, "k")
+    return Schedule(tuple(1.0 if l < k else 1.0 - r for l in range(num_layers)), (k,))
+
+
+def explicit(shares: Sequence[float], boundaries: Sequence[int] | None = None) -> Schedule:
+    """Any per-layer list of shares; boundaries default to the layers where the share changes or is < 1."""
+    shares = [float(s) for s in shares]
+    if shares and shares[0] < 1.0:
+        raise ValueError(f"share of layer 0 is {shares[0]}; layer 0 must keep 1.0 (use dfmr to cut before the LLM)")
+    if boundaries is None:
+        boundaries = [l for l in range(1, len(shares)) if shares[l] != shares[l - 1]]
+    return Schedule(tuple(shares), tuple(boundaries))
+
+
+# --- equal-cost solver ------------------------------------------------------------------------------
+
+def _bisect(fn: Callable[[float], float], target: float, lo: float, hi: float, iters: int = 80) -> float:
+    """Find x in [lo, hi] with fn(x) ~= target for a non-decreasing fn."""
+    flo, fhi = fn(lo), fn(hi)
+    if not (flo - 1e-9 <= target <= fhi + 1e-9):
+        raise ValueError(f"target {target:.4g} is outside what this schedule family reaches: [{flo:.4g}, {fhi:.4g}]")
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if fn(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    # return the end closest to the target in realized (integer) terms
+    return lo if abs(fn(lo) - target) <= abs(fn(hi) - target) else hi
+
+
+def solve(
+    kind: str,
+    num_layers: int,
+    n_visual: int,
+    *,
+    avg_tokens: float | None = None,
+    flops_share: float | None = None,
+    dims=None,
+    n_text: int = 0,
+    **fixed,
+) -> tuple[Schedule, float]:
+    """Find the free parameter of a schedule family that meets a cost target.
+
+    Parameters
+    ----------
+    kind : {"stages", "shifted_cosine", "single"}
+        Family; the free parameter is ``lam`` (stages), ``floor`` (shifted_cosine) or ``r`` (single).
+    num_layers, n_visual : int
+        ``L`` and the visual tokens per row before compression (576 for LLaVA-1.5).
+    avg_tokens : float, optional
+        Target average visual tokens over layers (the papers' 192 / 128 / 64).
+    flops_share : float, optional
+        Target share of LLM prefill FLOPs in the papers' convention (image tokens, MACs); needs ``dims``
+        (a :class:`vtc.flops.ModelDims`). ``n_text`` adds text tokens to ``n`` (0 = image tokens only).
+    **fixed
+        Other parameters of the family (e.g. ``layers`` for stages, ``k`` for single).
+
+    Returns
+    -------
+    (Schedule, float)
+        The schedule and the parameter value found. The realized target is met within one token.
+    """
+    if (avg_tokens is None) == (flops_share is None):
+        raise ValueError("give exactly one of avg_tokens or flops_share")
+    if n_visual < 1:
+        raise ValueError(f"n_visual={n_visual} must be >= 1")
+
+    if kind == "stages":
+        def build(x):
+            return stages(num_layers, lam=x, **fixed)
+        lo, hi = 1e-6, 1.0
+    elif kind == "shifted_cosine":
+        def build(x):
+            return shifted_cosine(num_layers, floor=x, **fixed)
+        lo, hi = 1e-6, fixed.get("dense_above", 0.85)
+    elif kind == "single":
+        def build(x):  # x = kept share 1 - r, increasing in x
+            return single(num_layers, r=1.0 - x, **fixed)
+        lo, hi = 1e-6, 1.0
+    else:
+        raise ValueError(f"unknown schedule family {kind!r}; choose from 'stages', 'shifted_cosine', 'single'")
+
+    if avg_tokens is not None:
+        if not (0 < avg_tokens <= n_visual):
+            raise ValueError(f"avg_tokens={avg_tokens} is outside (0, {n_visual}]")
+
+        def metric(x):
+            return build(x).mean_tokens(n_visual)
+        target = avg_tokens
+    else:
+        if dims is None:
+            raise ValueError("flops_share needs dims=ModelDims (see vtc.flops) to weigh layers")
+        if not (0 < flops_share <= 1):
+            raise ValueError(f"flops_share={flops_share} is outside (0, 1]")
+        from vtc.flops import layer_macs_papers
+
+        full = num_layers * layer_macs_papers(n_visual + n_text, dims)
+
+        def metric(x):
+            return sum(layer_macs_papers(c + n_text, dims) for c in build(x).counts(n_visual)) / full
+        target = flops_share
+
+    x = _bisect(metric, target, lo, hi)
+    sched = build(x)
+    if avg_tokens is not None and abs(sched.mean_tokens(n_visual) - avg_tokens) > 1.0:
+        raise ValueError(
+            f"no {kind} schedule meets avg_tokens={avg_tokens} within one token (closest: "
+            f"{sched.mean_tokens(n_visual):.2f}); the integer counts jump there, adjust the target"
+        )
+    return sched, (1.0 - x if kind == "single" else x)

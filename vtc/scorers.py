@@ -1,0 +1,251 @@
+"""Scorers rank the visual tokens of a view; the engine keeps the top ones (or routes them, in skip mode).
+
+Each scorer is a small dataclass registered by name. ``score(ctx)`` returns ``[B, Tv]`` float32
+scores (higher = keep); only visual slots are read. A scorer may instead override ``select`` to
+pick tokens directly.
+
+Shape names: ``B`` batch, ``Tv`` view length, ``H`` heads, ``Hkv`` kv heads, ``dh`` head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vtc.registry import SCORERS, register_scorer
+
+
+@dataclass
+class ScoreContext:
+    """What a scorer may read at a selection.
+
+    Attributes
+    ----------
+    layer_idx : int
+        The layer at whose input the selection runs (first layer of the new stage, or the routed layer).
+    hidden : torch.Tensor
+        ``[B, Tv, D]`` input hidden states of that layer.
+    view : vtc.engine.state.View
+        Slots of ``hidden`` (validity, visual mask, positions, rotary tables).
+    adapter : vtc.adapters.ModelAdapter
+    state : vtc.engine.state.CallState
+    prev_input : tuple or None
+        ``(hidden [B, Tv, D], view)`` of layer ``layer_idx - 1``'s input, when the scorer asked for it.
+    """
+
+    layer_idx: int
+    hidden: torch.Tensor
+    view: object
+    adapter: object
+    state: object
+    prev_input: tuple | None = None
+
+
+class Scorer:
+    """Base class. Subclasses are dataclasses whose fields are their hyper-parameters."""
+
+    name: ClassVar[str] = "base"
+    #: the engine saves layer ``l-1``'s input for scorers that rank with the previous layer
+    needs_prev_input: ClassVar[bool] = False
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def select(self, ctx: ScoreContext, keep: torch.Tensor) -> torch.Tensor:
+        """Kept visual slots, ``[B, Tv]`` bool, with exactly ``keep[b]`` True per row among visual slots.
+
+        Ties at the k-th score break towards the earlier token (stable sort).
+        """
+        scores = self.score(ctx).float()
+        return topk_mask(scores, ctx.view.image & ctx.view.valid, keep)
+
+
+def topk_mask(scores: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per-row top-k over candidate slots with a per-row k.
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        ``[B, Tv]`` float scores.
+    candidates : torch.Tensor
+        ``[B, Tv]`` bool, slots that may be kept.
+    keep : torch.Tensor
+        ``[B]`` long, how many candidates to keep per row (at most the row's candidate count).
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, Tv]`` bool.
+    """
+    s = scores.masked_fill(~candidates, float("-inf"))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
+    return candidates & (rank < keep.unsqueeze(1))
+
+
+def last_query_probs(
+    q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor, precision: str = "model"
+) -> torch.Tensor:
+    """Head-mean softmax attention of one query per row over its valid keys (plain PyTorch).
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[B, H, dh]`` rotated query.
+    k : torch.Tensor
+        ``[B, Hkv, T, dh]`` rotated keys; query head ``h`` reads kv head ``h // (H // Hkv)``.
+    key_valid : torch.Tensor
+        ``[B, T]`` bool.
+    precision : {"model", "fp32"}
+        ``"model"`` follows PyramidDrop's official path: scaled logits in the model dtype, softmax in
+        fp32, probabilities cast back and averaged over heads in the model dtype. ``"fp32"`` computes
+        everything in fp32.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, T]`` float32.
+    """
+    B, H, dh = q.shape
+    Hkv = k.shape[1]
+    if H % Hkv:
+        raise ValueError(f"query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
+    k = k.repeat_interleave(H // Hkv, dim=1)  # [B, H, T, dh]
+    dtype = q.dtype
+    if precision == "fp32":
+        q, k = q.float(), k.float()
+    elif precision != "model":
+        raise ValueError(f"precision={precision!r}; choose 'model' (official PyramidDrop path) or 'fp32'")
+    logits = torch.matmul(q.unsqueeze(2), k.transpose(-1, -2)).squeeze(2) / (dh**0.5)  # [B, H, T]
+    logits = logits.masked_fill(~key_valid[:, None, :], torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    if precision == "model":
+        probs = probs.to(dtype)
+    return probs.mean(dim=1).float()
+
+
+@register_scorer("last_query_attention")
+@dataclass
+class LastQueryAttention(Scorer):
+    """Attention of the last instruction token to each visual token, averaged over heads.
+
+    Parameters
+    ----------
+    source : {"next", "prev"}
+        ``"next"`` (PyramidDrop): project with the selection layer's own ``input_layernorm``,
+        ``q_proj``, ``k_proj`` and RoPE, applied to its input (= the previous layer's output).
+        ``"prev"`` (FastV): the attention that layer ``l-1`` itself computed for the last token.
+    precision : {"model", "fp32"}
+        See :func:`last_query_probs`.
+    backend : {"auto", "torch", "triton"}
+        Kernel used for the fused softmax/head-mean (``vtc.kernels.last_query_scores``).
+    """
+
+    source: str = "next"
+    precision: str = "model"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.source not in ("next", "prev"):
+            raise ValueError(f"source={self.source!r}; choose 'next' (PyramidDrop) or 'prev' (FastV)")
+        if self.precision not in ("model", "fp32"):
+            raise ValueError(f"precision={self.precision!r}; choose 'model' or 'fp32'")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend={self.backend!r}; choose 'auto', 'torch' or 'triton'")
+
+    @property
+    def needs_prev_input(self) -> bool:  # type: ignore[override]
+        return self.source == "prev"
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        if self.source == "next":
+            layer, hidden, view = ctx.layer_idx, ctx.hidden, ctx.view
+        else:
+            if ctx.prev_input is None:
+                raise RuntimeError("last_query_attention(source='prev') needs the previous layer's input")
+            layer = ctx.layer_idx - 1
+            hidden, view = ctx.prev_input
+        q, k = ctx.adapter.project_qk(layer, hidden, view.cos, view.sin)
+        return attention_scores(q, k, view.valid, precision=self.precision, backend=self.backend)
+
+
+def attention_scores(q, k, key_valid, precision="model", backend="auto") -> torch.Tensor:
+    """``[B, T]`` head-mean last-query attention, through the fused kernel when available."""
+    return last_query_probs(q, k, key_valid, precision)
+
+
+@register_scorer("random")
+@dataclass
+class RandomScorer(Scorer):
+    """Seeded random ranking. A token's score depends only on (seed, layer, its ordinal among the row's
+    visual tokens), so a row gets the same choice alone or in any batch."""
+
+    seed: int = 0
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        st = ctx.state
+        n = int(st.n_visual0.max().item()) if st.n_visual0.numel() else 0
+        g = torch.Generator(device="cpu").manual_seed(int(self.seed) * 1_000_003 + ctx.layer_idx)
+        table = torch.rand(max(n, 1), generator=g).to(ctx.hidden.device)
+        src = ctx.view.src.clamp(min=0)
+        ordinal = st.image_ordinal.gather(1, src)
+        return table[ordinal.clamp(min=0)]
+
+
+def _bit_reverse(x: torch.Tensor, bits: int) -> torch.Tensor:
+    out = torch.zeros_like(x)
+    for i in range(bits):
+        out |= ((x >> i) & 1) << (bits - 1 - i)
+    return out
+
+
+def spatial_priority(rc: torch.Tensor, grid: int) -> torch.Tensor:
+    """Low-discrepancy order of grid cells: bit-reversed interleave of (row, col).
+
+    Taking the first ``k`` cells in this order gives a spatially even stride for any ``k``: the first
+    quarter is every other row and column, and so on.
+    """
+    bits = max(1, int(grid - 1).bit_length())
+    r, c = rc[..., 0].clamp(min=0), rc[..., 1].clamp(min=0)
+    inter = torch.zeros_like(r)
+    for i in range(bits):
+        inter |= ((c >> i) & 1) << (2 * i)
+        inter |= ((r >> i) & 1) << (2 * i + 1)
+    return _bit_reverse(inter, 2 * bits)
+
+
+@register_scorer("uniform")
+@dataclass
+class UniformScorer(Scorer):
+    """Spatially even stride over each image's grid (no content used). With several images per row the
+    budget splits evenly between them."""
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        st = ctx.state
+        src = ctx.view.src.clamp(min=0)
+        rc = st.grid_rc.gather(1, src.unsqueeze(-1).expand(-1, -1, 2))
+        img = st.image_index.gather(1, src).clamp(min=0)
+        grid = max(max(s.grid) for s in st.spans) if st.spans else 1
+        pri = spatial_priority(rc, grid)
+        n_img = int(img.max().item()) + 1 if img.numel() else 1
+        return -(pri * n_img + img).float()
+
+
+def get_scorer(spec) -> Scorer:
+    """A scorer from an instance, a registered name, or ``{"name": ..., **fields}``."""
+    if isinstance(spec, Scorer):
+        return spec
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if isinstance(spec, dict):
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        if name not in SCORERS:
+            raise ValueError(f"unknown scorer {name!r}; registered scorers: {sorted(SCORERS)}")
+        from vtc.registry import build_dataclass
+
+        return build_dataclass(SCORERS[name], spec, what=f"scorer {name!r}")
+    raise TypeError(f"scorer must be a Scorer, a name or a dict, got {type(spec).__name__}")
