@@ -143,13 +143,31 @@ def tiny_llava():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     text = LlamaConfig(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=336, patch_size=14)
-    cfg = LlavaConfig(text_config=text, vision_config=vision, image_token_id=999, vision_feature_layer=-2,
-                      vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=336,
+        patch_size=14,
+    )
+    cfg = LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=999,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(cfg).eval()
@@ -191,8 +209,13 @@ def test_flop_counter_cross_check_language_model(tiny_llava):
     assert set(pre.by_op) == {"aten.mm", "aten.bmm"}  # projections/MLP (mm) and eager attention (bmm)
     assert cache.get_seq_length() == n + steps
 
-    stats = _stats(dims.L, [[n_vis] * B] * dims.L, [[n] * B] * dims.L, decode_steps=steps,
-                   cache_len=[[n + steps] * B] * dims.L)
+    stats = _stats(
+        dims.L,
+        [[n_vis] * B] * dims.L,
+        [[n] * B] * dims.L,
+        decode_steps=steps,
+        cache_len=[[n + steps] * B] * dims.L,
+    )
     square = from_stats(dims, stats, "full", attention="square")
     causal = from_stats(dims, stats, "full", attention="causal")
     assert abs(square.prefill - pre.total) / pre.total < 0.01
@@ -235,11 +258,15 @@ def test_unknown_model_lists_available():
 
 def test_bad_yaml_keys(tmp_path):
     path = tmp_path / "m.yaml"
-    path.write_text("text: {hidden_size: 8, intermediate_size: 16, num_hidden_layers: 2, num_attention_heads: 2, "
-                    "hiden: 3}\n")
+    path.write_text(
+        "text: {hidden_size: 8, intermediate_size: 16, num_hidden_layers: 2, num_attention_heads: 2, "
+        "hiden: 3}\n"
+    )
     with pytest.raises(ValueError, match=r"unknown keys \['hiden'\]"):
         ModelDims.from_yaml(path)
-    path.write_text("text: {hidden_size: 8, intermediate_size: 16, num_hidden_layers: 2, num_attention_heads: 2}\n")
+    path.write_text(
+        "text: {hidden_size: 8, intermediate_size: 16, num_hidden_layers: 2, num_attention_heads: 2}\n"
+    )
     assert ModelDims.from_yaml(path).L == 2
 
 

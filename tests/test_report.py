@@ -8,9 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-
-import vtc
-from vtc.engine.stats import CallStats
 from vtc.eval import report as report_mod
 from vtc.eval.report import ReportError, main, write_report
 from vtc.eval.results import (
@@ -21,6 +18,9 @@ from vtc.eval.results import (
     load_results,
     primary_metric,
 )
+
+import vtc
+from vtc.engine.stats import CallStats
 from vtc.flops import ModelDims, papers_tflops_for_schedule
 
 MODEL = "llava-hf/llava-1.5-7b-hf"
@@ -70,27 +70,71 @@ def results_dir(tmp_path: Path) -> Path:
         "pope": _task(576, 3.817, 8.0, 58.0, 320.0, 300),
         "mme": _task(576, 3.817, 8.1, 59.0, 325.0, 200),
     }
-    _write(root, "2026-01-01T00-00-00", base_scores,
-           build_vtc_block("none", None, {}, MODEL, base_tasks, version="0.1.0", commit=COMMIT), "20260101")
+    _write(
+        root,
+        "2026-01-01T00-00-00",
+        base_scores,
+        build_vtc_block("none", None, {}, MODEL, base_tasks, version="0.1.0", commit=COMMIT),
+        "20260101",
+    )
     # 2. PyramidDrop.
-    pdrop_scores = {"gqa": {"exact_match": 0.60}, "pope": {"pope_accuracy": 0.86, "pope_f1_score": 0.85},
-                    "mme": {"mme_perception_score": 1480.0, "mme_cognition_score": 340.0}}
+    pdrop_scores = {
+        "gqa": {"exact_match": 0.60},
+        "pope": {"pope_accuracy": 0.86, "pope_f1_score": 0.85},
+        "mme": {"mme_perception_score": 1480.0, "mme_cognition_score": 340.0},
+    }
     pdrop_tasks = {t: _task(270, 1.777, 4.1, 35.0, 150.0, v["n_calls"]) for t, v in base_tasks.items()}
-    _write(root, "2026-01-02T00-00-00", pdrop_scores,
-           build_vtc_block("pyramid_drop", "pdrop-default", {"layer_list": [8, 16, 24], "ratio": 0.5}, MODEL,
-                           pdrop_tasks, version="0.1.0", commit=COMMIT), "20260102")
+    _write(
+        root,
+        "2026-01-02T00-00-00",
+        pdrop_scores,
+        build_vtc_block(
+            "pyramid_drop",
+            "pdrop-default",
+            {"layer_list": [8, 16, 24], "ratio": 0.5},
+            MODEL,
+            pdrop_tasks,
+            version="0.1.0",
+            commit=COMMIT,
+        ),
+        "20260102",
+    )
     # 3. FastV at two ratios; the second ratio split over two files (a later run adds mme).
     for i, (ratio, papers, score) in enumerate(((0.5, 2.007, 0.58), (0.75, 1.2, 0.55))):
-        tasks = {"gqa": _task(300 - 100 * i, papers, 5.0 - i, 40.0 - 5 * i, 200.0, 100),
-                 "pope": _task(300 - 100 * i, papers, 5.0 - i, 40.0 - 5 * i, 200.0, 300)}
-        scores = {"gqa": {"exact_match": score}, "pope": {"pope_accuracy": score + 0.2, "pope_f1_score": score + 0.25}}
-        block = build_vtc_block("fastv", f"fastv-r{int(ratio * 100)}", {"k": 2, "ratio": ratio}, MODEL, tasks,
-                                version="0.1.0", commit=COMMIT)
+        tasks = {
+            "gqa": _task(300 - 100 * i, papers, 5.0 - i, 40.0 - 5 * i, 200.0, 100),
+            "pope": _task(300 - 100 * i, papers, 5.0 - i, 40.0 - 5 * i, 200.0, 300),
+        }
+        scores = {
+            "gqa": {"exact_match": score},
+            "pope": {"pope_accuracy": score + 0.2, "pope_f1_score": score + 0.25},
+        }
+        block = build_vtc_block(
+            "fastv",
+            f"fastv-r{int(ratio * 100)}",
+            {"k": 2, "ratio": ratio},
+            MODEL,
+            tasks,
+            version="0.1.0",
+            commit=COMMIT,
+        )
         _write(root, f"2026-01-03T00-00-0{i}", scores, block, f"2026010{3 + i}")
-    block = build_vtc_block("fastv", "fastv-r75", {"k": 2, "ratio": 0.75}, MODEL,
-                            {"mme": _task(200, 1.2, 4.0, 35.0, 200.0, 200)}, version="0.1.0", commit=COMMIT)
-    _write(root, "2026-01-05T00-00-00", {"mme": {"mme_perception_score": 1300.0, "mme_cognition_score": 300.0}},
-           block, "20260105")
+    block = build_vtc_block(
+        "fastv",
+        "fastv-r75",
+        {"k": 2, "ratio": 0.75},
+        MODEL,
+        {"mme": _task(200, 1.2, 4.0, 35.0, 200.0, 200)},
+        version="0.1.0",
+        commit=COMMIT,
+    )
+    _write(
+        root,
+        "2026-01-05T00-00-00",
+        {"mme": {"mme_perception_score": 1300.0, "mme_cognition_score": 300.0}},
+        block,
+        "20260105",
+    )
     return root
 
 
@@ -119,8 +163,12 @@ def test_report_numbers_match_json(results_dir, tmp_path):
     assert set(paths) == {"markdown", "csv", "plot"} and all(p.is_file() for p in paths.values())
     md = paths["markdown"].read_text()
     table = {(r["method"], r["preset"]): r for r in _md_table(md, MODEL)}
-    assert list(table) == [("none ★", "–"), ("fastv", "fastv-r50"), ("fastv", "fastv-r75"),
-                           ("pyramid_drop", "pdrop-default")]
+    assert list(table) == [
+        ("none ★", "–"),
+        ("fastv", "fastv-r50"),
+        ("fastv", "fastv-r75"),
+        ("pyramid_drop", "pdrop-default"),
+    ]
     base, pdrop = table[("none ★", "–")], table[("pyramid_drop", "pdrop-default")]
     # Weighted by samples (100 / 300 / 200).
     base_full = (8.2 * 100 + 8.0 * 300 + 8.1 * 200) / 600
@@ -137,7 +185,6 @@ def test_report_numbers_match_json(results_dir, tmp_path):
     assert _num(pdrop["FLOPs share (full)"]) == round(100 * 4.1 / base_full, 1)
     rel = 100 * (0.60 / 0.62 + 0.85 / 0.86 + 1480 / 1510) / 3
     assert _num(pdrop["relative perf."]) == round(rel, 1)
-    assert _num(pdrop["mean score"]) == round((0.60 + 0.85 + 1480) / 3, 2)
     # The run split over two files is merged; its FLOPs share covers its own tasks.
     r75 = table[("fastv", "fastv-r75")]
     assert _num(r75["mme (mme_perception_score)"]) == 1300.0
@@ -159,9 +206,12 @@ def test_report_csv_round_trip(results_dir, tmp_path):
     assert float(pdrop["tflops_papers"]) == pytest.approx(1.777)
     assert float(pdrop["score:gqa"]) == 0.60 and float(pdrop["score:pope"]) == 0.85
     assert float(pdrop["avg_visual_tokens"]) == pytest.approx(270.0)
+    assert float(pdrop["mean_score"]) == pytest.approx((0.60 + 0.85 + 1480) / 3)
     assert json.loads(pdrop["config"]) == {"layer_list": [8, 16, 24], "ratio": 0.5}
     assert json.loads(pdrop["metrics"])["mme"] == "mme_perception_score"
-    assert float(pdrop["relative_performance_pct"]) == pytest.approx(100 * (0.60 / 0.62 + 0.85 / 0.86 + 1480 / 1510) / 3)
+    assert float(pdrop["relative_performance_pct"]) == pytest.approx(
+        100 * (0.60 / 0.62 + 0.85 / 0.86 + 1480 / 1510) / 3
+    )
     assert by[("none", "")]["reference"] == "True" and pdrop["reference"] == "False"
     assert by[("fastv", "fastv-r50")]["score:mme"] == ""
     for r in rows:
@@ -175,8 +225,11 @@ def test_report_plot(results_dir, tmp_path, monkeypatch):
 
     texts = []
     original = matplotlib.figure.Figure.text
-    monkeypatch.setattr(matplotlib.figure.Figure, "text",
-                        lambda self, x, y, s, *a, **k: texts.append(s) or original(self, x, y, s, *a, **k))
+    monkeypatch.setattr(
+        matplotlib.figure.Figure,
+        "text",
+        lambda self, x, y, s, *a, **k: texts.append(s) or original(self, x, y, s, *a, **k),
+    )
     paths = write_report(results_dir, tmp_path / "out")
     data = paths["plot"].read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -187,15 +240,30 @@ def test_plain_lmms_eval_file_and_default_out(tmp_path):
     root = tmp_path / "plain"
     path = root / "m" / "2026_results.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({
-        "results": {"scienceqa_img": {"alias": "scienceqa_img", "exact_match,none": 0.69,
-                                      "exact_match_stderr,none": 0.01},
-                    "textvqa_val": {"alias": "textvqa_val", "submission,none": None, "exact_match,none": 0.58}},
-        "config": {"model": "llava_hf", "model_args": {"pretrained": "llava-hf/llava-1.5-7b-hf"}},
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "results": {
+                    "scienceqa_img": {
+                        "alias": "scienceqa_img",
+                        "exact_match,none": 0.69,
+                        "exact_match_stderr,none": 0.01,
+                    },
+                    "textvqa_val": {
+                        "alias": "textvqa_val",
+                        "submission,none": None,
+                        "exact_match,none": 0.58,
+                    },
+                },
+                "config": {"model": "llava_hf", "model_args": {"pretrained": "llava-hf/llava-1.5-7b-hf"}},
+            }
+        )
+    )
     rows = load_results(path)
     assert [(r.task, r.metric, r.score, r.method, r.has_vtc) for r in rows] == [
-        ("scienceqa_img", "exact_match", 0.69, "none", False), ("textvqa_val", "exact_match", 0.58, "none", False)]
+        ("scienceqa_img", "exact_match", 0.69, "none", False),
+        ("textvqa_val", "exact_match", 0.58, "none", False),
+    ]
     assert rows[0].model == "llava-hf/llava-1.5-7b-hf" and rows[0].tflops_papers is None
     paths = write_report(root)
     assert paths["markdown"].parent == root / "report"
@@ -208,8 +276,10 @@ def test_primary_metric_rules():
     assert primary_metric("x", {"foo": 1.0, "bar_accuracy": 0.5}) == "bar_accuracy"
     assert primary_metric("x", {"foo": 1.0, "bar": 0.5}) == "foo"
     assert primary_metric("pope", {"pope_accuracy": 0.9, "pope_f1_score": 0.8}) == "pope_f1_score"
-    assert primary_metric("pope", {"pope_accuracy": 0.9, "pope_f1_score": 0.8}, {"pope": "pope_accuracy"}) == \
-        "pope_accuracy"
+    assert (
+        primary_metric("pope", {"pope_accuracy": 0.9, "pope_f1_score": 0.8}, {"pope": "pope_accuracy"})
+        == "pope_accuracy"
+    )
     assert primary_metric("x", {}) is None
 
 
@@ -218,17 +288,25 @@ def test_task_accumulator_from_stats():
     sched = [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
     acc = TaskAccumulator(dims)
     for B in (1, 2):
-        stats = CallStats(num_layers=32, batch_size=B, num_images=[1] * B, visual_original=[576] * B,
-                          visual_input=[576] * B, prefill_visual=[[v] * B for v in sched],
-                          prefill_tokens=[[v + 40] * B for v in sched], decode_steps=4,
-                          cache_len=[[v + 44] * B for v in sched])
+        stats = CallStats(
+            num_layers=32,
+            batch_size=B,
+            num_images=[1] * B,
+            visual_original=[576] * B,
+            visual_input=[576] * B,
+            prefill_visual=[[v] * B for v in sched],
+            prefill_tokens=[[v + 40] * B for v in sched],
+            decode_steps=4,
+            cache_len=[[v + 44] * B for v in sched],
+        )
         acc.add(stats, prefill_ms=10.0 * B)
     res = acc.result()
     assert (res.n_calls, res.n_rows, res.avg_visual_tokens) == (2, 3, 270.0)
     assert res.tflops_papers == pytest.approx(papers_tflops_for_schedule(dims, sched))
     assert res.tflops_full > 2 * res.tflops_papers
     assert res.prefill_ms == 15.0
-    assert res.kv_mb == pytest.approx(sum(v + 44 for v in sched) * 0.5 / 32)  # 0.5 MiB per token over 32 layers
+    # K and V of one token over all 32 layers take 0.5 MiB in fp16.
+    assert res.kv_mb == pytest.approx(sum(v + 44 for v in sched) * 0.5 / 32)
     block = build_vtc_block("pyramid_drop", "p", {"ratio": 0.5}, MODEL, {"pope": res})
     assert block["version"] == vtc.__version__ and block["git_commit"]
     assert TaskStats.from_dict(block["per_task"]["pope"]) == res
@@ -249,7 +327,9 @@ def test_errors(tmp_path, capsys):
         write_report(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes_results.txt").write_text("x")
-    with pytest.raises(ReportError, match=r"no results files found: searched .*empty.* for '\*_results\.json'"):
+    with pytest.raises(
+        ReportError, match=r"no results files found: searched .*empty.* for '\*_results\.json'"
+    ):
         write_report(tmp_path / "empty")
     assert main([str(tmp_path / "empty")]) == 2
     assert "no results files found" in capsys.readouterr().err

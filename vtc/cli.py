@@ -1,5 +1,48 @@
-"""Command-line entry point (``vtc``)."""
+"""``vtc`` command line: demo, flops, bench, eval, report, calibrate.
+
+Each subcommand lives in its own module and is imported only when used, so ``vtc --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "demo": ("vtc.eval.demo", "Run the main job on the embedded default model and write the report to out/."),
+    "flops": ("vtc.eval.flops_cli", "Analytic FLOPs of a method on a model config (papers' and full conventions)."),
+    "bench": ("vtc.eval.bench", "Latency, decode speed and KV-cache memory, patched vs unpatched, in one run."),
+    "eval": ("vtc.eval.harness", "Run lmms-eval in-process for a model, methods/presets and tasks."),
+    "report": ("vtc.eval.report", "Turn results JSONs into a Markdown table, a CSV and a Pareto plot."),
+    "calibrate": ("vtc.eval.calibrate", "Propose DFMR thresholds from a folder of images."),
+}
 
 
-def main(argv=None):
-    raise SystemExit("vtc CLI: not built yet")
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: vtc {" + ",".join(SUBCOMMANDS) + "} [options]\n")
+        for name, (_, doc) in SUBCOMMANDS.items():
+            print(f"  {name:<10} {doc}")
+        print("\nRun `vtc <command> --help` for the options of one command.")
+        return 0
+    if argv[0] == "--version":
+        import vtc
+
+        print(vtc.__version__)
+        return 0
+    cmd = argv[0]
+    if cmd not in SUBCOMMANDS:
+        print(f"vtc: unknown command {cmd!r}; choose from {sorted(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[cmd][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"vtc {prog}", description=description)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -264,10 +264,19 @@ class ModelDims:
         allowed = {"name", "hf_id", "text", "vision", "projector", "visual_tokens_per_image"}
         unknown = set(data) - allowed
         if unknown:
-            raise ValueError(f"model YAML {source!r}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+            raise ValueError(
+                f"model YAML {source!r}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}"
+            )
         text = _section(data, "text", source)
-        text_keys = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "vocab_size"}
+        text_keys = {
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+        }
         _check_keys(text, text_keys, f"{source}: text")
         for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if key not in text:
@@ -286,14 +295,25 @@ class ModelDims:
         )
         vision = _section(data, "vision", source)
         if vision:
-            vision_keys = {"num_hidden_layers", "hidden_size", "intermediate_size", "image_size", "patch_size",
-                           "num_channels", "tokens_per_crop", "feature_tokens_per_crop", "max_crops_per_image"}
+            vision_keys = {
+                "num_hidden_layers",
+                "hidden_size",
+                "intermediate_size",
+                "image_size",
+                "patch_size",
+                "num_channels",
+                "tokens_per_crop",
+                "feature_tokens_per_crop",
+                "max_crops_per_image",
+            }
             _check_keys(vision, vision_keys, f"{source}: vision")
             patch = vision.get("patch_size", 14)
             patches = (vision.get("image_size", 336) // patch) ** 2
             tokens = vision.get("tokens_per_crop", patches + 1)
             if tokens < patches:
-                raise ValueError(f"model YAML {source!r}: vision.tokens_per_crop={tokens} < {patches} patches")
+                raise ValueError(
+                    f"model YAML {source!r}: vision.tokens_per_crop={tokens} < {patches} patches"
+                )
             kw.update(
                 vision_layers=vision.get("num_hidden_layers", 0),
                 vision_d=vision.get("hidden_size", 0),
@@ -376,7 +396,9 @@ def _check_count(value: float, what: str) -> float:
 
 def _check_per_layer(values: Sequence[float], dims: ModelDims, what: str) -> list[float]:
     if isinstance(values, str | bytes) or not isinstance(values, Sequence):
-        raise TypeError(f"{what} must be a sequence of {dims.L} numbers (one per layer), got {type(values).__name__}")
+        raise TypeError(
+            f"{what} must be a sequence of {dims.L} numbers (one per layer), got {type(values).__name__}"
+        )
     if len(values) != dims.L:
         raise ValueError(f"{what} has {len(values)} entries but {dims.name} has L={dims.L} decoder layers")
     return [_check_count(v, f"{what}[{i}]") for i, v in enumerate(values)]
@@ -444,7 +466,9 @@ def vision_macs_per_image(dims: ModelDims, crops: float | None = None) -> float:
     ``vision_tokens``, a two-matrix GELU MLP) and the two projector matrices over the feature tokens.
     """
     if not dims.has_vision:
-        raise ValueError(f"{dims.name}: vision tower sizes are unknown; set vision_* in ModelDims or the YAML")
+        raise ValueError(
+            f"{dims.name}: vision tower sizes are unknown; set vision_* in ModelDims or the YAML"
+        )
     crops = dims.vision_crops if crops is None else _check_count(crops, "crops")
     t, dv, mv = dims.vision_tokens, dims.vision_d, dims.vision_m
     embed = (t - dims.vision_cls) * dims.vision_patch_dim * dv
@@ -510,7 +534,9 @@ def decode_flops(
     end = None
     if end_cache_len_per_layer is not None:
         end = _check_per_layer(end_cache_len_per_layer, dims, "end_cache_len_per_layer")
-    return 2 * sum(_decode_layer_macs(dims, start[l], None if end is None else end[l], steps) for l in range(dims.L))
+    return 2 * sum(
+        _decode_layer_macs(dims, start[i], None if end is None else end[i], steps) for i in range(dims.L)
+    )
 
 
 def _decode_layer_macs(dims: ModelDims, c0: float, c1: float | None, steps: int) -> float:
@@ -528,7 +554,9 @@ def _decode_layer_macs(dims: ModelDims, c0: float, c1: float | None, steps: int)
     return steps * _proj_mlp_macs(1, dims) + 2 * dims.H * dims.dh * keys
 
 
-def papers_tflops_for_schedule(dims: ModelDims, visual_per_layer: Sequence[float], ffn_matrices: int = 3) -> float:
+def papers_tflops_for_schedule(
+    dims: ModelDims, visual_per_layer: Sequence[float], ffn_matrices: int = 3
+) -> float:
     """Papers' "TFLOPs" (tera-MACs) of a per-layer image-token schedule, e.g. ``[576]*8 + [288]*8 + …``."""
     return prefill_flops(dims, visual_per_layer, "papers", ffn_matrices=ffn_matrices) / 1e12
 
@@ -561,7 +589,10 @@ class FlopsReport:
 
     @property
     def per_row_total(self) -> list[float]:
-        return [sum(v) for v in zip(self.per_row_prefill, self.per_row_decode, self.per_row_vision, self.per_row_lm_head)]
+        return [
+            sum(v)
+            for v in zip(self.per_row_prefill, self.per_row_decode, self.per_row_vision, self.per_row_lm_head)
+        ]
 
     @property
     def prefill(self) -> float:
@@ -611,10 +642,10 @@ def _check_matrix(values: Sequence[Sequence[float]], L: int, B: int, what: str) 
     if len(values) != L:
         raise ValueError(f"stats.{what} has {len(values)} layers, expected L={L}")
     out = []
-    for l, row in enumerate(values):
+    for i, row in enumerate(values):
         if len(row) != B:
-            raise ValueError(f"stats.{what}[{l}] has {len(row)} rows, expected batch_size={B}")
-        out.append([_check_count(v, f"stats.{what}[{l}][{b}]") for b, v in enumerate(row)])
+            raise ValueError(f"stats.{what}[{i}] has {len(row)} rows, expected batch_size={B}")
+        out.append([_check_count(v, f"stats.{what}[{i}][{b}]") for b, v in enumerate(row)])
     return out
 
 
@@ -659,7 +690,11 @@ def from_stats(
         raise ValueError(f"stats.num_layers={L} does not match {dims.name} L={dims.L}")
     if B < 0:
         raise ValueError(f"stats.batch_size must be non-negative, got {B}")
-    if isinstance(stats.decode_steps, bool) or not isinstance(stats.decode_steps, int) or stats.decode_steps < 0:
+    if (
+        isinstance(stats.decode_steps, bool)
+        or not isinstance(stats.decode_steps, int)
+        or stats.decode_steps < 0
+    ):
         raise ValueError(f"stats.decode_steps must be a non-negative int, got {stats.decode_steps!r}")
     unit = _UNITS[convention]
     scale = 1 if convention == "papers" else 2
@@ -674,24 +709,26 @@ def from_stats(
         end = _check_matrix(stats.cache_len, L, B, "cache_len")
     for b in range(B):
         pre = dec = 0
-        for l in range(L):
+        for layer in range(L):
             if convention == "papers":
-                v = layer_macs_papers(counts[l][b], dims, ffn_matrices)
+                v = layer_macs_papers(counts[layer][b], dims, ffn_matrices)
             else:
-                v = 2 * layer_macs_full(counts[l][b], dims, attention)
-            per_layer_prefill[l] += v
+                v = 2 * layer_macs_full(counts[layer][b], dims, attention)
+            per_layer_prefill[layer] += v
             pre += v
             if convention == "full":
-                c1 = None if end is None else end[l][b]
-                w = 2 * _decode_layer_macs(dims, counts[l][b], c1, stats.decode_steps)
-                per_layer_decode[l] += w
+                c1 = None if end is None else end[layer][b]
+                w = 2 * _decode_layer_macs(dims, counts[layer][b], c1, stats.decode_steps)
+                per_layer_decode[layer] += w
                 dec += w
         row_prefill.append(pre)
         row_decode.append(dec)
         row_vision.append(scale * _row_vision_macs(dims, stats, b, vision_crops) if include_vision else 0)
         head = 0
         if include_lm_head and convention == "full":
-            positions = (1 if counts[L - 1][b] > 0 else 0) if lm_head_positions == "last" else counts[L - 1][b]
+            positions = (
+                (1 if counts[L - 1][b] > 0 else 0) if lm_head_positions == "last" else counts[L - 1][b]
+            )
             head = 2 * dims.d * dims.vocab * (positions + stats.decode_steps)
         row_head.append(head)
     return FlopsReport(
@@ -712,10 +749,14 @@ def from_stats(
     )
 
 
-def _row_vision_macs(dims: ModelDims, stats: CallStats, b: int, crops: float | Sequence[float] | None) -> float:
+def _row_vision_macs(
+    dims: ModelDims, stats: CallStats, b: int, crops: float | Sequence[float] | None
+) -> float:
     if stats.num_images:
         if len(stats.num_images) != stats.batch_size:
-            raise ValueError(f"stats.num_images has {len(stats.num_images)} rows, expected {stats.batch_size}")
+            raise ValueError(
+                f"stats.num_images has {len(stats.num_images)} rows, expected {stats.batch_size}"
+            )
         images = _check_count(stats.num_images[b], f"stats.num_images[{b}]")
     elif stats.visual_original:
         images = 1 if stats.visual_original[b] > 0 else 0
@@ -733,7 +774,9 @@ def all_conventions(dims: ModelDims, stats: CallStats, **kwargs) -> dict[str, Fl
     return {c: from_stats(dims, stats, convention=c, **kwargs) for c in CONVENTIONS}
 
 
-def kv_cache_bytes(dims: ModelDims, stats: CallStats, bytes_per_element: int = 2, include_padding: bool = False) -> int:
+def kv_cache_bytes(
+    dims: ModelDims, stats: CallStats, bytes_per_element: int = 2, include_padding: bool = False
+) -> int:
     """Bytes of K and V held by the cache after the latest step, summed over rows and layers.
 
     ``include_padding=False`` counts valid cached tokens (``stats.cache_len``); ``True`` counts the
@@ -798,7 +841,9 @@ def measured_flops(fn: Callable[..., Any], *args, **kwargs) -> MeasuredFlops:
     counter = FlopCounterMode(display=False, depth=None)
     with counter:
         output = fn(*args, **kwargs)
-    by_module = {name: {str(op): int(v) for op, v in ops.items()} for name, ops in counter.get_flop_counts().items()}
+    by_module = {
+        name: {str(op): int(v) for op, v in ops.items()} for name, ops in counter.get_flop_counts().items()
+    }
     return MeasuredFlops(
         total=int(counter.get_total_flops()),
         by_op=dict(by_module.get("Global", {})),

@@ -1,0 +1,56 @@
+"""Method resolution: instances, names + kwargs, YAML presets, dicts, lists; unknown keys raise."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_model
+
+import vtc
+from vtc.methods import PyramidDrop
+
+
+def test_registry_lists_methods():
+    assert "pyramid_drop" in vtc.list_methods()
+    assert {"last_query_attention", "random", "uniform"} <= set(vtc.list_scorers())
+
+
+def test_name_plus_kwargs_and_instance_agree():
+    a = vtc.resolve_methods("pyramid_drop", lam=0.25)[0]
+    b = vtc.resolve_methods(PyramidDrop(lam=0.25))[0]
+    assert a.to_dict() == b.to_dict()
+
+
+def test_yaml_preset_mirrors_dataclass_fields(tmp_path):
+    p = tmp_path / "p.yaml"
+    p.write_text("method: pyramid_drop\nlayers: [1, 3]\nratios: [0.5, 0.25]\npositions: original\n")
+    (m,) = vtc.load_preset(p)
+    assert isinstance(m, PyramidDrop) and m.layers == [1, 3] and m.positions == "original"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: pyramid_drop\nlamda: 0.5\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['lamda'\].*valid keys"):
+        vtc.load_preset(bad)
+
+
+def test_unknown_kwarg_and_unknown_method_raise():
+    with pytest.raises(ValueError, match="unknown keys"):
+        vtc.resolve_methods("pyramid_drop", lamb=0.3)
+    with pytest.raises(FileNotFoundError, match="available presets"):
+        vtc.resolve_methods("no_such_method")
+    with pytest.raises(ValueError, match="needs a 'method' key"):
+        vtc.resolve_methods({"lam": 0.5})
+
+
+def test_shipped_presets_load():
+    names = vtc.list_presets()
+    assert "pdrop_default" in names
+    for n in names:
+        assert vtc.load_preset(n)
+
+
+def test_handle_remove_is_idempotent():
+    m = make_model("sdpa")
+    h = vtc.apply(m, "pdrop_default")
+    assert h.active
+    h.remove()
+    h.remove()
+    assert not h.active

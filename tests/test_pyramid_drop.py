@@ -1,0 +1,76 @@
+"""PyramidDrop specifics: its ranking equals eager attention of the next layer, and the kept tokens are
+exactly the top-k of that reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import IMAGE_TOKEN, make_inputs, make_model
+from refs import positions_like_generate
+
+import vtc
+from vtc.engine.state import View
+from vtc.scorers import LastQueryAttention, ScoreContext
+
+
+@pytest.mark.parametrize("case", ["b1_img1", "b3_pad", "b3_mixed"])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_first_boundary_scores_equal_eager_output_attentions(case, kv_heads):
+    model = make_model("eager", kv_heads=kv_heads)
+    inputs = make_inputs(case)
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    pos = positions_like_generate(valid.long())
+    k = 1  # default boundaries for 6 layers: [1, 3, 4]
+    with torch.no_grad():
+        out = model(**inputs, position_ids=pos, output_attentions=True, output_hidden_states=True, use_cache=False)
+    ref = out.attentions[k][:, :, -1, :].mean(1)  # [B, T] head mean of the last query row at layer k
+
+    adapter = vtc.get_adapter(model)
+    lm = model.model.language_model
+    h = out.hidden_states[k]  # the input of layer k
+    cos, sin = lm.rotary_emb(h, pos)
+    view = View(src=torch.arange(ids.shape[1]).expand_as(ids), valid=valid, image=ids == IMAGE_TOKEN, pos=pos, cos=cos, sin=sin)
+    ctx = ScoreContext(layer_idx=k, hidden=h, view=view, adapter=adapter, state=None)
+    for precision in ("model", "fp32"):
+        scores = LastQueryAttention(source="next", precision=precision).score(ctx)
+        assert (scores - ref).abs().max().item() <= 1e-5
+
+    # the engine keeps exactly the top-k of the reference, per row
+    with vtc.apply(model, "pyramid_drop") as h:
+        with torch.no_grad():
+            model(**inputs, position_ids=pos, use_cache=False)
+        kept = h.session.state.selections[k]
+        share = h.session.plan.schedule.shares[k]
+    image = (ids == IMAGE_TOKEN) & valid
+    for b in range(ids.shape[0]):
+        n0 = int(image[b].sum())
+        kk = int(math.floor(n0 * share + 1e-9))
+        cand = image[b].nonzero().squeeze(1)
+        top = cand[ref[b, cand].topk(kk).indices] if kk else cand[:0]
+        assert set(kept[b].tolist()) == set(top.tolist()), b
+        assert kept[b].tolist() == sorted(kept[b].tolist())  # original order kept
+
+
+def test_default_layers_scale_with_depth():
+    from vtc.schedules import default_stage_layers
+
+    assert default_stage_layers(32) == [8, 16, 24]
+    assert default_stage_layers(40) == [10, 20, 30]
+    assert default_stage_layers(6) == [1, 3, 4]
+
+
+def test_rows_without_images_pass_through_untouched():
+    model = make_model("sdpa")
+    inputs = make_inputs("b3_mixed")  # row 2 has no image
+    from refs import generate
+
+    _, logits0, _ = generate(model, inputs, 3)
+    with vtc.apply(model, "pyramid_drop") as h:
+        _, logits1, _ = generate(model, inputs, 3)
+        assert all(h.stats.prefill_visual[l][2] == 0 for l in range(6))
+    # row 2 only sees its own tokens, so its outputs cannot change beyond float noise of batching
+    assert (logits0[:, 2] - logits1[:, 2]).abs().max().item() <= 1e-5
