@@ -12,6 +12,34 @@ METHOD_SPECS = [
         kwargs={"positions": "original", "lam": 0.4},
         identity={"positions": "original", "ratios": [1.0, 1.0, 1.0]},
     ),
+    dict(id="fastv", method="fastv", kwargs={"k": 2, "r": 0.5}, identity={"k": 2, "r": 0.0}),
+    dict(
+        id="prd-drop",
+        method="progressive",
+        kwargs={"mode": "drop"},
+        identity_method="schedule",
+        identity={"mode": "drop", "schedule": {"kind": "explicit", "shares": [1.0] * 6, "boundaries": [2, 3, 4]}},
+    ),
+    dict(
+        id="prd-skip",
+        method="progressive",
+        kwargs={"mode": "skip"},
+        mode="skip",
+        identity_method="schedule",
+        identity={"mode": "skip", "schedule": {"kind": "explicit", "shares": [1.0] * 6, "boundaries": [2, 3, 4]}},
+    ),
+    dict(
+        id="random",
+        method="random",
+        kwargs={"seed": 3, "schedule": {"kind": "stages", "lam": 0.5}},
+        identity={"schedule": {"kind": "stages", "ratios": [1.0, 1.0, 1.0]}},
+    ),
+    dict(
+        id="uniform",
+        method="uniform",
+        kwargs={"schedule": {"kind": "single", "k": 2, "r": 0.6}},
+        identity={"schedule": {"kind": "single", "k": 2, "r": 0.0}},
+    ),
 ]
 
 

@@ -54,3 +54,22 @@ def test_handle_remove_is_idempotent():
     h.remove()
     h.remove()
     assert not h.active
+
+
+def test_every_preset_plans_on_llava_15_sizes_and_baselines_match_their_budgets():
+    from vtc.adapters import ConfigOnlyAdapter
+
+    ad = ConfigOnlyAdapter(32, 576)
+    counts = {}
+    for name in vtc.list_presets():
+        for m in vtc.load_preset(name):
+            if m.kind == "decoder":
+                counts[name] = m.plan(ad).schedule.counts(576)
+    assert counts["pdrop_default"] == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
+    assert counts["fastv_k2_r50"] == [576] * 2 + [288] * 30
+    for t in (192, 128, 64):
+        assert abs(sum(counts[f"pdrop_{t}"]) / 32 - t) <= 1
+        assert counts[f"random_{t}"] == counts[f"uniform_{t}"] == counts[f"pdrop_{t}"]
+    assert counts["random_pdrop_default"] == counts["uniform_pdrop_default"] == counts["pdrop_default"]
+    assert counts["random_fastv"] == counts["uniform_fastv"] == counts["fastv_k2_r50"]
+    assert abs(sum(counts["prd_skip"]) / 32 / 576 - 0.5375) < 0.002  # floor() of each layer's count

@@ -24,7 +24,7 @@ def spec(request):
 def test_identity_is_bit_exact(model, case, spec):
     inputs = make_inputs(case)
     seq0, logits0, _ = generate(model, inputs, STEPS)
-    with vtc.apply(model, spec["method"], **spec["identity"]) as h:
+    with vtc.apply(model, spec.get("identity_method", spec["method"]), **spec["identity"]) as h:
         seq1, logits1, _ = generate(model, inputs, STEPS)
         assert h.stats.decode_steps == STEPS - 1
     assert torch.equal(seq0, seq1)
@@ -113,7 +113,14 @@ def test_original_positions_equal_masking_reference(attn, case):
 
     model = make_model(attn)
     inputs = make_inputs(case)
-    for spec in [s for s in METHOD_SPECS if s["kwargs"].get("positions") == "original" and s.get("mode", "drop") == "drop"]:
+    from vtc.adapters import get_adapter
+
+    checked = 0
+    for spec in METHOD_SPECS:
+        plan = vtc.resolve_methods(spec["method"], **spec["kwargs"])[0].plan(get_adapter(model))
+        if plan.positions != "original" or plan.mode != "drop":
+            continue
+        checked += 1
         with vtc.apply(model, spec["method"], **spec["kwargs"]) as h:
             seq, logits, _ = generate(model, inputs, STEPS)
             sel = {l: v for l, v in h.session.state.selections.items()}
@@ -121,3 +128,4 @@ def test_original_positions_equal_masking_reference(attn, case):
         seq_ref, logits_ref = greedy_nocache(model, inputs, STEPS, layer_masks=allowed)
         assert torch.equal(seq, seq_ref), spec["id"]
         assert (logits - logits_ref).abs().max().item() <= 1e-5, spec["id"]
+    assert checked >= 4

@@ -10,7 +10,17 @@ __version__ = "0.1.0"
 from vtc.adapters import get_adapter, supported_model_types  # noqa: E402
 from vtc.api import Handle, apply, list_presets, load_preset, resolve_methods  # noqa: E402
 from vtc.engine.stats import CallStats  # noqa: E402
-from vtc.methods import DecoderMethod, Method, PreLLMMethod, PyramidDrop  # noqa: E402
+from vtc.methods import (  # noqa: E402
+    DecoderMethod,
+    FastV,
+    Method,
+    PreLLMMethod,
+    Progressive,
+    PyramidDrop,
+    RandomDrop,
+    ScheduleMethod,
+    UniformDrop,
+)
 from vtc.registry import list_methods, list_scorers, register_method, register_scorer  # noqa: E402
 
 __all__ = [
@@ -31,4 +41,9 @@ __all__ = [
     "DecoderMethod",
     "PreLLMMethod",
     "PyramidDrop",
+    "FastV",
+    "Progressive",
+    "ScheduleMethod",
+    "RandomDrop",
+    "UniformDrop",
 ]

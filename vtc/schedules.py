@@ -157,7 +157,8 @@ def shifted_cosine(num_layers: int, dense_above: float = 0.85, floor: float = 0.
     """p-MoD's progressive ratio decay: ``R(l) = 0.5*cos(pi*l/(L-1)) + shift``.
 
     Layers with ``R(l) > dense_above`` stay dense (share 1); every other layer keeps ``max(R(l), floor)``.
-    Defaults are p-MoD's (0.85, 0.15, 0.5); at ``L = 32`` the mean kept share is 0.5375.
+    Defaults are p-MoD's (0.85, 0.15, 0.5); at ``L = 32`` the mean kept share is 0.5375. Layer 0 always
+    stays dense (a selection needs a layer's output to rank with); that only matters for ``shift`` < 0.35.
     """
     if num_layers < 2:
         raise ValueError(f"shifted_cosine needs L >= 2 layers, got {num_layers}")
@@ -165,22 +166,17 @@ def shifted_cosine(num_layers: int, dense_above: float = 0.85, floor: float = 0.
     _check_ratio("floor", floor)
     if floor > dense_above:
         raise ValueError(f"floor={floor} exceeds dense_above={dense_above}; need floor <= dense_above")
-    if not (0.0 <= shift <= 1.0):
-        raise ValueError(f"shift={shift} is outside [0, 1]")
+    if not (-0.5 <= shift <= 1.0):
+        raise ValueError(f"shift={shift} is outside [-0.5, 1]")
     shares, bounds = [], []
     for l in range(num_layers):
         r = 0.5 * math.cos(math.pi * l / (num_layers - 1)) + shift
-        if r > dense_above:
+        if r > dense_above or l == 0:
             shares.append(1.0)
         else:
             shares.append(min(1.0, max(r, floor)))
         if l > 0 and shares[l] != shares[l - 1]:
             bounds.append(l)
-    if shares[0] < 1.0:
-        raise ValueError(
-            f"shifted_cosine(dense_above={dense_above}, shift={shift}) routes layer 0; raise dense_above or lower shift "
-            "so the first layer stays dense"
-        )
     return Schedule(tuple(shares), tuple(bounds))
 
 
@@ -228,6 +224,7 @@ def solve(
     flops_share: float | None = None,
     dims=None,
     n_text: int = 0,
+    free: str | None = None,
     **fixed,
 ) -> tuple[Schedule, float]:
     """Find the free parameter of a schedule family that meets a cost target.
@@ -235,7 +232,8 @@ def solve(
     Parameters
     ----------
     kind : {"stages", "shifted_cosine", "single"}
-        Family; the free parameter is ``lam`` (stages), ``floor`` (shifted_cosine) or ``r`` (single).
+        Family; the free parameter is ``lam`` (stages), ``shift`` (shifted_cosine: moves the whole cosine;
+        pass ``free="floor"`` to solve the floor instead) or ``r`` (single).
     num_layers, n_visual : int
         ``L`` and the visual tokens per row before compression (576 for LLaVA-1.5).
     avg_tokens : float, optional
@@ -260,7 +258,11 @@ def solve(
         def build(x):
             return stages(num_layers, lam=x, **fixed)
         lo, hi = 1e-6, 1.0
-    elif kind == "shifted_cosine":
+    elif kind == "shifted_cosine" and free in (None, "shift"):
+        def build(x):
+            return shifted_cosine(num_layers, shift=x, **fixed)
+        lo, hi = -0.5, 1.0
+    elif kind == "shifted_cosine" and free == "floor":
         def build(x):
             return shifted_cosine(num_layers, floor=x, **fixed)
         lo, hi = 1e-6, fixed.get("dense_above", 0.85)
@@ -299,3 +301,82 @@ def solve(
             f"{sched.mean_tokens(n_visual):.2f}); the integer counts jump there, adjust the target"
         )
     return sched, (1.0 - x if kind == "single" else x)
+
+
+# --- one parser for every spelling ------------------------------------------------------------------
+
+SCHEDULE_KINDS = ("stages", "shifted_cosine", "single", "explicit")
+
+
+def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None) -> Schedule:
+    """Build a :class:`Schedule` from a spec.
+
+    Parameters
+    ----------
+    spec : Schedule, list of float, or dict
+        A dict has ``kind`` (one of ``SCHEDULE_KINDS``) plus that builder's parameters, and optionally
+        ``target``: ``{"avg_tokens": 192, "n_visual": 576}``, ``{"avg_share": 0.333}`` or
+        ``{"flops_share": 0.5}`` to solve the family's free parameter for that cost. A list is a
+        per-layer share list (``explicit``).
+    num_layers : int
+        ``L`` of the model.
+    n_visual : int, optional
+        Visual tokens per image of the model, used by ``target`` when it does not give ``n_visual``.
+    dims : vtc.flops.ModelDims, optional
+        Needed for ``flops_share`` targets.
+    """
+    if isinstance(spec, Schedule):
+        if spec.num_layers != num_layers:
+            raise ValueError(f"schedule has {spec.num_layers} layers but the model has L={num_layers}")
+        return spec
+    if isinstance(spec, (list, tuple)):
+        shares = list(spec)
+        if len(shares) != num_layers:
+            raise ValueError(f"explicit schedule has {len(shares)} shares but the model has L={num_layers} layers")
+        return explicit(shares)
+    if not isinstance(spec, dict):
+        raise TypeError(f"schedule spec must be a dict, a list of shares or a Schedule, got {type(spec).__name__}")
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    if kind not in SCHEDULE_KINDS:
+        raise ValueError(f"schedule kind {kind!r} is unknown; choose from {list(SCHEDULE_KINDS)}")
+    target = spec.pop("target", None)
+    allowed = {
+        "stages": {"layers", "ratios", "lam"},
+        "shifted_cosine": {"dense_above", "floor", "shift"},
+        "single": {"k", "r"},
+        "explicit": {"shares", "boundaries"},
+    }[kind]
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} for schedule kind {kind!r}; valid keys: {sorted(allowed)} and 'target'")
+    if target is not None:
+        if kind == "explicit":
+            raise ValueError("an explicit schedule has no free parameter to solve; drop 'target'")
+        if not isinstance(target, dict):
+            raise TypeError(f"target must be a dict, got {type(target).__name__}")
+        t = dict(target)
+        nv = int(t.pop("n_visual", n_visual or 0))
+        if nv < 1:
+            raise ValueError("target needs n_visual (visual tokens per row), e.g. {'avg_tokens': 192, 'n_visual': 576}")
+        if "avg_share" in t:
+            t["avg_tokens"] = t.pop("avg_share") * nv
+        bad = sorted(set(t) - {"avg_tokens", "flops_share", "n_text", "free"})
+        if bad:
+            raise ValueError(f"unknown target keys {bad}; use avg_tokens, avg_share or flops_share (and n_visual, n_text)")
+        free = {"stages": "lam", "shifted_cosine": t.get("free", "shift"), "single": "r"}[kind]
+        spec.pop(free, None)
+        if kind == "stages" and spec.get("ratios") is not None:
+            raise ValueError("a stages target solves lam; do not also give explicit ratios")
+        sched, _ = solve(kind, num_layers, nv, dims=dims, **t, **spec)
+        return sched
+    if kind == "stages":
+        return stages(num_layers, **spec)
+    if kind == "shifted_cosine":
+        return shifted_cosine(num_layers, **spec)
+    if kind == "single":
+        return single(num_layers, **spec)
+    shares = spec.get("shares")
+    if shares is None or len(shares) != num_layers:
+        raise ValueError(f"explicit schedule needs 'shares' with one value per layer (L={num_layers})")
+    return explicit(shares, spec.get("boundaries"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from vtc.adapters.base import ModelAdapter
+from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
 from vtc.adapters.llava import LlavaAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {t: LlavaAdapter for t in LlavaAdapter.model_types}
@@ -33,4 +33,4 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return ADAPTERS[model_type](model)
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "LlavaAdapter", "get_adapter", "supported_model_types"]
+__all__ = ["ADAPTERS", "ConfigOnlyAdapter", "ModelAdapter", "LlavaAdapter", "get_adapter", "supported_model_types"]

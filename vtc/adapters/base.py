@@ -157,3 +157,29 @@ class ModelAdapter:
                 f"vtc's {type(self).__name__} supports language models of type {sorted(self.text_model_types)}, "
                 f"got text_config.model_type={tt!r}. Open an issue with the checkpoint name to add it."
             )
+
+
+class ConfigOnlyAdapter:
+    """Stand-in adapter for config-only work (schedules, FLOPs tables): no model, just sizes.
+
+    Parameters
+    ----------
+    num_layers : int
+        ``L`` decoder layers.
+    tokens_per_image : int
+        Visual tokens one image occupies (576 for LLaVA-1.5).
+    grid : tuple[int, int], optional
+        The image's feature grid; square by default.
+    """
+
+    def __init__(self, num_layers: int, tokens_per_image: int, grid: tuple[int, int] | None = None):
+        self.num_layers = num_layers
+        self._n = tokens_per_image
+        side = int(round(tokens_per_image**0.5))
+        self._grid = grid or (side, side)
+
+    def tokens_per_image(self) -> int:
+        return self._n
+
+    def grid_of_image(self) -> tuple[int, int]:
+        return self._grid

@@ -1,6 +1,18 @@
 """Built-in methods, registered by name on import."""
 
 from vtc.methods.base import DecoderMethod, Method, PreLLMMethod
+from vtc.methods.fastv import FastV
 from vtc.methods.pyramid_drop import PyramidDrop
+from vtc.methods.schedule import Progressive, RandomDrop, ScheduleMethod, UniformDrop
 
-__all__ = ["Method", "DecoderMethod", "PreLLMMethod", "PyramidDrop"]
+__all__ = [
+    "Method",
+    "DecoderMethod",
+    "PreLLMMethod",
+    "PyramidDrop",
+    "FastV",
+    "Progressive",
+    "ScheduleMethod",
+    "RandomDrop",
+    "UniformDrop",
+]

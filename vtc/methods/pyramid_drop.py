@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from vtc.engine.session import DecoderPlan
 from vtc.methods.base import DecoderMethod, check_choice
 from vtc.registry import register_method
-from vtc.schedules import stages
+from vtc.schedules import parse_schedule, stages
 from vtc.scorers import LastQueryAttention
 
 
@@ -37,6 +37,9 @@ class PyramidDrop(DecoderMethod):
         in model dtype); ``fp32`` computes the ranking in fp32.
     backend : {"auto", "torch", "triton"}
         Kernel backend of the ranking.
+    target : dict or None
+        Solve ``lam`` for a cost instead of giving it: ``{"avg_tokens": 128, "n_visual": 576}``,
+        ``{"avg_share": 0.222}`` or ``{"flops_share": 0.5}`` (see :func:`vtc.schedules.parse_schedule`).
     """
 
     layers: list[int] | None = None
@@ -45,6 +48,7 @@ class PyramidDrop(DecoderMethod):
     positions: str = "compact"
     precision: str = "model"
     backend: str = "auto"
+    target: dict | None = None
 
     def __post_init__(self):
         check_choice("positions", self.positions, ("compact", "original"))
@@ -57,5 +61,9 @@ class PyramidDrop(DecoderMethod):
         self.scorer_obj = LastQueryAttention(source="next", precision=self.precision, backend=self.backend)
 
     def plan(self, adapter) -> DecoderPlan:
-        sched = stages(adapter.num_layers, self.layers, self.ratios, self.lam)
+        if self.target is not None:
+            spec = {"kind": "stages", "layers": self.layers, "target": self.target}
+            sched = parse_schedule(spec, adapter.num_layers, n_visual=adapter.tokens_per_image())
+        else:
+            sched = stages(adapter.num_layers, self.layers, self.ratios, self.lam)
         return DecoderPlan(sched, self.scorer_obj, mode="drop", positions=self.positions)

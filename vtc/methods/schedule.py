@@ -1,0 +1,136 @@
+"""Generic in-decoder methods: any schedule, any registered scorer, drop or skip.
+
+``schedule`` is the general form; ``progressive`` (p-MoD's PRD, training-free), ``random`` and
+``uniform`` are the same thing with their defaults filled in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vtc.engine.session import DecoderPlan
+from vtc.methods.base import DecoderMethod, check_choice
+from vtc.registry import register_method
+from vtc.schedules import SCHEDULE_KINDS, parse_schedule
+from vtc.scorers import get_scorer
+
+
+def _plan(method, adapter, schedule_spec, scorer_spec) -> DecoderPlan:
+    sched = parse_schedule(schedule_spec, adapter.num_layers, n_visual=adapter.tokens_per_image())
+    return DecoderPlan(sched, get_scorer(scorer_spec), mode=method.mode, positions=method.positions)
+
+
+def _check_schedule_spec(spec) -> None:
+    if isinstance(spec, dict) and spec.get("kind") not in SCHEDULE_KINDS:
+        raise ValueError(f"schedule kind {spec.get('kind')!r} is unknown; choose from {list(SCHEDULE_KINDS)}")
+
+
+@register_method("schedule")
+@dataclass
+class ScheduleMethod(DecoderMethod):
+    """A schedule, a scorer and a mode.
+
+    Parameters
+    ----------
+    schedule : dict or list
+        See :func:`vtc.schedules.parse_schedule`, e.g. ``{"kind": "single", "k": 2, "r": 0.5}``.
+    scorer : str or dict
+        A registered scorer name or ``{"name": ..., **fields}``.
+    mode : {"drop", "skip"}
+    positions : {"original", "compact"}
+    """
+
+    schedule: Any = field(default_factory=lambda: {"kind": "stages"})
+    scorer: Any = "last_query_attention"
+    mode: str = "drop"
+    positions: str = "original"
+
+    def __post_init__(self):
+        check_choice("mode", self.mode, ("drop", "skip"))
+        check_choice("positions", self.positions, ("compact", "original"))
+        _check_schedule_spec(self.schedule)
+        get_scorer(self.scorer)  # validate early
+
+    def plan(self, adapter) -> DecoderPlan:
+        return _plan(self, adapter, self.schedule, self.scorer)
+
+
+@register_method("progressive")
+@dataclass
+class Progressive(DecoderMethod):
+    """p-MoD's progressive ratio decay as a training-free schedule.
+
+    ``R(l) = 0.5*cos(pi*l/(L-1)) + shift``; layers with ``R > dense_above`` stay dense, the others keep
+    ``max(R, floor)`` of the visual tokens. In ``skip`` mode (p-MoD's Mixture-of-Depths form) only the
+    selected visual tokens and all text go through a routed layer; the rest carry their hidden state
+    past it and may be selected again later. In ``drop`` mode dropped tokens are gone.
+
+    Parameters
+    ----------
+    dense_above, floor, shift : float
+        p-MoD's defaults 0.85, 0.15, 0.5 (mean kept share 0.5375 at L=32).
+    mode : {"drop", "skip"}
+    scorer : str or dict
+        Ranking at each routed layer; default the layer's own last-query attention (``source="next"``),
+        standing in for p-MoD's trained router.
+    positions : {"original", "compact"}
+        p-MoD keeps original positions; ``compact`` is allowed in drop mode only.
+    """
+
+    dense_above: float = 0.85
+    floor: float = 0.15
+    shift: float = 0.5
+    mode: str = "skip"
+    scorer: Any = "last_query_attention"
+    positions: str = "original"
+
+    def __post_init__(self):
+        check_choice("mode", self.mode, ("drop", "skip"))
+        check_choice("positions", self.positions, ("compact", "original"))
+        for name in ("dense_above", "floor"):
+            v = getattr(self, name)
+            if not (0.0 < v <= 1.0):
+                raise ValueError(f"{name}={v!r} is outside (0, 1]")
+        get_scorer(self.scorer)
+
+    def plan(self, adapter) -> DecoderPlan:
+        spec = {"kind": "shifted_cosine", "dense_above": self.dense_above, "floor": self.floor, "shift": self.shift}
+        return _plan(self, adapter, spec, self.scorer)
+
+
+@register_method("random")
+@dataclass
+class RandomDrop(DecoderMethod):
+    """Baseline: keep a seeded random subset of visual tokens on any schedule."""
+
+    schedule: Any = field(default_factory=lambda: {"kind": "stages"})
+    seed: int = 0
+    mode: str = "drop"
+    positions: str = "original"
+
+    def __post_init__(self):
+        check_choice("mode", self.mode, ("drop", "skip"))
+        check_choice("positions", self.positions, ("compact", "original"))
+        _check_schedule_spec(self.schedule)
+
+    def plan(self, adapter) -> DecoderPlan:
+        return _plan(self, adapter, self.schedule, {"name": "random", "seed": self.seed})
+
+
+@register_method("uniform")
+@dataclass
+class UniformDrop(DecoderMethod):
+    """Baseline: keep a spatially even stride of each image's grid on any schedule."""
+
+    schedule: Any = field(default_factory=lambda: {"kind": "stages"})
+    mode: str = "drop"
+    positions: str = "original"
+
+    def __post_init__(self):
+        check_choice("mode", self.mode, ("drop", "skip"))
+        check_choice("positions", self.positions, ("compact", "original"))
+        _check_schedule_spec(self.schedule)
+
+    def plan(self, adapter) -> DecoderPlan:
+        return _plan(self, adapter, self.schedule, "uniform")
