@@ -40,6 +40,13 @@ METHOD_SPECS = [
         kwargs={"schedule": {"kind": "single", "k": 2, "r": 0.6}},
         identity={"schedule": {"kind": "single", "k": 2, "r": 0.0}},
     ),
+    dict(id="dart", method="dart", kwargs={"k": 2, "keep": 0.4}, identity={"k": 2, "keep": 1.0}),
+    dict(
+        id="duplication-stages",
+        method="schedule",
+        kwargs={"scorer": {"name": "duplication", "pivot_image": 2, "pivot_text": 2}, "schedule": {"kind": "stages"}},
+        identity={"scorer": "duplication", "schedule": {"kind": "stages", "ratios": [1.0, 1.0, 1.0]}},
+    ),
 ]
 
 

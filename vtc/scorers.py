@@ -249,3 +249,65 @@ def get_scorer(spec) -> Scorer:
 
         return build_dataclass(SCORERS[name], spec, what=f"scorer {name!r}")
     raise TypeError(f"scorer must be a Scorer, a name or a dict, got {type(spec).__name__}")
+
+
+@register_scorer("duplication")
+@dataclass
+class Duplication(Scorer):
+    """DART's criterion (Wen et al., EMNLP 2025): keep the visual tokens least duplicated by a few pivots.
+
+    Pivots are the tokens with the largest key norm at the selection layer: ``pivot_image`` visual
+    tokens and ``pivot_text`` text tokens per row. A visual token's score is minus its largest cosine
+    similarity (on the layer's input hidden states) to any pivot; visual pivots are always kept.
+    No attention map is needed, so it runs under sdpa and FlashAttention.
+
+    Parameters
+    ----------
+    pivot_image, pivot_text : int
+        Pivots per row (DART's defaults: 4 and 4).
+    backend : {"auto", "torch", "triton"}
+        Backend of ``vtc.kernels.max_cosine_to_pivots``.
+    """
+
+    pivot_image: int = 4
+    pivot_text: int = 4
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.pivot_image < 0 or self.pivot_text < 0 or self.pivot_image + self.pivot_text < 1:
+            raise ValueError(
+                f"pivot_image={self.pivot_image}, pivot_text={self.pivot_text}: both must be >= 0 and at least one pivot is needed"
+            )
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend={self.backend!r}; choose 'auto', 'torch' or 'triton'")
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        from vtc.kernels import max_cosine_to_pivots
+
+        view, h = ctx.view, ctx.hidden
+        B, Tv, D = h.shape
+        _, k = ctx.adapter.project_qk(ctx.layer_idx, h, view.cos, view.sin)  # [B, Hkv, Tv, dh]
+        knorm = k.float().transpose(1, 2).reshape(B, Tv, -1).norm(dim=-1)  # [B, Tv]
+        img = view.image & view.valid
+        txt = ~view.image & view.valid
+        pivots_idx = []
+        for cand, n in ((img, self.pivot_image), (txt, self.pivot_text)):
+            if n == 0:
+                continue
+            s = knorm.masked_fill(~cand, float("-inf"))
+            top = s.topk(min(n, Tv), dim=1)
+            idx = torch.where(torch.isfinite(top.values), top.indices, torch.full_like(top.indices, -1))
+            pivots_idx.append(idx)
+        pidx = torch.cat(pivots_idx, dim=1)  # [B, P], -1 where a row has fewer candidates
+        first = pidx.max(dim=1, keepdim=True).values.clamp(min=0)
+        pidx_filled = torch.where(pidx >= 0, pidx, first)  # repeat a real pivot in the empty slots
+        pivots = h.gather(1, pidx_filled.unsqueeze(-1).expand(-1, -1, D))
+        sim = max_cosine_to_pivots(h, pivots, backend=self.backend)  # [B, Tv]
+        score = -sim.float()
+        if self.pivot_image:
+            is_pivot = torch.zeros_like(img)
+            rows = torch.arange(B, device=h.device).unsqueeze(1).expand_as(pivots_idx[0])
+            ok = pivots_idx[0] >= 0
+            is_pivot[rows[ok], pivots_idx[0][ok]] = True
+            score = score.masked_fill(is_pivot, float("inf"))
+        return score

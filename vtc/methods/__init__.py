@@ -1,18 +1,21 @@
 """Built-in methods, registered by name on import."""
 
 from vtc.methods.base import DecoderMethod, Method, PreLLMMethod
+from vtc.methods.dfmr import DFMR
 from vtc.methods.fastv import FastV
 from vtc.methods.pyramid_drop import PyramidDrop
-from vtc.methods.schedule import Progressive, RandomDrop, ScheduleMethod, UniformDrop
+from vtc.methods.schedule import Dart, Progressive, RandomDrop, ScheduleMethod, UniformDrop
 
 __all__ = [
     "Method",
     "DecoderMethod",
     "PreLLMMethod",
     "PyramidDrop",
+    "DFMR",
     "FastV",
     "Progressive",
     "ScheduleMethod",
     "RandomDrop",
     "UniformDrop",
+    "Dart",
 ]

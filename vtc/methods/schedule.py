@@ -134,3 +134,40 @@ class UniformDrop(DecoderMethod):
 
     def plan(self, adapter) -> DecoderPlan:
         return _plan(self, adapter, self.schedule, "uniform")
+
+
+@register_method("dart")
+@dataclass
+class Dart(DecoderMethod):
+    """DART: drop once at the input of layer ``k`` keeping the visual tokens least duplicated by pivots.
+
+    Parameters
+    ----------
+    k : int
+        Drop layer (DART prunes after layer 2). Default 2.
+    keep : float
+        Share of visual tokens kept, in ``(0, 1]``; DART's scripts use a reduction ratio of 0.778
+        (keep 0.222, i.e. 128 of 576).
+    pivot_image, pivot_text : int
+        Pivots per row.
+    positions : {"original", "compact"}
+    """
+
+    k: int = 2
+    keep: float = 0.222
+    pivot_image: int = 4
+    pivot_text: int = 4
+    positions: str = "original"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        check_choice("positions", self.positions, ("compact", "original"))
+        if not (0.0 < self.keep <= 1.0):
+            raise ValueError(f"keep={self.keep!r} is outside (0, 1]")
+        get_scorer({"name": "duplication", "pivot_image": self.pivot_image, "pivot_text": self.pivot_text})
+        self.mode = "drop"
+
+    def plan(self, adapter) -> DecoderPlan:
+        spec = {"kind": "single", "k": self.k, "r": 1.0 - self.keep}
+        scorer = {"name": "duplication", "pivot_image": self.pivot_image, "pivot_text": self.pivot_text, "backend": self.backend}
+        return _plan(self, adapter, spec, scorer)
