@@ -74,3 +74,22 @@ def test_rows_without_images_pass_through_untouched():
         assert all(h.stats.prefill_visual[l][2] == 0 for l in range(6))
     # row 2 only sees its own tokens, so its outputs cannot change beyond float noise of batching
     assert (logits0[:, 2] - logits1[:, 2]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("precision", ["model", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scorer_kernel_path_equals_plain_pytorch_path(precision, dtype):
+    """The scorer runs through vtc.kernels.last_query_scores; it must equal the plain-PyTorch ranking."""
+    from vtc.scorers import attention_scores, last_query_probs
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, dh = 3, 8, 2, 77, 16
+    q = torch.randn(B, H, dh, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, T, dh, generator=g).to(dtype)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, :10] = False
+    valid[2, :30] = False
+    a = attention_scores(q, k, valid, precision=precision, backend="torch")
+    b = last_query_probs(q, k, valid, precision=precision)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    assert (a.masked_fill(~valid, 0) - b.masked_fill(~valid, 0)).abs().max().item() <= tol

@@ -173,8 +173,13 @@ class LastQueryAttention(Scorer):
 
 
 def attention_scores(q, k, key_valid, precision="model", backend="auto") -> torch.Tensor:
-    """``[B, T]`` head-mean last-query attention, through the fused kernel when available."""
-    return last_query_probs(q, k, key_valid, precision)
+    """``[B, T]`` head-mean last-query attention through the fused kernel ``vtc.kernels.last_query_scores``
+    (Triton on CUDA under ``auto``, its fp32 PyTorch reference elsewhere)."""
+    from vtc.kernels import last_query_scores
+
+    B, T = key_valid.shape
+    cand = torch.arange(T, device=q.device).expand(B, T)
+    return last_query_scores(q, k, cand, key_valid.bool(), precision=precision, backend=backend)
 
 
 @register_scorer("random")
