@@ -10,7 +10,6 @@ from collections import Counter
 import numpy as np
 import pytest
 from PIL import Image
-
 from vtc.eval import synthetic as S
 
 # ----------------------------------------------------------------------------- independent recount

@@ -9,7 +9,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from vtc.eval import synthetic as S  # noqa: E402
 
 CKPT = S.DEFAULT_CHECKPOINT
