@@ -40,7 +40,7 @@ lint: install
 	$(VENV)/bin/ruff format --check vtc kernels eval tests
 
 bench: install
-	$(VENV)/bin/vtc bench --cpu
+	$(VENV)/bin/vtc bench --cpu --threads 1
 
 clean-venv:
 	rm -rf $(VENV)
