@@ -16,7 +16,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny matmuls: threads only add overhead (and thrash a shared machine)
 
 IMAGE_TOKEN = 999
 PAD, BOS, EOS = 0, 1, 2

@@ -11,6 +11,7 @@ from vtc.adapters import get_adapter, supported_model_types  # noqa: E402
 from vtc.api import Handle, apply, list_presets, load_preset, resolve_methods  # noqa: E402
 from vtc.engine.stats import CallStats  # noqa: E402
 from vtc.methods import (  # noqa: E402
+    DFMR,
     DecoderMethod,
     FastV,
     Method,
@@ -41,6 +42,7 @@ __all__ = [
     "DecoderMethod",
     "PreLLMMethod",
     "PyramidDrop",
+    "DFMR",
     "FastV",
     "Progressive",
     "ScheduleMethod",

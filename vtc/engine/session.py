@@ -226,6 +226,10 @@ class Session:
         st = self.state
         if st is None:
             return None
+        if st.cache_ref is None and not st.in_decode:
+            # no decoder-layer hook saw the cache (pre-LLM methods only): take the one the model returns
+            out_cache = getattr(output, "cache", None)
+            st.cache_ref = weakref.ref(out_cache) if out_cache is not None else None
         stats = st.stats
         cache = st.cache()
         if st.in_decode:
@@ -293,8 +297,9 @@ class Session:
             num_images=[sum(1 for s in spans if s.row == b) for b in range(B)],
             visual_original=list(vis_orig) if vis_orig is not None else n_vis.tolist(),
             visual_input=n_vis.tolist(),
-            prefill_visual=[[0] * B for _ in range(L)],
-            prefill_tokens=[[0] * B for _ in range(L)],
+            # layers no hook records (no in-decoder method) see every token entering the LLM
+            prefill_visual=[n_vis.tolist() for _ in range(L)],
+            prefill_tokens=[valid.sum(1).tolist() for _ in range(L)],
         )
         self.state = CallState(
             batch_size=B,

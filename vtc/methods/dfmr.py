@@ -118,7 +118,12 @@ def window_std_measure(x: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Ten
     B, h, w, D = x.shape
     if h % p or w % p:
         raise ValueError(f"window_std_measure: p={p} must divide the map height and width, got {h}x{w}")
-    v = x.float().reshape(B, h // p, p, w // p, p, D).permute(0, 1, 3, 2, 4, 5).reshape(B, h // p, w // p, p * p, D)
+    v = (
+        x.float()
+        .reshape(B, h // p, p, w // p, p, D)
+        .permute(0, 1, 3, 2, 4, 5)
+        .reshape(B, h // p, w // p, p * p, D)
+    )
     per_window = v.std(dim=3, correction=0).mean(dim=-1)
     return per_window, per_window.mean(dim=(1, 2))
 
@@ -260,15 +265,21 @@ class DFMR(PreLLMMethod):
             raise ValueError("DFMR candidates is empty; give at least one pooling factor, e.g. [1, 2, 3, 4]")
         for s in cands:
             if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-                raise ValueError(f"DFMR candidates must be integers >= 1 (1 = no pooling), got {s!r} in {cands}")
+                raise ValueError(
+                    f"DFMR candidates must be integers >= 1 (1 = no pooling), got {s!r} in {cands}"
+                )
         if len(set(cands)) != len(cands):
             raise ValueError(f"DFMR candidates has duplicates: {cands}")
         self.candidates = sorted(cands)
         self._check_mode_fields()
 
     def _check_mode_fields(self) -> None:
-        given = {k for k in ("thresholds", "factor", "budget", "budget_per_image") if getattr(self, k) is not None}
-        own = {"threshold": {"thresholds"}, "fixed": {"factor"}, "budget": {"budget", "budget_per_image"}}[self.mode]
+        given = {
+            k for k in ("thresholds", "factor", "budget", "budget_per_image") if getattr(self, k) is not None
+        }
+        own = {"threshold": {"thresholds"}, "fixed": {"factor"}, "budget": {"budget", "budget_per_image"}}[
+            self.mode
+        ]
         stray = sorted(given - own)
         if stray:
             raise ValueError(f"DFMR mode={self.mode!r} does not use {stray}; remove them or change the mode")
@@ -300,7 +311,9 @@ class DFMR(PreLLMMethod):
                 raise ValueError(f"DFMR mode='fixed' needs factor, an int >= 1 (1 = no pooling), got {s!r}")
         else:
             if (self.budget is None) == (self.budget_per_image is None):
-                raise ValueError("DFMR mode='budget' needs exactly one of budget (per prompt) or budget_per_image")
+                raise ValueError(
+                    "DFMR mode='budget' needs exactly one of budget (per prompt) or budget_per_image"
+                )
             val = self.budget if self.budget is not None else self.budget_per_image
             name = "budget" if self.budget is not None else "budget_per_image"
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -420,7 +433,12 @@ class DFMRComponent(PreLLMComponent):
 
     # --- features -----------------------------------------------------------------------------------------
     def selected_features(
-        self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, image_sizes=None, **kwargs
+        self,
+        pixel_values,
+        vision_feature_layer=None,
+        vision_feature_select_strategy=None,
+        image_sizes=None,
+        **kwargs,
     ):
         """The map ``LlavaModel.get_image_features`` feeds its projector, and its number of leading CLS tokens.
 
@@ -467,6 +485,19 @@ class DFMRComponent(PreLLMComponent):
     def measure(self, grid_maps: torch.Tensor) -> torch.Tensor:
         """``[n]`` window-std measure of ``[n, h, w, D]`` maps."""
         return _measure(grid_maps, self.method.p, self.method.backend)
+
+    def image_measures(self, pixel_values: torch.Tensor, **kwargs) -> tuple[torch.Tensor, int]:
+        """``([n] measure, cls)`` of a batch of images, exactly as the patched method computes it.
+
+        Needs no attached hooks (used by :mod:`vtc.eval.calibrate`).
+        """
+        sel, cls, _ = self.selected_features(pixel_values, **kwargs)
+        return self.measure(self._grid_maps(sel, cls)), cls
+
+    def tokens_of(self, factor: int, cls: int = 0) -> int:
+        """Visual tokens of one image pooled by ``factor`` (CLS included when ``cls``)."""
+        h, w = pooled_grid(self.grid, factor)
+        return h * w + cls
 
     def _grid_maps(self, sel: torch.Tensor, cls: int) -> torch.Tensor:
         h, w = self.grid
@@ -535,7 +566,7 @@ class DFMRComponent(PreLLMComponent):
 
     # --- prefill rewrite ----------------------------------------------------------------------------------
     def prefill(self, session, kwargs: dict) -> dict:
-        self._map, self._spans, self._orig = None, None, None
+        self._map, self._spans, self._orig, self.last = None, None, None, None
         mm = kwargs.get("mm_encoder_outputs")
         img_out = mm.get("image") if mm else None
         pv = kwargs.get("pixel_values")
@@ -580,7 +611,9 @@ class DFMRComponent(PreLLMComponent):
             if sum(1 for r in rows if r) > 1:
                 for b, imgs in enumerate(rows):
                     if imgs:
-                        for i, s in zip(imgs, assign_budget([rec.measures[i] for i in imgs], levels, budgets[b])):
+                        for i, s in zip(
+                            imgs, assign_budget([rec.measures[i] for i in imgs], levels, budgets[b])
+                        ):
                             factors[i] = s
                 changed = [i for i in range(len(factors)) if factors[i] != rec.factors[i]]
                 if changed:
@@ -621,9 +654,15 @@ class DFMRComponent(PreLLMComponent):
         n_feat = sum(rec.orig_tokens)
         hint = (
             f"the prompt has {n_ph} image placeholder tokens but the {len(rec.orig_tokens)} images give {n_feat} "
-            f"features ({rec.orig_tokens[0]} each): the processor must expand each <image> to "
-            f"{rec.orig_tokens[0]} tokens, and num_beams/num_return_sequences > 1 is not supported with DFMR"
+            f"features ({rec.orig_tokens[0]} per image)"
         )
+        if n_ph > n_feat and n_ph % n_feat == 0:
+            hint += (
+                "; generate seems to have repeated the prompts (num_beams or num_return_sequences > 1), which DFMR "
+                "does not support: repeat the inputs yourself instead"
+            )
+        else:
+            hint += f"; the processor must expand each <image> to {rec.orig_tokens[0]} placeholder tokens"
         if n_ph != n_feat:
             raise ValueError(f"DFMR: {hint}")
         out = []
@@ -637,7 +676,9 @@ class DFMRComponent(PreLLMComponent):
                 n = rec.orig_tokens[k]
                 run = pos[j : j + n]
                 if len(run) < n or run[-1] - run[0] != n - 1:
-                    raise ValueError(f"DFMR: image {k}'s placeholders are not one contiguous run in row {b}; {hint}")
+                    raise ValueError(
+                        f"DFMR: image {k}'s placeholders are not one contiguous run in row {b}; {hint}"
+                    )
                 out.append((b, run[0]))
                 j += n
                 k += 1
