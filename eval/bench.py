@@ -399,8 +399,8 @@ def run_bench(
 ) -> dict:
     """Benchmark the unpatched model and each method on ``inputs``; returns the summary (see module doc)."""
     from tqdm.auto import tqdm
-    from vtc.eval.flops_cli import describe_methods, method_spec
 
+    from vtc.eval.flops_cli import describe_methods, method_spec
     from vtc.flops import ModelDims, from_stats, kv_cache_bytes
 
     if repeats < 1:

@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from lmms_eval.loggers.evaluation_tracker import EvaluationTracker
     from lmms_eval.tasks import TaskManager
     from lmms_eval.utils import get_datetime_str, make_table
+
     from vtc.eval import lmms_plugin
     from vtc.eval.lmms_plugin import MODEL_ID
 

@@ -314,9 +314,8 @@ def _build_classes() -> None:
             self.set_vtc_spec(label, spec)
 
         def set_vtc_spec(self, label: str | None, spec: Any) -> None:
-            from vtc.eval.flops_cli import describe_methods
-
             import vtc
+            from vtc.eval.flops_cli import describe_methods
 
             if self._handle is not None:
                 self._handle.remove()
@@ -360,9 +359,8 @@ def _build_classes() -> None:
 
         def vtc_block(self) -> dict:
             """The ``"vtc"`` results block for everything recorded since the last method switch."""
-            from vtc.eval.results import TaskAccumulator, build_vtc_block
-
             from vtc.engine.stats import CallStats
+            from vtc.eval.results import TaskAccumulator, build_vtc_block
 
             records = self._merged if self._merged is not None else self._records
             bpe = torch.empty((), dtype=self._dtype()).element_size()
@@ -589,9 +587,8 @@ def _build_classes() -> None:
 
         def loglikelihood(self, requests) -> list[tuple[float, bool]]:
             """Sum of the continuation's log-probabilities and whether greedy decoding gives it (one request at a time)."""
-            from vtc.eval.bench import unpatched_stats
-
             import vtc
+            from vtc.eval.bench import unpatched_stats
 
             adapter = vtc.get_adapter(self.model)
             out: list[tuple[float, bool]] = []

@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from vtc.eval.results import BASELINE_METHODS, ResultRow, git_commit, load_results
-
 import vtc
+from vtc.eval.results import BASELINE_METHODS, ResultRow, git_commit, load_results
 
 __all__ = ["RESULTS_PATTERN", "ReportError", "Run", "collect_runs", "build_rows", "write_report", "main"]
 

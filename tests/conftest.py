@@ -41,7 +41,12 @@ def make_config(num_layers: int = N_LAYERS, kv_heads: int = 2):
             max_position_embeddings=512,
         ),
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=GRID * 14, patch_size=14
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=GRID * 14,
+            patch_size=14,
         ),
         image_token_id=IMAGE_TOKEN,
         vision_feature_layer=-2,

@@ -18,7 +18,10 @@ METHOD_SPECS = [
         method="progressive",
         kwargs={"mode": "drop"},
         identity_method="schedule",
-        identity={"mode": "drop", "schedule": {"kind": "explicit", "shares": [1.0] * 6, "boundaries": [2, 3, 4]}},
+        identity={
+            "mode": "drop",
+            "schedule": {"kind": "explicit", "shares": [1.0] * 6, "boundaries": [2, 3, 4]},
+        },
     ),
     dict(
         id="prd-skip",
@@ -26,7 +29,10 @@ METHOD_SPECS = [
         kwargs={"mode": "skip"},
         mode="skip",
         identity_method="schedule",
-        identity={"mode": "skip", "schedule": {"kind": "explicit", "shares": [1.0] * 6, "boundaries": [2, 3, 4]}},
+        identity={
+            "mode": "skip",
+            "schedule": {"kind": "explicit", "shares": [1.0] * 6, "boundaries": [2, 3, 4]},
+        },
     ),
     dict(
         id="random",
@@ -44,7 +50,10 @@ METHOD_SPECS = [
     dict(
         id="duplication-stages",
         method="schedule",
-        kwargs={"scorer": {"name": "duplication", "pivot_image": 2, "pivot_text": 2}, "schedule": {"kind": "stages"}},
+        kwargs={
+            "scorer": {"name": "duplication", "pivot_image": 2, "pivot_text": 2},
+            "schedule": {"kind": "stages"},
+        },
         identity={"scorer": "duplication", "schedule": {"kind": "stages", "ratios": [1.0, 1.0, 1.0]}},
     ),
 ]

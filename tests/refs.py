@@ -49,7 +49,9 @@ def greedy_nocache(model, inputs: dict, steps: int = 4, layer_masks=None):
 
             return hook
 
-        handles = [layer.register_forward_pre_hook(make(l), with_kwargs=True) for l, layer in enumerate(layers)]
+        handles = [
+            layer.register_forward_pre_hook(make(l), with_kwargs=True) for l, layer in enumerate(layers)
+        ]
     try:
         with torch.no_grad():
             for _ in range(steps):
@@ -76,7 +78,11 @@ def dropped_masks(selections: dict, inputs: dict, image_token: int, num_layers: 
     removed are masked out as keys from their boundary layer on (original positions)."""
     ids = inputs["input_ids"]
     B, T0 = ids.shape
-    valid0 = inputs["attention_mask"].bool() if inputs.get("attention_mask") is not None else torch.ones(B, T0, dtype=torch.bool)
+    valid0 = (
+        inputs["attention_mask"].bool()
+        if inputs.get("attention_mask") is not None
+        else torch.ones(B, T0, dtype=torch.bool)
+    )
     image = (ids == image_token) & valid0
     bounds = sorted(selections)
     dropped_at = {}
@@ -105,7 +111,4 @@ def dropped_masks(selections: dict, inputs: dict, image_token: int, num_layers: 
 
 def snapshot_hooks(model) -> list[tuple[str, int, int]]:
     """Counts of hooks on every submodule, to check that removal leaves nothing behind."""
-    return [
-        (n, len(m._forward_pre_hooks), len(m._forward_hooks))
-        for n, m in model.named_modules()
-    ]
+    return [(n, len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()]

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 from conftest import make_inputs, make_model
-from vtc.eval import bench
 
 import vtc
+from vtc.eval import bench
 from vtc.flops import ModelDims, from_stats
 
 SMALL = dict(hidden=128, layers=4, heads=4, intermediate=256, vocab=33000, grid=8, text_tokens=20)

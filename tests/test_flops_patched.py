@@ -22,9 +22,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_inputs, make_model
-from vtc.eval.bench import unpatched_stats
 
 import vtc
+from vtc.eval.bench import unpatched_stats
 from vtc.flops import ModelDims, from_stats, measured_flops
 
 NEW_TOKENS = 4

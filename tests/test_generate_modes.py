@@ -11,8 +11,13 @@ import vtc
 def _beams(model, inputs):
     with torch.no_grad():
         return model.generate(
-            **inputs, max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False,
-            output_scores=True, return_dict_in_generate=True,
+            **inputs,
+            max_new_tokens=4,
+            num_beams=3,
+            num_return_sequences=2,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
         )
 
 

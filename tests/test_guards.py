@@ -71,7 +71,9 @@ def test_right_padding_raises(model):
             model(input_ids=ids_r, attention_mask=mask_r, pixel_values=inputs["pixel_values"])
 
 
-@pytest.mark.parametrize("kwargs", [{"lam": 0.0}, {"lam": 1.5}, {"ratios": [0.5, 0.0, 0.1]}, {"ratios": [1.2, 0.5, 0.2]}])
+@pytest.mark.parametrize(
+    "kwargs", [{"lam": 0.0}, {"lam": 1.5}, {"ratios": [0.5, 0.0, 0.1]}, {"ratios": [1.2, 0.5, 0.2]}]
+)
 def test_ratios_outside_unit_interval_raise(kwargs):
     with pytest.raises(ValueError, match=r"outside \(0, 1\]"):
         PyramidDrop(**kwargs)
@@ -79,7 +81,12 @@ def test_ratios_outside_unit_interval_raise(kwargs):
 
 @pytest.mark.parametrize(
     "layers, match",
-    [([1, 7], "outside the valid range"), ([3, 1, 4], "strictly increasing"), ([0, 2, 4], "layer 0"), ([2, 2, 4], "strictly")],
+    [
+        ([1, 7], "outside the valid range"),
+        ([3, 1, 4], "strictly increasing"),
+        ([0, 2, 4], "layer 0"),
+        ([2, 2, 4], "strictly"),
+    ],
 )
 def test_bad_layers_raise(model, layers, match):
     with pytest.raises(ValueError, match=match):
@@ -97,7 +104,11 @@ def test_ratio_count_mismatch_and_increasing_ratios_raise(model):
 def test_unsupported_model_raises_listing_types():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2))
+    m = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+        )
+    )
     with pytest.raises(ValueError, match=r"model_type='llama'.*Supported model types: \['llava'\]"):
         vtc.apply(m, "pyramid_drop")
 

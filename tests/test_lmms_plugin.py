@@ -177,6 +177,7 @@ def test_entry_point_manifest():
     from importlib.metadata import entry_points
 
     from lmms_eval.models import MODEL_REGISTRY_V2, get_model
+
     from vtc.eval import lmms_plugin
 
     eps = [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "vtc_llava_hf"]

@@ -26,14 +26,23 @@ def test_first_boundary_scores_equal_eager_output_attentions(case, kv_heads):
     pos = positions_like_generate(valid.long())
     k = 1  # default boundaries for 6 layers: [1, 3, 4]
     with torch.no_grad():
-        out = model(**inputs, position_ids=pos, output_attentions=True, output_hidden_states=True, use_cache=False)
+        out = model(
+            **inputs, position_ids=pos, output_attentions=True, output_hidden_states=True, use_cache=False
+        )
     ref = out.attentions[k][:, :, -1, :].mean(1)  # [B, T] head mean of the last query row at layer k
 
     adapter = vtc.get_adapter(model)
     lm = model.model.language_model
     h = out.hidden_states[k]  # the input of layer k
     cos, sin = lm.rotary_emb(h, pos)
-    view = View(src=torch.arange(ids.shape[1]).expand_as(ids), valid=valid, image=ids == IMAGE_TOKEN, pos=pos, cos=cos, sin=sin)
+    view = View(
+        src=torch.arange(ids.shape[1]).expand_as(ids),
+        valid=valid,
+        image=ids == IMAGE_TOKEN,
+        pos=pos,
+        cos=cos,
+        sin=sin,
+    )
     ctx = ScoreContext(layer_idx=k, hidden=h, view=view, adapter=adapter, state=None)
     for precision in ("model", "fp32"):
         scores = LastQueryAttention(source="next", precision=precision).score(ctx)

@@ -8,6 +8,9 @@ import re
 from pathlib import Path
 
 import pytest
+
+import vtc
+from vtc.engine.stats import CallStats
 from vtc.eval import report as report_mod
 from vtc.eval.report import ReportError, main, write_report
 from vtc.eval.results import (
@@ -18,9 +21,6 @@ from vtc.eval.results import (
     load_results,
     primary_metric,
 )
-
-import vtc
-from vtc.engine.stats import CallStats
 from vtc.flops import ModelDims, papers_tflops_for_schedule
 
 MODEL = "llava-hf/llava-1.5-7b-hf"

@@ -17,7 +17,22 @@ def test_prd_mean_is_pmod_0_5375_at_32_layers():
     assert s.shares[8] == pytest.approx(0.5 * math.cos(math.pi * 8 / 31) + 0.5)
     assert s.shares[24:] == (0.15,) * 8
     assert [round(x, 3) for x in s.shares[8:24]] == [
-        0.844, 0.806, 0.764, 0.72, 0.674, 0.625, 0.576, 0.525, 0.475, 0.424, 0.375, 0.326, 0.28, 0.236, 0.194, 0.156
+        0.844,
+        0.806,
+        0.764,
+        0.72,
+        0.674,
+        0.625,
+        0.576,
+        0.525,
+        0.475,
+        0.424,
+        0.375,
+        0.326,
+        0.28,
+        0.236,
+        0.194,
+        0.156,
     ]
 
 
@@ -42,7 +57,9 @@ def test_fastv_single():
 
 
 @pytest.mark.parametrize("target", [192, 128, 64])
-@pytest.mark.parametrize("kind, fixed", [("stages", {"layers": [2, 10, 20]}), ("shifted_cosine", {}), ("single", {"k": 2})])
+@pytest.mark.parametrize(
+    "kind, fixed", [("stages", {"layers": [2, 10, 20]}), ("shifted_cosine", {}), ("single", {"k": 2})]
+)
 def test_equal_cost_solver_hits_avg_tokens_within_one_token(kind, fixed, target):
     if kind == "shifted_cosine" and target < (576 + 31 * int(0.15 * 576)) / 32:  # floor 0.15 on 31 layers
         with pytest.raises(ValueError, match="outside what this schedule family reaches"):
@@ -59,7 +76,9 @@ def test_equal_cost_solver_hits_flops_share():
     dims = ModelDims.from_yaml("llava-1.5-7b")
     for kind, fixed in [("stages", {}), ("single", {"k": 2})]:
         sched, _ = S.solve(kind, 32, 576, flops_share=0.5, dims=dims, **fixed)
-        share = sum(layer_macs_papers(c, dims) for c in sched.counts(576)) / (32 * layer_macs_papers(576, dims))
+        share = sum(layer_macs_papers(c, dims) for c in sched.counts(576)) / (
+            32 * layer_macs_papers(576, dims)
+        )
         # within one token: the share one token more or less per layer moves
         one_token = layer_macs_papers(577, dims) / layer_macs_papers(576, dims) - 1
         assert abs(share - 0.5) <= one_token, (kind, share)

@@ -23,7 +23,9 @@ def _layer_loop_reference(model, inputs, pos, selections):
     emb = lm.embed_tokens(ids)
     if "pixel_values" in inputs:
         feats = base.get_image_features(
-            pixel_values=inputs["pixel_values"], vision_feature_layer=-2, vision_feature_select_strategy="default"
+            pixel_values=inputs["pixel_values"],
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
         ).pooler_output
         emb = emb.masked_scatter(image.unsqueeze(-1), torch.cat(feats).to(emb.dtype))
     eager = model.config.text_config._attn_implementation == "eager"
@@ -41,8 +43,19 @@ def _layer_loop_reference(model, inputs, pos, selections):
             cos, sin = lm.rotary_emb(hs, ps)
             n = idx.numel()
             causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
-            m = torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min) if eager else causal
-            y = layer(hs, attention_mask=m, position_ids=ps, position_embeddings=(cos, sin), cache=None, use_cache=False)
+            m = (
+                torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min)
+                if eager
+                else causal
+            )
+            y = layer(
+                hs,
+                attention_mask=m,
+                position_ids=ps,
+                position_embeddings=(cos, sin),
+                cache=None,
+                use_cache=False,
+            )
             h[:, idx] = y
         out.append(model.lm_head(lm.norm(h[:, -1])))
     return torch.cat(out)
@@ -106,11 +119,20 @@ def test_fastv_scores_equal_eager_row_within_1e5():
     ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
     pos = positions_like_generate(valid.long())
     with torch.no_grad():
-        out = model(**inputs, position_ids=pos, output_attentions=True, output_hidden_states=True, use_cache=False)
+        out = model(
+            **inputs, position_ids=pos, output_attentions=True, output_hidden_states=True, use_cache=False
+        )
     K = 2
     h_prev = out.hidden_states[K - 1]
     cos, sin = model.model.language_model.rotary_emb(h_prev, pos)
-    view = View(src=torch.arange(ids.shape[1]).expand_as(ids), valid=valid, image=ids == IMAGE_TOKEN, pos=pos, cos=cos, sin=sin)
+    view = View(
+        src=torch.arange(ids.shape[1]).expand_as(ids),
+        valid=valid,
+        image=ids == IMAGE_TOKEN,
+        pos=pos,
+        cos=cos,
+        sin=sin,
+    )
     ctx = ScoreContext(K, out.hidden_states[K], view, vtc.get_adapter(model), None, prev_input=(h_prev, view))
     s = LastQueryAttention(source="prev", precision="fp32").score(ctx)
     assert (s - out.attentions[K - 1][:, :, -1].mean(1)).abs().max().item() <= 1e-5

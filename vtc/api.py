@@ -90,7 +90,9 @@ def load_preset(spec: str | os.PathLike) -> list[Method]:
         )
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
-        raise ValueError(f"preset {path} must be a mapping with 'method' or 'methods', got {type(data).__name__}")
+        raise ValueError(
+            f"preset {path} must be a mapping with 'method' or 'methods', got {type(data).__name__}"
+        )
     return resolve_methods(data, _origin=str(path))
 
 
@@ -98,7 +100,9 @@ def resolve_methods(method: Any, _origin: str | None = None, **kwargs) -> list[M
     """Turn any accepted ``method`` spelling into a list of method instances."""
     if isinstance(method, Method):
         if kwargs:
-            raise ValueError(f"keyword arguments {sorted(kwargs)} given with a method instance; set them on the instance")
+            raise ValueError(
+                f"keyword arguments {sorted(kwargs)} given with a method instance; set them on the instance"
+            )
         return [method]
     if isinstance(method, (list, tuple)):
         if kwargs:
@@ -113,7 +117,9 @@ def resolve_methods(method: Any, _origin: str | None = None, **kwargs) -> list[M
         if "methods" in data:
             rest = sorted(set(data) - {"methods", "description"})
             if rest:
-                raise ValueError(f"unknown keys {rest} next to 'methods' in {_origin or 'config'}; only 'methods' is allowed")
+                raise ValueError(
+                    f"unknown keys {rest} next to 'methods' in {_origin or 'config'}; only 'methods' is allowed"
+                )
             return resolve_methods(list(data["methods"]))
         if "method" not in data:
             raise ValueError(f"config {_origin or data} needs a 'method' key naming one of {list_methods()}")
@@ -127,7 +133,9 @@ def resolve_methods(method: Any, _origin: str | None = None, **kwargs) -> list[M
             cls = get_method_class(s)
             return [build_dataclass(cls, kwargs, what=f"method {s!r}")]
         if kwargs:
-            raise ValueError(f"{s!r} is not a registered method ({list_methods()}); keyword arguments need a method name")
+            raise ValueError(
+                f"{s!r} is not a registered method ({list_methods()}); keyword arguments need a method name"
+            )
         return load_preset(s)
     raise TypeError(f"method must be a Method, name, preset path, dict or list; got {type(method).__name__}")
 

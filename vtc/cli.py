@@ -11,8 +11,14 @@ import sys
 
 SUBCOMMANDS = {
     "demo": ("vtc.eval.demo", "Run the main job on the embedded default model and write the report to out/."),
-    "flops": ("vtc.eval.flops_cli", "Analytic FLOPs of a method on a model config (papers' and full conventions)."),
-    "bench": ("vtc.eval.bench", "Latency, decode speed and KV-cache memory, patched vs unpatched, in one run."),
+    "flops": (
+        "vtc.eval.flops_cli",
+        "Analytic FLOPs of a method on a model config (papers' and full conventions).",
+    ),
+    "bench": (
+        "vtc.eval.bench",
+        "Latency, decode speed and KV-cache memory, patched vs unpatched, in one run.",
+    ),
     "eval": ("vtc.eval.harness", "Run lmms-eval in-process for a model, methods/presets and tasks."),
     "report": ("vtc.eval.report", "Turn results JSONs into a Markdown table, a CSV and a Pareto plot."),
     "calibrate": ("vtc.eval.calibrate", "Propose DFMR thresholds from a folder of images."),

@@ -84,7 +84,9 @@ def _check_layers(layers: Sequence[int], num_layers: int, what: str) -> None:
         if not isinstance(i, int) or isinstance(i, bool):
             raise TypeError(f"{what} must be integers, got {i!r} in {list(layers)}")
     if list(layers) != sorted(set(layers)):
-        raise ValueError(f"{what} must be strictly increasing, got {list(layers)}; sort them and drop duplicates")
+        raise ValueError(
+            f"{what} must be strictly increasing, got {list(layers)}; sort them and drop duplicates"
+        )
     for i in layers:
         if i == 0:
             raise ValueError(
@@ -92,7 +94,9 @@ def _check_layers(layers: Sequence[int], num_layers: int, what: str) -> None:
                 "LLM; use a pre-LLM method (dfmr) for that, or start at layer 1"
             )
         if not (1 <= i < num_layers):
-            raise ValueError(f"{what} {list(layers)} contain {i}, outside the valid range [1, {num_layers - 1}] for L={num_layers}")
+            raise ValueError(
+                f"{what} {list(layers)} contain {i}, outside the valid range [1, {num_layers - 1}] for L={num_layers}"
+            )
 
 
 def _check_ratio(name: str, r: float, low_open: bool = True) -> None:
@@ -139,11 +143,15 @@ def stages(
         ratios = [lam ** (s + 1) for s in range(len(layers))]
     ratios = list(ratios)
     if len(ratios) != len(layers):
-        raise ValueError(f"got {len(ratios)} ratios for {len(layers)} drop layers {layers}; give one ratio per layer")
+        raise ValueError(
+            f"got {len(ratios)} ratios for {len(layers)} drop layers {layers}; give one ratio per layer"
+        )
     for r in ratios:
         _check_ratio("ratio", r)
     if any(b > a for a, b in zip(ratios, ratios[1:])):
-        raise ValueError(f"ratios {ratios} must be non-increasing: dropped tokens cannot come back in drop mode")
+        raise ValueError(
+            f"ratios {ratios} must be non-increasing: dropped tokens cannot come back in drop mode"
+        )
     shares = []
     cur = 1.0
     for l in range(num_layers):
@@ -153,7 +161,9 @@ def stages(
     return Schedule(tuple(shares), tuple(layers))
 
 
-def shifted_cosine(num_layers: int, dense_above: float = 0.85, floor: float = 0.15, shift: float = 0.5) -> Schedule:
+def shifted_cosine(
+    num_layers: int, dense_above: float = 0.85, floor: float = 0.15, shift: float = 0.5
+) -> Schedule:
     """p-MoD's progressive ratio decay: ``R(l) = 0.5*cos(pi*l/(L-1)) + shift``.
 
     Layers with ``R(l) > dense_above`` stay dense (share 1); every other layer keeps ``max(R(l), floor)``.
@@ -192,7 +202,9 @@ def explicit(shares: Sequence[float], boundaries: Sequence[int] | None = None) -
     """Any per-layer list of shares; boundaries default to the layers where the share changes or is < 1."""
     shares = [float(s) for s in shares]
     if shares and shares[0] < 1.0:
-        raise ValueError(f"share of layer 0 is {shares[0]}; layer 0 must keep 1.0 (use dfmr to cut before the LLM)")
+        raise ValueError(
+            f"share of layer 0 is {shares[0]}; layer 0 must keep 1.0 (use dfmr to cut before the LLM)"
+        )
     if boundaries is None:
         boundaries = [l for l in range(1, len(shares)) if shares[l] != shares[l - 1]]
     return Schedule(tuple(shares), tuple(boundaries))
@@ -200,11 +212,14 @@ def explicit(shares: Sequence[float], boundaries: Sequence[int] | None = None) -
 
 # --- equal-cost solver ------------------------------------------------------------------------------
 
+
 def _bisect(fn: Callable[[float], float], target: float, lo: float, hi: float, iters: int = 80) -> float:
     """Find x in [lo, hi] with fn(x) ~= target for a non-decreasing fn."""
     flo, fhi = fn(lo), fn(hi)
     if not (flo - 1e-9 <= target <= fhi + 1e-9):
-        raise ValueError(f"target {target:.4g} is outside what this schedule family reaches: [{flo:.4g}, {fhi:.4g}]")
+        raise ValueError(
+            f"target {target:.4g} is outside what this schedule family reaches: [{flo:.4g}, {fhi:.4g}]"
+        )
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         if fn(mid) < target:
@@ -255,23 +270,33 @@ def solve(
         raise ValueError(f"n_visual={n_visual} must be >= 1")
 
     if kind == "stages":
+
         def build(x):
             return stages(num_layers, lam=x, **fixed)
+
         lo, hi = 1e-6, 1.0
     elif kind == "shifted_cosine" and free in (None, "shift"):
+
         def build(x):
             return shifted_cosine(num_layers, shift=x, **fixed)
+
         lo, hi = -0.5, 1.0
     elif kind == "shifted_cosine" and free == "floor":
+
         def build(x):
             return shifted_cosine(num_layers, floor=x, **fixed)
+
         lo, hi = 1e-6, fixed.get("dense_above", 0.85)
     elif kind == "single":
+
         def build(x):  # x = kept share 1 - r, increasing in x
             return single(num_layers, r=1.0 - x, **fixed)
+
         lo, hi = 1e-6, 1.0
     else:
-        raise ValueError(f"unknown schedule family {kind!r}; choose from 'stages', 'shifted_cosine', 'single'")
+        raise ValueError(
+            f"unknown schedule family {kind!r}; choose from 'stages', 'shifted_cosine', 'single'"
+        )
 
     if avg_tokens is not None:
         if not (0 < avg_tokens <= n_visual):
@@ -279,6 +304,7 @@ def solve(
 
         def metric(x):
             return build(x).mean_tokens(n_visual)
+
         target = avg_tokens
     else:
         if dims is None:
@@ -291,6 +317,7 @@ def solve(
 
         def metric(x):
             return sum(layer_macs_papers(c + n_text, dims) for c in build(x).counts(n_visual)) / full
+
         target = flops_share
 
     x = _bisect(metric, target, lo, hi)
@@ -332,10 +359,14 @@ def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None
     if isinstance(spec, (list, tuple)):
         shares = list(spec)
         if len(shares) != num_layers:
-            raise ValueError(f"explicit schedule has {len(shares)} shares but the model has L={num_layers} layers")
+            raise ValueError(
+                f"explicit schedule has {len(shares)} shares but the model has L={num_layers} layers"
+            )
         return explicit(shares)
     if not isinstance(spec, dict):
-        raise TypeError(f"schedule spec must be a dict, a list of shares or a Schedule, got {type(spec).__name__}")
+        raise TypeError(
+            f"schedule spec must be a dict, a list of shares or a Schedule, got {type(spec).__name__}"
+        )
     spec = dict(spec)
     kind = spec.pop("kind", None)
     if kind not in SCHEDULE_KINDS:
@@ -349,7 +380,9 @@ def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None
     }[kind]
     unknown = sorted(set(spec) - allowed)
     if unknown:
-        raise ValueError(f"unknown keys {unknown} for schedule kind {kind!r}; valid keys: {sorted(allowed)} and 'target'")
+        raise ValueError(
+            f"unknown keys {unknown} for schedule kind {kind!r}; valid keys: {sorted(allowed)} and 'target'"
+        )
     if target is not None:
         if kind == "explicit":
             raise ValueError("an explicit schedule has no free parameter to solve; drop 'target'")
@@ -358,12 +391,16 @@ def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None
         t = dict(target)
         nv = int(t.pop("n_visual", n_visual or 0))
         if nv < 1:
-            raise ValueError("target needs n_visual (visual tokens per row), e.g. {'avg_tokens': 192, 'n_visual': 576}")
+            raise ValueError(
+                "target needs n_visual (visual tokens per row), e.g. {'avg_tokens': 192, 'n_visual': 576}"
+            )
         if "avg_share" in t:
             t["avg_tokens"] = t.pop("avg_share") * nv
         bad = sorted(set(t) - {"avg_tokens", "flops_share", "n_text", "free"})
         if bad:
-            raise ValueError(f"unknown target keys {bad}; use avg_tokens, avg_share or flops_share (and n_visual, n_text)")
+            raise ValueError(
+                f"unknown target keys {bad}; use avg_tokens, avg_share or flops_share (and n_visual, n_text)"
+            )
         free = {"stages": "lam", "shifted_cosine": t.get("free", "shift"), "single": "r"}[kind]
         spec.pop(free, None)
         if kind == "stages" and spec.get("ratios") is not None:

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+
 from vtc.kernels import _backend, last_query_scores, max_cosine_to_pivots, window_std
 
 

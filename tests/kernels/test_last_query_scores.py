@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+
 from vtc.kernels.last_query_scores import last_query_scores, last_query_scores_torch
 
 

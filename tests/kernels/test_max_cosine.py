@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from vtc.kernels.max_cosine import max_cosine_to_pivots, max_cosine_to_pivots_torch
 
 

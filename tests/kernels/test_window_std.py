@@ -7,6 +7,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+
 from vtc.kernels.window_std import window_std, window_std_torch
 
 

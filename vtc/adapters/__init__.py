@@ -33,4 +33,11 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     return ADAPTERS[model_type](model)
 
 
-__all__ = ["ADAPTERS", "ConfigOnlyAdapter", "ModelAdapter", "LlavaAdapter", "get_adapter", "supported_model_types"]
+__all__ = [
+    "ADAPTERS",
+    "ConfigOnlyAdapter",
+    "ModelAdapter",
+    "LlavaAdapter",
+    "get_adapter",
+    "supported_model_types",
+]

@@ -44,7 +44,7 @@ def gather_rows(x: torch.Tensor, src: torch.Tensor, fill=0) -> torch.Tensor:
     idx = src.clamp(min=0)
     if x.dim() == 2:
         out = x.gather(1, idx)
-        pad = (src < 0)
+        pad = src < 0
     else:
         shape = idx.shape + x.shape[2:]
         out = x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(shape))
@@ -54,7 +54,9 @@ def gather_rows(x: torch.Tensor, src: torch.Tensor, fill=0) -> torch.Tensor:
     return out.masked_fill(pad, fill)
 
 
-def scatter_rows(full: torch.Tensor, src: torch.Tensor, valid: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+def scatter_rows(
+    full: torch.Tensor, src: torch.Tensor, valid: torch.Tensor, part: torch.Tensor
+) -> torch.Tensor:
     """Write ``part[b, j]`` back to ``full[b, src[b, j]]`` for valid slots; returns a new tensor.
 
     ``full`` is ``[B, T, D]``, ``part`` is ``[B, Tn, D]``, ``src``/``valid`` are ``[B, Tn]``.

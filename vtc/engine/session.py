@@ -108,7 +108,9 @@ class PreLLMComponent:
 class Session:
     """All hooks of one :func:`vtc.apply` call; see the module docstring."""
 
-    def __init__(self, model, adapter, plan: DecoderPlan | None, pre_llm: list[PreLLMComponent] | None = None):
+    def __init__(
+        self, model, adapter, plan: DecoderPlan | None, pre_llm: list[PreLLMComponent] | None = None
+    ):
         self.model = model
         self.adapter = adapter
         self.plan = plan
@@ -144,9 +146,13 @@ class Session:
         self._handles.append(base.register_forward_hook(self._top_post, with_kwargs=True))
         if self.plan is not None:
             for l, layer in enumerate(self.adapter.layers):
-                self._handles.append(layer.register_forward_pre_hook(self._make_layer_pre(l), with_kwargs=True))
+                self._handles.append(
+                    layer.register_forward_pre_hook(self._make_layer_pre(l), with_kwargs=True)
+                )
                 if self.plan.mode == "skip" and l in self._selection:
-                    self._handles.append(layer.register_forward_hook(self._make_skip_post(l), with_kwargs=True))
+                    self._handles.append(
+                        layer.register_forward_hook(self._make_skip_post(l), with_kwargs=True)
+                    )
         for comp in self.pre_llm:
             comp.attach(self)
         self.model._vtc_session = self
@@ -173,7 +179,12 @@ class Session:
         gc = getattr(self.model, "generation_config", None)
         if gc is None:
             return
-        if getattr(gc, "cache_implementation", None) in ("static", "offloaded_static", "hybrid", "sliding_window"):
+        if getattr(gc, "cache_implementation", None) in (
+            "static",
+            "offloaded_static",
+            "hybrid",
+            "sliding_window",
+        ):
             raise ValueError(
                 f"generation_config.cache_implementation={gc.cache_implementation!r} is not supported: vtc needs "
                 "per-layer cache lengths (DynamicCache). Set model.generation_config.cache_implementation = None."
@@ -194,7 +205,9 @@ class Session:
                 kwargs.update(extra)
         if not self._warned_compile and torch.compiler.is_compiling():
             self._warned_compile = True
-            warnings.warn("vtc hooks run under torch.compile: expect graph breaks; results stay correct.", stacklevel=2)
+            warnings.warn(
+                "vtc hooks run under torch.compile: expect graph breaks; results stay correct.", stacklevel=2
+            )
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         self._check_cache(cache)
         past = cache.get_seq_length() if cache is not None else 0
@@ -236,7 +249,9 @@ class Session:
             stats.decode_steps += 1
             st.decoded_tokens += st.decode_q
         L = self.adapter.num_layers
-        stats.cache_len = [[stats.prefill_tokens[l][b] + st.decoded_tokens for b in range(st.batch_size)] for l in range(L)]
+        stats.cache_len = [
+            [stats.prefill_tokens[l][b] + st.decoded_tokens for b in range(st.batch_size)] for l in range(L)
+        ]
         if cache is not None:
             stats.cache_slots = [cache.get_seq_length(l) for l in range(L)]
         return None
@@ -355,7 +370,9 @@ class Session:
         else:
             cache = st.cache()
             past0 = cache.get_seq_length(0)
-            st.decode_tail = torch.ones(st.batch_size, past0 - T0 + q_len, dtype=torch.bool, device=st.valid0.device)
+            st.decode_tail = torch.ones(
+                st.batch_size, past0 - T0 + q_len, dtype=torch.bool, device=st.valid0.device
+            )
 
     # --- layer hooks ----------------------------------------------------------------------------------
     def _mask(self, hidden, mask2d, cache, layer_idx):
@@ -403,7 +420,9 @@ class Session:
     def _keep_targets(self, l: int, view: View) -> torch.Tensor:
         st = self.state
         share = self.plan.schedule.shares[l]
-        target = torch.tensor([keep_count(int(n), share) for n in st.n_visual0.tolist()], device=view.src.device)
+        target = torch.tensor(
+            [keep_count(int(n), share) for n in st.n_visual0.tolist()], device=view.src.device
+        )
         return torch.minimum(target, view.n_image())
 
     def _select(self, l: int, hidden, view: View) -> torch.Tensor:
@@ -475,7 +494,11 @@ class Session:
             shift = None
         else:
             base = st.base
-            first = torch.where(base.valid, base.pos, torch.full_like(base.pos, torch.iinfo(torch.long).max)).min(1).values
+            first = (
+                torch.where(base.valid, base.pos, torch.full_like(base.pos, torch.iinfo(torch.long).max))
+                .min(1)
+                .values
+            )
             first = torch.where(base.valid.any(1), first, torch.zeros_like(first))
             pos = torch.where(valid, first.unsqueeze(1) + valid.long().cumsum(1) - 1, torch.zeros_like(src))
             cos, sin = self.adapter.rotary_emb(hidden, pos)

@@ -79,7 +79,9 @@ class CallState:
     prefill_len: int
     base: View
     n_visual0: torch.Tensor  # [B] visual tokens entering the LLM per row
-    image_ordinal: torch.Tensor  # [B, T0] ordinal of each visual token among its row's visual tokens (-1 else)
+    image_ordinal: (
+        torch.Tensor
+    )  # [B, T0] ordinal of each visual token among its row's visual tokens (-1 else)
     image_index: torch.Tensor  # [B, T0] which image of the row a visual token belongs to (-1 else)
     grid_rc: torch.Tensor  # [B, T0, 2] (row, col) of a visual token in its image grid (-1 else)
     spans: list[ImageSpan]

@@ -52,7 +52,9 @@ class CallStats:
 
     def mean_visual_per_layer(self) -> list[float]:
         """Mean over rows (with at least one image) of the visual tokens each layer processed, ``[L]``."""
-        rows = [b for b in range(self.batch_size) if self.visual_original[b] > 0] or list(range(self.batch_size))
+        rows = [b for b in range(self.batch_size) if self.visual_original[b] > 0] or list(
+            range(self.batch_size)
+        )
         return [sum(layer[b] for b in rows) / len(rows) for layer in self.prefill_visual]
 
     def mean_visual(self) -> float:

@@ -42,4 +42,6 @@ class FastV(DecoderMethod):
         self.scorer_obj = LastQueryAttention(source="prev", precision=self.precision, backend=self.backend)
 
     def plan(self, adapter) -> DecoderPlan:
-        return DecoderPlan(single(adapter.num_layers, self.k, self.r), self.scorer_obj, "drop", self.positions)
+        return DecoderPlan(
+            single(adapter.num_layers, self.k, self.r), self.scorer_obj, "drop", self.positions
+        )

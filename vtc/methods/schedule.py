@@ -47,8 +47,7 @@ class ScheduleMethod(DecoderMethod):
     positions: str = "original"
 
     def __post_init__(self):
-        check_choice("mode", self.mode, ("drop", "skip"))
-        check_choice("positions", self.positions, ("compact", "original"))
+        _check_mode_positions(self)
         _check_schedule_spec(self.schedule)
         get_scorer(self.scorer)  # validate early
 
@@ -86,8 +85,7 @@ class Progressive(DecoderMethod):
     positions: str = "original"
 
     def __post_init__(self):
-        check_choice("mode", self.mode, ("drop", "skip"))
-        check_choice("positions", self.positions, ("compact", "original"))
+        _check_mode_positions(self)
         for name in ("dense_above", "floor"):
             v = getattr(self, name)
             if not (0.0 < v <= 1.0):
@@ -95,8 +93,18 @@ class Progressive(DecoderMethod):
         get_scorer(self.scorer)
 
     def plan(self, adapter) -> DecoderPlan:
-        spec = {"kind": "shifted_cosine", "dense_above": self.dense_above, "floor": self.floor, "shift": self.shift}
+        spec = {
+            "kind": "shifted_cosine",
+            "dense_above": self.dense_above,
+            "floor": self.floor,
+            "shift": self.shift,
+        }
         return _plan(self, adapter, spec, self.scorer)
+
+
+def _check_mode_positions(method) -> None:
+    check_choice("mode", method.mode, ("drop", "skip"))
+    check_choice("positions", method.positions, ("compact", "original"))
 
 
 @register_method("random")
@@ -110,8 +118,7 @@ class RandomDrop(DecoderMethod):
     positions: str = "original"
 
     def __post_init__(self):
-        check_choice("mode", self.mode, ("drop", "skip"))
-        check_choice("positions", self.positions, ("compact", "original"))
+        _check_mode_positions(self)
         _check_schedule_spec(self.schedule)
 
     def plan(self, adapter) -> DecoderPlan:
@@ -120,17 +127,8 @@ class RandomDrop(DecoderMethod):
 
 @register_method("uniform")
 @dataclass
-class UniformDrop(DecoderMethod):
-    """Baseline: keep a spatially even stride of each image's grid on any schedule."""
-
-    schedule: Any = field(default_factory=lambda: {"kind": "stages"})
-    mode: str = "drop"
-    positions: str = "original"
-
-    def __post_init__(self):
-        check_choice("mode", self.mode, ("drop", "skip"))
-        check_choice("positions", self.positions, ("compact", "original"))
-        _check_schedule_spec(self.schedule)
+class UniformDrop(RandomDrop):
+    """Baseline: keep a spatially even stride of each image's grid on any schedule (``seed`` is unused)."""
 
     def plan(self, adapter) -> DecoderPlan:
         return _plan(self, adapter, self.schedule, "uniform")
@@ -169,5 +167,10 @@ class Dart(DecoderMethod):
 
     def plan(self, adapter) -> DecoderPlan:
         spec = {"kind": "single", "k": self.k, "r": 1.0 - self.keep}
-        scorer = {"name": "duplication", "pivot_image": self.pivot_image, "pivot_text": self.pivot_text, "backend": self.backend}
+        scorer = {
+            "name": "duplication",
+            "pivot_image": self.pivot_image,
+            "pivot_text": self.pivot_text,
+            "backend": self.backend,
+        }
         return _plan(self, adapter, spec, scorer)
