@@ -15,7 +15,9 @@ export HF_DATASETS_OFFLINE := 1
 
 .PHONY: venv install test demo lint bench clean-venv
 
-$(VENV)/.complete: $(LOCK)
+# The lock hash is in the venv path, so an existing venv always matches the lock: no mtime check
+# (a fresh clone has a newer lock file mtime than the venv and would rebuild it for nothing).
+$(VENV)/.complete:
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
