@@ -1,79 +1,215 @@
-"""``vtc demo``: the main job on an embedded default.
+"""``vtc demo``: the main job on the embedded default checkpoint, end to end, with no download.
 
-Builds a tiny LLaVA in-process (random weights), generates unpatched and with PyramidDrop, and prints
-the visual tokens per layer and the KV-cache bytes of both runs.
+Loads the shipped tiny trained LLaVA (``vtc/eval/assets/tiny_llava``, the real
+``LlavaForConditionalGeneration`` class, loaded with ``from_pretrained``), evaluates it on the synthetic
+visual-QA test split unpatched and with every method at matched visual-token budgets (found by the
+equal-cost solver), writes one results JSON per run (lmms-eval layout plus the ``vtc`` block), and
+turns them into the report table, CSV and Pareto PNG in ``--out``.
+
+Budgets are the average share of visual tokens over layers. Families whose layout cannot reach a
+budget (FastV with K=2 cannot go below 25 %) are skipped for it, and the skip is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import time
+from datetime import datetime
+from pathlib import Path
 
 import torch
 
 import vtc
+from vtc.eval.demo_random import run_random_demo
+
+BUDGETS = (0.50, 0.33, 0.25)
+TASK = "vtc_synthetic"
 
 
-def tiny_llava(num_layers: int = 8, grid: int = 12, seed: int = 0):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def _stage_layers(L: int) -> list[int]:
+    """First selection at layer 1, then at 3L/8 and 5L/8: every budget down to 1/L is reachable."""
+    return sorted({max(1, L * k // 8) for k in (1, 3, 5)})
 
-    torch.manual_seed(seed)
-    cfg = LlavaConfig(
-        text_config=LlamaConfig(
-            vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,
-            num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        ),
-        vision_config=CLIPVisionConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-            image_size=grid * 14, patch_size=14,
-        ),
-        image_token_id=999, vision_feature_layer=-2, vision_feature_select_strategy="default",
+
+def method_grid(num_layers: int, n_visual: int, budgets=BUDGETS) -> list[tuple[str, float | None, object]]:
+    """``(label, budget, method spec)`` of every demo run; the spec is anything ``vtc.apply`` takes."""
+    from vtc.adapters import ConfigOnlyAdapter
+    from vtc.schedules import parse_schedule
+
+    ad = ConfigOnlyAdapter(num_layers, n_visual)
+    layers = _stage_layers(num_layers)
+    runs: list[tuple[str, float | None, object]] = [("unpatched", None, None)]
+    for b in budgets:
+        target = {"avg_share": b, "n_visual": n_visual}
+        stages = {"kind": "stages", "layers": layers, "target": target}
+        cand = [
+            ("pyramid_drop", {"method": "pyramid_drop", "layers": layers, "target": target}),
+            (
+                "fastv",
+                {
+                    "method": "schedule",
+                    "schedule": {"kind": "single", "k": 2, "target": target},
+                    "scorer": {"name": "last_query_attention", "source": "prev"},
+                    "positions": "original",
+                },
+            ),
+            (
+                "prd_drop",
+                {
+                    "method": "schedule",
+                    "mode": "drop",
+                    "schedule": {"kind": "shifted_cosine", "floor": 0.1, "target": target},
+                },
+            ),
+            (
+                "prd_skip",
+                {
+                    "method": "schedule",
+                    "mode": "skip",
+                    "schedule": {"kind": "shifted_cosine", "floor": 0.1, "target": target},
+                },
+            ),
+            ("random", {"method": "random", "schedule": stages, "seed": 0}),
+            ("uniform", {"method": "uniform", "schedule": stages}),
+            ("dfmr", {"method": "dfmr", "mode": "budget", "budget_per_image": max(1, round(b * n_visual))}),
+            (
+                "dfmr+pyramid_drop",
+                {
+                    "methods": [
+                        {
+                            "method": "dfmr",
+                            "mode": "budget",
+                            "budget_per_image": max(1, round(min(1.0, 2 * b) * n_visual)),
+                        },
+                        {"method": "pyramid_drop", "lam": 0.5},
+                    ]
+                },
+            ),
+        ]
+        for label, spec in cand:
+            try:
+                for m in vtc.resolve_methods(spec):
+                    if m.kind == "decoder":
+                        sched = spec.get("schedule") if isinstance(spec, dict) else None
+                        if sched is not None:
+                            parse_schedule(sched, num_layers, n_visual=n_visual)
+                        m.plan(ad)
+            except ValueError as e:
+                print(f"  skip {label} at {b:.0%}: {e}")
+                continue
+            runs.append((label, b, spec))
+    return runs
+
+
+def _write_results(path: Path, label: str, budget, spec, res: dict, acc, model_name: str) -> None:
+    from vtc.eval.results import build_vtc_block
+
+    metrics = {"accuracy,none": res["overall"], "alias": TASK}
+    for q, v in res["per_qtype"].items():
+        metrics[f"{q},none"] = v
+    methods = vtc.resolve_methods(spec) if spec is not None else []
+    cfg = {"methods": [m.to_dict() for m in methods], "budget": budget}
+    block = build_vtc_block(
+        method="none" if spec is None else label,
+        preset="unpatched" if budget is None else f"{label}@{budget:.0%}",
+        config=cfg,
+        model=model_name,
+        per_task={TASK: acc.result()},
     )
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-def kv_bytes(cache) -> list[int]:
-    return [int(layer.keys.numel() * layer.keys.element_size() * 2) for layer in cache.layers]
-
-
-def run_random_demo(max_new_tokens: int = 8) -> dict:
-    model = tiny_llava()
-    n = 12 * 12
-    ids = torch.tensor([[1, 5, 6] + [999] * n + [7, 8, 9, 10]])
-    pv = torch.randn(1, 3, 12 * 14, 12 * 14, generator=torch.Generator().manual_seed(0))
-    kw = dict(input_ids=ids, pixel_values=pv, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
-    with torch.no_grad():
-        base = model.generate(**kw)
-        with vtc.apply(model, "pdrop_default") as h:
-            pd = model.generate(**kw)
-            stats = h.stats
-    L = model.config.text_config.num_hidden_layers
-    rows = {
-        "layers": list(range(L)),
-        "visual_unpatched": [n] * L,
-        "visual_pyramid_drop": [v[0] for v in stats.prefill_visual],
-        "kv_bytes_unpatched": kv_bytes(base.cache),
-        "kv_bytes_pyramid_drop": kv_bytes(pd.cache),
+    out = {
+        "results": {TASK: metrics},
+        "config": {"model": "vtc_demo", "model_args": f"pretrained={model_name}"},
+        "n-samples": {TASK: {"original": res["n"], "effective": res["n"]}},
+        "date": time.time(),
+        "vtc": block,
     }
-    print("Tiny LLaVA (random weights, 8 layers, 144 image tokens), PyramidDrop default (lam=0.5)\n")
-    print(f"{'layer':>5} {'visual (unpatched)':>19} {'visual (PDrop)':>15} {'KV bytes (unpatched)':>21} {'KV bytes (PDrop)':>17}")
-    for i in range(L):
-        print(f"{i:>5} {rows['visual_unpatched'][i]:>19} {rows['visual_pyramid_drop'][i]:>15} "
-              f"{rows['kv_bytes_unpatched'][i]:>21} {rows['kv_bytes_pyramid_drop'][i]:>17}")
-    tb, tp = sum(rows["kv_bytes_unpatched"]), sum(rows["kv_bytes_pyramid_drop"])
-    print(f"\nKV cache: {tb} B unpatched, {tp} B with PyramidDrop ({tp / tb:.1%}); "
-          f"average visual tokens {stats.mean_visual():.1f} of {n}")
-    print("generated (unpatched):", base.sequences[0, ids.shape[1]:].tolist())
-    print("generated (PDrop):    ", pd.sequences[0, ids.shape[1]:].tolist())
-    return rows
+    path.write_text(json.dumps(out, indent=2, default=float))
+
+
+def run_demo(
+    out_dir: str = "out", n: int = 400, batch_size: int = 16, checkpoint=None, budgets=BUDGETS
+) -> dict:
+    from tqdm.auto import tqdm
+
+    from vtc.eval import synthetic
+    from vtc.eval.report import write_report
+    from vtc.eval.results import TaskAccumulator
+    from vtc.flops import ModelDims
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    model, processor = synthetic.load_default(checkpoint)
+    ad = vtc.get_adapter(model)
+    L, n_visual = ad.num_layers, ad.tokens_per_image()
+    samples = synthetic.make_split("test", n)
+    dims = ModelDims.from_hf_config(model.config)
+    model_name = str(checkpoint or synthetic.DEFAULT_CHECKPOINT.name)
+    out = Path(out_dir)
+    res_dir = out / "results" / "tiny_llava"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    for old in res_dir.glob("*_results.json"):
+        old.unlink()
+    print(f"vtc demo: {model_name}, L={L}, {n_visual} visual tokens per image, {len(samples)} test questions")
+    runs = method_grid(L, n_visual, budgets)
+    stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
+    summary = {}
+    for i, (label, budget, spec) in enumerate(tqdm(runs, desc="runs", unit="run")):
+        acc = TaskAccumulator(dims)
+        if spec is None:
+            h = vtc.apply(
+                model, {"method": "schedule", "schedule": [1.0] * L}
+            )  # records counts, changes nothing
+        else:
+            h = vtc.apply(model, spec)
+        try:
+            res = synthetic.evaluate(model, processor, samples, batch_size=batch_size)
+            for st in h.calls:
+                acc.add(st)
+        finally:
+            h.remove()
+        tag = "unpatched" if budget is None else f"{label}-{round(budget * 100)}"
+        _write_results(
+            res_dir / f"{stamp}_{i:02d}-{tag}_results.json", label, budget, spec, res, acc, model_name
+        )
+        summary[tag] = {
+            "overall": res["overall"],
+            **res["per_qtype"],
+            "avg_visual_tokens": acc.result().avg_visual_tokens,
+        }
+    paths = write_report(out / "results", out)
+    print()
+    print(Path(paths["markdown"]).read_text())
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\nwrote {paths['markdown']}, {paths['csv']}, {paths['plot']} in {time.perf_counter() - t0:.0f} s")
+    return summary
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="vtc demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="out", help="output folder for the report (default: out)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument(
+        "--out", default="out", help="output folder for results, table, CSV and PNG (default: out)"
+    )
+    p.add_argument("--n", type=int, default=400, help="test questions per run (default 400)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the embedded tiny LLaVA)")
+    p.add_argument("--random", action="store_true", help="run the random-weights engine demo instead")
     args = p.parse_args(argv)
-    run_random_demo(args.max_new_tokens)
+    if args.n < 1:
+        p.error(f"--n must be >= 1, got {args.n}")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
+        p.error(f"--checkpoint {args.checkpoint!r} is not a folder")
+    from vtc.eval import synthetic
+
+    if args.random or (
+        args.checkpoint is None and not (synthetic.DEFAULT_CHECKPOINT / "config.json").is_file()
+    ):
+        if not args.random:
+            print(
+                f"no embedded checkpoint at {synthetic.DEFAULT_CHECKPOINT} yet (train one with "
+                "`python -m vtc.eval.train_tiny`); running the random-weights engine demo instead\n"
+            )
+        run_random_demo()
+        return 0
+    run_demo(args.out, args.n, args.batch_size, args.checkpoint)
     return 0
