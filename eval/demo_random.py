@@ -9,40 +9,15 @@ from __future__ import annotations
 import torch
 
 import vtc
+from vtc.eval.bench import IMAGE_TOKEN as IMAGE
 
 
 def tiny_llava(num_layers: int = 8, grid: int = 12, seed: int = 0):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    """A tiny random LLaVA (hidden 128, 4 heads, ``grid x grid`` visual tokens per image)."""
+    from vtc.eval.bench import cpu_model
 
-    torch.manual_seed(seed)
-    cfg = LlavaConfig(
-        text_config=LlamaConfig(
-            vocab_size=1000,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-        vision_config=CLIPVisionConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=grid * 14,
-            patch_size=14,
-        ),
-        image_token_id=999,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    model = LlavaForConditionalGeneration(cfg).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
+    shape = dict(hidden=128, layers=num_layers, heads=4, intermediate=256, grid=grid)
+    return cpu_model(seed=seed, shape=shape)
 
 
 def kv_bytes(cache) -> list[int]:
@@ -52,7 +27,7 @@ def kv_bytes(cache) -> list[int]:
 def run_random_demo(max_new_tokens: int = 8) -> dict:
     model = tiny_llava()
     n = 12 * 12
-    ids = torch.tensor([[1, 5, 6] + [999] * n + [7, 8, 9, 10]])
+    ids = torch.tensor([[1, 5, 6] + [IMAGE] * n + [7, 8, 9, 10]])
     pv = torch.randn(1, 3, 12 * 14, 12 * 14, generator=torch.Generator().manual_seed(0))
     kw = dict(
         input_ids=ids,

@@ -81,3 +81,14 @@ def test_synthetic_lmms_task_runs_with_per_question_type_accuracy(ckpt, tmp_path
         res = json.loads(f.read_text())["results"]["vtc_synthetic"]
         assert 0.0 <= res["exact_match,none"] <= 1.0
         assert any(k.startswith(("exist,", "count,", "attribute,", "relpos,")) for k in res)
+
+
+def test_random_engine_demo_counts_and_kv_bytes():
+    from vtc.eval.demo_random import run_random_demo
+
+    rows = run_random_demo(max_new_tokens=3)
+    assert rows["visual_pyramid_drop"] == [144, 144, 72, 72, 36, 36, 18, 18]
+    assert rows["visual_unpatched"] == [144] * 8
+    # KV bytes scale with the cached tokens of each layer: (valid text 7 + visual + 2 decoded) tokens
+    per_token = rows["kv_bytes_unpatched"][0] // (7 + 144 + 2)
+    assert rows["kv_bytes_pyramid_drop"] == [per_token * (7 + v + 2) for v in rows["visual_pyramid_drop"]]
