@@ -205,20 +205,26 @@ class Packer:
 
 
 def vision_labels(scene: S.Scene) -> np.ndarray:
-    """(GRID*GRID, 5) int labels per patch: colour(0=bg), shape(0=bg), centre flag, row, col."""
+    """(GRID*GRID, 7) int labels per patch: colour (0 = background), shape (0 = background), centre
+    flag, row, column, and the patch centre's offset from its object's centre in 4-pixel steps
+    (x then y; 0..6, 7 = background)."""
+    n = S.GRID * S.GRID
     ids = S.patch_object_ids(scene, min_cover=0.1).reshape(-1)
-    col = np.zeros_like(ids)
-    shp = np.zeros_like(ids)
-    cen = np.zeros_like(ids)
+    r, c = np.divmod(np.arange(n), S.GRID)
+    pcx, pcy = c * S.PATCH_SIZE + S.PATCH_SIZE / 2, r * S.PATCH_SIZE + S.PATCH_SIZE / 2
+    col, shp, cen = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    dx, dy = np.full(n, 7, np.int64), np.full(n, 7, np.int64)
     for i, o in enumerate(scene.objects):
-        col[ids == i] = S.COLOUR_NAMES.index(o.colour) + 1
-        shp[ids == i] = S.SHAPES.index(o.shape) + 1
+        m = ids == i
+        col[m] = S.COLOUR_NAMES.index(o.colour) + 1
+        shp[m] = S.SHAPES.index(o.shape) + 1
         cen[int(o.cy // S.PATCH_SIZE) * S.GRID + int(o.cx // S.PATCH_SIZE)] = 1
-    r, c = np.divmod(np.arange(S.GRID * S.GRID), S.GRID)
-    return np.stack([col, shp, cen, r, c], -1)
+        dx[m] = np.clip(np.rint((pcx[m] - o.cx) / 4), -3, 3) + 3
+        dy[m] = np.clip(np.rint((pcy[m] - o.cy) / 4), -3, 3) + 3
+    return np.stack([col, shp, cen, r, c, dx, dy], -1)
 
 
-VISION_HEADS = (5, 5, 2, S.GRID, S.GRID)
+VISION_HEADS = (5, 5, 2, S.GRID, S.GRID, 8, 8)
 
 
 def make_batch(packer: Packer, rng: np.random.Generator, n_seq: int, k: int, two_frac: float, n_objects, weights=None, arg_weight: float = 0.0):
@@ -392,9 +398,9 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vision-hidden", type=int, default=128)
     p.add_argument("--vision-layers", type=int, default=3)
-    p.add_argument("--vision-steps", type=int, default=300)
+    p.add_argument("--vision-steps", type=int, default=600)
     p.add_argument("--vision-batch", type=int, default=32)
-    p.add_argument("--vision-lr", type=float, default=2e-3)
+    p.add_argument("--vision-lr", type=float, default=3e-3)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=8, help="packed sequences per step")
     p.add_argument("--turns", type=int, default=12, help="question turns per sequence")
