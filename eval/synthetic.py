@@ -306,7 +306,7 @@ def _sample_question(rng: np.random.Generator, qtype: str, n_objects=N_OBJECTS, 
 def questions_for_scene(rng: np.random.Generator, scene: Scene, k: int, qtypes: Sequence[str] = QTYPES, weights=None) -> list[tuple[dict[str, Any], str]]:
     """Up to ``k`` distinct (spec, answer) pairs for one scene, answers balanced where realisable (for training)."""
     cands = {q: candidates(scene, q) for q in qtypes}
-    avail = [q for q in qtypes if cands[q]]
+    avail = [q for q in qtypes if cands[q] and (weights is None or weights[qtypes.index(q)] > 0)]
     out: list[tuple[dict[str, Any], str]] = []
     seen: set[str] = set()
     if not avail:

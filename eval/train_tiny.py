@@ -7,17 +7,26 @@ CLIP vision tower and a Llama decoder, safetensors weights, a word-level fast to
 image processor, a ``LlavaProcessor`` and a chat template) that loads offline with
 ``AutoProcessor.from_pretrained(DIR)`` / ``LlavaForConditionalGeneration.from_pretrained(DIR)``.
 
-Recipe (no supervision of decoder attention of any kind):
+Recipe (the defaults; no supervision of decoder attention of any kind):
 
-1. *Vision pretraining*: the CLIP tower alone, with throw-away linear heads that predict, for every
-   patch, the colour and shape of the object covering it, whether it holds the object's centre,
-   and the patch's row and column.
-2. *Visual QA*: the whole model, on sequences that pack several question/answer turns about the
-   same image(s) behind one shared image prefix.  A block-diagonal attention mask and restarted
+1. *Vision pretraining* (600 steps): the CLIP tower alone, with throw-away linear heads that predict,
+   for every patch, the colour and shape of the object covering it, whether it holds the object's
+   centre, the patch's row and column, its offset from the object's centre, colour x quarter and
+   shape x quarter, and the relation of the covering object to the (unique) shape of each colour
+   (the answer a relpos question about that pair would have).  Vision-side labels only.
+2. *Visual QA* (2,500 steps): the whole model, on sequences that pack 16 question/answer turns about
+   the same image(s) behind one shared image prefix.  A block-diagonal attention mask and restarted
    position ids make every turn see exactly what a standalone prompt
-   ``USER: <image>\\n{question} ASSISTANT:`` would see.  The loss is on the answer word predicted at
-   the final prompt token (plus a small weight on ``</s>`` after it); the per-patch vision loss is
-   kept as an auxiliary.  A fraction of the sequences are two-image prompts.
+   ``USER: <image>\\n{question} ASSISTANT:`` would see (``tests/test_train_tiny.py`` checks it).  The
+   loss is on the answer word predicted at the final prompt token, plus (first 60 % of the steps) the
+   same answer at every token from the question's last content word on, and a small weight on
+   ``</s>``.  Auxiliaries: the per-patch vision loss, and a projector-side alignment of each object
+   patch's projected embedding with the (tied) word embeddings of its colour, shape and image halves.
+   A tenth of the sequences are two-image prompts after the first 30 %; the first 15 % use 1-3 shapes
+   per image; 90 % of attribute questions are drawn among those whose answer no other shape shares.
+   Optimiser: Muon for the decoder's and projector's weight matrices, AdamW for the rest.
+   Initialisation: two of the four heads of every decoder layer start with ``W_k = W_q`` (x2.5), i.e.
+   as similarity heads; nothing ties or supervises them afterwards.
 """
 
 from __future__ import annotations
@@ -129,6 +138,7 @@ def build_model(vocab_size: int, args):
         pad_token_id=PAD,
         tie_word_embeddings=args.tie,
         initializer_range=args.init_range,
+        rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta},
     )
     vision = CLIPVisionConfig(
         hidden_size=args.vision_hidden,
@@ -157,6 +167,16 @@ def build_model(vocab_size: int, args):
     model.generation_config.eos_token_id = EOS
     model.generation_config.do_sample = False
     model.generation_config.max_new_tokens = 2
+    if args.qk_share_heads > 0:
+        # Initialisation only: the first ``qk_share_heads`` heads of every decoder layer start with
+        # W_k = W_q, i.e. as similarity heads (q . k ~ x_i . x_j).  Nothing constrains or supervises
+        # them afterwards.
+        hd = args.hidden // args.heads
+        n = min(args.qk_share_heads, args.heads) * hd
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                layer.self_attn.q_proj.weight[:n].mul_(args.qk_share_scale)
+                layer.self_attn.k_proj.weight[:n].copy_(layer.self_attn.q_proj.weight[:n])
     return model
 
 
@@ -170,6 +190,8 @@ class Packer:
         self.tok = processor.tokenizer
         self.n_img = S.GRID * S.GRID
         self._cache: dict[str, list[int]] = {}
+        words = [*S.COLOUR_NAMES, *S.SHAPES, *S.PLURALS.values(), "top", "bottom", "left", "right", *S.ORDINALS]
+        self.content_ids = set(self.tok.convert_tokens_to_ids(words))
         mean = np.array(processor.image_processor.image_mean, dtype=np.float32)
         std = np.array(processor.image_processor.image_std, dtype=np.float32)
         self.mean, self.std = mean[:, None, None], std[:, None, None]
@@ -205,9 +227,10 @@ class Packer:
 
 
 def vision_labels(scene: S.Scene) -> np.ndarray:
-    """(GRID*GRID, 7) int labels per patch: colour (0 = background), shape (0 = background), centre
-    flag, row, column, and the patch centre's offset from its object's centre in 4-pixel steps
-    (x then y; 0..6, 7 = background)."""
+    """(GRID*GRID, 11) int labels per patch: colour (0 = background), shape (0 = background), centre
+    flag, row, column, the patch centre's offset from its object's centre in 4-pixel steps (x then
+    y; 0..6, 7 = background), colour x quarter and shape x quarter (0 = background), and colour /
+    shape at object-centre patches (0 elsewhere)."""
     n = S.GRID * S.GRID
     ids = S.patch_object_ids(scene, min_cover=0.1).reshape(-1)
     r, c = np.divmod(np.arange(n), S.GRID)
@@ -221,30 +244,63 @@ def vision_labels(scene: S.Scene) -> np.ndarray:
         cen[int(o.cy // S.PATCH_SIZE) * S.GRID + int(o.cx // S.PATCH_SIZE)] = 1
         dx[m] = np.clip(np.rint((pcx[m] - o.cx) / 4), -3, 3) + 3
         dy[m] = np.clip(np.rint((pcy[m] - o.cy) / 4), -3, 3) + 3
-    return np.stack([col, shp, cen, r, c, dx, dy], -1)
+    quad = 2 * (r >= S.GRID // 2) + (c >= S.GRID // 2)
+    obj = col > 0
+    cq = np.where(obj, 1 + quad * 4 + col - 1, 0)  # colour x quarter of the covering object
+    sq = np.where(obj, 1 + quad * 4 + shp - 1, 0)  # shape x quarter
+    cc = np.where(cen > 0, col, 0)  # colour at the object's centre patch
+    cs = np.where(cen > 0, shp, 0)  # shape at the object's centre patch
+    # relation of the covering object to the (unique) shape of each colour, as the relpos question
+    # "where is the <my colour> shape relative to the <colour> shape?" answers it (0: not asked)
+    rel = np.zeros((len(S.COLOUR_NAMES), n), np.int64)
+    for i, o in enumerate(scene.objects):
+        m = ids == i
+        for k, cb in enumerate(S.COLOUR_NAMES):
+            a = S.answer_spec(scene, {"qtype": "relpos", "colour_a": o.colour, "colour_b": cb}) if cb != o.colour else None
+            if a is not None:
+                rel[k, m] = S.RELATIONS.index(a) + 1
+    return np.stack([col, shp, cen, r, c, dx, dy, cq, sq, cc, cs, *rel], -1)
 
 
-VISION_HEADS = (5, 5, 2, S.GRID, S.GRID, 8, 8)
+VISION_HEADS = (5, 5, 2, S.GRID, S.GRID, 8, 8, 17, 17, 5, 5) + (len(S.RELATIONS) + 1,) * len(S.COLOUR_NAMES)
 
 
-def make_batch(packer: Packer, rng: np.random.Generator, n_seq: int, k: int, two_frac: float, n_objects, weights=None, arg_weight: float = 0.0):
+def _distinctive(scene, spec, ans, rng, hard: float) -> bool:
+    """Keep a question?  With probability ``hard``, an attribute question is kept only when its answer
+    is not also the attribute of another shape in the image (so "the most common colour" does not
+    answer it: a training-distribution choice; the evaluation splits are untouched)."""
+    if spec["qtype"] != "attribute" or hard <= 0 or rng.random() >= hard:
+        return True
+    return sum(getattr(o, spec["attr"]) == ans for o in scene.objects) == 1
+
+
+def _turns_for(rng: np.random.Generator, scenes, k: int, weights, hard: float = 0.0) -> list[tuple[str, str, str]]:
+    """Up to ``k`` (question, answer, qtype) turns about one or two scenes."""
+    if len(scenes) == 1:
+        return [(S.question_text(spec), ans, spec["qtype"]) for spec, ans in S.questions_for_scene(rng, scenes[0], k, weights=weights) if _distinctive(scenes[0], spec, ans, rng, hard)]
+    turns = []
+    # questions about either image, answers differing between the images when possible
+    for idx in range(2):
+        for spec, ans in S.questions_for_scene(rng, scenes[idx], (k + 1) // 2, weights=weights):
+            if not _distinctive(scenes[idx], spec, ans, rng, hard):
+                continue
+            if S.answer_spec(scenes[1 - idx], spec) == ans and rng.random() < 0.7:
+                continue
+            turns.append((f"in the {S.ORDINALS[idx]} image, {S.question_text(spec)}", ans, spec["qtype"]))
+    rng.shuffle(turns)
+    return turns[:k]
+
+
+def make_batch(packer: Packer, rng: np.random.Generator, n_seq: int, k: int, two_frac: float, n_objects, weights=None, arg_weight: float = 0.0, lm_weight: float = 0.0, span_weight: float = 0.0, hard: float = 0.0):
     """Packed batch: ``n_seq`` sequences, each with its image(s) and up to ``k`` question turns."""
     seqs, images, vlabels, targets = [], [], [], []
     for _ in range(n_seq):
         two = rng.random() < two_frac
-        scenes = [S.sample_scene(rng, n_objects) for _ in range(2 if two else 1)]
-        turns = []
-        if two:
-            # questions about either image, answers differing between the images when possible
-            for idx in range(2):
-                for spec, ans in S.questions_for_scene(rng, scenes[idx], (k + 1) // 2, weights=weights):
-                    if S.answer_spec(scenes[1 - idx], spec) == ans and rng.random() < 0.7:
-                        continue
-                    turns.append((f"in the {S.ORDINALS[idx]} image, {S.question_text(spec)}", ans, spec["qtype"]))
-            rng.shuffle(turns)
-            turns = turns[:k]
-        else:
-            turns = [(S.question_text(spec), ans, spec["qtype"]) for spec, ans in S.questions_for_scene(rng, scenes[0], k, weights=weights)]
+        for _attempt in range(50):  # redraw scenes that allow no question of the wanted types
+            scenes = [S.sample_scene(rng, n_objects) for _ in range(2 if two else 1)]
+            turns = _turns_for(rng, scenes, k, weights, hard)
+            if turns:
+                break
         pre = packer.prefix(len(scenes))
         ids, pos, blocks, tg = list(pre), list(range(len(pre))), [], []
         for q, a, qt in turns:
@@ -254,8 +310,17 @@ def make_batch(packer: Packer, rng: np.random.Generator, n_seq: int, k: int, two
             pos += list(range(len(pre), len(pre) + len(t)))
             blocks.append((start, len(ids)))
             tg.append((start + len(t) - 3, t[-2], 1.0, S.QTYPES.index(qt)))  # ':' -> answer
+            if lm_weight > 0:  # optional: language-model loss on the question's own words
+                qids = packer.ids(q)
+                for j in range(len(qids) - 1):
+                    tg.append((start + j, qids[j + 1], lm_weight, -1))
             if arg_weight > 0:  # optional: the answer also at the question's last word (before '?')
                 tg.append((start + len(packer.ids(q)) - 2, t[-2], arg_weight, -1))
+            if span_weight > 0:  # optional: the answer at every token from the last content word on
+                qids = packer.ids(q)
+                last = max(j for j, w in enumerate(qids) if w in packer.content_ids)
+                for j in range(last, len(t) - 3):
+                    tg.append((start + j, t[-2], span_weight, -1))
             tg.append((start + len(t) - 2, EOS, 0.1, -1))  # answer -> </s>
         seqs.append((ids, pos, len(pre), blocks))
         targets.append(tg)
@@ -290,8 +355,8 @@ def make_batch(packer: Packer, rng: np.random.Generator, n_seq: int, k: int, two
         "mask": torch.from_numpy(mask[:, None]),
         "input_ids": input_ids,
         "position_ids": position_ids,
-        "tpos": torch.tensor(tpos),
-        "tlab": torch.tensor(tlab),
+        "tpos": torch.tensor(tpos, dtype=torch.long),
+        "tlab": torch.tensor(tlab, dtype=torch.long),
         "tw": torch.tensor(tw),
         "tq": torch.tensor(tq),
         "vlabels": torch.from_numpy(np.stack(vlabels)),
@@ -309,7 +374,7 @@ def vision_loss(heads, feats, vlabels):
     for j, head in enumerate(heads):
         logits = head(feats)
         lab = vlabels[..., j]
-        if j in (0, 1):  # object patches are rare: up-weight them
+        if j in (0, 1, 7, 8) or j >= 11:  # object patches are rare: up-weight them
             w = torch.where(lab > 0, 4.0, 1.0)
             losses.append((F.cross_entropy(logits.flatten(0, 1), lab.flatten(), reduction="none") * w.flatten()).sum() / w.sum())
         else:
@@ -329,19 +394,25 @@ def packed_forward(model, batch):
     return feats, img, model.lm_head(h)
 
 
-def align_loss(model, img, vlabels, colour_ids, shape_ids):
-    """Projector-side auxiliary (LLaVA stage-1 style feature alignment): the projected embedding of a
-    patch covered by an object scores the object's colour word and shape word highest among the
-    colour / shape words of the decoder's input embedding table.  Only the projector, the vision
-    tower and the embedding table get gradients from it; decoder attention is not involved."""
+def align_loss(model, img, vlabels, word_ids, position_words: bool = True):
+    """Projector-side auxiliary (LLaVA stage-1 style feature alignment with words): the projected
+    embedding of a patch scores, among the decoder's input word embeddings, the colour and shape
+    words of the object covering it highest, and the words of the image half it lies in
+    ("top"/"bottom", "left"/"right").  Only the projector, the vision tower and the embedding
+    table get gradients from it; decoder attention is not involved."""
     emb = model.model.get_input_embeddings().weight
     obj = vlabels[..., 0] > 0
-    x = img[obj]
-    if x.shape[0] == 0:
-        return img.sum() * 0.0
-    lc = x @ emb[colour_ids].T
-    ls = x @ emb[shape_ids].T
-    return F.cross_entropy(lc, vlabels[..., 0][obj] - 1) + F.cross_entropy(ls, vlabels[..., 1][obj] - 1)
+    loss = img.sum() * 0.0
+    if obj.any():
+        x = img[obj]
+        loss = loss + F.cross_entropy(x @ emb[word_ids["colour"]].T, vlabels[..., 0][obj] - 1)
+        loss = loss + F.cross_entropy(x @ emb[word_ids["shape"]].T, vlabels[..., 1][obj] - 1)
+    if position_words and obj.any():
+        half = S.GRID // 2
+        x = img[obj]
+        loss = loss + F.cross_entropy(x @ emb[word_ids["vertical"]].T, (vlabels[..., 3][obj] >= half).long())
+        loss = loss + F.cross_entropy(x @ emb[word_ids["horizontal"]].T, (vlabels[..., 4][obj] >= half).long())
+    return loss
 
 
 class FastEval:
@@ -401,27 +472,36 @@ def parse_args(argv=None):
     p.add_argument("--vision-steps", type=int, default=600)
     p.add_argument("--vision-batch", type=int, default=32)
     p.add_argument("--vision-lr", type=float, default=3e-3)
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch", type=int, default=8, help="packed sequences per step")
-    p.add_argument("--turns", type=int, default=12, help="question turns per sequence")
+    p.add_argument("--turns", type=int, default=16, help="question turns per sequence")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--vision-lr-mult", type=float, default=0.3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--wd", type=float, default=0.01)
-    p.add_argument("--init-range", type=float, default=0.02, help="std of the decoder's initial weights")
-    p.add_argument("--tie", action=argparse.BooleanOptionalAction, default=False, help="tie input/output embeddings")
-    p.add_argument("--arg-weight", type=float, default=0.0, help="weight of the extra answer target at the question's last word")
-    p.add_argument("--arg-until", type=float, default=1.0, help="fraction of stage 2 that uses --arg-weight")
-    p.add_argument("--align-weight", type=float, default=0.0, help="projector/word-embedding alignment loss weight")
+    p.add_argument("--init-range", type=float, default=0.06, help="std of the decoder's initial weights")
+    p.add_argument("--qk-share-heads", type=int, default=2, help="decoder heads per layer initialised with W_k = W_q")
+    p.add_argument("--qk-share-scale", type=float, default=2.5, help="scale of the shared W_q = W_k initialisation")
+    p.add_argument("--rope-theta", type=float, default=10000.0)
+    p.add_argument("--tie", action=argparse.BooleanOptionalAction, default=True, help="tie input/output embeddings")
+    p.add_argument("--lm-weight", type=float, default=0.0, help="weight of next-word loss on question words")
+    p.add_argument("--arg-weight", type=float, default=0.5, help="weight of the extra answer target at the question's last word")
+    p.add_argument("--span-weight", type=float, default=0.5, help="weight of extra answer targets at every token from the question's last content word to the one before ':'")
+    p.add_argument("--attr-hard", type=float, default=0.9, help="probability of keeping only attribute questions whose answer no other shape shares")
+    p.add_argument("--muon", action=argparse.BooleanOptionalAction, default=True, help="Muon for the decoder/projector weight matrices")
+    p.add_argument("--arg-until", type=float, default=0.6, help="fraction of stage 2 that uses --arg-weight")
+    p.add_argument("--align-weight", type=float, default=0.5, help="projector/word-embedding alignment loss weight")
+    p.add_argument("--align-position", action=argparse.BooleanOptionalAction, default=True, help="also align patches with top/bottom, left/right")
     p.add_argument("--load-vision", type=str, default=None, help="skip stage 1: load vision tower + heads from this file")
     p.add_argument("--save-vision", type=str, default=None, help="save vision tower + heads after stage 1 to this file")
     p.add_argument("--aux-weight", type=float, default=0.3, help="per-patch vision loss weight in stage 2")
-    p.add_argument("--two-image-frac", type=float, default=0.15)
+    p.add_argument("--two-image-frac", type=float, default=0.1)
     p.add_argument("--two-image-start", type=float, default=0.3, help="fraction of stage 2 before two-image prompts")
     p.add_argument("--curriculum", type=float, default=0.15, help="fraction of stage 2 with 1-3 shapes per image")
+    p.add_argument("--curriculum-max", type=int, default=3, help="max shapes per image during the curriculum")
     p.add_argument("--qtype-weights", type=str, default="1,1,1.5,1.5", help="exist,count,attribute,relpos")
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--n-val-fast", type=int, default=400)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--n-val-fast", type=int, default=200)
     p.add_argument("--final-eval", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--fp16", action="store_true", help="save weights in float16")
     return p.parse_args(argv)
@@ -486,21 +566,37 @@ def main(argv=None):
         {"params": no_decay, "lr_mult": 1.0, "weight_decay": 0.0},
         {"params": vis_params + list(heads.parameters()), "lr_mult": args.vision_lr_mult, "weight_decay": args.wd},
     ]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
+    if args.muon:
+        # Muon (orthogonalised momentum) for the decoder's and projector's weight matrices, AdamW for
+        # the rest (embeddings, norms, biases, vision tower, heads).
+        dec = model.model.language_model
+        mat_ids = {id(p) for n, p in list(dec.named_parameters()) + list(model.model.multi_modal_projector.named_parameters()) if p.ndim == 2 and "embed" not in n}
+        muon_params = [p for p in decay if id(p) in mat_ids]
+        groups[0]["params"] = [p for p in decay if id(p) not in mat_ids]
+        opts = [
+            torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98)),
+            torch.optim.Muon([{"params": muon_params, "lr_mult": 1.0}], lr=args.lr, weight_decay=args.wd, adjust_lr_fn="match_rms_adamw"),
+        ]
+    else:
+        opts = [torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))]
     weights = [float(x) for x in args.qtype_weights.split(",")]
-    colour_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(S.COLOUR_NAMES)))
-    shape_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(S.SHAPES)))
+    word_ids = {
+        k: torch.tensor(tokenizer.convert_tokens_to_ids(list(v)))
+        for k, v in (("colour", S.COLOUR_NAMES), ("shape", S.SHAPES), ("vertical", ("top", "bottom")), ("horizontal", ("left", "right")))
+    }
     model.train()
     best = None
     for step in range(args.steps):
         lr = lr_at(step, args.steps, args.warmup, args.lr)
-        for g in opt.param_groups:
-            g["lr"] = lr * g["lr_mult"]
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = lr * g["lr_mult"]
         frac = step / args.steps
-        n_obj = (1, 3) if frac < args.curriculum else S.N_OBJECTS
+        n_obj = (1, args.curriculum_max) if frac < args.curriculum else S.N_OBJECTS
         two = args.two_image_frac if frac >= args.two_image_start else 0.0
         aw = args.arg_weight if frac < args.arg_until else 0.0
-        batch = make_batch(packer, rng, args.batch, args.turns, two, n_obj, weights, aw)
+        sw = args.span_weight if frac < args.arg_until else 0.0
+        batch = make_batch(packer, rng, args.batch, args.turns, two, n_obj, weights, aw, args.lm_weight, sw, args.attr_hard)
         feats, img, logits = packed_forward(model, batch)
         ce = F.cross_entropy(logits, batch["tlab"], reduction="none")
         qa = (ce * batch["tw"]).sum() / batch["tw"].sum()
@@ -508,12 +604,14 @@ def main(argv=None):
         loss = qa + args.aux_weight * vloss
         aloss = torch.zeros(())
         if args.align_weight > 0:
-            aloss = align_loss(model, img, batch["vlabels"], colour_ids, shape_ids)
+            aloss = align_loss(model, img, batch["vlabels"], word_ids, args.align_position)
             loss = loss + args.align_weight * aloss
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        for opt in opts:
+            opt.step()
         if step % 25 == 0:
             hit = (logits.argmax(-1) == batch["tlab"]).float()
             acc = float(hit[batch["tq"] >= 0].mean())

@@ -55,8 +55,8 @@ def recount(question: str, image_objects: list[list[dict]]) -> str | None:
         inside = [o for o in objs if _quarter(o) == m.group(1)]
         return inside[0]["shape"] if len(inside) == 1 else None
     if m := re.fullmatch(r"where is the (\w+) shape relative to the (\w+) shape\?", q):
-        a = [o for o in objs if o["colour"] == m.group(1)]
-        b = [o for o in objs if o["colour"] == m.group(2)]
+        a = [o for o in objs if o["colour"] == m.group(1)]  # the shape asked about
+        b = [o for o in objs if o["colour"] == m.group(2)]  # the reference shape
         if len(a) != 1 or len(b) != 1:
             return None
         (ax, ay), (bx, by) = _centre(a[0]), _centre(b[0])
@@ -213,3 +213,19 @@ def test_export_split(tmp_path):
     path2 = S.export_split("val", tmp_path, n=4, two_image=True)
     recs2 = [json.loads(line) for line in path2.read_text().splitlines()]
     assert all(len(r["images"]) == 2 for r in recs2)
+
+
+def test_shipped_task_data_is_the_generator_output():
+    """The committed lmms-eval task data (``vtc_synthetic``) is exactly the generator's test split:
+    same questions, answers and pixels (regenerate with ``python -m vtc.eval.tasks.vtc_synthetic.make_data``)."""
+    from pathlib import Path
+
+    task = Path(S.__file__).resolve().parent / "tasks" / "vtc_synthetic"
+    rows = [json.loads(line) for line in (task / "test.jsonl").read_text().splitlines()]
+    samples = S.make_split("test", len(rows))
+    assert len(rows) == 400
+    for r, s in zip(rows, samples):
+        assert (r["id"], r["question"], r["answer"], r["qtype"]) == (s.uid, s.question, s.answer, s.qtype)
+    for i in (0, 1, 2, 3, 199, 399):  # pixels of a few images
+        got = np.asarray(Image.open(task / rows[i]["images"][0]).convert("RGB"))
+        assert np.array_equal(got, np.asarray(samples[i].images[0]))
