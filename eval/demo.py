@@ -40,6 +40,7 @@ def method_grid(num_layers: int, n_visual: int, budgets=BUDGETS) -> list[tuple[s
     ad = ConfigOnlyAdapter(num_layers, n_visual)
     layers = _stage_layers(num_layers)
     runs: list[tuple[str, float | None, object]] = [("unpatched", None, None)]
+    seen: set = set()
     for b in budgets:
         target = {"avg_share": b, "n_visual": n_visual}
         stages = {"kind": "stages", "layers": layers, "target": target}
@@ -88,6 +89,15 @@ def method_grid(num_layers: int, n_visual: int, budgets=BUDGETS) -> list[tuple[s
             ),
         ]
         for label, spec in cand:
+            key = _dfmr_key(label, spec, n_visual)
+            if key is not None:
+                if key in seen:
+                    print(
+                        f"  skip {label} at {b:.0%}: DFMR pools the {key[1]}x{key[1]} map only to the token counts "
+                        f"{key[2]}; this budget gives {key[3]} tokens per image, the same run as a larger budget"
+                    )
+                    continue
+                seen.add(key)
             try:
                 for m in vtc.resolve_methods(spec):
                     if m.kind == "decoder":
@@ -100,6 +110,26 @@ def method_grid(num_layers: int, n_visual: int, budgets=BUDGETS) -> list[tuple[s
                 continue
             runs.append((label, b, spec))
     return runs
+
+
+def _dfmr_key(label: str, spec, n_visual: int):
+    """``(label, side, levels, tokens per image)`` of a run whose DFMR budget pools a square map, else None.
+
+    DFMR pools by integer factors, so on a 12 x 12 map a 72- and a 48-token budget both give 36 tokens:
+    the grid keeps one run per distinct pooled size instead of mislabelled duplicates.
+    """
+    from vtc.methods.dfmr import DFMR, budget_levels
+
+    specs = spec.get("methods", [spec]) if isinstance(spec, dict) else []
+    d = next((m for m in specs if isinstance(m, dict) and m.get("method") == "dfmr"), None)
+    side = int(round(n_visual**0.5))
+    if d is None or d.get("mode") != "budget" or side * side != n_visual:
+        return None
+    levels = [
+        n for _, n in budget_levels((side, side), list(DFMR(mode="budget", budget_per_image=1).candidates))
+    ]
+    tokens = max(n for n in levels if n <= d["budget_per_image"])
+    return (label, side, tuple(levels), tokens)
 
 
 def _write_results(path: Path, label: str, budget, spec, res: dict, acc, model_name: str) -> None:
@@ -168,6 +198,9 @@ def run_demo(
                 acc.add(st)
         finally:
             h.remove()
+        if budget is not None and "dfmr" in label:
+            # DFMR pools by integer factors: name the run by the share it reached, not the one asked for
+            budget = acc.result().avg_visual_tokens / n_visual
         tag = "unpatched" if budget is None else f"{label}-{round(budget * 100)}"
         _write_results(
             res_dir / f"{stamp}_{i:02d}-{tag}_results.json", label, budget, spec, res, acc, model_name

@@ -128,7 +128,10 @@ def _place(rng: np.random.Generator, shape: str, colour: str, placed: list[Obj])
         qx, qy = (q % 2) * HALF, (q // 2) * HALF
         x = qx + int(rng.integers(2, HALF - size - 1))
         y = qy + int(rng.integers(2, HALF - size - 1))
-        if all(x + size + 3 <= o.x or o.x + o.size + 3 <= x or y + size + 3 <= o.y or o.y + o.size + 3 <= y for o in placed):
+        if all(
+            x + size + 3 <= o.x or o.x + o.size + 3 <= x or y + size + 3 <= o.y or o.y + o.size + 3 <= y
+            for o in placed
+        ):
             jitter = rng.integers(-12, 13, size=3)
             rgb = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[colour], jitter))
             return Obj(shape, colour, x, y, size, rgb)
@@ -143,7 +146,12 @@ def sample_scene(rng: np.random.Generator, n_objects: tuple[int, int] = N_OBJECT
     sw = rng.dirichlet(np.full(len(SHAPES), 2.0))
     placed: list[Obj] = []
     for _ in range(n):
-        o = _place(rng, SHAPES[rng.choice(len(SHAPES), p=sw)], COLOUR_NAMES[rng.choice(len(COLOUR_NAMES), p=cw)], placed)
+        o = _place(
+            rng,
+            SHAPES[rng.choice(len(SHAPES), p=sw)],
+            COLOUR_NAMES[rng.choice(len(COLOUR_NAMES), p=cw)],
+            placed,
+        )
         if o is not None:
             placed.append(o)
     kind = ("plain", "noise", "stripes")[int(rng.integers(3))]
@@ -180,7 +188,9 @@ def render_scene(scene: Scene) -> Image.Image:
     """Render a scene to a 96x96 RGB image (deterministic)."""
     base = np.full((IMAGE_SIZE, IMAGE_SIZE), float(scene.bg_level), dtype=np.float32)
     if scene.bg_kind == "noise":
-        base += np.random.default_rng(scene.bg_seed).normal(0.0, scene.bg_amp, size=base.shape).astype(np.float32)
+        base += (
+            np.random.default_rng(scene.bg_seed).normal(0.0, scene.bg_amp, size=base.shape).astype(np.float32)
+        )
     elif scene.bg_kind == "stripes":
         yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
         u = xx * np.cos(scene.bg_angle) + yy * np.sin(scene.bg_angle)
@@ -204,7 +214,12 @@ def object_mask(scene: Scene) -> np.ndarray:
 
 def patch_object_ids(scene: Scene, min_cover: float = 0.2) -> np.ndarray:
     """(GRID, GRID) int array: object covering the most of each patch (>= min_cover), else -1."""
-    m = object_mask(scene).reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).transpose(0, 2, 1, 3).reshape(GRID, GRID, -1)
+    m = (
+        object_mask(scene)
+        .reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE)
+        .transpose(0, 2, 1, 3)
+        .reshape(GRID, GRID, -1)
+    )
     if not scene.objects:
         return np.full((GRID, GRID), -1, dtype=np.int64)
     cover = np.stack([(m == i).mean(-1) for i in range(len(scene.objects))], -1)
@@ -244,10 +259,18 @@ def question_text(spec: dict[str, Any]) -> str:
     if q == "exist":
         return f"is there a {spec['colour']} {spec['shape']}?"
     if q == "count":
-        return f"how many {spec['colour']} shapes?" if "colour" in spec else f"how many {PLURALS[spec['shape']]}?"
+        return (
+            f"how many {spec['colour']} shapes?"
+            if "colour" in spec
+            else f"how many {PLURALS[spec['shape']]}?"
+        )
     if q == "attribute":
         where = QUADRANTS[spec["quadrant"]]
-        return f"what colour is the shape in the {where} quarter?" if spec["attr"] == "colour" else f"what shape is in the {where} quarter?"
+        return (
+            f"what colour is the shape in the {where} quarter?"
+            if spec["attr"] == "colour"
+            else f"what shape is in the {where} quarter?"
+        )
     if q == "relpos":
         return f"where is the {spec['colour_a']} shape relative to the {spec['colour_b']} shape?"
     raise ValueError(f"unknown qtype {q!r}")
@@ -258,11 +281,20 @@ def all_specs(qtype: str) -> list[dict[str, Any]]:
     if qtype == "exist":
         return [{"qtype": "exist", "colour": c, "shape": s} for c in COLOUR_NAMES for s in SHAPES]
     if qtype == "count":
-        return [{"qtype": "count", "colour": c} for c in COLOUR_NAMES] + [{"qtype": "count", "shape": s} for s in SHAPES]
+        return [{"qtype": "count", "colour": c} for c in COLOUR_NAMES] + [
+            {"qtype": "count", "shape": s} for s in SHAPES
+        ]
     if qtype == "attribute":
-        return [{"qtype": "attribute", "quadrant": q, "attr": a} for q in range(4) for a in ("colour", "shape")]
+        return [
+            {"qtype": "attribute", "quadrant": q, "attr": a} for q in range(4) for a in ("colour", "shape")
+        ]
     if qtype == "relpos":
-        return [{"qtype": "relpos", "colour_a": a, "colour_b": b} for a in COLOUR_NAMES for b in COLOUR_NAMES if a != b]
+        return [
+            {"qtype": "relpos", "colour_a": a, "colour_b": b}
+            for a in COLOUR_NAMES
+            for b in COLOUR_NAMES
+            if a != b
+        ]
     raise ValueError(f"unknown qtype {qtype!r}")
 
 
@@ -292,7 +324,9 @@ def _wanted_answer(rng: np.random.Generator, qtype: str, turn: int | None = None
     return (answers[turn % len(answers)] if turn is not None else _pick(rng, answers)), None
 
 
-def _sample_question(rng: np.random.Generator, qtype: str, n_objects=N_OBJECTS, turn: int | None = None) -> tuple[Scene, dict[str, Any], str]:
+def _sample_question(
+    rng: np.random.Generator, qtype: str, n_objects=N_OBJECTS, turn: int | None = None
+) -> tuple[Scene, dict[str, Any], str]:
     """Rejection-sample a scene and a question of ``qtype`` whose answer is chosen first."""
     want, attr = _wanted_answer(rng, qtype, turn)
     for _ in range(1000):
@@ -303,7 +337,9 @@ def _sample_question(rng: np.random.Generator, qtype: str, n_objects=N_OBJECTS, 
     raise RuntimeError(f"could not realise a {qtype} question with answer {want!r}")  # pragma: no cover
 
 
-def questions_for_scene(rng: np.random.Generator, scene: Scene, k: int, qtypes: Sequence[str] = QTYPES, weights=None) -> list[tuple[dict[str, Any], str]]:
+def questions_for_scene(
+    rng: np.random.Generator, scene: Scene, k: int, qtypes: Sequence[str] = QTYPES, weights=None
+) -> list[tuple[dict[str, Any], str]]:
     """Up to ``k`` distinct (spec, answer) pairs for one scene, answers balanced where realisable (for training)."""
     cands = {q: candidates(scene, q) for q in qtypes}
     avail = [q for q in qtypes if cands[q] and (weights is None or weights[qtypes.index(q)] > 0)]
@@ -375,7 +411,16 @@ def make_sample(split: str, index: int, two_image: bool = False) -> Sample:
             break
     scenes = [scene, other] if target == 0 else [other, scene]
     q = question_text(spec)
-    return Sample(uid, [render_scene(s) for s in scenes], scenes, f"in the {ORDINALS[target]} image, {q}", ans, qtype, spec, target)
+    return Sample(
+        uid,
+        [render_scene(s) for s in scenes],
+        scenes,
+        f"in the {ORDINALS[target]} image, {q}",
+        ans,
+        qtype,
+        spec,
+        target,
+    )
 
 
 def make_split(split: str, n: int | None = None, two_image: bool = False) -> list[Sample]:
@@ -412,7 +457,9 @@ def build_prompt(processor, sample: Sample) -> str:
     return processor.apply_chat_template(build_messages(sample), add_generation_prompt=True, tokenize=False)
 
 
-def evaluate(model, processor, samples: Sequence[Sample], batch_size: int = 8, max_new_tokens: int = 2) -> dict[str, Any]:
+def evaluate(
+    model, processor, samples: Sequence[Sample], batch_size: int = 8, max_new_tokens: int = 2
+) -> dict[str, Any]:
     """Plain-HF evaluation: batched greedy ``generate`` with left padding.
 
     Returns ``{"overall", "per_qtype", "n", "n_per_qtype", "predictions"}`` (accuracies in [0, 1]).
@@ -425,7 +472,9 @@ def evaluate(model, processor, samples: Sequence[Sample], batch_size: int = 8, m
         batch = samples[i : i + batch_size]
         prompts = [build_prompt(processor, s) for s in batch]
         images = [img for s in batch for img in s.images]
-        inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+        inputs = processor(
+            images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left"
+        )
         with torch.inference_mode():
             out = model.generate(
                 **inputs,
@@ -441,7 +490,9 @@ def evaluate(model, processor, samples: Sequence[Sample], batch_size: int = 8, m
     allhits = [h for v in hits.values() for h in v]
     return {
         "overall": float(np.mean(allhits)) if allhits else float("nan"),
-        "per_qtype": {q: float(np.mean(v)) for q, v in sorted(hits.items(), key=lambda kv: QTYPES.index(kv[0]))},
+        "per_qtype": {
+            q: float(np.mean(v)) for q, v in sorted(hits.items(), key=lambda kv: QTYPES.index(kv[0]))
+        },
         "n": len(allhits),
         "n_per_qtype": {q: len(v) for q, v in hits.items()},
         "predictions": [normalize_answer(p) for p in preds],
@@ -455,7 +506,9 @@ def load_default(path: str | Path | None = None, dtype=None):
 
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True, dtype=dtype or torch.float32)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, local_files_only=True, dtype=dtype or torch.float32
+    )
     return model.eval(), processor
 
 

@@ -90,7 +90,9 @@ def build_tokenizer():
         ]
     )
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -190,7 +192,16 @@ class Packer:
         self.tok = processor.tokenizer
         self.n_img = S.GRID * S.GRID
         self._cache: dict[str, list[int]] = {}
-        words = [*S.COLOUR_NAMES, *S.SHAPES, *S.PLURALS.values(), "top", "bottom", "left", "right", *S.ORDINALS]
+        words = [
+            *S.COLOUR_NAMES,
+            *S.SHAPES,
+            *S.PLURALS.values(),
+            "top",
+            "bottom",
+            "left",
+            "right",
+            *S.ORDINALS,
+        ]
         self.content_ids = set(self.tok.convert_tokens_to_ids(words))
         mean = np.array(processor.image_processor.image_mean, dtype=np.float32)
         std = np.array(processor.image_processor.image_std, dtype=np.float32)
@@ -223,7 +234,9 @@ class Packer:
             mine = self.prefix(len(s.images)) + self.turn(s.question)
             assert enc["input_ids"][0].tolist() == mine, (enc["input_ids"][0].tolist()[-20:], mine[-20:])
             px = enc["pixel_values"].numpy()
-            assert np.allclose(px, self.pixels(s.images), atol=1e-4), float(np.abs(px - self.pixels(s.images)).max())
+            assert np.allclose(px, self.pixels(s.images), atol=1e-4), float(
+                np.abs(px - self.pixels(s.images)).max()
+            )
 
 
 def vision_labels(scene: S.Scene) -> np.ndarray:
@@ -256,7 +269,11 @@ def vision_labels(scene: S.Scene) -> np.ndarray:
     for i, o in enumerate(scene.objects):
         m = ids == i
         for k, cb in enumerate(S.COLOUR_NAMES):
-            a = S.answer_spec(scene, {"qtype": "relpos", "colour_a": o.colour, "colour_b": cb}) if cb != o.colour else None
+            a = (
+                S.answer_spec(scene, {"qtype": "relpos", "colour_a": o.colour, "colour_b": cb})
+                if cb != o.colour
+                else None
+            )
             if a is not None:
                 rel[k, m] = S.RELATIONS.index(a) + 1
     return np.stack([col, shp, cen, r, c, dx, dy, cq, sq, cc, cs, *rel], -1)
@@ -274,10 +291,16 @@ def _distinctive(scene, spec, ans, rng, hard: float) -> bool:
     return sum(getattr(o, spec["attr"]) == ans for o in scene.objects) == 1
 
 
-def _turns_for(rng: np.random.Generator, scenes, k: int, weights, hard: float = 0.0) -> list[tuple[str, str, str]]:
+def _turns_for(
+    rng: np.random.Generator, scenes, k: int, weights, hard: float = 0.0
+) -> list[tuple[str, str, str]]:
     """Up to ``k`` (question, answer, qtype) turns about one or two scenes."""
     if len(scenes) == 1:
-        return [(S.question_text(spec), ans, spec["qtype"]) for spec, ans in S.questions_for_scene(rng, scenes[0], k, weights=weights) if _distinctive(scenes[0], spec, ans, rng, hard)]
+        return [
+            (S.question_text(spec), ans, spec["qtype"])
+            for spec, ans in S.questions_for_scene(rng, scenes[0], k, weights=weights)
+            if _distinctive(scenes[0], spec, ans, rng, hard)
+        ]
     turns = []
     # questions about either image, answers differing between the images when possible
     for idx in range(2):
@@ -291,7 +314,19 @@ def _turns_for(rng: np.random.Generator, scenes, k: int, weights, hard: float = 
     return turns[:k]
 
 
-def make_batch(packer: Packer, rng: np.random.Generator, n_seq: int, k: int, two_frac: float, n_objects, weights=None, arg_weight: float = 0.0, lm_weight: float = 0.0, span_weight: float = 0.0, hard: float = 0.0):
+def make_batch(
+    packer: Packer,
+    rng: np.random.Generator,
+    n_seq: int,
+    k: int,
+    two_frac: float,
+    n_objects,
+    weights=None,
+    arg_weight: float = 0.0,
+    lm_weight: float = 0.0,
+    span_weight: float = 0.0,
+    hard: float = 0.0,
+):
     """Packed batch: ``n_seq`` sequences, each with its image(s) and up to ``k`` question turns."""
     seqs, images, vlabels, targets = [], [], [], []
     for _ in range(n_seq):
@@ -376,7 +411,10 @@ def vision_loss(heads, feats, vlabels):
         lab = vlabels[..., j]
         if j in (0, 1, 7, 8) or j >= 11:  # object patches are rare: up-weight them
             w = torch.where(lab > 0, 4.0, 1.0)
-            losses.append((F.cross_entropy(logits.flatten(0, 1), lab.flatten(), reduction="none") * w.flatten()).sum() / w.sum())
+            losses.append(
+                (F.cross_entropy(logits.flatten(0, 1), lab.flatten(), reduction="none") * w.flatten()).sum()
+                / w.sum()
+            )
         else:
             losses.append(F.cross_entropy(logits.flatten(0, 1), lab.flatten()))
     return sum(losses), [float(x.detach()) for x in losses]
@@ -389,7 +427,9 @@ def packed_forward(model, batch):
     img = model.model.multi_modal_projector(feats)
     emb = model.model.get_input_embeddings()(batch["input_ids"])
     emb = emb.masked_scatter((batch["input_ids"] == IMG)[..., None], img.to(emb.dtype))
-    out = model.model.language_model(inputs_embeds=emb, attention_mask=batch["mask"], position_ids=batch["position_ids"])
+    out = model.model.language_model(
+        inputs_embeds=emb, attention_mask=batch["mask"], position_ids=batch["position_ids"]
+    )
     h = out.last_hidden_state.flatten(0, 1)[batch["tpos"]]
     return feats, img, model.lm_head(h)
 
@@ -411,7 +451,9 @@ def align_loss(model, img, vlabels, word_ids, position_words: bool = True):
         half = S.GRID // 2
         x = img[obj]
         loss = loss + F.cross_entropy(x @ emb[word_ids["vertical"]].T, (vlabels[..., 3][obj] >= half).long())
-        loss = loss + F.cross_entropy(x @ emb[word_ids["horizontal"]].T, (vlabels[..., 4][obj] >= half).long())
+        loss = loss + F.cross_entropy(
+            x @ emb[word_ids["horizontal"]].T, (vlabels[..., 4][obj] >= half).long()
+        )
     return loss
 
 
@@ -480,24 +522,65 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--wd", type=float, default=0.01)
     p.add_argument("--init-range", type=float, default=0.06, help="std of the decoder's initial weights")
-    p.add_argument("--qk-share-heads", type=int, default=2, help="decoder heads per layer initialised with W_k = W_q")
-    p.add_argument("--qk-share-scale", type=float, default=2.5, help="scale of the shared W_q = W_k initialisation")
+    p.add_argument(
+        "--qk-share-heads", type=int, default=2, help="decoder heads per layer initialised with W_k = W_q"
+    )
+    p.add_argument(
+        "--qk-share-scale", type=float, default=2.5, help="scale of the shared W_q = W_k initialisation"
+    )
     p.add_argument("--rope-theta", type=float, default=10000.0)
-    p.add_argument("--tie", action=argparse.BooleanOptionalAction, default=True, help="tie input/output embeddings")
+    p.add_argument(
+        "--tie", action=argparse.BooleanOptionalAction, default=True, help="tie input/output embeddings"
+    )
     p.add_argument("--lm-weight", type=float, default=0.0, help="weight of next-word loss on question words")
-    p.add_argument("--arg-weight", type=float, default=0.5, help="weight of the extra answer target at the question's last word")
-    p.add_argument("--span-weight", type=float, default=0.5, help="weight of extra answer targets at every token from the question's last content word to the one before ':'")
-    p.add_argument("--attr-hard", type=float, default=0.9, help="probability of keeping only attribute questions whose answer no other shape shares")
-    p.add_argument("--muon", action=argparse.BooleanOptionalAction, default=True, help="Muon for the decoder/projector weight matrices")
+    p.add_argument(
+        "--arg-weight",
+        type=float,
+        default=0.5,
+        help="weight of the extra answer target at the question's last word",
+    )
+    p.add_argument(
+        "--span-weight",
+        type=float,
+        default=0.5,
+        help="weight of extra answer targets at every token from the question's last content word to the one before ':'",
+    )
+    p.add_argument(
+        "--attr-hard",
+        type=float,
+        default=0.9,
+        help="probability of keeping only attribute questions whose answer no other shape shares",
+    )
+    p.add_argument(
+        "--muon",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Muon for the decoder/projector weight matrices",
+    )
     p.add_argument("--arg-until", type=float, default=0.6, help="fraction of stage 2 that uses --arg-weight")
-    p.add_argument("--align-weight", type=float, default=0.5, help="projector/word-embedding alignment loss weight")
-    p.add_argument("--align-position", action=argparse.BooleanOptionalAction, default=True, help="also align patches with top/bottom, left/right")
-    p.add_argument("--load-vision", type=str, default=None, help="skip stage 1: load vision tower + heads from this file")
-    p.add_argument("--save-vision", type=str, default=None, help="save vision tower + heads after stage 1 to this file")
+    p.add_argument(
+        "--align-weight", type=float, default=0.5, help="projector/word-embedding alignment loss weight"
+    )
+    p.add_argument(
+        "--align-position",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also align patches with top/bottom, left/right",
+    )
+    p.add_argument(
+        "--load-vision", type=str, default=None, help="skip stage 1: load vision tower + heads from this file"
+    )
+    p.add_argument(
+        "--save-vision", type=str, default=None, help="save vision tower + heads after stage 1 to this file"
+    )
     p.add_argument("--aux-weight", type=float, default=0.3, help="per-patch vision loss weight in stage 2")
     p.add_argument("--two-image-frac", type=float, default=0.1)
-    p.add_argument("--two-image-start", type=float, default=0.3, help="fraction of stage 2 before two-image prompts")
-    p.add_argument("--curriculum", type=float, default=0.15, help="fraction of stage 2 with 1-3 shapes per image")
+    p.add_argument(
+        "--two-image-start", type=float, default=0.3, help="fraction of stage 2 before two-image prompts"
+    )
+    p.add_argument(
+        "--curriculum", type=float, default=0.15, help="fraction of stage 2 with 1-3 shapes per image"
+    )
     p.add_argument("--curriculum-max", type=int, default=3, help="max shapes per image during the curriculum")
     p.add_argument("--qtype-weights", type=str, default="1,1,1.5,1.5", help="exist,count,attribute,relpos")
     p.add_argument("--eval-every", type=int, default=500)
@@ -531,7 +614,9 @@ def main(argv=None):
     # ---- stage 1: vision tower on per-patch labels
     heads = torch.nn.ModuleList([torch.nn.Linear(args.vision_hidden, n) for n in VISION_HEADS])
     vt = model.model.vision_tower
-    opt = torch.optim.AdamW(list(vt.parameters()) + list(heads.parameters()), lr=args.vision_lr, weight_decay=args.wd)
+    opt = torch.optim.AdamW(
+        list(vt.parameters()) + list(heads.parameters()), lr=args.vision_lr, weight_decay=args.wd
+    )
     if args.load_vision:
         state = torch.load(args.load_vision)
         vt.load_state_dict(state["vt"])
@@ -548,7 +633,7 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(vt.parameters(), 1.0)
         opt.step()
         if step % 50 == 0 or step == args.vision_steps - 1:
-            say("vision", step=step, loss=round(float(loss), 4), parts=[round(x, 3) for x in parts])
+            say("vision", step=step, loss=round(float(loss.detach()), 4), parts=[round(x, 3) for x in parts])
 
     if args.save_vision:
         torch.save({"vt": vt.state_dict(), "heads": heads.state_dict()}, args.save_vision)
@@ -564,28 +649,46 @@ def main(argv=None):
     groups = [
         {"params": decay, "lr_mult": 1.0, "weight_decay": args.wd},
         {"params": no_decay, "lr_mult": 1.0, "weight_decay": 0.0},
-        {"params": vis_params + list(heads.parameters()), "lr_mult": args.vision_lr_mult, "weight_decay": args.wd},
+        {
+            "params": vis_params + list(heads.parameters()),
+            "lr_mult": args.vision_lr_mult,
+            "weight_decay": args.wd,
+        },
     ]
     if args.muon:
         # Muon (orthogonalised momentum) for the decoder's and projector's weight matrices, AdamW for
         # the rest (embeddings, norms, biases, vision tower, heads).
         dec = model.model.language_model
-        mat_ids = {id(p) for n, p in list(dec.named_parameters()) + list(model.model.multi_modal_projector.named_parameters()) if p.ndim == 2 and "embed" not in n}
+        mat_ids = {
+            id(p)
+            for n, p in list(dec.named_parameters())
+            + list(model.model.multi_modal_projector.named_parameters())
+            if p.ndim == 2 and "embed" not in n
+        }
         muon_params = [p for p in decay if id(p) in mat_ids]
         groups[0]["params"] = [p for p in decay if id(p) not in mat_ids]
         opts = [
             torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98)),
-            torch.optim.Muon([{"params": muon_params, "lr_mult": 1.0}], lr=args.lr, weight_decay=args.wd, adjust_lr_fn="match_rms_adamw"),
+            torch.optim.Muon(
+                [{"params": muon_params, "lr_mult": 1.0}],
+                lr=args.lr,
+                weight_decay=args.wd,
+                adjust_lr_fn="match_rms_adamw",
+            ),
         ]
     else:
         opts = [torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))]
     weights = [float(x) for x in args.qtype_weights.split(",")]
     word_ids = {
         k: torch.tensor(tokenizer.convert_tokens_to_ids(list(v)))
-        for k, v in (("colour", S.COLOUR_NAMES), ("shape", S.SHAPES), ("vertical", ("top", "bottom")), ("horizontal", ("left", "right")))
+        for k, v in (
+            ("colour", S.COLOUR_NAMES),
+            ("shape", S.SHAPES),
+            ("vertical", ("top", "bottom")),
+            ("horizontal", ("left", "right")),
+        )
     }
     model.train()
-    best = None
     for step in range(args.steps):
         lr = lr_at(step, args.steps, args.warmup, args.lr)
         for opt in opts:
@@ -596,7 +699,9 @@ def main(argv=None):
         two = args.two_image_frac if frac >= args.two_image_start else 0.0
         aw = args.arg_weight if frac < args.arg_until else 0.0
         sw = args.span_weight if frac < args.arg_until else 0.0
-        batch = make_batch(packer, rng, args.batch, args.turns, two, n_obj, weights, aw, args.lm_weight, sw, args.attr_hard)
+        batch = make_batch(
+            packer, rng, args.batch, args.turns, two, n_obj, weights, aw, args.lm_weight, sw, args.attr_hard
+        )
         feats, img, logits = packed_forward(model, batch)
         ce = F.cross_entropy(logits, batch["tlab"], reduction="none")
         qa = (ce * batch["tw"]).sum() / batch["tw"].sum()
@@ -615,8 +720,21 @@ def main(argv=None):
         if step % 25 == 0:
             hit = (logits.argmax(-1) == batch["tlab"]).float()
             acc = float(hit[batch["tq"] >= 0].mean())
-            per = [round(float(hit[batch["tq"] == i].mean()), 2) if (batch["tq"] == i).any() else None for i in range(len(S.QTYPES))]
-            say("qa", step=step, lr=round(lr, 6), qa=round(float(qa), 4), vis=round(float(vloss), 4), align=round(float(aloss), 4), train_acc=round(acc, 3), per=per, seqlen=int(batch["input_ids"].shape[1]))
+            per = [
+                round(float(hit[batch["tq"] == i].mean()), 2) if (batch["tq"] == i).any() else None
+                for i in range(len(S.QTYPES))
+            ]
+            say(
+                "qa",
+                step=step,
+                lr=round(lr, 6),
+                qa=round(float(qa.detach()), 4),
+                vis=round(float(vloss.detach()), 4),
+                align=round(float(aloss.detach()), 4),
+                train_acc=round(acc, 3),
+                per=per,
+                seqlen=int(batch["input_ids"].shape[1]),
+            )
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             res = {k: round(v, 3) for k, v in fast(model).items()}
             if fast2 is not None:
@@ -636,11 +754,18 @@ def main(argv=None):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         proc = AutoProcessor.from_pretrained(out, local_files_only=True)
-        m = LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True, dtype=torch.float32).eval()
+        m = LlavaForConditionalGeneration.from_pretrained(
+            out, local_files_only=True, dtype=torch.float32
+        ).eval()
         for split in ("val", "test"):
             r = S.evaluate(m, proc, S.make_split(split), batch_size=32)
             r2 = S.evaluate(m, proc, S.make_split(split, 200, two_image=True), batch_size=32)
-            meta[split] = {"overall": r["overall"], **r["per_qtype"], "two_image": r2["overall"], "two_image_per_qtype": r2["per_qtype"]}
+            meta[split] = {
+                "overall": r["overall"],
+                **r["per_qtype"],
+                "two_image": r2["overall"],
+                "two_image_per_qtype": r2["per_qtype"],
+            }
             say("final", split=split, **meta[split])
     (out / "training_summary.json").write_text(json.dumps(meta, indent=1))
 

@@ -19,7 +19,19 @@ def packer():
 
 def _tiny_args(tmp_path, *extra):
     return T.parse_args(
-        ["--out", str(tmp_path), "--hidden", "32", "--heads", "2", "--vision-hidden", "32", "--vision-layers", "1", *extra]
+        [
+            "--out",
+            str(tmp_path),
+            "--hidden",
+            "32",
+            "--heads",
+            "2",
+            "--vision-hidden",
+            "32",
+            "--vision-layers",
+            "1",
+            *extra,
+        ]
     )
 
 
@@ -27,7 +39,9 @@ def test_packed_forward_equals_standalone_prompts(packer, tmp_path):
     """Every packed turn's answer logits equal an unpacked ``model(**processor(...))`` forward of that
     turn's standalone prompt: the block-diagonal mask and restarted positions leak nothing."""
     torch.manual_seed(0)
-    model = T.build_model(len(packer.tok), _tiny_args(tmp_path, "--layers", "2", "--qk-share-heads", "1")).eval()
+    model = T.build_model(
+        len(packer.tok), _tiny_args(tmp_path, "--layers", "2", "--qk-share-heads", "1")
+    ).eval()
     batch = T.make_batch(packer, np.random.default_rng(5), 2, 4, 0.0, (2, 6))
     with torch.no_grad():
         _, _, logits = T.packed_forward(model, batch)
@@ -61,7 +75,11 @@ def test_vision_relation_labels_agree_with_answer_spec():
         ids = S.patch_object_ids(sc, min_cover=0.1).reshape(-1)
         for j, o in enumerate(sc.objects):
             for k, cb in enumerate(S.COLOUR_NAMES):
-                a = None if cb == o.colour else S.answer_spec(sc, {"qtype": "relpos", "colour_a": o.colour, "colour_b": cb})
+                a = (
+                    None
+                    if cb == o.colour
+                    else S.answer_spec(sc, {"qtype": "relpos", "colour_a": o.colour, "colour_b": cb})
+                )
                 want = 0 if a is None else S.RELATIONS.index(a) + 1
                 assert (lab[ids == j, 11 + k] == want).all()
         assert (lab[ids < 0, 11:] == 0).all()
