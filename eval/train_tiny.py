@@ -232,24 +232,34 @@ class Packer:
             prompt = S.build_prompt(self.proc, s)
             enc = self.proc(images=s.images, text=[prompt], return_tensors="pt")
             mine = self.prefix(len(s.images)) + self.turn(s.question)
-            assert enc["input_ids"][0].tolist() == mine, (enc["input_ids"][0].tolist()[-20:], mine[-20:])
-            px = enc["pixel_values"].numpy()
-            assert np.allclose(px, self.pixels(s.images), atol=1e-4), float(
-                np.abs(px - self.pixels(s.images)).max()
-            )
+            if enc["input_ids"][0].tolist() != mine:
+                raise RuntimeError(
+                    "packed token layout differs from the processor + chat template: "
+                    f"processor {enc['input_ids'][0].tolist()[-20:]} vs packed {mine[-20:]} (last 20 ids); "
+                    "fix Packer.prefix/turn to follow the chat template"
+                )
+            err = float(np.abs(enc["pixel_values"].numpy() - self.pixels(s.images)).max())
+            if err > 1e-4:
+                raise RuntimeError(
+                    f"packed pixels differ from the image processor by {err:.3g} (allowed 1e-4); "
+                    "fix Packer.pixels to follow the processor's normalisation"
+                )
 
 
 def vision_labels(scene: S.Scene) -> np.ndarray:
-    """(GRID*GRID, 11) int labels per patch: colour (0 = background), shape (0 = background), centre
+    """(GRID*GRID, 15) int labels per patch: colour (0 = background), shape (0 = background), centre
     flag, row, column, the patch centre's offset from its object's centre in 4-pixel steps (x then
-    y; 0..6, 7 = background), colour x quarter and shape x quarter (0 = background), and colour /
-    shape at object-centre patches (0 elsewhere)."""
+    y; 0..6, 7 = background), colour x quarter and shape x quarter (0 = background), colour / shape
+    at object-centre patches (0 elsewhere), and, one column per colour, the covering object's
+    relation to the unique shape of that colour (the relpos answer "where is the <my colour> shape
+    relative to the <colour> shape?", 1 + index in ``RELATIONS``; 0 when not asked)."""
     n = S.GRID * S.GRID
     ids = S.patch_object_ids(scene, min_cover=0.1).reshape(-1)
     r, c = np.divmod(np.arange(n), S.GRID)
     pcx, pcy = c * S.PATCH_SIZE + S.PATCH_SIZE / 2, r * S.PATCH_SIZE + S.PATCH_SIZE / 2
     col, shp, cen = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
     dx, dy = np.full(n, 7, np.int64), np.full(n, 7, np.int64)
+    rel = np.zeros((len(S.COLOUR_NAMES), n), np.int64)
     for i, o in enumerate(scene.objects):
         m = ids == i
         col[m] = S.COLOUR_NAMES.index(o.colour) + 1
@@ -257,25 +267,17 @@ def vision_labels(scene: S.Scene) -> np.ndarray:
         cen[int(o.cy // S.PATCH_SIZE) * S.GRID + int(o.cx // S.PATCH_SIZE)] = 1
         dx[m] = np.clip(np.rint((pcx[m] - o.cx) / 4), -3, 3) + 3
         dy[m] = np.clip(np.rint((pcy[m] - o.cy) / 4), -3, 3) + 3
+        for k, cb in enumerate(S.COLOUR_NAMES):
+            if cb != o.colour:
+                a = S.answer_spec(scene, {"qtype": "relpos", "colour_a": o.colour, "colour_b": cb})
+                if a is not None:
+                    rel[k, m] = S.RELATIONS.index(a) + 1
     quad = 2 * (r >= S.GRID // 2) + (c >= S.GRID // 2)
     obj = col > 0
     cq = np.where(obj, 1 + quad * 4 + col - 1, 0)  # colour x quarter of the covering object
     sq = np.where(obj, 1 + quad * 4 + shp - 1, 0)  # shape x quarter
     cc = np.where(cen > 0, col, 0)  # colour at the object's centre patch
     cs = np.where(cen > 0, shp, 0)  # shape at the object's centre patch
-    # relation of the covering object to the (unique) shape of each colour, as the relpos question
-    # "where is the <my colour> shape relative to the <colour> shape?" answers it (0: not asked)
-    rel = np.zeros((len(S.COLOUR_NAMES), n), np.int64)
-    for i, o in enumerate(scene.objects):
-        m = ids == i
-        for k, cb in enumerate(S.COLOUR_NAMES):
-            a = (
-                S.answer_spec(scene, {"qtype": "relpos", "colour_a": o.colour, "colour_b": cb})
-                if cb != o.colour
-                else None
-            )
-            if a is not None:
-                rel[k, m] = S.RELATIONS.index(a) + 1
     return np.stack([col, shp, cen, r, c, dx, dy, cq, sq, cc, cs, *rel], -1)
 
 
@@ -323,7 +325,6 @@ def make_batch(
     n_objects,
     weights=None,
     arg_weight: float = 0.0,
-    lm_weight: float = 0.0,
     span_weight: float = 0.0,
     hard: float = 0.0,
 ):
@@ -345,10 +346,6 @@ def make_batch(
             pos += list(range(len(pre), len(pre) + len(t)))
             blocks.append((start, len(ids)))
             tg.append((start + len(t) - 3, t[-2], 1.0, S.QTYPES.index(qt)))  # ':' -> answer
-            if lm_weight > 0:  # optional: language-model loss on the question's own words
-                qids = packer.ids(q)
-                for j in range(len(qids) - 1):
-                    tg.append((start + j, qids[j + 1], lm_weight, -1))
             if arg_weight > 0:  # optional: the answer also at the question's last word (before '?')
                 tg.append((start + len(packer.ids(q)) - 2, t[-2], arg_weight, -1))
             if span_weight > 0:  # optional: the answer at every token from the last content word on
@@ -532,7 +529,6 @@ def parse_args(argv=None):
     p.add_argument(
         "--tie", action=argparse.BooleanOptionalAction, default=True, help="tie input/output embeddings"
     )
-    p.add_argument("--lm-weight", type=float, default=0.0, help="weight of next-word loss on question words")
     p.add_argument(
         "--arg-weight",
         type=float,
@@ -699,9 +695,7 @@ def main(argv=None):
         two = args.two_image_frac if frac >= args.two_image_start else 0.0
         aw = args.arg_weight if frac < args.arg_until else 0.0
         sw = args.span_weight if frac < args.arg_until else 0.0
-        batch = make_batch(
-            packer, rng, args.batch, args.turns, two, n_obj, weights, aw, args.lm_weight, sw, args.attr_hard
-        )
+        batch = make_batch(packer, rng, args.batch, args.turns, two, n_obj, weights, aw, sw, args.attr_hard)
         feats, img, logits = packed_forward(model, batch)
         ce = F.cross_entropy(logits, batch["tlab"], reduction="none")
         qa = (ce * batch["tw"]).sum() / batch["tw"].sum()
