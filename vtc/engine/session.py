@@ -536,7 +536,10 @@ class Session:
         if labels is not None and st.caller_image is not None and labels.shape == st.caller_image.shape:
             covered = torch.zeros(B, T + 1, dtype=torch.bool, device=labels.device)
             covered.scatter_(1, torch.where(final_c >= 0, final_c, torch.full_like(final_c, T)), True)
-            labels.masked_fill_(st.caller_image & ~covered[:, :T], -100)
+            # a dropped token has no output: no loss on predicting it, none on what it would have predicted
+            dropped = st.caller_image & ~covered[:, :T]
+            labels.masked_fill_(dropped, -100)
+            labels[:, 1:].masked_fill_(dropped[:, :-1], -100)
         if new_last is None:
             return None
         if is_tuple:
