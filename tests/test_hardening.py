@@ -171,7 +171,10 @@ def test_defect4_threads_have_their_own_call_state(model):
                 for _ in range(6):
                     with torch.no_grad():
                         got = model(**inputs[c]).logits
-                    if not torch.equal(got, alone[c]) or h.stats.batch_size != inputs[c]["input_ids"].shape[0]:
+                    if (
+                        not torch.equal(got, alone[c])
+                        or h.stats.batch_size != inputs[c]["input_ids"].shape[0]
+                    ):
                         wrong.append(c)
             except Exception as e:  # noqa: BLE001 - collected and reported
                 errors.append(repr(e))
@@ -255,10 +258,16 @@ def test_defect8_keep_all_is_bit_identical_with_shared_padding(model):
                 assert torch.equal(model(**inputs).logits, plain), (meth, kw)
 
 
-@pytest.mark.parametrize("method, kw", [
-    ("pyramid_drop", {}), ("fastv", {}), ("dart", {"k": 2, "keep": 0.4}), ("progressive", {}),
-    ("dfmr", {"mode": "fixed", "factor": 2}),
-])
+@pytest.mark.parametrize(
+    "method, kw",
+    [
+        ("pyramid_drop", {}),
+        ("fastv", {}),
+        ("dart", {"k": 2, "keep": 0.4}),
+        ("progressive", {}),
+        ("dfmr", {"mode": "fixed", "factor": 2}),
+    ],
+)
 def test_defect9_float64_models(method, kw):
     """Defect 9: float64 models run every method (the PyTorch reference serves float64); keep-all stays
     bit-identical and a drop equals the float64 masked reference."""
@@ -316,7 +325,9 @@ def test_defect11_guards_let_calls_with_nothing_to_do_through(model):
     mask4 = torch.ones(1, 1, T, T, dtype=torch.bool).tril()
     with torch.no_grad():
         plain_right = model(**right).logits
-        plain_static = model.generate(**text, max_new_tokens=3, do_sample=False, cache_implementation="static")
+        plain_static = model.generate(
+            **text, max_new_tokens=3, do_sample=False, cache_implementation="static"
+        )
         plain_emb = model(inputs_embeds=emb).logits
         plain_4d = model(**one, attention_mask=mask4).logits
         with vtc.apply(model, "pyramid_drop", ratios=[1.0, 1.0, 1.0]):
@@ -331,7 +342,10 @@ def test_defect11_guards_let_calls_with_nothing_to_do_through(model):
             with pytest.raises(ValueError, match="2D padding mask"):
                 model(**one, attention_mask=mask4)
             with pytest.raises(ValueError, match="needs input_ids"):
-                model(inputs_embeds=model.get_input_embeddings()(one["input_ids"]), pixel_values=one["pixel_values"])
+                model(
+                    inputs_embeds=model.get_input_embeddings()(one["input_ids"]),
+                    pixel_values=one["pixel_values"],
+                )
 
 
 def test_issue16_continuing_a_returned_cache_gets_the_multi_turn_message(model):

@@ -35,7 +35,9 @@ def _hand_scores(lm, doc) -> list[float]:
         with torch.no_grad():
             logits = lm.model(**full, use_cache=False).logits[0].double()
         ids = full["input_ids"][0]
-        nll = [float(torch.logsumexp(logits[t - 1], 0) - logits[t - 1, ids[t]]) for t in range(n_ctx, len(ids))]
+        nll = [
+            float(torch.logsumexp(logits[t - 1], 0) - logits[t - 1, ids[t]]) for t in range(n_ctx, len(ids))
+        ]
         out.append(sum(nll) / len(nll))
     return out
 
@@ -58,6 +60,8 @@ def test_multiple_choice_task_matches_hand_scoring(tmp_path):
             logged = [float(r[0]) for r in samples[d]["filtered_resps"]]
             hand = _hand_scores(lm, doc)
             assert logged == pytest.approx(hand, abs=1e-4), (method, d)
-            assert min(range(len(hand)), key=hand.__getitem__) == min(range(len(logged)), key=logged.__getitem__)
+            assert min(range(len(hand)), key=hand.__getitem__) == min(
+                range(len(logged)), key=logged.__getitem__
+            )
             assert samples[d]["acc"] == float(min(range(len(hand)), key=hand.__getitem__) == doc["label"])
         lm.clean()

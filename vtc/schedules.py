@@ -335,7 +335,9 @@ def solve(
     return sched, (1.0 - x if kind == "single" else x)
 
 
-def check_not_empty(sched: Schedule, n_visual: int, allow_empty: bool = False, what: str = "schedule") -> None:
+def check_not_empty(
+    sched: Schedule, n_visual: int, allow_empty: bool = False, what: str = "schedule"
+) -> None:
     """Raise ``ValueError`` when a layer of ``sched`` keeps 0 of ``n_visual`` visual tokens, unless ``allow_empty``."""
     if allow_empty:
         return

@@ -425,7 +425,11 @@ class Session:
         x = ids if ids is not None else kwargs["inputs_embeds"]
         B, T = x.shape[:2]
         am = kwargs.get("attention_mask")
-        valid = am.bool() if am is not None and am.dim() == 2 else torch.ones(B, T, dtype=torch.bool, device=x.device)
+        valid = (
+            am.bool()
+            if am is not None and am.dim() == 2
+            else torch.ones(B, T, dtype=torch.bool, device=x.device)
+        )
         if ids is not None:
             image = (ids == self.adapter.image_token_id) & valid
             spans = self._find_spans(image)

@@ -83,8 +83,16 @@ class CallHistory:
         about 13-34 KiB, so the window stays under 10 MiB).
     """
 
-    _TOTALS = ("calls", "rows", "images", "visual_original", "visual_input", "prefill_visual", "prefill_tokens",
-               "decode_steps")
+    _TOTALS = (
+        "calls",
+        "rows",
+        "images",
+        "visual_original",
+        "visual_input",
+        "prefill_visual",
+        "prefill_tokens",
+        "decode_steps",
+    )
 
     def __init__(self, keep: int = DEFAULT_KEEP_CALLS):
         import collections
@@ -98,7 +106,9 @@ class CallHistory:
     @staticmethod
     def _check_keep(keep) -> int:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep_calls={keep!r} must be an int >= 1 (calls kept in full; totals cover all calls)")
+            raise ValueError(
+                f"keep_calls={keep!r} must be an int >= 1 (calls kept in full; totals cover all calls)"
+            )
         return keep
 
     @property
