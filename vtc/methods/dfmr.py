@@ -72,6 +72,8 @@ import bisect
 import functools
 import inspect
 import math
+import threading
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -387,6 +389,26 @@ def last_call(handle) -> DFMRCall | None:
     raise ValueError("this handle has no dfmr method")
 
 
+class _FeaturePatch:
+    """The instance patch of ``get_image_features`` (keeps the original signature through ``__wrapped__``).
+
+    A deep copy of the patched model gets the plain class method back instead (the copy has no vtc hooks).
+    """
+
+    def __init__(self, component, orig, owner):
+        functools.update_wrapper(self, orig)
+        self._component, self._orig_fn, self._owner = component, orig, owner
+
+    def __call__(self, *args, **kwargs):
+        return self._component.encode(self._orig_fn, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        new_owner = memo.get(id(self._owner))
+        if new_owner is None:
+            return self
+        return types.MethodType(type(self._owner).get_image_features, new_owner)
+
+
 class DFMRComponent(PreLLMComponent):
     """The hooks of one :class:`DFMR` on one model; see the module docstring."""
 
@@ -402,25 +424,44 @@ class DFMRComponent(PreLLMComponent):
         self._token = object()
         self._owner = None
         self._wrapper = None
-        self._map: _DecodeMap | None = None
-        self._spans: list[ImageSpan] | None = None
-        self._orig: list[int] | None = None
-        self.last: DFMRCall | None = None
+        self._tls = threading.local()  # per-call records are per thread (see the engine's thread contract)
+
+    # per-thread call records: _map, _spans, _orig, _src and last
+    def _get(self, name):
+        return getattr(self._tls, name, None)
+
+    _map = property(lambda self: self._get("map"), lambda self, v: setattr(self._tls, "map", v))
+    _spans = property(lambda self: self._get("spans"), lambda self, v: setattr(self._tls, "spans", v))
+    _orig = property(lambda self: self._get("orig"), lambda self, v: setattr(self._tls, "orig", v))
+    _src = property(lambda self: self._get("src"), lambda self, v: setattr(self._tls, "src", v))
+    last = property(lambda self: self._get("last"), lambda self, v: setattr(self._tls, "last", v))
+
+    def is_identity(self) -> bool:
+        m = self.method
+        return (m.mode == "fixed" and m.factor == 1) or list(m.candidates) == [1]
+
+    def caller_src(self):
+        return self._src
 
     # --- instance patch -----------------------------------------------------------------------------------
     def attach(self, session) -> None:
         owner = self.adapter.image_feature_owner()
-        if "get_image_features" in owner.__dict__:
+        cur = owner.__dict__.get("get_image_features")
+        if (
+            isinstance(cur, types.MethodType)
+            and cur.__self__ is owner
+            and cur.__func__ is type(owner).get_image_features
+        ):
+            del owner.get_image_features  # left by a deep copy of a patched model: the plain class method
+            cur = None
+        if cur is not None:
             raise RuntimeError(
                 f"{type(owner).__name__}.get_image_features is already patched on this instance; remove the other "
                 "patch (or vtc handle) first"
             )
         orig = owner.get_image_features
 
-        @functools.wraps(orig)
-        def get_image_features(*args, **kwargs):
-            return self.encode(orig, *args, **kwargs)
-
+        get_image_features = _FeaturePatch(self, orig, owner)
         owner.get_image_features = get_image_features
         self._owner, self._wrapper = owner, get_image_features
 
@@ -566,7 +607,7 @@ class DFMRComponent(PreLLMComponent):
 
     # --- prefill rewrite ----------------------------------------------------------------------------------
     def prefill(self, session, kwargs: dict) -> dict:
-        self._map, self._spans, self._orig, self.last = None, None, None, None
+        self._map, self._spans, self._orig, self.last, self._src = None, None, None, None, None
         mm = kwargs.get("mm_encoder_outputs")
         img_out = mm.get("image") if mm else None
         pv = kwargs.get("pixel_values")
@@ -634,7 +675,8 @@ class DFMRComponent(PreLLMComponent):
         for i, f in enumerate(feats):
             if f.shape[0] != new_tokens[i]:  # pragma: no cover - internal consistency
                 raise RuntimeError(f"DFMR: image {i} has {f.shape[0]} features, expected {new_tokens[i]}")
-        self._rewrite(kwargs, ids, placement, rec.orig_tokens, new_tokens, grids)
+        if new_tokens != list(rec.orig_tokens):  # every factor 1: the prompt stays exactly as given
+            self._rewrite(kwargs, ids, placement, rec.orig_tokens, new_tokens, grids)
         self.last = DFMRCall(
             factors=[[factors[i] for i in r] for r in rows],
             tokens=[[new_tokens[i] for i in r] for r in rows],
@@ -695,37 +737,44 @@ class DFMRComponent(PreLLMComponent):
         by_row: list[list[int]] = [[] for _ in range(B)]
         for i, (b, _) in enumerate(placement):
             by_row[b].append(i)
-        contents, masks, starts = [], [], []
+        contents, masks, starts, srcs = [], [], [], []
         for b in range(B):
             nz = valid[b].nonzero()
             first = int(nz[0]) if len(nz) else T
             # the first image may start before `first` only with a broken mask; keep it whole
             first = min([first] + [placement[i][1] for i in by_row[b]])
-            pieces, mpieces, st = [], [], []
+            pieces, mpieces, spieces, st = [], [], [], []
             cur, length = first, 0
             for i in by_row[b]:
                 s0 = placement[i][1]
                 pieces.append(ids[b, cur:s0])
                 mpieces.append(valid[b, cur:s0])
+                spieces.append(torch.arange(cur, s0, device=dev))
                 length += s0 - cur
                 st.append(length)
                 pieces.append(torch.full((new_tokens[i],), tid, dtype=ids.dtype, device=dev))
                 mpieces.append(torch.ones(new_tokens[i], dtype=torch.bool, device=dev))
+                # a pooled image's outputs go to the first new_tokens[i] slots of its placeholder run
+                spieces.append(torch.arange(s0, s0 + new_tokens[i], device=dev))
                 length += new_tokens[i]
                 cur = s0 + orig_tokens[i]
             pieces.append(ids[b, cur:])
             mpieces.append(valid[b, cur:])
+            spieces.append(torch.arange(cur, T, device=dev))
             contents.append(torch.cat(pieces))
             masks.append(torch.cat(mpieces))
+            srcs.append(torch.cat(spieces))
             starts.append(st)
         Tn = max(len(c) for c in contents)
         new_ids = torch.full((B, Tn), pad, dtype=ids.dtype, device=dev)
         new_valid = torch.zeros(B, Tn, dtype=torch.bool, device=dev)
+        new_src = torch.full((B, Tn), -1, dtype=torch.long, device=dev)
         spans = []
         for b in range(B):
             off = Tn - len(contents[b])
             new_ids[b, off:] = contents[b]
             new_valid[b, off:] = masks[b]
+            new_src[b, off:] = srcs[b]
             for i, st in zip(by_row[b], starts[b]):
                 spans.append(ImageSpan(b, off + st, new_tokens[i], grids[i]))
         mask_none = bool(new_valid.all())
@@ -740,6 +789,7 @@ class DFMRComponent(PreLLMComponent):
         shift = valid.sum(1) - new_valid.sum(1)
         self._map = _DecodeMap(orig_len=T, new_len=Tn, prefix=new_valid, mask_none=mask_none, shift=shift)
         self._spans = spans
+        self._src = new_src
 
     # --- decode ---------------------------------------------------------------------------------------------
     def decode(self, session, kwargs: dict) -> dict:
