@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from vtc.engine.session import DecoderPlan
 from vtc.methods.base import DecoderMethod, check_choice
 from vtc.registry import register_method
-from vtc.schedules import parse_schedule, stages
+from vtc.schedules import layers_from_depth_shares, parse_schedule, stages
 from vtc.scorers import LastQueryAttention
 
 
@@ -26,6 +26,10 @@ class PyramidDrop(DecoderMethod):
     layers : list[int] or None
         First layer of each new stage (drop at its input). Default ``[8, 16, 24]`` for 32 layers,
         scaled to depth (``L*s//4``).
+    layer_shares : list[float] or None
+        The stage boundaries as shares of depth instead of layer indices, so one setting fits every
+        model: layer ``ceil(f * L)`` for each share ``f`` (``[0.0625, 0.3125, 0.625]`` is ``[2, 10, 20]``
+        at 32 layers, ``[1, 3, 5]`` at 8). Give ``layers`` or ``layer_shares``, not both.
     ratios : list[float] or None
         Share of the original visual tokens kept from each boundary on. Default ``lam**s``.
     lam : float
@@ -43,6 +47,7 @@ class PyramidDrop(DecoderMethod):
     """
 
     layers: list[int] | None = None
+    layer_shares: list[float] | None = None
     ratios: list[float] | None = None
     lam: float = 0.5
     positions: str = "compact"
@@ -52,6 +57,10 @@ class PyramidDrop(DecoderMethod):
 
     def __post_init__(self):
         check_choice("positions", self.positions, ("compact", "original"))
+        if self.layers is not None and self.layer_shares is not None:
+            raise ValueError(
+                f"give either layers={self.layers} or layer_shares={self.layer_shares} (shares of depth), not both"
+            )
         if self.ratios is None and not (0.0 < self.lam <= 1.0):
             raise ValueError(f"lam={self.lam!r} is outside (0, 1]; lam=1 keeps every token")
         if self.ratios is not None:
@@ -61,9 +70,12 @@ class PyramidDrop(DecoderMethod):
         self.scorer_obj = LastQueryAttention(source="next", precision=self.precision, backend=self.backend)
 
     def plan(self, adapter) -> DecoderPlan:
+        layers = self.layers
+        if self.layer_shares is not None:
+            layers = layers_from_depth_shares(self.layer_shares, adapter.num_layers)
         if self.target is not None:
-            spec = {"kind": "stages", "layers": self.layers, "target": self.target}
+            spec = {"kind": "stages", "layers": layers, "target": self.target}
             sched = parse_schedule(spec, adapter.num_layers, n_visual=adapter.tokens_per_image())
         else:
-            sched = stages(adapter.num_layers, self.layers, self.ratios, self.lam)
+            sched = stages(adapter.num_layers, layers, self.ratios, self.lam)
         return DecoderPlan(sched, self.scorer_obj, mode="drop", positions=self.positions)
