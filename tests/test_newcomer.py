@@ -149,6 +149,10 @@ def test_python_dash_m_vtc_matches_the_vtc_command():
     assert done.returncode == 0, done.stderr
     for cmd in ("demo", "flops", "bench", "eval", "report", "calibrate"):
         assert f"  {cmd} " in done.stdout
+    # the help names the folder of the shipped lmms-eval tasks, for --include_path
+    line = next(x for x in done.stdout.splitlines() if "--include_path" in x)
+    tasks = Path(line.split("--include_path", 1)[1].strip())
+    assert (tasks / "vtc_synthetic" / "vtc_synthetic.yaml").is_file(), line
     ver = _run(["-m", "vtc", "--version"])
     assert ver.returncode == 0 and ver.stdout.strip() == vtc.__version__
     bad = _run(["-m", "vtc", "nope"])

@@ -108,4 +108,29 @@ def load_example(dtype=None):
     return model, processor
 
 
-__all__ = ["__version__", "load_example", *_LAZY]
+__all__ = [
+    "__version__",
+    "load_example",
+    "get_adapter",
+    "supported_model_types",
+    "Handle",
+    "apply",
+    "list_presets",
+    "load_preset",
+    "resolve_methods",
+    "CallStats",
+    "DFMR",
+    "DecoderMethod",
+    "FastV",
+    "Method",
+    "PreLLMMethod",
+    "Progressive",
+    "PyramidDrop",
+    "RandomDrop",
+    "ScheduleMethod",
+    "UniformDrop",
+    "list_methods",
+    "list_scorers",
+    "register_method",
+    "register_scorer",
+]
