@@ -106,7 +106,9 @@ def test_two_process_torchrun_matches_one_process(runs):
     assert acc_d == pytest.approx(acc_s, abs=1e-12)
     assert 0.0 < acc_s["exact_match,none"] < 1.0  # the method errs: equal accuracies are informative
     bs, bd = single["vtc"], dp["vtc"]
-    assert {k: v for k, v in bs.items() if k != "per_task"} == {k: v for k, v in bd.items() if k != "per_task"}
+    assert {k: v for k, v in bs.items() if k != "per_task"} == {
+        k: v for k, v in bd.items() if k != "per_task"
+    }
     ts, td = bs["per_task"]["vtc_synthetic"], bd["per_task"]["vtc_synthetic"]
     # both ranks' records are merged: every question counted once
     assert ts["n_rows"] == td["n_rows"] == LIMIT and ts["n_calls"] == td["n_calls"] == LIMIT
