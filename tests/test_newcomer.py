@@ -183,3 +183,38 @@ def test_load_example_is_the_shipped_checkpoint():
     sd, rd = model.state_dict(), ref.state_dict()
     assert sd.keys() == rd.keys() and all(torch.equal(sd[k], rd[k]) for k in sd)
     assert processor.tokenizer.padding_side == "left"  # batched generation with vtc needs left padding
+
+
+# ---- output: FLOPs in a unit that reads well, tables by tabulate ---------------------------------------
+def test_readable_unit():
+    from vtc.eval.flops_cli import readable_unit
+
+    assert readable_unit(8.2e12) == pytest.approx((8.2, "TFLOPs"))
+    assert readable_unit(1.291e8, "MACs") == pytest.approx((129.1, "MMACs"))
+    assert readable_unit(999.0) == (999.0, "FLOPs")
+    assert readable_unit(1000.0) == (1.0, "kFLOPs")
+    assert readable_unit(0.0) == (0.0, "FLOPs")
+
+
+def test_flops_table_on_the_tiny_model_reads_in_mega(capsys):
+    """`vtc flops` on the shipped 8-layer model prints MMACs/MFLOPs whose figures are the JSON's TFLOPs x 1e6."""
+    import json
+
+    from vtc.cli import main
+    from vtc.eval.synthetic import DEFAULT_CHECKPOINT
+
+    args = ["flops", "--model", str(DEFAULT_CHECKPOINT), "--method", "pdrop_128"]
+    assert main([*args, "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.startswith("papers:")).split()
+    assert row[4] == "MMACs"  # ['papers:', 'image', 'tokens,', 'prefill', unit, unpatched, method, share]
+    assert float(row[5]) == pytest.approx(table["tflops_papers"]["unpatched"] * 1e6, rel=5e-4)
+    assert float(row[6]) == pytest.approx(table["tflops_papers"]["method"] * 1e6, rel=5e-4)
+    full = next(line for line in text.splitlines() if line.startswith("full: all tokens")).split()
+    assert full[4] == "MFLOPs"
+    # per-layer visual tokens: the schedule of the preset on this model (8 layers, 144 tokens)
+    sched = _preset_schedule("pdrop_128", 8, 144)
+    layer_lines = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
+    assert [int(x[2]) for x in layer_lines[:8]] == sched.counts(144)
