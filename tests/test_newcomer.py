@@ -218,3 +218,36 @@ def test_flops_table_on_the_tiny_model_reads_in_mega(capsys):
     sched = _preset_schedule("pdrop_128", 8, 144)
     layer_lines = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
     assert [int(x[2]) for x in layer_lines[:8]] == sched.counts(144)
+
+
+# ---- vtc calibrate: --threads and a progress bar (on stderr; stdout keeps the results) ------------------
+def test_calibrate_threads_and_progress_bar(tmp_path):
+    import io
+    import shutil
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from vtc.cli import main
+    from vtc.eval.synthetic import DEFAULT_CHECKPOINT
+
+    images = sorted((ROOT / "eval" / "tasks" / "vtc_synthetic" / "images").glob("*.png"))[:5]
+    assert len(images) == 5
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in images:
+        shutil.copy(p, folder / p.name)
+    before = torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            rc = main(["calibrate", "--model", str(DEFAULT_CHECKPOINT), "--images", str(folder),
+                       "--target-tokens", "72", "--batch-size", "2", "--threads", "1"])  # fmt: skip
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert rc == 0, err.getvalue()
+    assert threads == 1
+    assert "vtc calibrate" in err.getvalue() and "5/5" in err.getvalue()  # the bar reached every image
+    assert "5/5" not in out.getvalue() and "thresholds: [" in out.getvalue()
+    rc = main(["calibrate", "--model", str(DEFAULT_CHECKPOINT), "--images", str(folder),
+               "--target-tokens", "72", "--threads", "0"])  # fmt: skip
+    assert rc == 2
