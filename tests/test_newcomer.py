@@ -251,3 +251,27 @@ def test_calibrate_threads_and_progress_bar(tmp_path):
     rc = main(["calibrate", "--model", str(DEFAULT_CHECKPOINT), "--images", str(folder),
                "--target-tokens", "72", "--threads", "0"])  # fmt: skip
     assert rc == 2
+
+
+# ---- lmms plugin: the data-parallel device comes from the launcher -------------------------------------
+class _FakeAccelerator:
+    def __init__(self, device: str, rank: int = 1):
+        self.device = torch.device(device)
+        self.process_index = rank
+
+
+@pytest.mark.parametrize(
+    "launcher, asked, expected",
+    [("cpu", None, "cpu"), ("cuda:1", None, "cuda:1"), ("cuda:1", "cuda", "cuda:1"), ("cpu", "cpu", "cpu")],
+)
+def test_launcher_device(launcher, asked, expected):
+    from vtc.eval.lmms_plugin import _launcher_device
+
+    assert _launcher_device(_FakeAccelerator(launcher), asked) == torch.device(expected)
+
+
+def test_launcher_device_disagreeing_with_device_arg_raises():
+    from vtc.eval.lmms_plugin import _launcher_device
+
+    with pytest.raises(ValueError, match=r"device='cuda' but the data-parallel launcher put rank 1 on cpu"):
+        _launcher_device(_FakeAccelerator("cpu"), "cuda")
