@@ -130,6 +130,24 @@ def test_string_for_a_number_is_a_clear_type_error(build, match):
         build()
 
 
+@pytest.mark.parametrize(
+    "schedule, match",
+    [
+        ({"kind": "stages", "lam": "0.5"}, r"schedule 'stages': lam='0.5' holds '0.5', a str"),
+        ({"kind": "single", "k": 2, "r": "0.5"}, r"schedule 'single': r='0.5'"),
+        ({"kind": "stages", "layers": [2, "10"]}, r"layers=\[2, '10'\] holds '10'"),
+        ({"kind": "stages", "target": {"avg_share": "0.5"}}, r"schedule target: avg_share='0.5'"),
+    ],
+)
+def test_string_for_a_number_in_a_schedule(schedule, match):
+    """Inside a schedule dict (random/uniform/schedule methods) too; resolving happens at apply()."""
+    with pytest.raises(TypeError, match=match):
+        S.parse_schedule(schedule, 32, n_visual=576)
+    method = vtc.RandomDrop(schedule=schedule)
+    with pytest.raises(TypeError, match=match):
+        method.plan(StubAdapter(32, 576))
+
+
 def test_numbers_still_accepted():
     assert vtc.PyramidDrop(lam=1).lam == 1  # an int is a number
     assert vtc.PyramidDrop(layers=None, ratios=[0.5, 0.25, 0.125]).ratios == [0.5, 0.25, 0.125]

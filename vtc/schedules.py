@@ -150,6 +150,17 @@ def layers_from_depth_shares(
     return layers
 
 
+def _check_numeric(where: str, key: str, value) -> None:
+    """Raise a TypeError naming ``key`` when ``value`` is not None, a number or a list of numbers."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for v in items:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise TypeError(
+                f"{where}: {key}={value!r} holds {v!r}, a {type(v).__name__}; {key} takes numbers "
+                "(write them without quotes in YAML or JSON)"
+            )
+
+
 def _check_ratio(name: str, r: float, low_open: bool = True) -> None:
     ok = (0.0 < r <= 1.0) if low_open else (0.0 <= r <= 1.0)
     if not ok or math.isnan(r):
@@ -423,6 +434,9 @@ def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None
     kind = spec.pop("kind", None)
     if kind not in SCHEDULE_KINDS:
         raise ValueError(f"schedule kind {kind!r} is unknown; choose from {list(SCHEDULE_KINDS)}")
+    for key, value in spec.items():
+        if key != "target":
+            _check_numeric(f"schedule {kind!r}", key, value)
     target = spec.pop("target", None)
     if kind == "stages" and "layer_shares" in spec:
         depth = spec.pop("layer_shares")
@@ -450,6 +464,9 @@ def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None
         if not isinstance(target, dict):
             raise TypeError(f"target must be a dict, got {type(target).__name__}")
         t = dict(target)
+        for key, value in t.items():
+            if key != "free":
+                _check_numeric("schedule target", key, value)
         nv = int(t.pop("n_visual", n_visual or 0))
         if nv < 1:
             raise ValueError(
