@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: venv install test demo lint bench clean-venv
+.PHONY: venv install test demo lint bench wheel-test clean-venv
 
 # The lock hash is in the venv path, so an existing venv always matches the lock: no mtime check
 # (a fresh clone has a newer lock file mtime than the venv and would rebuild it for nothing).
@@ -28,8 +28,9 @@ $(VENV)/.complete:
 venv: $(VENV)/.complete
 
 # Re-point the editable install at *this* clone every time (the venv is shared between clones).
+# (setuptools' "Editable installation" notice is not for us: the clone's vtc/ folder *is* the package.)
 install: venv
-	$(VPY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	PYTHONWARNINGS="ignore:Editable installation" $(VPY) -m pip install --quiet --no-deps --no-build-isolation -e .
 
 test: install
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests
@@ -43,6 +44,10 @@ lint: install
 
 bench: install
 	$(VENV)/bin/vtc bench --cpu --threads 1
+
+# The built wheel in a clean venv with [eval], `vtc eval` run from outside the clone (see .ci/wheel-test).
+wheel-test: venv
+	.ci/wheel-test $(VENV)
 
 clean-venv:
 	rm -rf $(VENV)

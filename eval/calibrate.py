@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from vtc.eval.threads import add_threads_arg, apply_threads
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 QUANTILES = (0.0, 0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.95, 1.0)
 TOLERANCE = 1.0  # tokens
@@ -270,6 +272,7 @@ def calibrate(
     *,
     batch_size: int = 8,
     backend: str = "auto",
+    progress: bool = False,
 ) -> Calibration:
     """Measure every image of ``image_dir`` with ``model``'s vision tower and propose DFMR thresholds.
 
@@ -287,6 +290,12 @@ def calibrate(
         DFMR's pooling factors.
     p : int
         Window side of the measure.
+    batch_size : int
+        Images per vision-tower batch.
+    backend : {"auto", "torch", "triton"}
+        Kernel backend of the measure.
+    progress : bool
+        Show a progress bar over the images on stderr (``vtc calibrate`` does).
 
     Returns
     -------
@@ -310,7 +319,10 @@ def calibrate(
     param = next(owner.vision_tower.parameters())
     measures: list[float] = []
     cls = 0
-    with torch.no_grad():
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(files), desc="vtc calibrate", unit="img", disable=not progress, file=sys.stderr)
+    with torch.no_grad(), bar:
         for i in range(0, len(files), batch_size):
             images = []
             for f in files[i : i + batch_size]:
@@ -322,6 +334,7 @@ def calibrate(
             pv = image_processor(images=images, return_tensors="pt")["pixel_values"]
             m, cls = comp.image_measures(pv.to(param.device, param.dtype))
             measures.extend(float(v) for v in m.tolist())
+            bar.update(len(images))
     cands = method.candidates
     tokens = {s: comp.tokens_of(s, cls) for s in cands}
     by_level = [tokens[s] for s in reversed(cands)]  # coarsest first
@@ -407,14 +420,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--yaml-out", metavar="PATH", default=None, help="also write the preset snippet to PATH"
     )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_threads_arg(parser)
     args = parser.parse_args(argv)
     try:
         list_images(args.images)  # fail fast, before loading the model
         if args.batch_size < 1:
             raise CalibrationError(f"--batch-size must be >= 1, got {args.batch_size}")
+        apply_threads(args.threads)
         model, processor = _load(args.model, args.device, args.dtype)
         result = calibrate(model, processor, args.images, args.target_tokens, args.candidates, args.p,
-                           batch_size=args.batch_size)  # fmt: skip
+                           batch_size=args.batch_size, progress=not args.no_progress)  # fmt: skip
     except (OSError, ValueError, NotImplementedError) as err:
         print(f"vtc calibrate: error: {err}", file=sys.stderr)
         return 2

@@ -288,30 +288,77 @@ def flops_table(
     return out
 
 
+#: SI prefixes for :func:`readable_unit`, largest first.
+_PREFIXES = (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0))
+
+
+def readable_unit(value: float, base: str = "FLOPs") -> tuple[float, str]:
+    """Scale a count (of FLOPs or MACs) to the largest SI prefix that keeps it at 1 or more.
+
+    ``readable_unit(8.2e12)`` is ``(8.2, "TFLOPs")``; the tiny shipped model's ``1.29e8`` is
+    ``(129.1…, "MFLOPs")`` instead of ``0.000129 TFLOPs``.
+
+    Parameters
+    ----------
+    value : float
+        The count, in units (not tera-units).
+    base : str
+        Unit name after the prefix (``"FLOPs"`` or ``"MACs"``).
+
+    Returns
+    -------
+    (float, str)
+        The scaled value and its unit.
+    """
+    for prefix, scale in _PREFIXES:
+        if abs(value) >= scale:
+            return value / scale, f"{prefix}{base}"
+    return value, base
+
+
 def format_table(table: dict, method_label: str) -> str:
-    lines = [
+    """Two aligned tables (tabulate): visual tokens per layer, then FLOPs with the method's share.
+
+    FLOPs rows use one unit per row, chosen from the unpatched value so both columns read well
+    (TFLOPs for a 7B model, MFLOPs for the tiny shipped one); 4 significant digits.
+    """
+    from tabulate import tabulate
+
+    head = (
         f"model {table['model']}: L={table['layers']}, {table['visual_tokens']} visual + "
-        f"{table['text_tokens']} text tokens per prompt; method: {method_label}",
-        "",
-        f"{'layer':>5}  {'visual (unpatched)':>18}  {'visual (' + method_label + ')':>18}",
-    ]
+        f"{table['text_tokens']} text tokens per prompt; method: {method_label}"
+    )
     base, meth = table["visual_per_layer"]["unpatched"], table["visual_per_layer"]["method"]
-    for i, (a, b) in enumerate(zip(base, meth)):
-        lines.append(f"{i:>5}  {a:>18}  {b:>18}")
     avg = table["avg_visual_tokens"]
-    lines.append(f"{'avg':>5}  {avg['unpatched']:>18.1f}  {avg['method']:>18.1f}")
-    lines.append("")
-    lines.append(f"{'convention':<44} {'unpatched':>10} {'method':>10} {'share':>8}")
+    layer_rows = [[i, a, b] for i, (a, b) in enumerate(zip(base, meth))]
+    layer_rows.append(["avg", f"{avg['unpatched']:.1f}", f"{avg['method']:.1f}"])
+    layers = tabulate(
+        layer_rows,
+        headers=["layer", "visual (unpatched)", f"visual ({method_label})"],
+        colalign=("right", "right", "right"),
+        disable_numparse=True,
+    )
     rows = [
-        ("papers: T(MACs), image tokens, prefill", "tflops_papers"),
-        ("full: TFLOPs, all tokens, prefill", "tflops_full_prefill"),
+        ("papers: image tokens, prefill", "tflops_papers", "MACs"),
+        ("full: all tokens, prefill", "tflops_full_prefill", "FLOPs"),
     ]
     if table["new_tokens"]:
-        rows.append((f"full: TFLOPs, prefill + {table['new_tokens']} new tokens", "tflops_full"))
-    for label, key in rows:
+        rows.append((f"full: prefill + {table['new_tokens']} new tokens", "tflops_full", "FLOPs"))
+    cost_rows = []
+    for label, key, unit in rows:
         d = table[key]
-        lines.append(f"{label:<44} {d['unpatched']:>10.3f} {d['method']:>10.3f} {d['share']:>8.1%}")
-    return "\n".join(lines)
+        ref, unit_name = readable_unit(d["unpatched"] * 1e12, unit)
+        scale = d["unpatched"] * 1e12 / ref if ref else 1.0
+        cost_rows.append(
+            [label, unit_name, f"{ref:.4g}", f"{d['method'] * 1e12 / scale:.4g}", f"{d['share']:.1%}"]
+        )
+    costs = tabulate(
+        cost_rows,
+        headers=["convention", "unit", "unpatched", "method", "share"],
+        colalign=("left", "left", "right", "right", "right"),
+        disable_numparse=True,
+    )
+    return f"{head}\n\n{layers}\n\n{costs}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,11 @@ Use
 
 Batches (``--batch_size N``) are left-padded; requests are grouped by task and generation arguments.
 
+Data parallel: launch lmms-eval under ``accelerate launch --num_processes N -m lmms_eval ...`` or
+``torchrun --nproc_per_node N -m lmms_eval ...``. Each rank loads the model on the launcher's device
+(``cuda:<LOCAL_RANK>`` on GPUs; the CPU with gloo under ``ACCELERATE_USE_CPU=true`` or without an
+accelerator) and the ``vtc`` block is merged over all ranks' samples (see Results).
+
 Results
 -------
 For every generated batch the plugin records the engine's per-layer token counts
@@ -173,6 +178,27 @@ def parse_vtc_args(vtc_method: Any = None, vtc_config: Any = None) -> tuple[str 
     return method, method_spec(method, fields)
 
 
+def _launcher_device(accelerator, device: str | None):
+    """The device of this data-parallel rank, as the launcher set it up.
+
+    ``accelerator.device`` is ``cuda:<LOCAL_RANK>`` (or another accelerator) when the process group runs on
+    one, and ``cpu`` under ``ACCELERATE_USE_CPU=true`` or on a machine without one. An explicit
+    ``device=`` model arg must agree with it: one rank cannot run on another rank's device.
+    """
+    import torch
+
+    dev = torch.device(accelerator.device)
+    if device:
+        want = torch.device(device)
+        if want.type != dev.type:
+            raise ValueError(
+                f"{MODEL_ID}: device={device!r} but the data-parallel launcher put rank "
+                f"{accelerator.process_index} on {dev}; drop device= (each rank takes its launcher's device) "
+                "or run a single process"
+            )
+    return dev
+
+
 def _build_classes() -> None:
     import torch
     from lmms_eval.api.instance import GenerationResult, TokenCounts
@@ -235,7 +261,9 @@ def _build_classes() -> None:
             accelerator = Accelerator()
             distributed = accelerator.num_processes > 1 and device_map == ""
             if distributed:
-                self._device = torch.device(f"cuda:{accelerator.local_process_index}")
+                # The launcher's device: cuda:<LOCAL_RANK> under accelerate/torchrun on GPUs, the CPU when
+                # there is no accelerator or ACCELERATE_USE_CPU is set (gloo backend).
+                self._device = _launcher_device(accelerator, device)
                 load_map = str(self._device)
             else:
                 self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -42,6 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from vtc.eval import synthetic as S
+
+logger = logging.getLogger(__name__)
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 PAD, UNK, BOS, EOS, IMG = range(5)
@@ -588,6 +591,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if not logging.getLogger().handlers:  # run as a script: the JSON progress records go to stderr
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(np.random.SeedSequence([S.SPLIT_IDS["train"], 7, args.seed]))
@@ -597,7 +602,7 @@ def main(argv=None):
 
     def say(msg, **kv):
         rec = {"t": round(time.time() - t0, 1), "msg": msg, **kv}
-        print(json.dumps(rec), flush=True)
+        logger.info(json.dumps(rec))
 
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)

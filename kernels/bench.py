@@ -213,13 +213,10 @@ def append_csv(path: str, results: Iterable[Result]) -> None:
 
 
 def print_table(results: Iterable[Result]) -> None:
-    """Print the rows as an aligned table."""
-    rows = [CSV_COLUMNS] + [tuple(r.row()) for r in results]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(CSV_COLUMNS))]
-    for n, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-        if n == 0:
-            print("  ".join("-" * w for w in widths))
+    """Print the rows as an aligned table (tabulate), the CSV's columns as headers."""
+    from tabulate import tabulate
+
+    print(tabulate([tuple(r.row()) for r in results], headers=list(CSV_COLUMNS), disable_numparse=True))
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: vtc {" + ",".join(SUBCOMMANDS) + "} [options]\n")
         for name, (_, doc) in SUBCOMMANDS.items():
             print(f"  {name:<10} {doc}")
-        print("\nRun `vtc <command> --help` for the options of one command.")
+        print("\nRun `vtc <command> --help` for the options of one command (or `python -m vtc ...`).")
+        print(f"lmms-eval tasks shipped with vtc (vtc_synthetic, vtc_offline): --include_path {tasks_path()}")
         return 0
     if argv[0] == "--version":
         import vtc
@@ -44,6 +45,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(SUBCOMMANDS[cmd][0])
     return int(module.main(argv[1:]) or 0)
+
+
+def tasks_path() -> str:
+    """Folder of the lmms-eval tasks installed with vtc, for lmms-eval's ``--include_path``.
+
+    Found without importing torch: ``vtc.eval``'s ``__init__`` is empty.
+    """
+    from importlib.util import find_spec
+
+    spec = find_spec("vtc.eval")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        return "<vtc.eval not installed>"
+    import os
+
+    return os.path.join(locations[0], "tasks")
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:

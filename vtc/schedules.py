@@ -99,6 +99,68 @@ def _check_layers(layers: Sequence[int], num_layers: int, what: str) -> None:
             )
 
 
+def layers_from_depth_shares(
+    depth_shares: Sequence[float], num_layers: int, what: str = "layer_shares"
+) -> list[int]:
+    """Layer indices for positions given as shares of the depth: ``ceil(f * L)`` for each ``f``.
+
+    A preset written for one depth then fits every model: ``[0.0625, 0.3125, 0.625]`` is
+    ``[2, 10, 20]`` at ``L = 32`` (LLaVA-1.5) and ``[1, 3, 5]`` at ``L = 8``. Each result is the first
+    layer at or after that share of the depth, so it is never layer 0.
+
+    Parameters
+    ----------
+    depth_shares : sequence of float
+        Strictly increasing shares in ``(0, 1)``.
+    num_layers : int
+        ``L`` of the model.
+    what : str
+        Name used in error messages.
+
+    Returns
+    -------
+    list[int]
+        Strictly increasing layer indices in ``[1, L-1]``.
+
+    Raises
+    ------
+    TypeError
+        A share that is not a real number (e.g. the string ``"0.5"``).
+    ValueError
+        A share outside ``(0, 1)``, or two shares landing on the same layer at this depth.
+    """
+    shares = list(depth_shares)
+    for f in shares:
+        if isinstance(f, bool) or not isinstance(f, (int, float)):
+            raise TypeError(
+                f"{what} must be numbers in (0, 1), got {f!r} ({type(f).__name__}) in {shares}; "
+                "write them without quotes, e.g. [0.25, 0.5, 0.75]"
+            )
+        if not (0.0 < f < 1.0) or math.isnan(f):
+            raise ValueError(
+                f"{what} {shares} contain {f!r}, outside (0, 1); a share of depth f means layer ceil(f * L)"
+            )
+    layers = [max(1, math.ceil(f * num_layers - 1e-9)) for f in shares]
+    if layers != sorted(set(layers)):
+        raise ValueError(
+            f"{what} {shares} give layers {layers} at L={num_layers}: two shares land on the same layer "
+            f"(the model is too shallow for {len(shares)} boundaries); give fewer shares or explicit layers"
+        )
+    _check_layers(layers, num_layers, f"{what} {shares} (layers {layers} at L={num_layers})")
+    return layers
+
+
+def _check_numeric(where: str, key: str, value) -> None:
+    """Raise a TypeError naming ``key`` when ``value`` is not None, a number or a list of numbers."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for v in items:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise TypeError(
+                f"{where}: {key}={value!r} holds {v!r}, a {type(v).__name__}; {key} takes numbers "
+                "(write them without quotes in YAML or JSON)"
+            )
+
+
 def _check_ratio(name: str, r: float, low_open: bool = True) -> None:
     ok = (0.0 < r <= 1.0) if low_open else (0.0 <= r <= 1.0)
     if not ok or math.isnan(r):
@@ -374,7 +436,8 @@ def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None
     Parameters
     ----------
     spec : Schedule, list of float, or dict
-        A dict has ``kind`` (one of ``SCHEDULE_KINDS``) plus that builder's parameters, and optionally
+        A dict has ``kind`` (one of ``SCHEDULE_KINDS``) plus that builder's parameters (``stages`` also
+        takes ``layer_shares``, its boundaries as shares of depth; see :func:`layers_from_depth_shares`), and optionally
         ``target``: ``{"avg_tokens": 192, "n_visual": 576}``, ``{"avg_share": 0.333}`` or
         ``{"flops_share": 0.5}`` to solve the family's free parameter for that cost (a solved schedule
         that leaves a layer with 0 visual tokens is refused unless the target has ``"allow_empty": True``). A list is a
@@ -405,7 +468,18 @@ def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None
     kind = spec.pop("kind", None)
     if kind not in SCHEDULE_KINDS:
         raise ValueError(f"schedule kind {kind!r} is unknown; choose from {list(SCHEDULE_KINDS)}")
+    for key, value in spec.items():
+        if key != "target":
+            _check_numeric(f"schedule {kind!r}", key, value)
     target = spec.pop("target", None)
+    if kind == "stages" and "layer_shares" in spec:
+        depth = spec.pop("layer_shares")
+        if depth is not None and spec.get("layers") is not None:
+            raise ValueError(
+                f"give either layers={spec['layers']} or layer_shares={depth} (shares of depth), not both"
+            )
+        if depth is not None:
+            spec["layers"] = layers_from_depth_shares(depth, num_layers)
     allowed = {
         "stages": {"layers", "ratios", "lam"},
         "shifted_cosine": {"dense_above", "floor", "shift"},
@@ -414,8 +488,9 @@ def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None
     }[kind]
     unknown = sorted(set(spec) - allowed)
     if unknown:
+        extra = " and 'layer_shares'" if kind == "stages" else ""
         raise ValueError(
-            f"unknown keys {unknown} for schedule kind {kind!r}; valid keys: {sorted(allowed)} and 'target'"
+            f"unknown keys {unknown} for schedule kind {kind!r}; valid keys: {sorted(allowed)}{extra} and 'target'"
         )
     if target is not None:
         if kind == "explicit":
@@ -423,6 +498,9 @@ def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None
         if not isinstance(target, dict):
             raise TypeError(f"target must be a dict, got {type(target).__name__}")
         t = dict(target)
+        for key, value in t.items():
+            if key != "free":
+                _check_numeric("schedule target", key, value)
         nv = int(t.pop("n_visual", n_visual or 0))
         if nv < 1:
             raise ValueError(
@@ -445,7 +523,14 @@ def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None
         spec.pop(free, None)
         if kind == "stages" and spec.get("ratios") is not None:
             raise ValueError("a stages target solves lam; do not also give explicit ratios")
-        sched, _ = solve(kind, num_layers, nv, dims=dims, **t, **spec)
+        try:
+            sched, _ = solve(kind, num_layers, nv, dims=dims, **t, **spec)
+        except ValueError as err:
+            raise ValueError(
+                f"{kind} schedule {spec} cannot meet target {target} at L={num_layers} layers and {nv} visual "
+                f"tokens: {err}. The layers before the first boundary keep every visual token (layer 0 always "
+                "does), so a shallow model cannot reach a small share; pick a larger share or earlier layers"
+            ) from err
         return sched
     if kind == "stages":
         return stages(num_layers, **spec)

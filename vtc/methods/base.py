@@ -17,6 +17,24 @@ class Method:
     name: ClassVar[str] = "base"
     kind: ClassVar[str] = "decoder"
 
+    def __init_subclass__(cls, **kwargs):
+        # Check the field types before a method's own __post_init__ compares them with numbers (a
+        # string there would fail with "'<' not supported between 'float' and 'str'").
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "_checks_types", False):
+
+            def __post_init__(self, _own=own):
+                check_field_types(self)
+                _own(self)
+
+            __post_init__._checks_types = True  # type: ignore[attr-defined]
+            __post_init__.__doc__ = own.__doc__
+            cls.__post_init__ = __post_init__
+
+    def __post_init__(self):
+        check_field_types(self)
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.name, **dataclasses.asdict(self)}
 
@@ -38,3 +56,53 @@ class PreLLMMethod(Method):
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r}; choose one of {list(choices)}")
+
+
+_NUMBER_FIELDS = {"float": (int, float), "int": (int,)}
+
+
+def check_field_types(obj) -> None:
+    """Reject a non-number given for a number field (``lam="0.5"``) with a message naming the fix.
+
+    Fields annotated ``float`` / ``int`` (optionally ``| None``) and ``list[float]`` / ``list[int]`` are
+    checked; ``bool`` is not a number here. Other fields are left to the method's own checks.
+
+    Raises
+    ------
+    TypeError
+        Naming the method, the field, the bad value and its type.
+    """
+    for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
+        value = getattr(obj, f.name)
+        ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        parts = [p.strip() for p in ann.split("|")]
+        optional = "None" in parts
+        base = [p for p in parts if p != "None"]
+        if len(base) != 1 or (value is None and optional):
+            continue
+        base_t = base[0]
+        if base_t in _NUMBER_FIELDS:
+            _check_number(obj, f.name, value, base_t, f.name)
+        elif base_t in ("list[float]", "list[int]") and isinstance(value, (list, tuple)):
+            elem = base_t[5:-1]
+            for i, v in enumerate(value):
+                _check_number(obj, f.name, v, elem, f"{f.name}[{i}]")
+
+
+def _check_number(obj, field_name: str, value, type_name: str, where: str) -> None:
+    ok = isinstance(value, _NUMBER_FIELDS[type_name]) and not isinstance(value, bool)
+    if ok:
+        return
+    hint = ""
+    if isinstance(value, str):
+        try:
+            num = float(value)
+            hint = f"; pass the number itself, {where}={int(num) if type_name == 'int' and num.is_integer() else num!r} (no quotes in YAML or JSON)"
+        except ValueError:
+            hint = ""
+    raise TypeError(
+        f"{type(obj).__name__}: {where}={value!r} is a {type(value).__name__}, but {field_name} takes "
+        f"{'an integer' if type_name == 'int' else 'a number'}{hint}"
+    )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from vtc.engine.session import DecoderPlan
 from vtc.methods.base import DecoderMethod, check_choice
 from vtc.registry import register_method
-from vtc.schedules import dims_of, parse_schedule, stages
+from vtc.schedules import dims_of, layers_from_depth_shares, parse_schedule, stages
 from vtc.scorers import LastQueryAttention
 
 
@@ -26,6 +26,10 @@ class PyramidDrop(DecoderMethod):
     layers : list[int] or None
         First layer of each new stage (drop at its input). Default ``[8, 16, 24]`` for 32 layers,
         scaled to depth (``L*s//4``).
+    layer_shares : list[float] or None
+        The stage boundaries as shares of depth instead of layer indices, so one setting fits every
+        model: layer ``ceil(f * L)`` for each share ``f`` (``[0.0625, 0.3125, 0.625]`` is ``[2, 10, 20]``
+        at 32 layers, ``[1, 3, 5]`` at 8). Give ``layers`` or ``layer_shares``, not both.
     ratios : list[float] or None
         Share of the original visual tokens kept from each boundary on. Default ``lam**s``.
     lam : float
@@ -47,6 +51,7 @@ class PyramidDrop(DecoderMethod):
     """
 
     layers: list[int] | None = None
+    layer_shares: list[float] | None = None
     ratios: list[float] | None = None
     lam: float = 0.5
     positions: str = "compact"
@@ -57,6 +62,10 @@ class PyramidDrop(DecoderMethod):
 
     def __post_init__(self):
         check_choice("positions", self.positions, ("compact", "original"))
+        if self.layers is not None and self.layer_shares is not None:
+            raise ValueError(
+                f"give either layers={self.layers} or layer_shares={self.layer_shares} (shares of depth), not both"
+            )
         if self.ratios is None and not (0.0 < self.lam <= 1.0):
             raise ValueError(f"lam={self.lam!r} is outside (0, 1]; lam=1 keeps every token")
         if self.ratios is not None:
@@ -66,14 +75,17 @@ class PyramidDrop(DecoderMethod):
         self.scorer_obj = LastQueryAttention(source="next", precision=self.precision, backend=self.backend)
 
     def plan(self, adapter) -> DecoderPlan:
+        layers = self.layers
+        if self.layer_shares is not None:
+            layers = layers_from_depth_shares(self.layer_shares, adapter.num_layers)
         if self.target is not None:
             target = dict(self.target)
             if self.allow_empty:
                 target["allow_empty"] = True
-            spec = {"kind": "stages", "layers": self.layers, "target": target}
+            spec = {"kind": "stages", "layers": layers, "target": target}
             sched = parse_schedule(
                 spec, adapter.num_layers, n_visual=adapter.tokens_per_image(), dims=dims_of(adapter)
             )
         else:
-            sched = stages(adapter.num_layers, self.layers, self.ratios, self.lam)
+            sched = stages(adapter.num_layers, layers, self.ratios, self.lam)
         return DecoderPlan(sched, self.scorer_obj, mode="drop", positions=self.positions)
