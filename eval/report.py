@@ -524,7 +524,8 @@ def _budget_chains(group: Sequence[dict], tasks: Sequence[tuple[str, str]]) -> l
             )
             if len(ranked) < 2 or not any(task in r["pairwise"] for r in ranked):
                 continue
-            text = f"{ranked[0]['label']} {_fmt_score(ranked[0]['scores'][task])}"
+            name = lambda r: r["preset"] or r["label"]  # noqa: E731
+            text = f"{name(ranked[0])} {_fmt_score(ranked[0]['scores'][task])}"
             for prev, r in zip(ranked, ranked[1:]):
                 test = prev["pairwise"].get(task, {}).get(r["label"])
                 if test is None:
@@ -533,7 +534,7 @@ def _budget_chains(group: Sequence[dict], tasks: Sequence[tuple[str, str]]) -> l
                     sep = f" > ({_fmt_p(test['p'])}) "
                 else:
                     sep = f" ≈ ({_fmt_p(test['p'])}, n.s.) "
-                text += f"{sep}{r['label']} {_fmt_score(r['scores'][task])}"
+                text += f"{sep}{name(r)} {_fmt_score(r['scores'][task])}"
             lines.append(f"- **{b:.0%}**, {task} ({metric}): {text}")
     return lines
 

@@ -426,9 +426,7 @@ def test_large_difference_is_significant_and_budget_chain(tmp_path):
     assert rows["fastv fastv@25%"]["vs_reference"]["qa"]["p"] == pytest.approx(2 / 2**30)
     assert rows["fastv fastv@25%"]["pairwise"]["qa"]["uniform uniform@25%"]["p"] == 1.0
     md = paths["markdown"].read_text()
-    assert (
-        "- **25%**, qa (accuracy): uniform uniform@25% 0.7100 ≈ (p=1.00, n.s.) fastv fastv@25% 0.7000" in md
-    )
+    assert "- **25%**, qa (accuracy): uniform@25% 0.7100 ≈ (p=1.00, n.s.) fastv@25% 0.7000" in md
     assert "(p<0.001)" in md and "n.s." not in _md_table(md, "tiny")[1]["qa Δ vs ★"]
 
 
