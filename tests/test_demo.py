@@ -119,6 +119,9 @@ def test_synthetic_lmms_task_runs_with_per_question_type_accuracy(ckpt, tmp_path
 
     from test_lmms_plugin import _bin, _env, _results_files
 
+    from vtc.eval.report import build_rows, collect_runs
+    from vtc.eval.results import load_samples, samples_path
+
     out = tmp_path / "results"
     cmd = [
         _bin("vtc"),
@@ -128,6 +131,11 @@ def test_synthetic_lmms_task_runs_with_per_question_type_accuracy(ckpt, tmp_path
         "--methods",
         "none",
         "pdrop_default",
+        "random_pdrop_default",
+        "--seeds",
+        "2",
+        "--threads",
+        "1",
         "--tasks",
         "vtc_synthetic",
         "--limit",
@@ -143,11 +151,17 @@ def test_synthetic_lmms_task_runs_with_per_question_type_accuracy(ckpt, tmp_path
     done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     files = _results_files(out)
-    assert len(files) == 2
+    assert len(files) == 4  # none, pdrop_default, random with seeds 0 and 1
     for f in files:
         res = json.loads(f.read_text())["results"]["vtc_synthetic"]
         assert 0.0 <= res["exact_match,none"] <= 1.0
         assert any(k.startswith(("exist,", "count,", "attribute,", "relpos,")) for k in res)
+        # per-question scores kept by default, and they average to the file's score
+        hits = load_samples(samples_path(f, "vtc_synthetic"), "exact_match")
+        assert len(hits) == 8 and sum(hits.values()) / 8 == pytest.approx(res["exact_match,none"])
+    rows = {r["method"]: r for r in build_rows(collect_runs(out))}
+    assert rows["random"]["seeds"] == [0, 1] and "vtc_synthetic" in rows["random"]["ci"]
+    assert rows["pyramid_drop"]["vs_reference"]["vtc_synthetic"]["test"] == "mcnemar"
 
 
 def test_random_engine_demo_counts_and_kv_bytes():
@@ -159,3 +173,23 @@ def test_random_engine_demo_counts_and_kv_bytes():
     # KV bytes scale with the cached tokens of each layer: (valid text 7 + visual + 2 decoded) tokens
     per_token = rows["kv_bytes_unpatched"][0] // (7 + 144 + 2)
     assert rows["kv_bytes_pyramid_drop"] == [per_token * (7 + v + 2) for v in rows["visual_pyramid_drop"]]
+
+
+def test_eval_expands_seeds_and_names_position_policies(caplog):
+    from vtc.eval.harness import _position_policies, expand_seeds
+    from vtc.eval.lmms_plugin import parse_vtc_args
+
+    specs = expand_seeds(
+        [(m, *parse_vtc_args(m, None)) for m in ("none", "pdrop_default", "random_pdrop_default")], 3
+    )
+    assert [(m, s) for m, _, _, s in specs] == [
+        ("none", None),
+        ("pdrop_default", None),
+        ("random_pdrop_default", 0),
+        ("random_pdrop_default", 1),
+        ("random_pdrop_default", 2),
+    ]
+    assert [run[2][0].seed for run in specs[2:]] == [0, 1, 2]
+    assert _position_policies(specs) == {"pdrop_default": "compact", "random_pdrop_default": "original"}
+    with pytest.raises(ValueError, match="--seeds must be a whole number >= 1"):
+        expand_seeds([], 0)
