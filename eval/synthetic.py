@@ -564,7 +564,8 @@ def oracle_priority(scene: Scene, min_cover: float = 0.2) -> list[int]:
     First the patches of the objects the generator placed (:func:`patch_object_ids`), round-robin over
     the objects so that every object keeps one patch before any keeps a second; then the other patches
     in van der Corput order of their raster rank, so any prefix of them is an even spread. Synthetic
-    suite only: it reads the answer-bearing layout, which no real method can see (an upper bound).
+    suite only: it reads the answer-bearing layout, which no real method can see (headroom; on the embedded
+    checkpoint it is near the unpatched model on single-object questions but not on counting).
     """
     ids = patch_object_ids(scene, min_cover).reshape(-1)
     per_obj = [np.flatnonzero(ids == k).tolist() for k in range(len(scene.objects))]
