@@ -313,12 +313,6 @@ def _write_results(path: Path, run: DemoRun, budget, res: dict, acc, samples, mo
             fh.write(json.dumps(rec) + "\n")
 
 
-def _fmt_layers(values) -> str:
-    from vtc.eval.report import _fmt_layers as fmt
-
-    return fmt(values)
-
-
 def run_demo(
     out_dir: str = "out",
     n: int = 800,
@@ -334,7 +328,7 @@ def run_demo(
     """
     from vtc.eval import synthetic
     from vtc.eval.bench import ForwardClock
-    from vtc.eval.report import write_report
+    from vtc.eval.report import format_tokens_per_layer, write_report
     from vtc.eval.results import TaskAccumulator
     from vtc.flops import ModelDims
 
@@ -420,7 +414,7 @@ def run_demo(
                 "seconds": time.perf_counter() - t_run,
             }
             lines.append(
-                f"{tag:<24} {run.positions or '–':<9} {_fmt_layers(r.avg_visual_tokens_per_layer):<28} "
+                f"{tag:<24} {run.positions or '–':<9} {format_tokens_per_layer(r.avg_visual_tokens_per_layer):<28} "
                 f"{100 * res['overall']:6.2f} {r.prefill_ms or 0:9.1f} {r.decode_ms or 0:8.1f}"
             )
             logger.info("%s", lines[-1])

@@ -469,7 +469,7 @@ MD_COLUMNS = (
 )
 
 
-def _fmt_layers(values: Sequence[float] | None) -> str:
+def format_tokens_per_layer(values: Sequence[float] | None) -> str:
     """``144×2 72×2 36×4``: visual tokens per layer, runs of equal (rounded) counts collapsed."""
     if not values:
         return "–"
@@ -580,7 +580,7 @@ def _markdown(rows: Sequence[dict], runs_root: Path, version: str, commit: str, 
                 r["method"] + (" ★" if r["reference"] else ""),
                 r["preset"] or "–",
                 r["positions"] or "–",
-                _fmt_layers(r["tokens_per_layer"]),
+                format_tokens_per_layer(r["tokens_per_layer"]),
                 _fmt(r["avg_visual_tokens"], ".1f"),
                 _fmt(r["tflops_papers"], ".4g"),
                 _fmt(r["tflops_full"], ".4g"),

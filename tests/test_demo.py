@@ -193,3 +193,29 @@ def test_eval_expands_seeds_and_names_position_policies(caplog):
     assert _position_policies(specs) == {"pdrop_default": "compact", "random_pdrop_default": "original"}
     with pytest.raises(ValueError, match="--seeds must be a whole number >= 1"):
         expand_seeds([], 0)
+
+
+def test_vision_memo_reuses_features_without_changing_answers(ckpt):
+    import vtc
+    from vtc.eval import synthetic
+    from vtc.eval.demo import VisionMemo
+
+    model, processor = synthetic.load_default(ckpt)
+    samples = synthetic.make_split("test", 6)
+    batches = synthetic.encode_batches(processor, samples, batch_size=3)
+    spec = {"method": "uniform", "schedule": {"kind": "stages", "layers": [1, 3], "ratios": [0.5, 0.25]}}
+    plain = []
+    for s in (None, spec):  # reference: no memo, unpatched and patched
+        h = vtc.apply(model, s) if s is not None else None
+        plain.append(synthetic.evaluate(model, processor, samples, batches=batches)["predictions"])
+        if h is not None:
+            h.remove()
+    memo = VisionMemo(model)
+    got = []
+    with memo:
+        got.append(synthetic.evaluate(model, processor, samples, batches=batches)["predictions"])
+        with vtc.apply(model, spec):
+            got.append(synthetic.evaluate(model, processor, samples, batches=batches)["predictions"])
+    assert got == plain
+    assert (memo.misses, memo.hits) == (2, 2)  # two batches computed once, reused by the patched run
+    assert "get_image_features" not in vars(model.model)  # the instance attribute is gone again
