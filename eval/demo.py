@@ -2,19 +2,40 @@
 
 Loads the shipped tiny trained LLaVA (``vtc/eval/assets/tiny_llava``, the real
 ``LlavaForConditionalGeneration`` class, loaded with ``from_pretrained``), evaluates it on the synthetic
-visual-QA test split unpatched and with every method at matched visual-token budgets (found by the
-equal-cost solver), writes one results JSON per run (lmms-eval layout plus the ``vtc`` block), and
-turns them into the report table, CSV and Pareto PNG in ``--out``.
+visual-QA test split (800 questions by default) unpatched and with every method at matched average
+visual tokens (found by the equal-cost solver), writes one results JSON per run (lmms-eval layout plus
+the ``vtc`` block) with its per-question scores beside it (``<date>_samples_vtc_synthetic.jsonl``), and
+turns them into the report table (95 % intervals, paired tests), CSV, JSON and Pareto PNG in ``--out``.
 
-Budgets are the average share of visual tokens over layers. Families whose layout cannot reach a
-budget (FastV with K=2 cannot go below 25 %) are skipped for it, and the skip is printed.
+Fair by construction:
+
+* every in-decoder method uses the same position policy (``original``: kept tokens keep their RoPE ids),
+  and every run prints its policy and visual tokens per layer;
+* budgets are the average share of visual tokens over layers, the same for every method; families whose
+  layout cannot reach a budget (FastV with K=2 cannot go below 25 %), configurations that would leave a
+  layer with no visual token, and DFMR budgets that pool to the same size as a larger one are not run,
+  and the output says so;
+* stochastic methods (``random``) run with several seeds (default 3); the report shows mean ± sd;
+* pre-LLM methods ``visionzip``, ``divprune``, ``cdpruner`` and ``pool`` run at the same budgets when they
+  are registered;
+* an ``oracle`` row (synthetic suite only): it keeps the patches of the objects the generator placed, then
+  an even spread, on the ``uniform`` schedule -- information no real method has, meant as headroom. It is
+  an upper bound for questions about one object (existence, attribute, relative position), not for
+  counting: on the embedded checkpoint it counts worse than ``uniform`` at 50 % and 33 % (measured, see
+  the README), so it is labelled by what it keeps, not as a ceiling.
+
+Prefill and decode are timed per batch with :class:`vtc.eval.bench.ForwardClock`. Everything is encoded
+once, and the image features of the unpatched vision tower are computed once per batch and reused by the
+in-decoder runs (they do not change the vision tower; pre-LLM runs compute their own).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -23,8 +44,41 @@ import torch
 import vtc
 from vtc.eval.demo_random import run_random_demo
 
+logger = logging.getLogger(__name__)
+
 BUDGETS = (0.50, 0.33, 0.25)
 TASK = "vtc_synthetic"
+METRIC = "accuracy"
+#: Position policy of every in-decoder method in the demo (the same for all: a fair comparison).
+POSITIONS = "original"
+#: Seeds of stochastic methods.
+SEEDS = 3
+#: Pre-LLM methods run at every budget when registered (``tokens=`` visual tokens kept per image).
+PRE_LLM_OPTIONAL = ("visionzip", "divprune", "cdpruner", "pool")
+
+
+@dataclass
+class DemoRun:
+    """One configuration of the demo grid.
+
+    ``spec`` is anything :func:`vtc.apply` takes (None: the unpatched model); ``shares`` the planned share
+    of visual tokens per decoder layer of its in-decoder part (None when there is none).
+    """
+
+    label: str
+    budget: float | None
+    spec: object
+    seed: int | None = None
+    oracle: bool = False
+    positions: str = ""
+    shares: list[float] | None = field(default=None, repr=False)
+
+    @property
+    def preset(self) -> str:
+        if self.budget is None:
+            return "unpatched"
+        text = f"{self.label}@{self.budget:.0%}"
+        return f"{text} (object patches, synthetic only)" if self.oracle else text
 
 
 def _stage_layers(L: int) -> list[int]:
@@ -32,84 +86,130 @@ def _stage_layers(L: int) -> list[int]:
     return sorted({max(1, L * k // 8) for k in (1, 3, 5)})
 
 
-def method_grid(num_layers: int, n_visual: int, budgets=BUDGETS) -> list[tuple[str, float | None, object]]:
-    """``(label, budget, method spec)`` of every demo run; the spec is anything ``vtc.apply`` takes."""
-    from vtc.adapters import ConfigOnlyAdapter
-    from vtc.schedules import parse_schedule
+def _candidates(b: float, layers: list[int], n_visual: int, seeds: int) -> list[tuple[str, object, dict]]:
+    target = {"avg_share": b, "n_visual": n_visual}
+    stages = {"kind": "stages", "layers": layers, "target": target}
+    cosine = {"kind": "shifted_cosine", "floor": 0.1, "target": target}
+    pos = {"positions": POSITIONS}
+    cand: list[tuple[str, object, dict]] = [
+        ("pyramid_drop", {"method": "pyramid_drop", "layers": layers, "target": target, **pos}, {}),
+        (
+            "fastv",
+            {
+                "method": "schedule",
+                "schedule": {"kind": "single", "k": 2, "target": target},
+                "scorer": {"name": "last_query_attention", "source": "prev"},
+                **pos,
+            },
+            {},
+        ),
+        ("prd_drop", {"method": "schedule", "mode": "drop", "schedule": cosine, **pos}, {}),
+        ("prd_skip", {"method": "schedule", "mode": "skip", "schedule": cosine, **pos}, {}),
+    ]
+    cand += [
+        ("random", {"method": "random", "schedule": stages, "seed": s, **pos}, {"seed": s})
+        for s in range(seeds)
+    ]
+    cand += [
+        ("uniform", {"method": "uniform", "schedule": stages, **pos}, {}),
+        ("oracle", {"method": "uniform", "schedule": stages, **pos}, {"oracle": True}),
+        ("dfmr", {"method": "dfmr", "mode": "budget", "budget_per_image": max(1, round(b * n_visual))}, {}),
+        (
+            "dfmr+pyramid_drop",
+            {
+                "methods": [
+                    {
+                        "method": "dfmr",
+                        "mode": "budget",
+                        "budget_per_image": max(1, round(min(1.0, 2 * b) * n_visual)),
+                    },
+                    {"method": "pyramid_drop", "lam": 0.5, **pos},
+                ]
+            },
+            {},
+        ),
+    ]
+    from vtc.registry import list_methods
 
-    ad = ConfigOnlyAdapter(num_layers, n_visual)
+    registered = set(list_methods())
+    cand += [
+        (name, {"method": name, "tokens": max(1, round(b * n_visual))}, {})
+        for name in PRE_LLM_OPTIONAL
+        if name in registered
+    ]
+    return cand
+
+
+def method_grid(
+    num_layers: int, n_visual: int, budgets=BUDGETS, seeds: int = SEEDS, skipped: list[str] | None = None
+) -> list[DemoRun]:
+    """Every demo run, in order; configurations that cannot run fairly are left out.
+
+    Parameters
+    ----------
+    num_layers, n_visual : int
+        Decoder layers L and visual tokens per image of the model.
+    budgets : sequence of float
+        Average share of visual tokens over layers, in (0, 1].
+    seeds : int
+        Seeds of stochastic methods (``random``).
+    skipped : list, optional
+        Receives one sentence per configuration left out, saying why.
+    """
+    from vtc.adapters import ConfigOnlyAdapter
+    from vtc.schedules import keep_count
+
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    skipped = skipped if skipped is not None else []
     layers = _stage_layers(num_layers)
-    runs: list[tuple[str, float | None, object]] = [("unpatched", None, None)]
+    runs = [DemoRun("unpatched", None, None)]
     seen: set = set()
     for b in budgets:
-        target = {"avg_share": b, "n_visual": n_visual}
-        stages = {"kind": "stages", "layers": layers, "target": target}
-        cand = [
-            ("pyramid_drop", {"method": "pyramid_drop", "layers": layers, "target": target}),
-            (
-                "fastv",
-                {
-                    "method": "schedule",
-                    "schedule": {"kind": "single", "k": 2, "target": target},
-                    "scorer": {"name": "last_query_attention", "source": "prev"},
-                    "positions": "original",
-                },
-            ),
-            (
-                "prd_drop",
-                {
-                    "method": "schedule",
-                    "mode": "drop",
-                    "schedule": {"kind": "shifted_cosine", "floor": 0.1, "target": target},
-                },
-            ),
-            (
-                "prd_skip",
-                {
-                    "method": "schedule",
-                    "mode": "skip",
-                    "schedule": {"kind": "shifted_cosine", "floor": 0.1, "target": target},
-                },
-            ),
-            ("random", {"method": "random", "schedule": stages, "seed": 0}),
-            ("uniform", {"method": "uniform", "schedule": stages}),
-            ("dfmr", {"method": "dfmr", "mode": "budget", "budget_per_image": max(1, round(b * n_visual))}),
-            (
-                "dfmr+pyramid_drop",
-                {
-                    "methods": [
-                        {
-                            "method": "dfmr",
-                            "mode": "budget",
-                            "budget_per_image": max(1, round(min(1.0, 2 * b) * n_visual)),
-                        },
-                        {"method": "pyramid_drop", "lam": 0.5},
-                    ]
-                },
-            ),
-        ]
-        for label, spec in cand:
+        for label, spec, extra in _candidates(b, layers, n_visual, seeds):
+            where = f"{label}{'' if extra.get('seed') is None else ' seed ' + str(extra['seed'])} at {b:.0%}"
+            if extra.get("oracle") and n_visual != _synthetic_grid() ** 2:
+                skipped.append(
+                    f"{where}: the oracle needs the {_synthetic_grid()}x{_synthetic_grid()} patch grid of the "
+                    f"synthetic suite; this model has {n_visual} visual tokens per image"
+                )
+                continue
             key = _dfmr_key(label, spec, n_visual)
             if key is not None:
                 if key in seen:
-                    print(
-                        f"  skip {label} at {b:.0%}: DFMR pools the {key[1]}x{key[1]} map only to the token counts "
-                        f"{key[2]}; this budget gives {key[3]} tokens per image, the same run as a larger budget"
+                    skipped.append(
+                        f"{where}: DFMR pools the {key[1]}x{key[1]} map only to the token counts {key[2]}; this "
+                        f"budget gives {key[3]} tokens per image, the same run as a larger budget"
                     )
                     continue
                 seen.add(key)
             try:
-                for m in vtc.resolve_methods(spec):
-                    if m.kind == "decoder":
-                        sched = spec.get("schedule") if isinstance(spec, dict) else None
-                        if sched is not None:
-                            parse_schedule(sched, num_layers, n_visual=n_visual)
-                        m.plan(ad)
-            except ValueError as e:
-                print(f"  skip {label} at {b:.0%}: {e}")
+                methods = vtc.resolve_methods(spec)
+                decoder = [m for m in methods if m.kind == "decoder"]
+                n_in = key[3] if key is not None else n_visual  # tokens per image entering the decoder
+                shares = None
+                for m in decoder:
+                    shares = list(m.plan(ConfigOnlyAdapter(num_layers, n_in)).schedule.shares)
+                    empty = [l for l, s in enumerate(shares) if keep_count(n_in, s) == 0]
+                    if empty:
+                        raise ValueError(
+                            f"its schedule leaves layer {empty[0]} with no visual token ({shares[empty[0]]:.3f} x "
+                            f"{n_in} tokens rounds down to 0)"
+                        )
+            except (ValueError, TypeError) as e:
+                skipped.append(f"{where}: {e}")
                 continue
-            runs.append((label, b, spec))
+            positions = "/".join(dict.fromkeys(getattr(m, "positions", "") for m in decoder)) or "–"
+            runs.append(
+                DemoRun(label, b, spec, extra.get("seed"), extra.get("oracle", False), positions, shares)
+            )
     return runs
+
+
+def _synthetic_grid() -> int:
+    from vtc.eval.synthetic import GRID
+
+    return GRID
 
 
 def _dfmr_key(label: str, spec, n_visual: int):
@@ -132,17 +232,67 @@ def _dfmr_key(label: str, spec, n_visual: int):
     return (label, side, tuple(levels), tokens)
 
 
-def _write_results(path: Path, label: str, budget, spec, res: dict, acc, model_name: str) -> None:
+class VisionMemo:
+    """Reuse the image features of identical ``pixel_values`` tensors across runs (a context manager).
+
+    Replaces ``get_image_features`` of the model's base ``LlavaModel`` instance by a memo keyed on the
+    tensor object and the call's arguments; on exit the instance attribute is deleted (the class method
+    shows through again). Only for runs that leave the vision tower and projector alone (in-decoder
+    methods, the unpatched model): a pre-LLM method rewrites the features and must compute its own.
+    """
+
+    def __init__(self, model):
+        self.base = model.model
+        self.cache: dict = {}
+        self.hits = self.misses = 0
+        self._active = False
+
+    def __enter__(self):
+        original = type(self.base).get_image_features.__get__(self.base)
+
+        def memo(pixel_values=None, **kwargs):
+            key = (id(pixel_values), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+            hit = self.cache.get(key)
+            if hit is not None and hit[0] is pixel_values:
+                self.hits += 1
+                return hit[1]
+            self.misses += 1
+            out = original(pixel_values=pixel_values, **kwargs)
+            self.cache[key] = (pixel_values, out)
+            return out
+
+        self.base.get_image_features = memo
+        self._active = True
+        return self
+
+    def __exit__(self, *exc):
+        if self._active:
+            del self.base.get_image_features
+            self._active = False
+        return False
+
+
+class _NoMemo:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _write_results(path: Path, run: DemoRun, budget, res: dict, acc, samples, model_name: str) -> None:
     from vtc.eval.results import build_vtc_block
 
-    metrics = {"accuracy,none": res["overall"], "alias": TASK}
+    metrics = {f"{METRIC},none": res["overall"], "alias": TASK}
     for q, v in res["per_qtype"].items():
         metrics[f"{q},none"] = v
-    methods = vtc.resolve_methods(spec) if spec is not None else []
+    methods = vtc.resolve_methods(run.spec) if run.spec is not None else []
     cfg = {"methods": [m.to_dict() for m in methods], "budget": budget}
+    if run.oracle:
+        cfg["oracle"] = "keeps the patches of the placed objects, then an even spread (synthetic suite only)"
     block = build_vtc_block(
-        method="none" if spec is None else label,
-        preset="unpatched" if budget is None else f"{label}@{budget:.0%}",
+        method="none" if run.spec is None else run.label,
+        preset=run.preset if run.budget is None or budget == run.budget else f"{run.label}@{budget:.0%}",
         config=cfg,
         model=model_name,
         per_task={TASK: acc.result()},
@@ -155,94 +305,181 @@ def _write_results(path: Path, label: str, budget, spec, res: dict, acc, model_n
         "vtc": block,
     }
     path.write_text(json.dumps(out, indent=2, default=float))
+    stem = path.name[: -len("_results.json")]
+    with (path.parent / f"{stem}_samples_{TASK}.jsonl").open("w", encoding="utf-8") as fh:
+        for i, (s, hit, pred) in enumerate(zip(samples, res["hits"], res["predictions"])):
+            rec = {"doc_id": i, "uid": s.uid, "qtype": s.qtype, "target": s.answer, "filtered_resps": pred}
+            rec[METRIC] = float(hit)
+            fh.write(json.dumps(rec) + "\n")
 
 
 def run_demo(
-    out_dir: str = "out", n: int = 400, batch_size: int = 16, checkpoint=None, budgets=BUDGETS
+    out_dir: str = "out",
+    n: int = 800,
+    batch_size: int = 32,
+    checkpoint=None,
+    budgets=BUDGETS,
+    seeds: int = SEEDS,
 ) -> dict:
-    from tqdm.auto import tqdm
+    """Run the demo grid, write results, samples and the report to ``out_dir``; returns a summary per run.
 
+    Prints the runs (position policy, visual tokens per layer, accuracy, latency), the configurations
+    left out and why, and the report table.
+    """
     from vtc.eval import synthetic
-    from vtc.eval.report import write_report
+    from vtc.eval.bench import ForwardClock
+    from vtc.eval.report import format_tokens_per_layer, write_report
     from vtc.eval.results import TaskAccumulator
     from vtc.flops import ModelDims
 
-    t0 = time.perf_counter()
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    t0, cpu0 = time.perf_counter(), time.process_time()
     model, processor = synthetic.load_default(checkpoint)
     ad = vtc.get_adapter(model)
     L, n_visual = ad.num_layers, ad.tokens_per_image()
     samples = synthetic.make_split("test", n)
+    batches = synthetic.encode_batches(processor, samples, batch_size)
     dims = ModelDims.from_hf_config(model.config)
     model_name = str(checkpoint or synthetic.DEFAULT_CHECKPOINT.name)
     out = Path(out_dir)
     res_dir = out / "results" / "tiny_llava"
     res_dir.mkdir(parents=True, exist_ok=True)
-    for old in res_dir.glob("*_results.json"):
+    for old in [*res_dir.glob("*_results.json"), *res_dir.glob("*_samples_*.jsonl")]:
         old.unlink()
-    print(f"vtc demo: {model_name}, L={L}, {n_visual} visual tokens per image, {len(samples)} test questions")
-    runs = method_grid(L, n_visual, budgets)
+    skipped: list[str] = []
+    runs = method_grid(L, n_visual, budgets, seeds, skipped)
+    logger.info(
+        "vtc demo: %s, L=%d, %d visual tokens per image, %d test questions, %d runs, batch %d, %d torch threads",
+        model_name,
+        L,
+        n_visual,
+        len(samples),
+        len(runs),
+        batch_size,
+        torch.get_num_threads(),
+    )
     stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
     summary = {}
-    for i, (label, budget, spec) in enumerate(tqdm(runs, desc="runs", unit="run")):
-        acc = TaskAccumulator(dims)
-        if spec is None:
-            h = vtc.apply(
-                model, {"method": "schedule", "schedule": [1.0] * L}
-            )  # records counts, changes nothing
-        else:
+    memo = VisionMemo(model)
+    clock = ForwardClock(model)
+    lines = []
+    from tqdm.auto import tqdm
+
+    try:
+        for i, run in enumerate(tqdm(runs, desc="runs", unit="run")):
+            t_run, cpu_run = time.perf_counter(), time.process_time()
+            acc = TaskAccumulator(dims)
+            # the unpatched run records its counts through a keep-everything schedule (changes nothing)
+            spec = run.spec if run.spec is not None else {"method": "schedule", "schedule": [1.0] * L}
+            methods = vtc.resolve_methods(spec)
             h = vtc.apply(model, spec)
-        try:
-            res = synthetic.evaluate(model, processor, samples, batch_size=batch_size)
-            for st in h.calls:
-                acc.add(st)
-        finally:
-            h.remove()
-        if budget is not None and "dfmr" in label:
-            # DFMR pools by integer factors: name the run by the share it reached, not the one asked for
-            budget = acc.result().avg_visual_tokens / n_visual
-        tag = "unpatched" if budget is None else f"{label}-{round(budget * 100)}"
-        _write_results(
-            res_dir / f"{stamp}_{i:02d}-{tag}_results.json", label, budget, spec, res, acc, model_name
-        )
-        summary[tag] = {
-            "overall": res["overall"],
-            **res["per_qtype"],
-            "avg_visual_tokens": acc.result().avg_visual_tokens,
-        }
+            on_batch = None
+            if run.oracle:
+                plan = h.session.plan
+                sel_layers = plan.selection_layers()
+                shares = plan.schedule.shares
+
+                def on_batch(batch, inputs, h=h, sel_layers=sel_layers, shares=shares):
+                    h.session.forced = synthetic.oracle_selection(
+                        batch, inputs["input_ids"], ad.image_token_id, shares, sel_layers
+                    )
+
+            try:
+                with memo if all(m.kind == "decoder" for m in methods) else _NoMemo():
+                    res = synthetic.evaluate(
+                        model, processor, samples, batches=batches, on_batch=on_batch, clock=clock
+                    )
+                for stats, (pm, dm) in zip(h.calls, res["timing"]):
+                    acc.add(stats, prefill_ms=pm, decode_ms=dm)
+            finally:
+                h.remove()
+            budget = run.budget
+            if budget is not None and "dfmr" in run.label:
+                # DFMR pools by integer factors: name the run by the share it reached, not the one asked for
+                budget = acc.result().avg_visual_tokens / n_visual
+            tag = "unpatched" if budget is None else f"{run.label}-{round(budget * 100)}"
+            if run.seed is not None:
+                tag += f"-s{run.seed}"
+            _write_results(
+                res_dir / f"{stamp}_{i:02d}-{tag}_results.json", run, budget, res, acc, samples, model_name
+            )
+            r = acc.result()
+            summary[tag] = {
+                "overall": res["overall"],
+                **res["per_qtype"],
+                "avg_visual_tokens": r.avg_visual_tokens,
+                "visual_tokens_per_layer": r.avg_visual_tokens_per_layer,
+                "positions": run.positions or "–",
+                "prefill_ms": r.prefill_ms,
+                "decode_ms": r.decode_ms,
+                "seconds": time.perf_counter() - t_run,
+                "cpu_seconds": time.process_time() - cpu_run,
+            }
+            lines.append(
+                f"{tag:<24} {run.positions or '–':<9} {format_tokens_per_layer(r.avg_visual_tokens_per_layer):<28} "
+                f"{100 * res['overall']:6.2f} {r.prefill_ms or 0:9.1f} {r.decode_ms or 0:8.1f}"
+            )
+            logger.info("%s", lines[-1])
+    finally:
+        clock.remove()
+    logger.info("vision features reused %d times, computed %d times", memo.hits, memo.misses)
     paths = write_report(out / "results", out)
+    print(f"vtc demo: {model_name}, L={L}, {n_visual} visual tokens per image, {len(samples)} test questions")
+    print(
+        f"\n{'run':<24} {'positions':<9} {'visual tokens per layer':<28} {'acc %':>6} {'prefill ms':>9} {'decode ms':>8}"
+    )
+    print("\n".join(lines))
+    if skipped:
+        print("\nnot run:")
+        print("\n".join(f"  {s}" for s in skipped))
     print()
     print(Path(paths["markdown"]).read_text())
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nwrote {paths['markdown']}, {paths['csv']}, {paths['plot']} in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"\nwrote {paths['markdown']}, {paths['csv']}, {paths['json']}, {paths['plot']} "
+        f"in {time.perf_counter() - t0:.0f} s ({time.process_time() - cpu0:.0f} s of CPU time, "
+        f"{torch.get_num_threads()} torch threads)"
+    )
     return summary
 
 
 def main(argv=None) -> int:
+    from vtc.eval.threads import add_threads_arg, apply_threads
+
     p = argparse.ArgumentParser(prog="vtc demo", description=__doc__.splitlines()[0])
     p.add_argument(
         "--out", default="out", help="output folder for results, table, CSV and PNG (default: out)"
     )
-    p.add_argument("--n", type=int, default=400, help="test questions per run (default 400)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--n", type=int, default=800, help="test questions per run (default 800)")
+    p.add_argument("--batch-size", type=int, default=32, help="questions per generate call (default 32)")
+    p.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds of stochastic methods (default {SEEDS})")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the embedded tiny LLaVA)")
     p.add_argument("--random", action="store_true", help="run the random-weights engine demo instead")
+    add_threads_arg(p)
     args = p.parse_args(argv)
     if args.n < 1:
         p.error(f"--n must be >= 1, got {args.n}")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
         p.error(f"--checkpoint {args.checkpoint!r} is not a folder")
+    try:
+        apply_threads(args.threads)
+    except ValueError as err:
+        p.error(str(err))
     from vtc.eval import synthetic
 
     if args.random or (
         args.checkpoint is None and not (synthetic.DEFAULT_CHECKPOINT / "config.json").is_file()
     ):
         if not args.random:
-            print(
-                f"no embedded checkpoint at {synthetic.DEFAULT_CHECKPOINT} yet (train one with "
-                "`python -m vtc.eval.train_tiny`); running the random-weights engine demo instead\n"
+            logger.warning(
+                "no embedded checkpoint at %s yet (train one with `python -m vtc.eval.train_tiny`); running the "
+                "random-weights engine demo instead",
+                synthetic.DEFAULT_CHECKPOINT,
             )
         run_random_demo()
         return 0
-    run_demo(args.out, args.n, args.batch_size, args.checkpoint)
+    run_demo(args.out, args.n, args.batch_size, args.checkpoint, seeds=args.seeds)
     return 0

@@ -12,6 +12,12 @@ method appended to the date id, so runs of one call do not overwrite each other)
 top-level ``"vtc"`` block (:mod:`vtc.eval.results`). Finally the report (:mod:`vtc.eval.report`) is
 written to ``<output>/report`` and its table printed.
 
+Per-question scores are kept (``<date>_samples_<task>.jsonl`` beside each results file; turn off with
+``--no-log-samples``), so the report gives 95 % intervals and paired tests. Stochastic methods (those with
+a ``seed`` field, e.g. ``random``) run once per seed ``0 .. --seeds - 1`` (default 3); the report merges
+them into mean ± sd. Methods compared with different position policies are named in a warning, and the
+report prints each run's policy and visual tokens per layer.
+
 The package's own task folder (``vtc/eval/tasks``, holding the offline ``vtc_offline`` task) is always
 on the include path; add more with ``--include-path``.
 
@@ -24,11 +30,17 @@ statistics from all ranks when lmms-eval calls ``clean()`` after the last reques
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import os
 import re
 import sys
 from importlib import resources
 from pathlib import Path
+
+from vtc.eval.threads import add_threads_arg, apply_threads
+
+logger = logging.getLogger(__name__)
 
 
 def tasks_dir() -> Path:
@@ -86,13 +98,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gen-kwargs", default=None, help="generation overrides, lmms-eval format: max_new_tokens=16,..."
     )
-    p.add_argument("--log-samples", action="store_true", help="also write <date>_samples_<task>.jsonl")
+    p.add_argument(
+        "--log-samples",
+        dest="log_samples",
+        action="store_true",
+        default=True,
+        help="write <date>_samples_<task>.jsonl beside each results file (the default; the report's intervals "
+        "and paired tests need it)",
+    )
+    p.add_argument(
+        "--no-log-samples", dest="log_samples", action="store_false", help="do not keep per-question scores"
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="run stochastic methods (a 'seed' field, e.g. random) with seeds 0..N-1 (default 3)",
+    )
     p.add_argument("--force-simple", action="store_true", help="prompt-string mode instead of chat messages")
     p.add_argument("--include-vision", action="store_true", help="count the vision tower in tflops_full")
     p.add_argument("--no-report", action="store_true", help="do not write/print the report")
     p.add_argument("--seed", type=int, default=0, help="random seed passed to lmms-eval (default 0)")
     p.add_argument("--verbosity", default="WARNING", help="lmms-eval log level (default WARNING)")
+    add_threads_arg(p)
     return p
+
+
+def expand_seeds(specs: list[tuple], seeds: int) -> list[tuple]:
+    """``(method, label, spec, seed)`` per run: methods with a ``seed`` field once per seed ``0 .. seeds-1``.
+
+    ``specs`` holds ``(method, label, spec)`` as :func:`vtc.eval.lmms_plugin.parse_vtc_args` gives them;
+    the seeded runs get a list of method instances with ``seed`` replaced, others keep their spec and
+    ``seed=None``.
+    """
+    import vtc
+
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"--seeds must be a whole number >= 1, got {seeds!r}")
+    out = []
+    for method, label, spec in specs:
+        methods = vtc.resolve_methods(spec) if spec is not None else []
+        seeded = [any(f.name == "seed" for f in dataclasses.fields(m)) for m in methods]
+        if not any(seeded):
+            out.append((method, label, spec, None))
+            continue
+        for s in range(seeds):
+            runs = [dataclasses.replace(m, seed=s) if has else m for m, has in zip(methods, seeded)]
+            out.append((method, label, runs, s))
+    return out
+
+
+def _position_policies(specs: list[tuple]) -> dict[str, str]:
+    """``method -> position policy`` of the in-decoder methods among ``specs``."""
+    import vtc
+
+    found = {}
+    for method, _label, spec, _seed in specs:
+        for m in vtc.resolve_methods(spec) if spec is not None else []:
+            if m.kind == "decoder" and isinstance(getattr(m, "positions", None), str):
+                found[str(method)] = m.positions
+    return found
 
 
 def _check_model(model: str) -> None:
@@ -122,14 +187,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise SpecError(f"--batch-size must be >= 1, got {args.batch_size}")
-        specs = [(m, *parse_vtc_args(m, None)) for m in args.methods]
+        specs = expand_seeds([(m, *parse_vtc_args(m, None)) for m in args.methods], args.seeds)
         _check_model(args.model)
+        apply_threads(args.threads)
         for inc in args.include_path:
             if not Path(inc).is_dir():
                 raise SpecError(f"--include-path folder not found: {inc!r}")
     except (SpecError, ValueError) as err:
         print(f"vtc eval: error: {err}", file=sys.stderr)
         return 2
+    policies = _position_policies(specs)
+    if len(set(policies.values())) > 1:
+        logger.warning(
+            "the in-decoder methods use different position policies (%s): differences between them measure the "
+            "policy as well as the method; set positions= alike for a fair comparison",
+            ", ".join(f"{m}: {p}" for m, p in policies.items()),
+        )
 
     from lmms_eval import evaluator
     from lmms_eval.loggers.evaluation_tracker import EvaluationTracker
@@ -161,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(args.output)
     stamp = get_datetime_str(timezone="UTC")
     written = []
-    for i, (method, label, spec) in enumerate(specs):
+    for i, (method, label, spec, seed) in enumerate(specs):
         lm.set_vtc_spec(label, spec)
         tracker = EvaluationTracker(output_path=str(output))
         date_id = f"{stamp}_{i:02d}-{_slug(lm._info.preset or lm._info.label)}"
+        if seed is not None:
+            date_id += f"-s{seed}"
         model_args = f"pretrained={args.model},vtc_method={method}"
         results = evaluator.simple_evaluate(
             model=lm,
@@ -200,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             / f"{date_id.replace(':', '-')}_results.json"
         )
         written.append(path)
-        print(f"[{method}] {path}")
+        print(f"[{method}{'' if seed is None else f' seed {seed}'}] {path}")
         print(make_table(results))
     if _rank() != 0:
         return 0

@@ -18,7 +18,8 @@ lmms-eval writes ``<output_path>/<model>/<date>_results.json`` with, among other
           "avg_visual_tokens": float,                  # mean over layers of the above
           "tflops_papers": float,  # per sample, papers' convention (tera-MACs, image tokens, prefill)
           "tflops_full": float,    # per sample, real TFLOPs (2 × MACs, all tokens, prefill + decode)
-          "prefill_ms": float | null,
+          "prefill_ms": float | null,  # per generate call (a batch of n_rows / n_calls samples)
+          "decode_ms": float | null,   # per generate call: end of the prefill to the last forward
           "kv_mb": float | null,   # KV cache per sample after the last step, MiB
           "n_calls": int,
           "n_rows": int            # samples (rows summed over calls); optional
@@ -28,22 +29,28 @@ lmms-eval writes ``<output_path>/<model>/<date>_results.json`` with, among other
 
 :func:`build_vtc_block` makes the block, :class:`TaskAccumulator` turns recorded
 :class:`~vtc.engine.stats.CallStats` into one task's entry, and :func:`load_results` reads any results
-file (ours or plain lmms-eval) back as one :class:`ResultRow` per task.
+file (ours or plain lmms-eval) back as one :class:`ResultRow` per task, with the per-question scores
+of the task's primary metric when a samples file lies beside it (``<date>_samples_<task>.jsonl``, what
+lmms-eval's ``--log_samples`` and ``vtc eval`` write: one JSON object per question with ``doc_id`` and
+the metric's value).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import vtc
 from vtc.engine.stats import CallStats
 
+logger = logging.getLogger(__name__)
 __all__ = [
     "VTC_KEY",
     "SCHEMA_VERSION",
@@ -57,6 +64,9 @@ __all__ = [
     "load_results",
     "primary_metric",
     "model_key",
+    "iso_date",
+    "load_samples",
+    "samples_path",
 ]
 
 VTC_KEY = "vtc"
@@ -79,6 +89,7 @@ _TASK_FIELDS = (
     "tflops_papers",
     "tflops_full",
     "prefill_ms",
+    "decode_ms",
     "kv_mb",
     "n_calls",
     "n_rows",
@@ -100,6 +111,7 @@ class TaskStats:
     kv_mb: float | None = None
     n_calls: int = 0
     n_rows: int | None = None
+    decode_ms: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,9 +166,17 @@ class TaskAccumulator:
         self._kv_mb = 0.0
         self._kv_rows = 0
         self._ms: list[float] = []
+        self._decode_ms: list[float] = []
 
-    def add(self, stats: CallStats, prefill_ms: float | None = None, kv_mb: float | None = None) -> None:
-        """Add one call. ``prefill_ms`` is the call's prefill time; ``kv_mb`` its per-row cache size (MiB)."""
+    def add(
+        self,
+        stats: CallStats,
+        prefill_ms: float | None = None,
+        kv_mb: float | None = None,
+        decode_ms: float | None = None,
+    ) -> None:
+        """Add one call. ``prefill_ms``/``decode_ms``: the call's prefill and decode time (ms, whole batch);
+        ``kv_mb`` its per-row cache size (MiB)."""
         from vtc.flops import from_stats, kv_cache_bytes
 
         B = stats.batch_size
@@ -182,6 +202,8 @@ class TaskAccumulator:
             self._kv_rows += B
         if prefill_ms is not None:
             self._ms.append(float(prefill_ms))
+        if decode_ms is not None:
+            self._decode_ms.append(float(decode_ms))
         self.n_calls += 1
         self.n_rows += B
 
@@ -199,6 +221,7 @@ class TaskAccumulator:
             kv_mb=self._kv_mb / self._kv_rows if self._kv_rows else None,
             n_calls=self.n_calls,
             n_rows=self.n_rows,
+            decode_ms=sum(self._decode_ms) / len(self._decode_ms) if self._decode_ms else None,
         )
 
 
@@ -296,6 +319,8 @@ class ResultRow:
     kv_mb: float | None = None
     n_calls: int | None = None
     n_rows: int | None = None
+    decode_ms: float | None = None
+    samples: dict[str, float] | None = None  # question id -> score of the primary metric
     vtc_version: str = "unknown"
     git_commit: str = "unknown"
     date: str = ""
@@ -400,7 +425,7 @@ def load_results(path: str | Path, metric_overrides: Mapping[str, str] | None = 
         config=dict(block.get("config") or {}),
         vtc_version=str(block.get("version") or "unknown"),
         git_commit=str(block.get("git_commit") or "unknown"),
-        date=str(data.get("date") or ""),
+        date=iso_date(data.get("date")),
         has_vtc=bool(block),
     )
     results: dict = data["results"]
@@ -424,8 +449,65 @@ def load_results(path: str | Path, metric_overrides: Mapping[str, str] | None = 
                 metric=metric,
                 score=metrics.get(metric) if metric else None,
                 metrics=metrics,
+                samples=load_samples(samples_path(path, task), metric) if metric else None,
                 **stats,
                 **common,
             )
         )
     return rows
+
+
+def iso_date(value: Any) -> str:
+    """A results file's ``date`` as ISO 8601 UTC.
+
+    lmms-eval writes seconds since the epoch; numbers from 1e9 (September 2001) on are converted, anything
+    else (text such as ``"20260101"`` or an ISO date) is kept as it is.
+    """
+    if value is None or value == "":
+        return ""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not math.isfinite(seconds) or seconds < 1e9:
+        return str(value)
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def samples_path(results_path: str | Path, task: str) -> Path:
+    """``<date>_samples_<task>.jsonl`` beside ``<date>_results.json`` (lmms-eval's naming)."""
+    p = Path(results_path)
+    stem = p.name[: -len("_results.json")] if p.name.endswith("_results.json") else p.stem
+    return p.with_name(f"{stem}_samples_{task}.jsonl")
+
+
+def load_samples(path: str | Path, metric: str) -> dict[str, float] | None:
+    """Per-question scores of ``metric`` from a samples JSONL, keyed by ``doc_id``; None if unusable.
+
+    None when the file is missing or any line lacks a finite number for ``metric`` (e.g. metrics that
+    aggregate dictionaries, like POPE's F1): the report then shows no interval for that task.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    name = metric.split(",", 1)[0]
+    out: dict[str, float] = {}
+    with path.open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{i + 1}: not valid JSON ({err})") from err
+            value = rec.get(name)
+            if isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                logger.info("%s: line %d has no number for %r; no per-question scores", path, i + 1, name)
+                return None
+            key = str(rec.get("doc_id", i))
+            if key in out:
+                raise ValueError(f"{path}:{i + 1}: doc_id {key} appears twice")
+            out[key] = float(value)
+    return out or None

@@ -457,25 +457,63 @@ def build_prompt(processor, sample: Sample) -> str:
     return processor.apply_chat_template(build_messages(sample), add_generation_prompt=True, tokenize=False)
 
 
-def evaluate(
-    model, processor, samples: Sequence[Sample], batch_size: int = 8, max_new_tokens: int = 2
-) -> dict[str, Any]:
-    """Plain-HF evaluation: batched greedy ``generate`` with left padding.
-
-    Returns ``{"overall", "per_qtype", "n", "n_per_qtype", "predictions"}`` (accuracies in [0, 1]).
-    """
-    import torch
-
-    tok = processor.tokenizer
-    preds: list[str] = []
+def encode_batches(
+    processor, samples: Sequence[Sample], batch_size: int = 8
+) -> list[tuple[list[Sample], dict]]:
+    """``(samples, processor inputs)`` per batch, left-padded, for :func:`evaluate` (encode once, run many)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = []
     for i in range(0, len(samples), batch_size):
-        batch = samples[i : i + batch_size]
+        batch = list(samples[i : i + batch_size])
         prompts = [build_prompt(processor, s) for s in batch]
         images = [img for s in batch for img in s.images]
         inputs = processor(
             images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left"
         )
+        out.append((batch, dict(inputs)))
+    return out
+
+
+def evaluate(
+    model,
+    processor,
+    samples: Sequence[Sample],
+    batch_size: int = 8,
+    max_new_tokens: int = 2,
+    batches: Sequence[tuple[list[Sample], dict]] | None = None,
+    on_batch=None,
+    clock=None,
+) -> dict[str, Any]:
+    """Plain-HF evaluation: batched greedy ``generate`` with left padding.
+
+    Parameters
+    ----------
+    batches : list of ``(samples, inputs)``, optional
+        Pre-encoded batches from :func:`encode_batches` (then ``samples`` and ``batch_size`` are ignored).
+    on_batch : callable ``(samples, inputs) -> None``, optional
+        Called before each batch's ``generate`` (e.g. to force a selection).
+    clock : vtc.eval.bench.ForwardClock, optional
+        Times the forwards of each ``generate``: ``timing`` then lists ``(prefill_ms, decode_ms)`` per
+        batch (prefill = first forward; decode = end of the prefill to the end of the last forward).
+
+    Returns ``{"overall", "per_qtype", "n", "n_per_qtype", "predictions", "hits", "timing"}`` (accuracies
+    in [0, 1]; ``hits`` is 0/1 per sample in order).
+    """
+    import torch
+
+    tok = processor.tokenizer
+    if batches is None:
+        batches = encode_batches(processor, samples, batch_size)
+    samples = [s for batch, _ in batches for s in batch]
+    preds: list[str] = []
+    timing: list[tuple[float, float]] = []
+    for batch, inputs in batches:
+        if on_batch is not None:
+            on_batch(batch, inputs)
         with torch.inference_mode():
+            if clock is not None:
+                clock.start()
             out = model.generate(
                 **inputs,
                 max_new_tokens=max_new_tokens,
@@ -483,10 +521,18 @@ def evaluate(
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
             )
+            if clock is not None:
+                clock.stop()
+                spans = clock.spans_ms
+                if spans:
+                    timing.append((spans[0][1] - spans[0][0], spans[-1][1] - spans[0][1]))
         preds += tok.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     hits: dict[str, list[bool]] = {}
+    flat: list[int] = []
     for s, p in zip(samples, preds):
-        hits.setdefault(s.qtype, []).append(check_answer(p, s.answer))
+        ok = check_answer(p, s.answer)
+        hits.setdefault(s.qtype, []).append(ok)
+        flat.append(int(ok))
     allhits = [h for v in hits.values() for h in v]
     return {
         "overall": float(np.mean(allhits)) if allhits else float("nan"),
@@ -496,7 +542,86 @@ def evaluate(
         "n": len(allhits),
         "n_per_qtype": {q: len(v) for q, v in hits.items()},
         "predictions": [normalize_answer(p) for p in preds],
+        "hits": flat,
+        "timing": timing,
     }
+
+
+# --------------------------------------------------------------------------------------------- oracle
+def _radical_inverse(i: int) -> float:
+    """Van der Corput sequence in base 2: 0, 1/2, 1/4, 3/4, ... (any prefix is spread evenly)."""
+    x, f = 0.0, 0.5
+    while i:
+        x += f * (i & 1)
+        i >>= 1
+        f /= 2
+    return x
+
+
+def oracle_priority(scene: Scene, min_cover: float = 0.2) -> list[int]:
+    """The patches (row-major indices into the 12 x 12 grid) in the order the oracle keeps them.
+
+    First the patches of the objects the generator placed (:func:`patch_object_ids`), round-robin over
+    the objects so that every object keeps one patch before any keeps a second; then the other patches
+    in van der Corput order of their raster rank, so any prefix of them is an even spread. Synthetic
+    suite only: it reads the answer-bearing layout, which no real method can see (headroom; on the embedded
+    checkpoint it is near the unpatched model on single-object questions but not on counting).
+    """
+    ids = patch_object_ids(scene, min_cover).reshape(-1)
+    per_obj = [np.flatnonzero(ids == k).tolist() for k in range(len(scene.objects))]
+    order: list[int] = []
+    for r in range(max((len(p) for p in per_obj), default=0)):
+        order += [p[r] for p in per_obj if r < len(p)]
+    rest = np.flatnonzero(ids < 0).tolist()
+    order += [rest[i] for i in sorted(range(len(rest)), key=_radical_inverse)]
+    return order
+
+
+def oracle_selection(
+    samples: Sequence[Sample],
+    input_ids,
+    image_token_id: int,
+    shares: Sequence[float],
+    layers: Sequence[int],
+) -> dict[int, list]:
+    """Forced selection of the oracle for one batch: ``{layer: [kept positions of each row]}``.
+
+    At each selection layer ``l`` a row keeps ``keep_count(n_visual, shares[l])`` image tokens, the first
+    in :func:`oracle_priority` order (images of a row in prompt order, each image's patch ``j`` is its
+    ``j``-th image token), so the kept sets shrink in a nested way, like every drop schedule's. Set the
+    result as ``handle.session.forced`` before the batch's ``generate``.
+
+    Parameters
+    ----------
+    samples : the batch's samples, one per row of ``input_ids``
+    input_ids : (B, T) tensor, left-padded
+    image_token_id : int
+    shares : per-layer share of visual tokens kept, length L
+    layers : the schedule's selection layers
+    """
+    import torch
+
+    from vtc.schedules import keep_count
+
+    if input_ids.shape[0] != len(samples):
+        raise ValueError(f"got {len(samples)} samples for {input_ids.shape[0]} rows of input_ids")
+    n_patch = GRID * GRID
+    order_rows = []
+    for b, s in enumerate(samples):
+        pos = torch.nonzero(input_ids[b] == image_token_id).flatten()
+        if pos.numel() != n_patch * len(s.scenes):
+            raise ValueError(
+                f"row {b} ({s.uid}) has {pos.numel()} image tokens, expected {n_patch} per image x "
+                f"{len(s.scenes)} images; the oracle needs the {GRID}x{GRID} patch grid of the synthetic suite"
+            )
+        # several images: interleave their priorities so each image keeps its objects first
+        per = [oracle_priority(sc) for sc in s.scenes]
+        prio = [k * n_patch + p[r] for r in range(n_patch) for k, p in enumerate(per)]
+        order_rows.append(pos[torch.tensor(prio)])
+    out: dict[int, list] = {}
+    for l in layers:
+        out[l] = [row[: keep_count(row.numel(), shares[l])] for row in order_rows]
+    return out
 
 
 def load_default(path: str | Path | None = None, dtype=None):

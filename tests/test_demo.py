@@ -15,12 +15,14 @@ def ckpt(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
-def test_demo_runs_every_method_and_writes_the_report(ckpt, tmp_path):
+def test_demo_runs_every_method_and_writes_the_report(ckpt, tmp_path, capsys):
     from vtc.eval.demo import run_demo
+    from vtc.eval.results import load_samples
+    from vtc.eval.stats import bootstrap_ci
 
     out = tmp_path / "out"
     summary = run_demo(str(out), n=8, batch_size=4, checkpoint=str(ckpt), budgets=(0.5,))
-    labels = {k.rsplit("-", 1)[0] for k in summary}
+    labels = {k.split("-", 1)[0] for k in summary}
     assert {
         "unpatched",
         "pyramid_drop",
@@ -32,25 +34,93 @@ def test_demo_runs_every_method_and_writes_the_report(ckpt, tmp_path):
         "dfmr",
     } <= labels
     assert "dfmr+pyramid_drop" in labels
+    assert {"random-50-s0", "random-50-s1", "random-50-s2"} <= set(summary)  # 3 seeds by default
     assert summary["unpatched"]["avg_visual_tokens"] == 16
     for k, v in summary.items():
         if k != "unpatched":
             assert v["avg_visual_tokens"] <= 0.5 * 16 + 1, k  # matched budget, or below it (DFMR levels)
+        # one position policy for every in-decoder method; latency measured for every run
+        assert v["positions"] in ("original", "–"), k
+        assert v["prefill_ms"] > 0 and v["decode_ms"] > 0, k
+    printed = capsys.readouterr().out
+    # the oracle needs the 12 x 12 grid of the synthetic suite: not run on this 4 x 4 model, and said so
+    assert "oracle at 50%: the oracle needs the 12x12 patch grid" in printed
+    # each run's position policy and visual tokens per layer: FastV (K=2) keeps 16 in layers 0-1, then 5 (avg 7.75)
+    fastv = next(ln for ln in printed.splitlines() if ln.startswith("fastv-50 "))
+    assert fastv.split()[1:3] == ["original", "16×2"] and fastv.split()[3] == "5×6"
     md = (out / "report.md").read_text()
     rows = list(csv.DictReader((out / "report.csv").open()))
-    assert len(rows) == len(summary)
+    assert len(rows) == len(summary) - 2  # the three random seeds are one row
     assert (out / "pareto.png").stat().st_size > 1000
-    # the table's accuracy of each run equals the results JSON it came from
+    report = {r["label"]: r for r in json.loads((out / "report.json").read_text())["rows"]}
+    assert report["random random@50%"]["seeds"] == [0, 1, 2]
+    # every results file has its per-question scores beside it, and the report's interval is theirs
     for f in (out / "results").rglob("*_results.json"):
         data = json.loads(f.read_text())
-        assert "vtc" in data and data["results"]["vtc_synthetic"]["accuracy,none"] >= 0
-    assert "pyramid_drop" in md
+        acc = data["results"]["vtc_synthetic"]["accuracy,none"]
+        hits = load_samples(
+            f.with_name(f.name.replace("_results.json", "_samples_vtc_synthetic.jsonl")), "accuracy"
+        )
+        assert len(hits) == 8 and sum(hits.values()) / 8 == acc
+        if data["vtc"]["method"] == "none":
+            assert report["none unpatched"]["ci"]["vtc_synthetic"] == list(bootstrap_ci(list(hits.values())))
+    assert "pyramid_drop" in md and "95% CI" in md and "Δ vs ★" in md
+
+
+def test_grid_is_fair_and_skips_empty_layers():
+    from vtc.eval.demo import method_grid
+    from vtc.schedules import keep_count
+
+    skipped: list[str] = []
+    runs = method_grid(8, 144, (0.5, 0.25), seeds=2, skipped=skipped)
+    decoder = [r for r in runs if r.shares is not None]
+    assert decoder and {r.positions for r in decoder} == {"original"}
+    for r in decoder:
+        n_in = 36 if r.label.startswith("dfmr") and r.budget == 0.25 else 144
+        assert min(keep_count(n_in, s) for s in r.shares) >= 1, r.label
+        if "dfmr" not in r.label:
+            assert abs(sum(r.shares) / 8 - r.budget) < 0.01, r.label  # matched average visual tokens
+    # FastV with K=2 at 25 % keeps 0 tokens after layer 2: not run, and said so
+    assert not any(r.label == "fastv" and r.budget == 0.25 for r in runs)
+    assert any(
+        s.startswith("fastv at 25%: its schedule leaves layer 2 with no visual token") for s in skipped
+    )
+    assert [r.seed for r in runs if r.label == "random"] == [0, 1, 0, 1]
+    oracle = [r for r in runs if r.oracle]
+    assert [r.budget for r in oracle] == [0.5, 0.25] and "synthetic only" in oracle[0].preset
+
+
+def test_grid_picks_up_registered_pre_llm_methods(monkeypatch):
+    from dataclasses import dataclass
+
+    from vtc import registry
+    from vtc.eval.demo import PRE_LLM_OPTIONAL, method_grid
+    from vtc.methods.base import PreLLMMethod
+
+    assert "pool" in PRE_LLM_OPTIONAL
+
+    @dataclass
+    class Dummy(PreLLMMethod):
+        tokens: int | None = None
+        ratio: float | None = None
+
+    monkeypatch.setitem(registry.METHODS, "pool", Dummy)
+    Dummy.name = "pool"
+    runs = [r for r in method_grid(8, 144, (0.5, 0.25)) if r.label == "pool"]
+    assert [(r.budget, r.spec) for r in runs] == [
+        (0.5, {"method": "pool", "tokens": 72}),
+        (0.25, {"method": "pool", "tokens": 36}),
+    ]
+    assert all(r.shares is None and r.positions == "–" for r in runs)
 
 
 def test_synthetic_lmms_task_runs_with_per_question_type_accuracy(ckpt, tmp_path):
     import subprocess
 
     from test_lmms_plugin import _bin, _env, _results_files
+
+    from vtc.eval.report import build_rows, collect_runs
+    from vtc.eval.results import load_samples, samples_path
 
     out = tmp_path / "results"
     cmd = [
@@ -61,6 +131,11 @@ def test_synthetic_lmms_task_runs_with_per_question_type_accuracy(ckpt, tmp_path
         "--methods",
         "none",
         "pdrop_default",
+        "random_pdrop_default",
+        "--seeds",
+        "2",
+        "--threads",
+        "1",
         "--tasks",
         "vtc_synthetic",
         "--limit",
@@ -76,11 +151,17 @@ def test_synthetic_lmms_task_runs_with_per_question_type_accuracy(ckpt, tmp_path
     done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     files = _results_files(out)
-    assert len(files) == 2
+    assert len(files) == 4  # none, pdrop_default, random with seeds 0 and 1
     for f in files:
         res = json.loads(f.read_text())["results"]["vtc_synthetic"]
         assert 0.0 <= res["exact_match,none"] <= 1.0
         assert any(k.startswith(("exist,", "count,", "attribute,", "relpos,")) for k in res)
+        # per-question scores kept by default, and they average to the file's score
+        hits = load_samples(samples_path(f, "vtc_synthetic"), "exact_match")
+        assert len(hits) == 8 and sum(hits.values()) / 8 == pytest.approx(res["exact_match,none"])
+    rows = {r["method"]: r for r in build_rows(collect_runs(out))}
+    assert rows["random"]["seeds"] == [0, 1] and "vtc_synthetic" in rows["random"]["ci"]
+    assert rows["pyramid_drop"]["vs_reference"]["vtc_synthetic"]["test"] == "mcnemar"
 
 
 def test_random_engine_demo_counts_and_kv_bytes():
@@ -92,3 +173,49 @@ def test_random_engine_demo_counts_and_kv_bytes():
     # KV bytes scale with the cached tokens of each layer: (valid text 7 + visual + 2 decoded) tokens
     per_token = rows["kv_bytes_unpatched"][0] // (7 + 144 + 2)
     assert rows["kv_bytes_pyramid_drop"] == [per_token * (7 + v + 2) for v in rows["visual_pyramid_drop"]]
+
+
+def test_eval_expands_seeds_and_names_position_policies(caplog):
+    from vtc.eval.harness import _position_policies, expand_seeds
+    from vtc.eval.lmms_plugin import parse_vtc_args
+
+    specs = expand_seeds(
+        [(m, *parse_vtc_args(m, None)) for m in ("none", "pdrop_default", "random_pdrop_default")], 3
+    )
+    assert [(m, s) for m, _, _, s in specs] == [
+        ("none", None),
+        ("pdrop_default", None),
+        ("random_pdrop_default", 0),
+        ("random_pdrop_default", 1),
+        ("random_pdrop_default", 2),
+    ]
+    assert [run[2][0].seed for run in specs[2:]] == [0, 1, 2]
+    assert _position_policies(specs) == {"pdrop_default": "compact", "random_pdrop_default": "original"}
+    with pytest.raises(ValueError, match="--seeds must be a whole number >= 1"):
+        expand_seeds([], 0)
+
+
+def test_vision_memo_reuses_features_without_changing_answers(ckpt):
+    import vtc
+    from vtc.eval import synthetic
+    from vtc.eval.demo import VisionMemo
+
+    model, processor = synthetic.load_default(ckpt)
+    samples = synthetic.make_split("test", 6)
+    batches = synthetic.encode_batches(processor, samples, batch_size=3)
+    spec = {"method": "uniform", "schedule": {"kind": "stages", "layers": [1, 3], "ratios": [0.5, 0.25]}}
+    plain = []
+    for s in (None, spec):  # reference: no memo, unpatched and patched
+        h = vtc.apply(model, s) if s is not None else None
+        plain.append(synthetic.evaluate(model, processor, samples, batches=batches)["predictions"])
+        if h is not None:
+            h.remove()
+    memo = VisionMemo(model)
+    got = []
+    with memo:
+        got.append(synthetic.evaluate(model, processor, samples, batches=batches)["predictions"])
+        with vtc.apply(model, spec):
+            got.append(synthetic.evaluate(model, processor, samples, batches=batches)["predictions"])
+    assert got == plain
+    assert (memo.misses, memo.hits) == (2, 2)  # two batches computed once, reused by the patched run
+    assert "get_image_features" not in vars(model.model)  # the instance attribute is gone again

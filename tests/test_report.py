@@ -160,7 +160,7 @@ def _num(cell: str) -> float:
 
 def test_report_numbers_match_json(results_dir, tmp_path):
     paths = write_report(results_dir, tmp_path / "out")
-    assert set(paths) == {"markdown", "csv", "plot"} and all(p.is_file() for p in paths.values())
+    assert set(paths) == {"markdown", "csv", "json", "plot"} and all(p.is_file() for p in paths.values())
     md = paths["markdown"].read_text()
     table = {(r["method"], r["preset"]): r for r in _md_table(md, MODEL)}
     assert list(table) == [
@@ -350,3 +350,119 @@ def test_main_cli(results_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "markdown:" in out and (tmp_path / "cli" / report_mod.CSV_NAME).is_file()
     assert "pope (pope_accuracy)" in (tmp_path / "cli" / report_mod.MD_NAME).read_text()
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-question scores: intervals, paired tests, seeds, dates
+# --------------------------------------------------------------------------------------------------
+def _run_with_samples(root, name, method, hits, config=None, preset=None, date=1767225600.5, per_layer=None):
+    """A vtc results file for task ``qa`` plus its samples JSONL (one 0/1 score per question)."""
+    per_layer = per_layer or [16.0] * 4
+    task = TaskStats(per_layer, sum(per_layer) / 4, 1.0, 2.0, 30.0, 1.0, 4, len(hits), 12.0).to_dict()
+    block = build_vtc_block(
+        method, preset, config or {}, "tiny", {"qa": task}, version="0.1.0", commit=COMMIT
+    )
+    data = {
+        "results": {"qa": {"alias": "qa", "accuracy,none": sum(hits) / len(hits)}},
+        "config": {"model": "vtc_demo", "model_args": "pretrained=tiny"},
+        "date": date,
+        "vtc": block,
+    }
+    folder = root / "tiny"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}_results.json").write_text(json.dumps(data))
+    with (folder / f"{name}_samples_qa.jsonl").open("w") as fh:
+        for i, h in enumerate(hits):
+            fh.write(json.dumps({"doc_id": i, "target": "yes", "accuracy": float(h)}) + "\n")
+
+
+def _json_rows(paths):
+    return {r["label"]: r for r in json.loads(paths["json"].read_text())["rows"]}
+
+
+def test_one_question_apart_is_not_significant(tmp_path):
+    from vtc.eval.stats import bootstrap_ci
+
+    base = [1] * 90 + [0] * 10
+    one_less = list(base)
+    one_less[0] = 0
+    root = tmp_path / "runs"
+    _run_with_samples(root, "a", "none", base)
+    cfg = {"methods": [{"method": "uniform", "positions": "original"}], "budget": 0.5}
+    _run_with_samples(root, "b", "uniform", one_less, cfg, "uniform@50%", per_layer=[16, 8, 8, 8])
+    paths = write_report(root, tmp_path / "out", n_boot=500)
+    rows = _json_rows(paths)
+    test = rows["uniform uniform@50%"]["vs_reference"]["qa"]
+    assert test == {"diff": pytest.approx(-0.01), "p": 1.0, "test": "mcnemar", "n": 100, "significant": False}
+    assert rows["none"]["ci"]["qa"] == pytest.approx(list(bootstrap_ci(base, n_boot=500, seed=0)))
+    table = {r["method"]: r for r in _md_table(paths["markdown"].read_text(), "tiny")}
+    assert table["uniform"]["qa Δ vs ★"] == "-0.0100 (p=1.00) n.s."
+    assert table["none ★"]["qa Δ vs ★"] == "–"
+    lo, hi = rows["uniform uniform@50%"]["ci"]["qa"]
+    assert table["uniform"]["qa 95% CI"] == f"[{lo:.4f}, {hi:.4f}]"
+    # the schedule and position policy a reader needs to see what was compared
+    assert table["uniform"]["positions"] == "original"
+    assert table["uniform"]["visual tokens per layer"] == "16 8×3"
+    assert table["uniform"]["decode ms"] == "12.0" and table["uniform"]["rows/call"] == "25"
+    # ISO dates in the Sources table (lmms-eval writes seconds since the epoch)
+    assert "| 2026-01-01T00:00:00Z |" in paths["markdown"].read_text()
+    with paths["csv"].open() as fh:
+        csv_rows = {r["method"]: r for r in csv.DictReader(fh)}
+    assert float(csv_rows["uniform"]["p_vs_ref:qa"]) == 1.0
+    assert float(csv_rows["uniform"]["ci_low:qa"]) == pytest.approx(lo)
+
+
+def test_large_difference_is_significant_and_budget_chain(tmp_path):
+    base = [1] * 100
+    worse = [1] * 70 + [0] * 30
+    close = [1] * 71 + [0] * 29
+    root = tmp_path / "runs"
+    _run_with_samples(root, "a", "none", base)
+    for name, method, hits in (("b", "fastv", worse), ("c", "uniform", close)):
+        _run_with_samples(root, name, method, hits, {"budget": 0.25}, f"{method}@25%")
+    paths = write_report(root, tmp_path / "out", n_boot=200)
+    rows = _json_rows(paths)
+    # 30 discordant pairs all one way: p = 2 / 2^30
+    assert rows["fastv fastv@25%"]["vs_reference"]["qa"]["p"] == pytest.approx(2 / 2**30)
+    assert rows["fastv fastv@25%"]["pairwise"]["qa"]["uniform uniform@25%"]["p"] == 1.0
+    md = paths["markdown"].read_text()
+    assert "- **25%**, qa (accuracy): uniform@25% 0.7100 ≈ (p=1.00, n.s.) fastv@25% 0.7000" in md
+    assert "(p<0.001)" in md and "n.s." not in _md_table(md, "tiny")[1]["qa Δ vs ★"]
+
+
+def test_seeds_are_merged_into_mean_and_spread(tmp_path):
+    from vtc.eval.stats import bootstrap_ci
+
+    root = tmp_path / "runs"
+    _run_with_samples(root, "a", "none", [1] * 40)
+    seeds = {0: [1] * 30 + [0] * 10, 1: [1] * 28 + [0] * 12, 2: [0] * 5 + [1] * 29 + [0] * 6}
+    for s, hits in seeds.items():
+        cfg = {"methods": [{"method": "random", "seed": s, "positions": "original"}], "budget": 0.5}
+        _run_with_samples(root, f"r{s}", "random", hits, cfg, "random@50%", date=1767225600 + s)
+    paths = write_report(root, tmp_path / "out", n_boot=300)
+    rows = _json_rows(paths)
+    assert set(rows) == {"none", "random random@50%"}
+    r = rows["random random@50%"]
+    means = [30 / 40, 28 / 40, 29 / 40]
+    mu = sum(means) / 3
+    sd = (sum((m - mu) ** 2 for m in means) / 2) ** 0.5
+    assert r["seeds"] == [0, 1, 2] and r["seed_scores"]["qa"] == pytest.approx(means)
+    assert r["scores"]["qa"] == pytest.approx(mu) and r["seed_sd"]["qa"] == pytest.approx(sd)
+    per_question = [sum(seeds[s][q] for s in seeds) / 3 for q in range(40)]
+    assert r["ci"]["qa"] == pytest.approx(list(bootstrap_ci(per_question, n_boot=300, seed=0)))
+    assert r["vs_reference"]["qa"]["test"] == "paired_bootstrap"
+    table = {t["method"]: t for t in _md_table(paths["markdown"].read_text(), "tiny")}
+    assert table["random"]["seeds"] == "0, 1, 2"
+    assert table["random"]["qa (accuracy)"] == f"{mu:.4f} ± {sd:.4f}"
+    assert len(r["files"]) == 3
+
+
+def test_latency_axis_plot(tmp_path):
+    root = tmp_path / "runs"
+    _run_with_samples(root, "a", "none", [1, 0, 1, 1])
+    _run_with_samples(root, "b", "uniform", [1, 0, 0, 1], {"budget": 0.5}, "u")
+    paths = write_report(root, tmp_path / "out", x="latency", n_boot=50)
+    assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(paths["json"].read_text())["pareto_x"] == "latency"
+    with pytest.raises(ReportError, match="x-axis"):
+        write_report(root, tmp_path / "out", x="tokens")

@@ -229,3 +229,75 @@ def test_shipped_task_data_is_the_generator_output():
     for i in (0, 1, 2, 3, 199, 399):  # pixels of a few images
         got = np.asarray(Image.open(task / rows[i]["images"][0]).convert("RGB"))
         assert np.array_equal(got, np.asarray(samples[i].images[0]))
+
+
+# ----------------------------------------------------------------------------------------------- oracle
+def test_oracle_priority_puts_every_object_first_then_spreads(val):
+    from vtc.eval.synthetic import GRID, PATCH_SIZE, object_mask, oracle_priority
+
+    for s in val[:40]:
+        scene = s.scenes[0]
+        order = oracle_priority(scene)
+        assert sorted(order) == list(range(GRID * GRID))
+        # independent recount: pixels of each object per 8 x 8 patch, a plain loop
+        mask = object_mask(scene)
+        owner = {}
+        for p in range(GRID * GRID):
+            y, x = divmod(p, GRID)
+            block = mask[y * PATCH_SIZE : (y + 1) * PATCH_SIZE, x * PATCH_SIZE : (x + 1) * PATCH_SIZE]
+            counts = [(block == k).sum() for k in range(len(scene.objects))]
+            if counts and max(counts) >= 0.2 * PATCH_SIZE**2:
+                owner[p] = counts.index(max(counts))
+        n_obj = len(owner)
+        assert set(order[:n_obj]) == set(owner)
+        # round-robin: each object keeps one patch before any keeps a second
+        firsts = order[: len(set(owner.values()))]
+        assert sorted(owner[p] for p in firsts) == sorted(set(owner.values()))
+        # the rest is spread: its first 8 patches touch at least 3 of the 4 quarters
+        quarters = {2 * (p // GRID >= GRID // 2) + (p % GRID >= GRID // 2) for p in order[n_obj : n_obj + 8]}
+        assert len(quarters) >= 3
+
+
+def test_oracle_forced_selection_is_what_the_engine_keeps():
+    import torch
+
+    import vtc
+    from vtc.eval.synthetic import (
+        encode_batches,
+        evaluate,
+        load_default,
+        make_split,
+        oracle_priority,
+        oracle_selection,
+    )
+    from vtc.schedules import keep_count
+
+    model, processor = load_default()
+    ad = vtc.get_adapter(model)
+    samples = make_split("test", 3)
+    batches = encode_batches(processor, samples, batch_size=3)
+    sched = {"kind": "stages", "layers": [1, 3, 5], "target": {"avg_share": 0.25, "n_visual": 144}}
+    h = vtc.apply(model, {"method": "uniform", "schedule": sched, "positions": "original"})
+    plan = h.session.plan
+    forced = {}
+
+    def on_batch(batch, inputs):
+        forced.update(
+            oracle_selection(
+                batch, inputs["input_ids"], ad.image_token_id, plan.schedule.shares, plan.selection_layers()
+            )
+        )
+        h.session.forced = forced
+
+    try:
+        evaluate(model, processor, samples, batches=batches, on_batch=on_batch, max_new_tokens=1)
+        kept = h.session.state.selections
+    finally:
+        h.remove()
+    ids = batches[0][1]["input_ids"]
+    for b, s in enumerate(samples):
+        first = int(torch.nonzero(ids[b] == ad.image_token_id)[0])  # left padding shifts the image
+        prio = oracle_priority(s.scenes[0])
+        for layer in plan.selection_layers():
+            n = keep_count(144, plan.schedule.shares[layer])
+            assert sorted(kept[layer][b].tolist()) == sorted(first + p for p in prio[:n]), (b, layer)
