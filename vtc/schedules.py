@@ -499,7 +499,12 @@ def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None
             raise TypeError(f"target must be a dict, got {type(target).__name__}")
         t = dict(target)
         for key, value in t.items():
-            if key != "free":
+            if key == "allow_empty":
+                if not isinstance(value, bool):
+                    raise TypeError(
+                        f"schedule target: allow_empty={value!r} is a {type(value).__name__}; give true or false"
+                    )
+            elif key != "free":
                 _check_numeric("schedule target", key, value)
         nv = int(t.pop("n_visual", n_visual or 0))
         if nv < 1:
