@@ -82,9 +82,12 @@ def test_grid_is_fair_and_skips_empty_layers():
             assert abs(sum(r.shares) / 8 - r.budget) < 0.01, r.label  # matched average visual tokens
     # FastV with K=2 at 25 % keeps 0 tokens after layer 2: not run, and said so
     assert not any(r.label == "fastv" and r.budget == 0.25 for r in runs)
+    # said by the demo's own check or by the solver's refusal (issue 11), naming the first empty layer
     assert any(
-        s.startswith("fastv at 25%: its schedule leaves layer 2 with no visual token") for s in skipped
-    )
+        s.startswith("fastv at 25%: its schedule leaves layer 2 with no visual token")
+        or (s.startswith("fastv at 25%: ") and "keeps 0 of 144 visual tokens from layer 2 on" in s)
+        for s in skipped
+    ), skipped
     assert [r.seed for r in runs if r.label == "random"] == [0, 1, 0, 1]
     oracle = [r for r in runs if r.oracle]
     assert [r.budget for r in oracle] == [0.5, 0.25] and "synthetic only" in oracle[0].preset
