@@ -131,6 +131,43 @@ class ForwardClock:
         self._handles = []
 
 
+class HookTimer:
+    """Host time spent inside one vtc session's hook work, split into prefill and decode.
+
+    Wraps the session's per-call and per-layer entry points on the instance (``_begin_prefill``,
+    ``_begin_decode``, ``_layer_prefill``, ``_layer_decode``: every selection, ranking, mask and rotary
+    rebuild runs inside them) with ``time.perf_counter``. On a CPU this is the hooks' share of the
+    compute; on a GPU it is launch-side host time only (use the decode time ratio there).
+    """
+
+    NAMES = ("_begin_prefill", "_begin_decode", "_layer_prefill", "_layer_decode")
+
+    def __init__(self, session):
+        self.session = session
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+        for name in self.NAMES:
+            setattr(session, name, self._wrap(getattr(session, name), decode=name.endswith("decode")))
+
+    def _wrap(self, fn, decode: bool):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                if decode:
+                    self.decode_s += dt
+                else:
+                    self.prefill_s += dt
+
+        return timed
+
+    def remove(self) -> None:
+        for name in self.NAMES:
+            self.session.__dict__.pop(name, None)
+
+
 def unpatched_stats(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -344,6 +381,7 @@ def _run_once(model, inputs: dict, variant: Variant, new_tokens: int, clock: For
     handle = vtc.apply(model, variant.spec) if variant.spec is not None else None
     if handle is not None and variant.full_machinery:
         handle.session._always_select = True
+    timer = HookTimer(handle.session) if handle is not None else None
     try:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -372,6 +410,8 @@ def _run_once(model, inputs: dict, variant: Variant, new_tokens: int, clock: For
                 adapter.tokens_per_image(),
             )
     finally:
+        if timer is not None:
+            timer.remove()
         if handle is not None:
             handle.remove()
     spans = clock.spans_ms
@@ -389,6 +429,9 @@ def _run_once(model, inputs: dict, variant: Variant, new_tokens: int, clock: For
         "kv_bytes": sum(kv),
         "kv_bytes_per_layer": kv,
         "new_tokens": steps + 1,
+        "hook_prefill_ms": timer.prefill_s * 1e3 if timer is not None else 0.0,
+        "hook_decode_ms_per_step": timer.decode_s * 1e3 / steps if timer is not None and steps else 0.0,
+        "decode_ms_per_step": decode_ms / steps if steps else None,
     }
 
 
@@ -545,6 +588,11 @@ def run_bench(
         entry["decode_time_ratio"] = med
         entry["decode_time_ratio_spread"] = spread
         entry["kv_valid_ratio"] = ratio(entry["kv_bytes_valid"], b["kv_bytes_valid"])
+        runs = variants_by[entry["variant"]].runs
+        entry["hook_prefill_share"] = _median(r["hook_prefill_ms"] / r["prefill_ms"] for r in runs)
+        entry["hook_decode_share"] = _median(
+            r["hook_decode_ms_per_step"] / r["decode_ms_per_step"] for r in runs if r["decode_ms_per_step"]
+        )
         entry["realized_prefill_speedup_min"] = ratio(b["prefill_ms_min"], entry["prefill_ms_min"])
         entry["realized_ttft_speedup"] = ratio(b["ttft_ms"], entry["ttft_ms"])
         entry["realized_over_theoretical"] = ratio(
@@ -585,6 +633,8 @@ CSV_FIELDS = (
     "decode_ms_per_step",
     "decode_time_ratio",
     "decode_time_ratio_spread",
+    "hook_prefill_share",
+    "hook_decode_share",
 )
 
 
@@ -619,6 +669,8 @@ def format_summary(summary: dict) -> str:
         ("real/theo", "realized_over_theoretical", ".2f", 9),
         ("dec time", "decode_time_ratio", ".3f", 8),
         ("spread", "decode_time_ratio_spread", None, 11),
+        ("hooks/prefill", "hook_prefill_share", ".2%", 13),
+        ("hooks/decode", "hook_decode_share", ".2%", 12),
     ]
     lines = [head, "", "  ".join(f"{c[0]:>{c[3]}}" for c in cols)]
     for e in summary["variants"]:
@@ -640,7 +692,8 @@ def format_summary(summary: dict) -> str:
         "theo x: unpatched / method prefill FLOPs of the decoder (full convention, recorded token counts); "
         "real x: median over rounds of unpatched / method prefill time in the same round, spread: lowest-highest "
         "round; dec time: method / unpatched decode time per token (per-round median; keep-all: the hooks' "
-        "overhead); KV ratio: valid KV bytes (padding excluded) over the unpatched model's."
+        "overhead); KV ratio: valid KV bytes (padding excluded) over the unpatched model's; hooks/prefill and "
+        "hooks/decode: host time inside vtc's hooks over the prefill / a decode step (median over rounds)."
     )
     return "\n".join(lines)
 
