@@ -7,9 +7,12 @@ Hooks (instance only, all removed by :meth:`Session.remove`):
 * a forward hook on the trunk: updates decode counters and cache lengths;
 * a forward pre-hook on every decoder layer: at prefill it applies the selections (``drop`` shrinks
   the sequence for all later layers, ``skip`` routes a subset through one layer) and rewrites what
-  later layers need — RoPE ``cos/sin``, ``position_ids`` and a mask built per layer with
-  ``create_causal_mask(..., layer_idx=l)``; at decode it rebuilds each shortened layer's mask for
-  its own cache length and shifts positions in ``compact`` mode;
+  later layers need — RoPE ``cos/sin``, ``position_ids`` and a mask built once per view with
+  ``create_causal_mask(..., layer_idx=l)``; a selection that would keep every token is skipped
+  (decided from host-side counts); at decode the first layer of each *decode key* (same prefix
+  layout, cache length and position shift: a stage, not a layer) builds the mask, positions and
+  rotary tables for its cache length once per step, and the other layers of the key reuse them,
+  without reading any device value on the host;
 * a forward hook on each ``skip``-routed layer: writes the processed subset back into the stream.
 
 Shape names: ``B`` batch, ``T0`` prefill length entering the LLM, ``Tv`` view length, ``D`` hidden.
