@@ -442,7 +442,10 @@ class Session:
         return [min(keep_count(int(n), share), v) for n, v in zip(self.state.stats.visual_input, vis)]
 
     def _counts(self, view: View) -> tuple[list[int], list[int]]:
-        """Per-row ``(visual, valid)`` counts of ``view`` as host lists, read once per view (not per layer)."""
+        """Per-row ``(visual, valid)`` counts of ``view`` as host lists, read once per view (not per layer).
+
+        A view made by a selection is read from the device (one read per selection, which also guards the
+        decode keys against a scorer that kept another count than asked)."""
         st = self.state
         hit = st.view_counts.get(id(view))
         if hit is None or hit[0] is not view:
@@ -450,12 +453,6 @@ class Session:
             hit = (view, both[0], both[1])
             st.view_counts[id(view)] = hit
         return hit[1], hit[2]
-
-    def _set_counts(self, view: View, parent: View, kept_visual: list[int]) -> None:
-        """Record the counts of ``view``, made of ``parent`` keeping ``kept_visual`` visual tokens per row."""
-        vis, tok = self._counts(parent)
-        valid = [t - (v - k) for t, v, k in zip(tok, vis, kept_visual)]
-        self.state.view_counts[id(view)] = (view, list(kept_visual), valid)
 
     def _nothing_dropped(self, l: int, view: View) -> bool:
         """True when the selection at ``l`` would keep every visual token of ``view`` (decided on the host).
@@ -472,19 +469,18 @@ class Session:
         st.saved_inputs.pop(l - 1, None)
         return True
 
-    def _select(self, l: int, hidden, view: View) -> tuple[torch.Tensor, list[int] | None]:
-        """Kept visual slots of ``view`` at layer ``l``, ``[B, Tv]`` bool, and the kept count per row
-        (host ints; None for forced selections)."""
+    def _select(self, l: int, hidden, view: View) -> torch.Tensor:
+        """Kept visual slots of ``view`` at layer ``l``, ``[B, Tv]`` bool."""
         st = self.state
         cand = view.image & view.valid
         if self.forced is not None and l in self.forced:
             kept = torch.zeros_like(cand)
             for b, idx in enumerate(self.forced[l]):
                 kept[b] = torch.isin(view.src[b], idx.to(view.src.device)) & cand[b]
-            return kept, None
+            return kept
         ctx = ScoreContext(l, hidden, view, self.adapter, st, prev_input=st.saved_inputs.pop(l - 1, None))
-        targets = self._keep_targets(l, view)
-        return self.plan.scorer.select(ctx, torch.tensor(targets, device=view.src.device)), targets
+        targets = torch.tensor(self._keep_targets(l, view), device=view.src.device)
+        return self.plan.scorer.select(ctx, targets)
 
     def _layer_prefill(self, l: int, args, kwargs):
         st = self.state
@@ -505,19 +501,17 @@ class Session:
         select = l in self._selection and not self._nothing_dropped(l, view)
 
         if plan.mode == "drop" and select:
-            kept, n_kept = self._select(l, hidden, view)
+            kept = self._select(l, hidden, view)
             st.selections[l] = [view.src[b][kept[b]] for b in range(st.batch_size)]
             keep = view.valid & (~view.image | kept)
             src, valid = compact_rows(keep)
             hidden = gather_rows(hidden, src, 0)
-            parent, view = view, self._derive_view(view, src, valid, hidden)
-            if n_kept is not None:
-                self._set_counts(view, parent, n_kept)
+            view = self._derive_view(view, src, valid, hidden)
             st.current = view
             touched = True
 
         if plan.mode == "skip" and select:
-            kept, n_kept = self._select(l, hidden, view)
+            kept = self._select(l, hidden, view)
             st.selections[l] = [view.src[b][kept[b]] for b in range(st.batch_size)]
             keep = view.valid & (~view.image | kept)
             src, valid = compact_rows(keep)
@@ -526,8 +520,6 @@ class Session:
                 st.saved_inputs[l] = (hidden, view)
             sub_hidden = gather_rows(hidden, src, 0)
             sub = self._derive_view(view, src, valid, sub_hidden)
-            if n_kept is not None:
-                self._set_counts(sub, view, n_kept)
             self._set_layer_kwargs(kwargs, sub_hidden, sub, cache, l)
             st.layer_prefix[l] = (sub.valid, None)
             self._record(l, sub)
