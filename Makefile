@@ -51,3 +51,22 @@ wheel-test: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+# GPU check (eval/gpu_check.py): kernels on CUDA, prefill/decode of a LLaVA-1.5-7B-shaped random model.
+# On a GPU machine with torch, triton and transformers: `make gpu-check` (no venv, no network, no weights);
+# `WHEELS=dir make gpu-check` first installs the wheels in dir (e.g. the pinned transformers, fetched with
+# benchmarks/gpu_wheels.sh) into $(GPU_SITE). `DRY=1 make gpu-check`: the same script on CPU, tiny shapes.
+GPU_PY ?= python3
+GPU_SITE ?= /tmp/vtc-gpu-site
+.PHONY: gpu-check
+ifeq ($(DRY),1)
+gpu-check: install
+	DRY=1 TRITON_INTERPRET=1 $(VPY) -m vtc.eval.gpu_check --out out/gpu
+else
+gpu-check:
+	rm -rf $(GPU_SITE) && mkdir -p $(GPU_SITE)
+	$(if $(WHEELS),$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) $(WHEELS)/*.whl)
+	PYTHONPATH=$(GPU_SITE) $(GPU_PY) -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+		--target $(GPU_SITE)/vtc-pkg .
+	PYTHONPATH=$(GPU_SITE)/vtc-pkg:$(GPU_SITE) $(GPU_PY) -m vtc.eval.gpu_check --out out/gpu
+endif

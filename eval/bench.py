@@ -4,9 +4,13 @@
     vtc bench --cpu --method pdrop_default fastv --repeats 5 --out bench.json
     vtc bench --model path/to/llava-hf-checkpoint --method pdrop_default --new-tokens 32
 
-Every variant (the unpatched model first, then each ``--method``) runs the same prompt; the variants
-are interleaved (A B C A B C ...) after ``--warmup`` rounds, so slow drifts of the machine (other jobs,
-thermal state) hit all of them alike, and the figures are medians over ``--repeats`` rounds.
+Every variant (the unpatched model, then each ``--method``) runs the same prompt once per round, in
+an order shuffled anew each round (seeded by ``--seed``), after ``--warmup`` rounds, so slow drifts of
+the machine (other jobs, thermal state) and a fixed position in the round hit all of them alike. The
+headline speedups are **per-round ratios** (unpatched time / method time within one round), reported as
+their median with the lowest and highest round (``spread``); times are medians over ``--repeats``
+rounds. Ratios of medians are kept as ``*_of_medians`` (under load they can differ from the per-round
+median by several percent).
 
 Measured per run, with forward hooks on the top-level model (the same hooks for every variant):
 
@@ -18,7 +22,8 @@ Measured per run, with forward hooks on the top-level model (the same hooks for 
   time from the end of the prefill to the end of the last forward);
 * ``peak_mem_mb``: ``torch.cuda.max_memory_allocated`` during the run (GPU only);
 * ``kv_bytes``: bytes of the K and V tensors the cache holds at the end, per layer and in total
-  (tensor sizes, so left padding counts).
+  (tensor sizes, so left padding counts); ``kv_bytes_valid``: the bytes of the valid tokens alone
+  (padding excluded), from the recorded per-row cache lengths.
 
 Timing uses CUDA events on a GPU and ``time.perf_counter`` on the CPU.
 
@@ -38,6 +43,7 @@ import argparse
 import csv
 import json
 import math
+import random
 import statistics
 import sys
 import time
@@ -123,6 +129,43 @@ class ForwardClock:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+class HookTimer:
+    """Host time spent inside one vtc session's hook work, split into prefill and decode.
+
+    Wraps the session's per-call and per-layer entry points on the instance (``_begin_prefill``,
+    ``_begin_decode``, ``_layer_prefill``, ``_layer_decode``: every selection, ranking, mask and rotary
+    rebuild runs inside them) with ``time.perf_counter``. On a CPU this is the hooks' share of the
+    compute; on a GPU it is launch-side host time only (use the decode time ratio there).
+    """
+
+    NAMES = ("_begin_prefill", "_begin_decode", "_layer_prefill", "_layer_decode")
+
+    def __init__(self, session):
+        self.session = session
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+        for name in self.NAMES:
+            setattr(session, name, self._wrap(getattr(session, name), decode=name.endswith("decode")))
+
+    def _wrap(self, fn, decode: bool):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter() - t0
+                if decode:
+                    self.decode_s += dt
+                else:
+                    self.prefill_s += dt
+
+        return timed
+
+    def remove(self) -> None:
+        for name in self.NAMES:
+            self.session.__dict__.pop(name, None)
 
 
 def unpatched_stats(
@@ -328,12 +371,17 @@ class Variant:
     preset: str | None
     runs: list[dict] = field(default_factory=list)
     stats: CallStats | None = None
+    #: run the engine's whole selection machinery even where nothing is dropped (keep-all overhead)
+    full_machinery: bool = False
 
 
 def _run_once(model, inputs: dict, variant: Variant, new_tokens: int, clock: ForwardClock, device) -> dict:
     import vtc
 
     handle = vtc.apply(model, variant.spec) if variant.spec is not None else None
+    if handle is not None and variant.full_machinery:
+        handle.session._always_select = True
+    timer = HookTimer(handle.session) if handle is not None else None
     try:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -362,6 +410,8 @@ def _run_once(model, inputs: dict, variant: Variant, new_tokens: int, clock: For
                 adapter.tokens_per_image(),
             )
     finally:
+        if timer is not None:
+            timer.remove()
         if handle is not None:
             handle.remove()
     spans = clock.spans_ms
@@ -379,6 +429,9 @@ def _run_once(model, inputs: dict, variant: Variant, new_tokens: int, clock: For
         "kv_bytes": sum(kv),
         "kv_bytes_per_layer": kv,
         "new_tokens": steps + 1,
+        "hook_prefill_ms": timer.prefill_s * 1e3 if timer is not None else 0.0,
+        "hook_decode_ms_per_step": timer.decode_s * 1e3 / steps if timer is not None and steps else 0.0,
+        "decode_ms_per_step": decode_ms / steps if steps else None,
     }
 
 
@@ -387,17 +440,30 @@ def _median(values) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _ratio_stats(num: list, den: list) -> tuple[float | None, list[float] | None, list[float]]:
+    """Per-round ratios ``num[r] / den[r]``: ``(median, [lowest, highest], all)``."""
+    ratios = [a / b for a, b in zip(num, den) if a and b]
+    if not ratios:
+        return None, None, []
+    return statistics.median(ratios), [min(ratios), max(ratios)], ratios
+
+
 def run_bench(
     model,
     inputs: dict,
-    methods: list[str],
+    methods: list,
     method_kw: dict | None = None,
     repeats: int = 3,
     warmup: int = 1,
     new_tokens: int = 16,
     progress: bool = True,
+    seed: int = 0,
 ) -> dict:
-    """Benchmark the unpatched model and each method on ``inputs``; returns the summary (see module doc)."""
+    """Benchmark the unpatched model and each method on ``inputs``; returns the summary (see module doc).
+
+    ``methods`` holds ``--method`` strings, or ``(name, spec)`` / ``(name, spec, full_machinery)`` tuples
+    with a ready :func:`vtc.apply` spec. Variants run in a new shuffled order each round (``seed``).
+    """
     from tqdm.auto import tqdm
 
     from vtc.eval.flops_cli import describe_methods, method_spec
@@ -411,19 +477,28 @@ def run_bench(
         raise ValueError(f"--new-tokens must be >= 1, got {new_tokens}")
     variants = [Variant("unpatched", None, "none", None)]
     for m in methods:
+        if isinstance(m, tuple):
+            name, spec, full = (*m, False) if len(m) == 2 else m
+            info = describe_methods(None, spec)
+            variants.append(Variant(name, spec, info.label, None, full_machinery=bool(full)))
+            continue
         spec = method_spec(m, method_kw)
         info = describe_methods(m, spec)
         variants.append(Variant(m, spec, info.label, info.preset))
+    rng = random.Random(seed)
     device = next(model.parameters()).device
     dims = ModelDims.from_hf_config(model.config)
     clock = ForwardClock(model, device)
     try:
         for _w in tqdm(range(warmup), desc="warm-up", disable=not progress or warmup == 0, leave=False):
-            for v in variants:
+            for v in rng.sample(variants, len(variants)):
                 _run_once(model, inputs, v, new_tokens, clock, device)
-        for _r in tqdm(range(repeats), desc="interleaved runs", disable=not progress):
-            for v in variants:
-                v.runs.append(_run_once(model, inputs, v, new_tokens, clock, device))
+        for r in tqdm(range(repeats), desc="shuffled rounds", disable=not progress):
+            order = rng.sample(variants, len(variants))
+            for i, v in enumerate(order):
+                run = _run_once(model, inputs, v, new_tokens, clock, device)
+                run["round"], run["slot"] = r, i
+                v.runs.append(run)
     finally:
         clock.remove()
 
@@ -439,9 +514,14 @@ def run_bench(
         "repeats": repeats,
         "warmup": warmup,
         "torch_threads": torch.get_num_threads(),
+        "order": "shuffled per round",
+        "seed": seed,
         "variants": [],
     }
     base = variants[0]
+    variants_by = {v.name: v for v in variants}
+    if len(variants_by) != len(variants):
+        raise ValueError(f"variant names must be unique, got {[v.name for v in variants]}")
     base_flops = None
     for v in variants:
         stats = v.stats
@@ -484,13 +564,40 @@ def run_bench(
         entry["theoretical_prefill_speedup_whole"] = ratio(
             b["tflops_full_prefill_whole"], entry["tflops_full_prefill_whole"]
         )
-        entry["realized_prefill_speedup"] = ratio(b["prefill_ms"], entry["prefill_ms"])
+        entry["realized_prefill_speedup_of_medians"] = ratio(b["prefill_ms"], entry["prefill_ms"])
+        med, spread, _ = _ratio_stats(
+            [r["prefill_ms"] for r in base.runs],
+            [r["prefill_ms"] for r in variants_by[entry["variant"]].runs],
+        )
+        entry["realized_prefill_speedup"] = med
+        entry["realized_prefill_speedup_spread"] = spread
+        med, spread, _ = _ratio_stats(
+            [r["decode_tok_s"] for r in variants_by[entry["variant"]].runs],
+            [r["decode_tok_s"] for r in base.runs],
+        )
+        entry["decode_speedup"] = med
+        entry["decode_speedup_spread"] = spread
+        entry["decode_speedup_of_medians"] = ratio(entry["decode_tok_s"], b["decode_tok_s"])
+        rows = summary["batch_size"]
+        entry["decode_ms_per_step"] = 1e3 * rows / entry["decode_tok_s"] if entry["decode_tok_s"] else None
+        # per-round extra decode time per step over the unpatched model (keep-all: the hooks' own cost)
+        med, spread, _ = _ratio_stats(
+            [r["decode_tok_s"] for r in base.runs],
+            [r["decode_tok_s"] for r in variants_by[entry["variant"]].runs],
+        )
+        entry["decode_time_ratio"] = med
+        entry["decode_time_ratio_spread"] = spread
+        entry["kv_valid_ratio"] = ratio(entry["kv_bytes_valid"], b["kv_bytes_valid"])
+        runs = variants_by[entry["variant"]].runs
+        entry["hook_prefill_share"] = _median(r["hook_prefill_ms"] / r["prefill_ms"] for r in runs)
+        entry["hook_decode_share"] = _median(
+            r["hook_decode_ms_per_step"] / r["decode_ms_per_step"] for r in runs if r["decode_ms_per_step"]
+        )
         entry["realized_prefill_speedup_min"] = ratio(b["prefill_ms_min"], entry["prefill_ms_min"])
         entry["realized_ttft_speedup"] = ratio(b["ttft_ms"], entry["ttft_ms"])
         entry["realized_over_theoretical"] = ratio(
             entry["realized_prefill_speedup"], entry["theoretical_prefill_speedup"]
         )
-        entry["decode_speedup"] = ratio(entry["decode_tok_s"], b["decode_tok_s"])
         entry["kv_ratio"] = ratio(entry["kv_bytes"], b["kv_bytes"])
         entry["peak_mem_ratio"] = ratio(entry["peak_mem_mb"], b["peak_mem_mb"])
     return summary
@@ -510,14 +617,24 @@ CSV_FIELDS = (
     "peak_mem_mb",
     "kv_bytes",
     "kv_ratio",
+    "kv_bytes_valid",
+    "kv_valid_ratio",
     "theoretical_prefill_speedup",
     "theoretical_prefill_speedup_whole",
     "realized_prefill_speedup",
+    "realized_prefill_speedup_spread",
+    "realized_prefill_speedup_of_medians",
     "realized_over_theoretical",
     "prefill_ms_min",
     "realized_prefill_speedup_min",
     "realized_ttft_speedup",
     "decode_speedup",
+    "decode_speedup_spread",
+    "decode_ms_per_step",
+    "decode_time_ratio",
+    "decode_time_ratio_spread",
+    "hook_prefill_share",
+    "hook_decode_share",
 )
 
 
@@ -533,8 +650,8 @@ def format_summary(summary: dict) -> str:
     head = (
         f"{summary['model']} on {summary['device']} ({summary['dtype']}, {summary['attn_implementation']}, "
         f"{summary['torch_threads']} threads): batch {summary['batch_size']}, {summary['prompt_tokens']} prompt tokens, "
-        f"{summary['new_tokens']} new tokens, median of {summary['repeats']} interleaved runs after "
-        f"{summary['warmup']} warm-up"
+        f"{summary['new_tokens']} new tokens, median of {summary['repeats']} rounds (variants shuffled in "
+        f"each round) after {summary['warmup']} warm-up"
     )
     cols = [
         ("variant", "variant", "s", 16),
@@ -544,19 +661,26 @@ def format_summary(summary: dict) -> str:
         ("decode tok/s", "decode_tok_s", ".1f", 12),
         ("peak MiB", "peak_mem_mb", ".0f", 9),
         ("KV MiB", "kv_bytes", None, 8),
-        ("KV ratio", "kv_ratio", ".3f", 8),
+        ("valid MiB", "kv_bytes_valid", None, 9),
+        ("KV ratio", "kv_valid_ratio", ".3f", 8),
         ("theo x", "theoretical_prefill_speedup", ".2f", 7),
         ("real x", "realized_prefill_speedup", ".2f", 7),
+        ("spread", "realized_prefill_speedup_spread", None, 11),
         ("real/theo", "realized_over_theoretical", ".2f", 9),
-        ("real x (min)", "realized_prefill_speedup_min", ".2f", 12),
+        ("dec time", "decode_time_ratio", ".3f", 8),
+        ("spread", "decode_time_ratio_spread", None, 11),
+        ("hooks/prefill", "hook_prefill_share", ".2%", 13),
+        ("hooks/decode", "hook_decode_share", ".2%", 12),
     ]
     lines = [head, "", "  ".join(f"{c[0]:>{c[3]}}" for c in cols)]
     for e in summary["variants"]:
         cells = []
         for _, key, spec, width in cols:
             v = e.get(key)
-            if key == "kv_bytes":
+            if key in ("kv_bytes", "kv_bytes_valid"):
                 text = _fmt(v / 2**20 if v is not None else None, ".2f")
+            elif key.endswith("_spread"):
+                text = f"{v[0]:.3f}-{v[1]:.3f}" if v else "-"
             elif spec == "s":
                 text = str(v)
             else:
@@ -566,8 +690,10 @@ def format_summary(summary: dict) -> str:
     lines.append("")
     lines.append(
         "theo x: unpatched / method prefill FLOPs of the decoder (full convention, recorded token counts); "
-        "real x: unpatched / method median prefill time; (min): ratio of the fastest runs, less sensitive to "
-        "other load on the machine."
+        "real x: median over rounds of unpatched / method prefill time in the same round, spread: lowest-highest "
+        "round; dec time: method / unpatched decode time per token (per-round median; keep-all: the hooks' "
+        "overhead); KV ratio: valid KV bytes (padding excluded) over the unpatched model's; hooks/prefill and "
+        "hooks/decode: host time inside vtc's hooks over the prefill / a decode step (median over rounds)."
     )
     return "\n".join(lines)
 
@@ -598,6 +724,7 @@ def write_outputs(summary: dict, out: str | Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     from vtc.eval.flops_cli import SpecError, method_spec, parse_kw
+    from vtc.eval.threads import add_threads_arg, apply_threads
 
     p = argparse.ArgumentParser(
         prog="vtc bench",
@@ -639,20 +766,21 @@ def main(argv: list[str] | None = None) -> int:
         choices=["sdpa", "eager", "flash_attention_2"],
         help="attention implementation",
     )
+    add_threads_arg(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-round variant order (default 0)")
     p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch CPU threads; on a shared, busy machine use 1 (oversubscribed threads distort timings badly)",
+        "--full-machinery",
+        action="store_true",
+        help="patched variants run every selection's machinery even where nothing is dropped (measures the "
+        "engine's own overhead with keep-all settings)",
     )
     p.add_argument("--out", default=None, help="write results: PATH.json, PATH.csv, or a folder for both")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     if not args.cpu and not args.model:
         p.error("give --cpu (random mid-size model) or --model HF_DIR")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        apply_threads(args.threads)
         kw = parse_kw(args.kw)
         for m in args.method:
             method_spec(m, kw)
@@ -674,15 +802,19 @@ def main(argv: list[str] | None = None) -> int:
         inputs = {
             k: (v.to(device, dtype) if k == "pixel_values" else v.to(device)) for k, v in inputs.items()
         }
+        methods = args.method
+        if args.full_machinery:
+            methods = [(m, method_spec(m, kw), True) for m in args.method]
         summary = run_bench(
             model,
             inputs,
-            args.method,
+            methods,
             kw,
             args.repeats,
             args.warmup,
             args.new_tokens,
             progress=not args.no_progress,
+            seed=args.seed,
         )
     except (SpecError, ValueError) as err:
         print(f"vtc bench: error: {err}", file=sys.stderr)

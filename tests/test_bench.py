@@ -156,3 +156,50 @@ def test_main_cpu(monkeypatch, tmp_path, capsys):
     assert "unpatched" in out and "fastv" in out
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["source"] == "cpu-random" and data["variants"][1]["method"] == "fastv"
+
+
+def test_headline_is_the_median_of_per_round_ratios_and_rounds_are_shuffled():
+    model = bench.cpu_model(shape=SMALL)
+    inputs = bench.cpu_inputs(model, 1, SMALL["text_tokens"])
+    s = bench.run_bench(
+        model,
+        inputs,
+        ["pdrop_default", "fastv", ("pdrop_keep_full", {"method": "pyramid_drop", "lam": 1.0}, True)],
+        repeats=5,
+        warmup=0,
+        new_tokens=2,
+        progress=False,
+        seed=3,
+    )
+    base = s["variants"][0]
+    orders = set()
+    for r in range(5):
+        slots = {v["variant"]: next(x["slot"] for x in v["runs"] if x["round"] == r) for v in s["variants"]}
+        orders.add(tuple(sorted(slots, key=slots.get)))
+    assert len(orders) > 1  # not the same order every round
+    for v in s["variants"][1:]:
+        ratios = sorted(b["prefill_ms"] / m["prefill_ms"] for b, m in zip(base["runs"], v["runs"]))
+        assert [b["round"] for b in base["runs"]] == [m["round"] for m in v["runs"]] == list(range(5))
+        assert v["realized_prefill_speedup"] == pytest.approx(ratios[2])  # median of 5
+        assert v["realized_prefill_speedup_spread"] == pytest.approx([ratios[0], ratios[-1]])
+        dec = sorted(m["decode_tok_s"] / b["decode_tok_s"] for b, m in zip(base["runs"], v["runs"]))
+        assert v["decode_speedup"] == pytest.approx(dec[2])
+    keep = s["variants"][3]
+    assert keep["avg_visual_tokens"] == base["avg_visual_tokens"]
+    assert keep["kv_bytes"] == base["kv_bytes"]
+
+
+def test_kv_valid_bytes_exclude_left_padding(tiny):
+    """Left-padded batch: the tensors hold padding, the valid bytes count each row's own tokens only."""
+    inputs = make_inputs("b3_pad")
+    s = bench.run_bench(tiny, inputs, ["pdrop_default"], repeats=1, warmup=0, new_tokens=2, progress=False)
+    dims = ModelDims.from_hf_config(tiny.config)
+    per_token = 2 * dims.Hkv * dims.dh * 4  # K and V, fp32
+    mask = inputs["attention_mask"]
+    base, pdrop = s["variants"]
+    # unpatched: every layer holds each row's valid prompt tokens plus the one decoded token
+    want = per_token * dims.L * int((mask.sum(1) + 1).sum())
+    assert base["kv_bytes_valid"] == want
+    assert base["kv_bytes"] == per_token * dims.L * 3 * (mask.shape[1] + 1) > want
+    assert pdrop["kv_bytes_valid"] < pdrop["kv_bytes"]
+    assert pdrop["kv_valid_ratio"] == pytest.approx(pdrop["kv_bytes_valid"] / base["kv_bytes_valid"])

@@ -83,9 +83,11 @@ def _measure(model, spec, new_tokens: int):
     return _layer_totals(m, L), hook_flops, stats
 
 
-def _scorer_flops(dims, n: int) -> int:
-    """FLOPs of one last-query ranking over ``n`` tokens: q of 1 token, keys of ``n``, ``q·kᵀ`` per head."""
-    return 2 * (dims.d * dims.H * dims.dh + n * dims.d * dims.Hkv * dims.dh + dims.H * dims.dh * n)
+def _scorer_flops(dims, n: int, keys_cached: bool = False) -> int:
+    """FLOPs of one last-query ranking over ``n`` tokens: q of 1 token, keys of ``n`` (none when they come
+    from the cache: FastV ranks with the keys layer K-1 has just cached), ``q·kᵀ`` per head."""
+    keys = 0 if keys_cached else n * dims.d * dims.Hkv * dims.dh
+    return 2 * (dims.d * dims.H * dims.dh + keys + dims.H * dims.dh * n)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -122,7 +124,7 @@ def test_prefill_and_decode_match_flop_counter(setup, name):
             assert pre_hooks[l] == 0, f"layer {l} has hook FLOPs but no selection"
             continue
         n = full_counts[l - 1]  # tokens ranked at the selection: the previous layer's input
-        scorer = _scorer_flops(dims, n)
+        scorer = _scorer_flops(dims, n, keys_cached=name == "fastv")
         # (PyramidDrop's RoPE table for the compacted positions is element-wise in transformers 5: 0 FLOPs)
         assert pre_hooks[l] == pytest.approx(scorer, rel=0.01), f"hook FLOPs at selection layer {l}"
         assert all_hooks[l] == pre_hooks[l]  # decode steps run no ranking

@@ -163,12 +163,23 @@ class LastQueryAttention(Scorer):
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         if self.source == "next":
             layer, hidden, view = ctx.layer_idx, ctx.hidden, ctx.view
+            q, k = ctx.adapter.project_qk(layer, hidden, view.cos, view.sin)
         else:
             if ctx.prev_input is None:
                 raise RuntimeError("last_query_attention(source='prev') needs the previous layer's input")
             layer = ctx.layer_idx - 1
             hidden, view = ctx.prev_input
-        q, k = ctx.adapter.project_qk(layer, hidden, view.cos, view.sin)
+            # layer l-1 has just written its rotated keys of this very view to the cache: reuse them and
+            # project only the last query (FastV ranks with the attention layer l-1 computed)
+            cache = ctx.state.cache() if ctx.state is not None else None
+            k = ctx.adapter.cached_keys(cache, layer, view.length) if cache is not None else None
+            if k is None:
+                q, k = ctx.adapter.project_qk(layer, hidden, view.cos, view.sin)
+            else:
+                q = ctx.adapter.project_q(layer, hidden, view.cos, view.sin)
+                # a fresh projection is laid out [B, T, Hkv, dh] in memory; the same layout keeps the
+                # score kernel's summation order, hence the scores, bit for bit (a copy, no matmul)
+                k = k.transpose(1, 2).contiguous().transpose(1, 2)
         return attention_scores(q, k, view.valid, precision=self.precision, backend=self.backend)
 
 
@@ -192,7 +203,7 @@ class RandomScorer(Scorer):
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         st = ctx.state
-        n = int(st.n_visual0.max().item()) if st.n_visual0.numel() else 0
+        n = max(st.stats.visual_input, default=0)  # host ints: no device read
         g = torch.Generator(device="cpu").manual_seed(int(self.seed) * 1_000_003 + ctx.layer_idx)
         table = torch.rand(max(n, 1), generator=g).to(ctx.hidden.device)
         src = ctx.view.src.clamp(min=0)
@@ -291,7 +302,7 @@ class Duplication(Scorer):
 
         view, h = ctx.view, ctx.hidden
         B, Tv, D = h.shape
-        _, k = ctx.adapter.project_qk(ctx.layer_idx, h, view.cos, view.sin)  # [B, Hkv, Tv, dh]
+        k = ctx.adapter.project_k(ctx.layer_idx, h, view.cos, view.sin)  # [B, Hkv, Tv, dh]
         knorm = k.float().transpose(1, 2).reshape(B, Tv, -1).norm(dim=-1)  # [B, Tv]
         img = view.image & view.valid
         txt = ~view.image & view.valid

@@ -145,6 +145,78 @@ class ModelAdapter:
         _, k = rope(k, k, cos, sin)
         return q[:, :, 0], k
 
+    def project_q(
+        self, layer_idx: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Rotated query of the last position only, as layer ``layer_idx`` makes it (nothing else projected).
+
+        Parameters
+        ----------
+        layer_idx : int
+        hidden : torch.Tensor
+            ``[B, T, D]`` the layer's input; only ``hidden[:, -1]`` is read.
+        cos, sin : torch.Tensor
+            ``[B, T, dh]`` rotary tables; only the last position is read.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[B, H, dh]``.
+        """
+        layer = self.layers[layer_idx]
+        attn = layer.self_attn
+        _, _, dh = self.head_dims()
+        B = hidden.shape[0]
+        x = layer.input_layernorm(hidden[:, -1:])
+        q = attn.q_proj(x).view(B, 1, -1, dh).transpose(1, 2)
+        if getattr(attn, "q_norm", None) is not None:
+            q = attn.q_norm(q)
+        q, _ = self._rope_fn(layer_idx)(q, q, cos[:, -1:], sin[:, -1:])
+        return q[:, :, 0]
+
+    def project_k(
+        self, layer_idx: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Rotated keys of all positions, as layer ``layer_idx`` makes them (no query projected).
+
+        Parameters
+        ----------
+        layer_idx : int
+        hidden : torch.Tensor
+            ``[B, T, D]`` the layer's input (before its ``input_layernorm``).
+        cos, sin : torch.Tensor
+            ``[B, T, dh]``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[B, Hkv, T, dh]``.
+        """
+        layer = self.layers[layer_idx]
+        attn = layer.self_attn
+        _, _, dh = self.head_dims()
+        B, T, _ = hidden.shape
+        k = attn.k_proj(layer.input_layernorm(hidden)).view(B, T, -1, dh).transpose(1, 2)
+        if getattr(attn, "k_norm", None) is not None:
+            k = attn.k_norm(k)
+        _, k = self._rope_fn(layer_idx)(k, k, cos, sin)
+        return k
+
+    def cached_keys(self, cache, layer_idx: int, length: int) -> torch.Tensor | None:
+        """The rotated keys layer ``layer_idx`` wrote to ``cache`` in this prefill, ``[B, Hkv, T, dh]``.
+
+        They are what :meth:`project_k` would compute again from that layer's input. Returns None (the
+        caller then projects) when there is no cache, the cache keeps keys another way, or the layer
+        holds other than ``length`` positions (it saw another sequence than the caller's view).
+        """
+        layers = getattr(cache, "layers", None)
+        if layers is None or layer_idx >= len(layers):
+            return None
+        k = getattr(layers[layer_idx], "keys", None)
+        if not isinstance(k, torch.Tensor) or k.dim() != 4 or k.shape[-2] != length:
+            return None
+        return k
+
     # --- image features entry point (pre-LLM methods) -------------------------------------------
     def image_feature_owner(self) -> nn.Module:
         """The module whose ``get_image_features`` both ``generate`` and ``forward`` call."""

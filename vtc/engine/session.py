@@ -7,9 +7,12 @@ Hooks (instance only, all removed by :meth:`Session.remove`):
 * a forward hook on the trunk: updates decode counters and cache lengths;
 * a forward pre-hook on every decoder layer: at prefill it applies the selections (``drop`` shrinks
   the sequence for all later layers, ``skip`` routes a subset through one layer) and rewrites what
-  later layers need — RoPE ``cos/sin``, ``position_ids`` and a mask built per layer with
-  ``create_causal_mask(..., layer_idx=l)``; at decode it rebuilds each shortened layer's mask for
-  its own cache length and shifts positions in ``compact`` mode;
+  later layers need — RoPE ``cos/sin``, ``position_ids`` and a mask built once per view with
+  ``create_causal_mask(..., layer_idx=l)``; a selection that would keep every token is skipped
+  (decided from host-side counts); at decode the first layer of each *decode key* (same prefix
+  layout, cache length and position shift: a stage, not a layer) builds the mask, positions and
+  rotary tables for its cache length once per step, and the other layers of the key reuse them,
+  without reading any device value on the host;
 * a forward hook on each ``skip``-routed layer: writes the processed subset back into the stream;
 * at the end of a prefill the trunk's forward hook puts the outputs back at the caller's positions
   (:func:`vtc.engine.ops.expand_rows`): ``last_hidden_state`` and ``hidden_states`` are indexed like the
@@ -171,6 +174,9 @@ class Session:
         self._handles: list = []
         self._attached = False
         self._warned_compile = False
+        #: rank and re-derive views at every selection even when nothing would be dropped (tests use this
+        #: to run the whole machinery in keep-all configurations)
+        self._always_select = False
         L = adapter.num_layers
         if plan is not None:
             if plan.schedule.num_layers != L:
@@ -649,15 +655,20 @@ class Session:
             if am.dim() != 2:
                 raise ValueError(f"vtc needs a 2D padding mask at decode; got {am.dim()}D")
             st.decode_tail = am[:, T0:].bool()
+            # one host read per step (not per layer), and only when some shortened layer has no padding
+            need = any(key[-1] for key in st.decode_key.values())
+            st.decode_tail_all = bool(st.decode_tail.all()) if need else None
         else:
             cache = st.cache()
             past0 = cache.get_seq_length(0)
             st.decode_tail = torch.ones(
                 st.batch_size, past0 - T0 + q_len, dtype=torch.bool, device=st.valid0.device
             )
+            st.decode_tail_all = True
+        st.step_built = {}
 
     # --- layer hooks ----------------------------------------------------------------------------------
-    def _mask(self, hidden, mask2d, cache, layer_idx):
+    def _mask(self, hidden, mask2d, cache, layer_idx, allow_skip: bool = True):
         return create_causal_mask(
             config=self.adapter.text_config,
             inputs_embeds=hidden,
@@ -665,10 +676,17 @@ class Session:
             cache=cache,
             position_ids=None,
             layer_idx=layer_idx,
+            allow_is_causal_skip=allow_skip,
         )
 
     def _set_layer_kwargs(self, kwargs, hidden, view: View, cache, l: int):
-        kwargs["attention_mask"] = self._mask(hidden, view.mask2d(), cache, l)
+        # every layer seeing one view at prefill has the same (empty) cache length: one mask per view
+        st = self.state
+        hit = st.prefill_masks.get(id(view))
+        if hit is None or hit[0] is not view:
+            hit = (view, self._mask(hidden, view.mask2d(), cache, l))
+            st.prefill_masks[id(view)] = hit
+        kwargs["attention_mask"] = hit[1]
         kwargs["position_ids"] = None if self.adapter.attn_implementation.startswith("flash") else view.pos
         kwargs["position_embeddings"] = (view.cos, view.sin)
 
@@ -699,14 +717,44 @@ class Session:
             mask2d_is_none=st.model_mask_was_none,
         )
 
-    def _keep_targets(self, l: int, view: View) -> torch.Tensor:
-        st = self.state
+    def _keep_targets(self, l: int, view: View) -> list[int]:
+        """Visual tokens kept per row at layer ``l`` (host ints; no device read)."""
         share = self.plan.schedule.shares[l]
+        st = self.state
         if st.n_text0 is None:
-            st.n_text0 = (st.valid0 & ~st.image0).sum(1).tolist()
-        counts = self._target_counts(st.n_visual0.tolist(), st.n_text0, share)
-        target = torch.tensor(counts, device=view.src.device)
-        return torch.minimum(target, view.n_image())
+            st.n_text0 = [t - v for t, v in zip(st.stats.prefill_tokens[0], st.stats.visual_input)]
+        counts = self._target_counts(st.stats.visual_input, st.n_text0, share)
+        vis, _ = self._counts(view)
+        return [min(k, v) for k, v in zip(counts, vis)]
+
+    def _counts(self, view: View) -> tuple[list[int], list[int]]:
+        """Per-row ``(visual, valid)`` counts of ``view`` as host lists, read once per view (not per layer).
+
+        A view made by a selection is read from the device (one read per selection, which also guards the
+        decode keys against a scorer that kept another count than asked)."""
+        st = self.state
+        hit = st.view_counts.get(id(view))
+        if hit is None or hit[0] is not view:
+            both = torch.stack([(view.image & view.valid).sum(1), view.valid.sum(1)]).tolist()
+            hit = (view, both[0], both[1])
+            st.view_counts[id(view)] = hit
+        return hit[1], hit[2]
+
+    def _nothing_dropped(self, l: int, view: View) -> bool:
+        """True when the selection at ``l`` would keep every visual token of ``view`` (decided on the host).
+
+        The ranking is then skipped and the layer sees ``view`` unchanged (a true no-op: padding stays); the
+        selection is still recorded.
+        """
+        st = self.state
+        if self._always_select or (self.forced is not None and l in self.forced):
+            return False
+        if self._keep_targets(l, view) != self._counts(view)[0]:
+            return False
+        cand = view.image & view.valid
+        st.selections[l] = [view.src[b][cand[b]] for b in range(st.batch_size)]
+        st.saved_inputs.pop(l - 1, None)
+        return True
 
     def _select(self, l: int, hidden, view: View) -> torch.Tensor:
         """Kept visual slots of ``view`` at layer ``l``, ``[B, Tv]`` bool."""
@@ -718,7 +766,8 @@ class Session:
                 kept[b] = torch.isin(view.src[b], idx.to(view.src.device)) & cand[b]
             return kept
         ctx = ScoreContext(l, hidden, view, self.adapter, st, prev_input=st.saved_inputs.pop(l - 1, None))
-        return self.plan.scorer.select(ctx, self._keep_targets(l, view))
+        targets = torch.tensor(self._keep_targets(l, view), device=view.src.device)
+        return self.plan.scorer.select(ctx, targets)
 
     def _layer_prefill(self, l: int, args, kwargs):
         st = self.state
@@ -729,27 +778,31 @@ class Session:
             st.cache_ref = weakref.ref(cache) if cache is not None else None
             st.base = self._base_view(kwargs, hidden)
             st.current = st.base
+            st.view_counts[id(st.base)] = (
+                st.base,
+                list(st.stats.visual_input),
+                list(st.stats.prefill_tokens[0]),
+            )
         view = st.current
         touched = view is not st.base
+        select = l in self._selection and not self._nothing_dropped(l, view)
 
-        if plan.mode == "drop" and l in self._selection:
+        # `select` is False when nothing would be dropped (decided on the host): the layer then sees the
+        # view unchanged, a true no-op (padding stays)
+        if plan.mode == "drop" and select:
             kept = self._select(l, hidden, view)
             st.selections[l] = [view.src[b][kept[b]] for b in range(st.batch_size)]
             keep = view.valid & (~view.image | kept)
-            if not bool(torch.equal(keep, view.valid)):  # nothing dropped: a true no-op (padding stays)
-                src, valid = compact_rows(keep)
-                hidden = gather_rows(hidden, src, 0)
-                view = self._derive_view(view, src, valid, hidden)
-                st.current = view
-                touched = True
+            src, valid = compact_rows(keep)
+            hidden = gather_rows(hidden, src, 0)
+            view = self._derive_view(view, src, valid, hidden)
+            st.current = view
+            touched = True
 
-        skip_all_kept = False
-        if plan.mode == "skip" and l in self._selection:
+        if plan.mode == "skip" and select:
             kept = self._select(l, hidden, view)
             st.selections[l] = [view.src[b][kept[b]] for b in range(st.batch_size)]
             keep = view.valid & (~view.image | kept)
-            skip_all_kept = bool(torch.equal(keep, view.valid))
-        if plan.mode == "skip" and l in self._selection and not skip_all_kept:
             src, valid = compact_rows(keep)
             st.skip_pending[l] = (hidden, src, valid)
             if l in self._prev_needed:
@@ -760,12 +813,14 @@ class Session:
             st.layer_prefix[l] = (sub.valid, None)
             st.layer_src[l] = sub.src  # output-capturing hooks see the routed subset
             self._record(l, sub)
+            st.decode_key[l] = self._decode_key(sub)
             return (sub_hidden, *args[1:]), kwargs
 
         if touched:
             self._set_layer_kwargs(kwargs, hidden, view, cache, l)
             st.layer_prefix[l] = (view.valid, view.shift)
             st.layer_src[l] = view.src
+            st.decode_key[l] = self._decode_key(view)
         if l in self._prev_needed:
             st.saved_inputs[l] = (hidden, view)
         self._record(l, view)
@@ -805,8 +860,19 @@ class Session:
 
     def _record(self, l: int, view: View) -> None:
         stats = self.state.stats
-        stats.prefill_visual[l] = (view.image & view.valid).sum(1).tolist()
-        stats.prefill_tokens[l] = view.valid.sum(1).tolist()
+        vis, tok = self._counts(view)
+        stats.prefill_visual[l] = list(vis)
+        stats.prefill_tokens[l] = list(tok)
+
+    def _decode_key(self, view: View) -> tuple:
+        """Layers with equal keys get the same decode mask and rotary tables at every step.
+
+        A view's padding is on the left, so its length and per-row valid counts fix its 2D mask, and the
+        layers seeing it hold equally long caches; ``shift`` (compact positions) fixes the rotary tables.
+        """
+        _, tok = self._counts(view)
+        all_valid = all(t == view.length for t in tok)
+        return (view.length, tuple(tok), None if view.shift is None else id(view.shift), all_valid)
 
     def _make_skip_post(self, l: int):
         def hook(module, args, kwargs, output):
@@ -821,22 +887,41 @@ class Session:
         return hook
 
     def _layer_decode(self, l: int, args, kwargs):
+        """Decode step at a shortened layer: the mask (and, in compact mode, positions and rotary tables)
+        of its decode key, built by the first layer of the key at this step and reused by the others.
+        No device value is read on the host here."""
         st = self.state
-        if l not in st.layer_prefix:
+        key = st.decode_key.get(l)
+        if key is None:
             return None
-        prefix, shift = st.layer_prefix[l]
-        hidden = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        tail = st.decode_tail
-        if st.model_mask_was_none and bool(prefix.all()) and bool(tail.all()):
-            mask2d = None
-        else:
-            mask2d = torch.cat([prefix.long(), tail.long()], dim=1)
-        kwargs["attention_mask"] = self._mask(hidden, mask2d, cache, l)
-        if shift is not None:
-            pos = kwargs["position_ids"].expand(st.batch_size, -1) - shift.unsqueeze(1)
-            kwargs["position_embeddings"] = self.adapter.rotary_emb(hidden, pos)
+        built = st.step_built.get(key)
+        if built is None:
+            built = self._build_decode(l, key, args, kwargs)
+            st.step_built[key] = built
+        mask, pos, pe = built
+        kwargs["attention_mask"] = mask
+        if pe is not None:
+            kwargs["position_embeddings"] = pe
             kwargs["position_ids"] = pos
         if self.adapter.attn_implementation.startswith("flash"):
             kwargs["position_ids"] = None
         return args, kwargs
+
+    def _build_decode(self, l: int, key: tuple, args, kwargs) -> tuple:
+        """``(4D mask or None, positions [B, q] or None, (cos, sin) or None)`` for layer ``l`` at this step."""
+        st = self.state
+        prefix, shift = st.layer_prefix[l]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if key[-1] and st.decode_tail_all:
+            # no padding anywhere: the same mask the model would build from an all-ones 2D mask
+            mask = self._mask(hidden, None, cache, l)
+        else:
+            # padding is known to exist (host counts, or a tail that is not all ones): the causal-skip
+            # check could only fail, and it would read the mask on the host
+            mask2d = torch.cat([prefix.long(), st.decode_tail.long()], dim=1)
+            mask = self._mask(hidden, mask2d, cache, l, allow_skip=False)
+        if shift is None:
+            return mask, None, None
+        pos = kwargs["position_ids"].expand(st.batch_size, -1) - shift.unsqueeze(1)
+        return mask, pos, self.adapter.rotary_emb(hidden, pos)

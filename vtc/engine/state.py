@@ -115,6 +115,14 @@ class CallState:
     pre_src: torch.Tensor | None = None
     layer_src: dict[int, torch.Tensor] = field(default_factory=dict)
     n_text0: list[int] | None = None  # [B] text tokens per row entering the LLM
+    # host-side per-row counts of each view, read once per view: id(view) -> (view, visual, valid)
+    view_counts: dict[int, tuple[View, list[int], list[int]]] = field(default_factory=dict)
+    # decode: layer -> key shared by every layer whose mask and rotary tables are the same at a step
+    # (same prefix layout, same cache length, same position shift); masks/rotary built once per key per step
+    decode_key: dict[int, tuple] = field(default_factory=dict)
+    step_built: dict[tuple, tuple] = field(default_factory=dict)
+    prefill_masks: dict[int, tuple[View, object]] = field(default_factory=dict)  # id(view) -> (view, mask)
+    decode_tail_all: bool | None = None  # host bool: every decode-tail column is valid (None: not needed)
 
     def cache(self):
         return None if self.cache_ref is None else self.cache_ref()

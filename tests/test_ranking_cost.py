@@ -1,0 +1,86 @@
+"""Cheaper ranking keeps every ranking bit for bit: FastV's keys come from the cache layer K-1 just
+filled, its query is the only projection; DART projects keys only; keep-all selections do not rank."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_inputs, make_model
+
+import vtc
+from vtc.scorers import Duplication, LastQueryAttention, attention_scores
+
+
+def _capture(monkeypatch, cls):
+    seen = []
+    real = cls.score
+
+    def score(self, ctx):
+        out = real(self, ctx)
+        seen.append((ctx, out))
+        return out
+
+    monkeypatch.setattr(cls, "score", score)
+    return seen
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("case", ["b1_img2", "b3_pad", "b3_mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fastv_cached_keys_equal_a_fresh_projection(attn, case, dtype, monkeypatch):
+    model = make_model(attn).to(dtype)
+    inputs = make_inputs(case)
+    seen = _capture(monkeypatch, LastQueryAttention)
+    with vtc.apply(model, "fastv", k=3, r=0.5) as h, torch.no_grad():
+        out = model(**inputs, use_cache=True)  # keep the cache alive (the state holds a weak reference)
+        adapter = h.session.adapter
+        assert len(seen) == 1
+        ctx, scores = seen[0]
+        hidden, view = ctx.prev_input
+        cached = adapter.cached_keys(out.past_key_values, 2, view.length)
+        assert cached is not None  # the cheap path was taken
+        q_old, k_old = adapter.project_qk(2, hidden, view.cos, view.sin)
+        q_new = adapter.project_q(2, hidden, view.cos, view.sin)
+        assert torch.equal(cached, k_old)
+        assert torch.equal(q_new, q_old)
+        assert torch.equal(scores, attention_scores(q_old, k_old, view.valid))
+
+
+def test_fastv_without_a_cache_projects_and_selects_the_same(monkeypatch):
+    model = make_model("eager")
+    inputs = make_inputs("b3_pad")
+    with vtc.apply(model, "fastv", k=2, r=0.5) as h, torch.no_grad():
+        model(**inputs, use_cache=True)
+        with_cache = h.session.state.selections[2]
+        model(**inputs, use_cache=False)
+        without = h.session.state.selections[2]
+    for a, b in zip(with_cache, without):
+        assert torch.equal(a, b)
+
+
+def test_cached_keys_refuses_a_layer_that_saw_another_sequence():
+    model = make_model("sdpa")
+    inputs = make_inputs("b1_img1")
+    with vtc.apply(model, "pyramid_drop") as h, torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        adapter = h.session.adapter
+        cache = out.past_key_values
+        T0 = inputs["input_ids"].shape[1]
+        assert adapter.cached_keys(cache, 0, T0) is not None
+        # layer 5 is after the drops: it holds fewer positions than the prompt
+        assert adapter.cached_keys(cache, 5, T0) is None
+        assert adapter.cached_keys(None, 0, T0) is None
+
+
+@pytest.mark.parametrize("case", ["b1_img2", "b3_pad"])
+def test_dart_key_only_projection_equals_project_qk(case, monkeypatch):
+    model = make_model("sdpa")
+    inputs = make_inputs(case)
+    seen = _capture(monkeypatch, Duplication)
+    with vtc.apply(model, "dart", k=2, keep=0.4) as h, torch.no_grad():
+        model(**inputs, use_cache=True)
+        adapter = h.session.adapter
+        ctx, _ = seen[0]
+        v = ctx.view
+        _, k_old = adapter.project_qk(ctx.layer_idx, ctx.hidden, v.cos, v.sin)
+        assert torch.equal(adapter.project_k(ctx.layer_idx, ctx.hidden, v.cos, v.sin), k_old)
