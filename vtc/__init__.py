@@ -12,15 +12,19 @@ from vtc.api import Handle, apply, list_presets, load_preset, resolve_methods  #
 from vtc.engine.stats import CallStats  # noqa: E402
 from vtc.methods import (  # noqa: E402
     DFMR,
+    CDPruner,
     DecoderMethod,
+    DivPrune,
     FastV,
     Method,
+    Pool,
     PreLLMMethod,
     Progressive,
     PyramidDrop,
     RandomDrop,
     ScheduleMethod,
     UniformDrop,
+    VisionZip,
 )
 from vtc.registry import list_methods, list_scorers, register_method, register_scorer  # noqa: E402
 
@@ -48,4 +52,8 @@ __all__ = [
     "ScheduleMethod",
     "RandomDrop",
     "UniformDrop",
+    "VisionZip",
+    "DivPrune",
+    "CDPruner",
+    "Pool",
 ]
