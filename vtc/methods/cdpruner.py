@@ -5,7 +5,7 @@ Rule (as the official code does, in the LLM's embedding space)
 On the projected embeddings ``x_1 .. x_N`` of one image and the input embeddings ``t_1 .. t_M`` of its
 prompt row's text tokens (every valid non-image token of the row):
 
-1. similarity ``S_ij = cos(x_i, x_j)``;
+1. similarity ``S_ij = cos(x_i, x_j)`` (``S_ii = 1`` exactly);
 2. relevance ``r_i = mean_m cos(x_i, t_m)``, min-max normalised over the image:
    ``(r_i - min r) / (max r - min r + 1e-6)``;
 3. conditional kernel ``L_ij = r_i S_ij r_j``; a row without text (or a direct ``get_image_features`` call)
@@ -61,6 +61,7 @@ def cdpruner_select(x: torch.Tensor, k: int, rel: torch.Tensor | None = None) ->
     n, N, _ = x.shape
     xn = F.normalize(work_dtype(x), dim=-1)
     kernel = xn @ xn.transpose(1, 2)
+    kernel.diagonal(dim1=1, dim2=2).fill_(1.0)  # cos(x, x) = 1 exactly (rounding must not break ties)
     if rel is not None:
         r = rel.to(kernel.dtype)
         kernel = r.unsqueeze(2) * kernel * r.unsqueeze(1)

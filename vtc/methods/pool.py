@@ -13,8 +13,8 @@ does. A count with no such pair (e.g. a prime above ``w``) raises, naming the ne
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch.nn.functional as F
 
@@ -37,8 +37,8 @@ def pool_grid(grid: tuple[int, int], k: int) -> tuple[int, int]:
             f"pool: {k} tokens cannot be laid out as an a x b grid inside the {h}x{w} patch grid; use a count "
             f"with such a factor pair, e.g. one of {near}"
         )
-    target = math.log(h / w)
-    return min(pairs, key=lambda p: (abs(math.log(p[0] / p[1]) - target), p[0]))
+    # aspect distance |log(a/b) - log(h/w)| compared exactly, as the rational max(aw, bh) / min(aw, bh)
+    return min(pairs, key=lambda p: (Fraction(max(p[0] * w, p[1] * h), min(p[0] * w, p[1] * h)), p[0]))
 
 
 @register_method("pool")
