@@ -40,6 +40,16 @@ class PreLLMMethod(Method):
     def check(self, adapter) -> None:
         """Validate the method against the model (grid, tower); called before any hook is attached."""
 
+    def tokens_per_image(self, n_patches: int) -> int | None:
+        """Tokens one image of ``n_patches`` keeps when that count is fixed (FLOPs tables); None if it depends
+        on the image (DFMR)."""
+        tokens, ratio = getattr(self, "tokens", None), getattr(self, "ratio", None)
+        if tokens is None and ratio is None:
+            return None
+        from vtc.engine.prellm import resolve_count
+
+        return resolve_count(tokens, ratio, n_patches, self.name)
+
     def reduce(self, inputs):  # pragma: no cover - abstract
         """Per-image embeddings to place: ``ImageInputs -> Reduction`` (see :mod:`vtc.engine.prellm`)."""
         raise NotImplementedError
