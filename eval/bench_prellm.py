@@ -4,11 +4,11 @@
 
 On the ``vtc bench --cpu`` model (12-layer, hidden-1024 LLaVA-shaped, 24 x 24 = 576 image tokens + 40 text
 tokens, fp32), one run interleaves, for every repeat: the unpatched prefill (``model(**inputs,
-logits_to_keep=1)`` as generate's prefill, vision tower included) and each method's ``reduce`` on the image's selected features (projector included, since
-``reduce`` projects; tower attention included for VisionZip; text embeddings for CDPruner). The overhead
-of a method is the median ``reduce`` time over the median unpatched prefill of the same run. Stdout: one
-table; ``--out PATH.json`` writes the figures. ``vtc bench --cpu --method divprune_64`` gives the
-end-to-end prefill with the method.
+logits_to_keep=1)`` as generate's prefill, vision tower included) and each method's ``reduce`` on the
+image's selected features (projector included, since ``reduce`` projects; tower attention included for
+VisionZip; text embeddings for CDPruner). The overhead of a method is the median ``reduce`` time over the
+median unpatched prefill of the same run. Stdout: one table; ``--out PATH.json`` writes the figures.
+``vtc bench --cpu --method divprune_64`` gives the end-to-end prefill with the method.
 """
 
 from __future__ import annotations
