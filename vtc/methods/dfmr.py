@@ -88,12 +88,6 @@ def window_std_measure(x: torch.Tensor, p: int) -> tuple[torch.Tensor, torch.Ten
     return per_window, per_window.mean(dim=(1, 2))
 
 
-def _measure(x: torch.Tensor, p: int, backend: str) -> torch.Tensor:
-    if _window_std_kernel is not None:
-        return _window_std_kernel(x, p, backend=backend)[1]
-    return window_std_measure(x, p)[1]
-
-
 # --- decision rules (pure functions) ----------------------------------------------------------------------
 def pooled_grid(grid: tuple[int, int], s: int) -> tuple[int, int]:
     """Output grid of factor ``s`` on ``grid``: ``(ceil(h/s), ceil(w/s))``."""
