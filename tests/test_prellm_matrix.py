@@ -186,3 +186,19 @@ def test_composition_with_pyramid_drop_equals_pyramid_drop_on_the_reduced_prompt
                 l,
                 b,
             )
+
+
+@pytest.mark.parametrize("case", ["b1_img1", "b3_mixed"])
+def test_keeping_every_token_is_bit_identical_to_unpatched(model, case):
+    inputs = make_inputs(case)
+    seq0, logits0, _ = generate(model, inputs, STEPS)
+    for m in (
+        vtc.DivPrune(tokens=16),
+        vtc.CDPruner(ratio=1.0),
+        vtc.VisionZip(tokens=16),
+        vtc.Pool(tokens=16),
+    ):
+        with vtc.apply(model, m) as h:
+            seq1, logits1, _ = generate(model, inputs, STEPS)
+            assert h.stats.visual_input == h.stats.visual_original
+        assert torch.equal(seq0, seq1) and torch.equal(logits0, logits1), m.name
