@@ -202,3 +202,42 @@ def test_keeping_every_token_is_bit_identical_to_unpatched(model, case):
             seq1, logits1, _ = generate(model, inputs, STEPS)
             assert h.stats.visual_input == h.stats.visual_original
         assert torch.equal(seq0, seq1) and torch.equal(logits0, logits1), m.name
+
+
+def test_outputs_map_back_to_the_callers_positions(model):
+    """The stage's mapping of a rewritten-prompt output to the caller's T positions: text at its own position
+    (equal to the hand-reduced run), kept patches at their own cell, zeros at removed visual positions."""
+    case = "b3_mixed"
+    inputs = make_inputs(case)
+    ids = inputs["input_ids"]
+    valid = inputs["attention_mask"].bool()
+    for m in (vtc.DivPrune(tokens=5), vtc.Pool(tokens=8)):
+        seen = []
+        with vtc.apply(model, m) as h, torch.no_grad():
+            hook = model.model.register_forward_pre_hook(
+                lambda mod, a, kw, seen=seen: seen.append(kw), with_kwargs=True
+            )
+            out = model(**inputs)
+            hook.remove()
+            stage, call = h.session.pre_llm[0], last_prellm_call(h)
+            mapped = stage.to_caller_layout(out.logits)
+        assert mapped.shape[:2] == ids.shape
+        feats = list(seen[0]["mm_encoder_outputs"]["image"].pooler_output)
+        ref = hand_reduced(case, [t for row in call.tokens for t in row], feats)
+        with torch.no_grad():
+            rmask = ref.get("attention_mask", torch.ones_like(ref["input_ids"]))
+            ref_logits = model(**ref, position_ids=positions_like_generate(rmask)).logits
+        rvalid = rmask.bool()
+        for b in range(ids.shape[0]):
+            text, rtext = valid[b] & (ids[b] != IMAGE_TOKEN), rvalid[b] & (ref["input_ids"][b] != IMAGE_TOKEN)
+            assert torch.equal(mapped[b][text], ref_logits[b][rtext]), (m.name, b)
+            img = (ids[b] == IMAGE_TOKEN).nonzero().squeeze(1).tolist()
+            rimg = ref_logits[b][rvalid[b] & (ref["input_ids"][b] == IMAGE_TOKEN)]
+            kept = []
+            for i, n in enumerate(call.tokens[b]):
+                run = img[16 * i : 16 * (i + 1)]
+                cells = call.cells[b][i]
+                kept += [run[c] for c in cells.tolist()] if cells is not None else run[:n]
+            assert torch.equal(mapped[b][kept], rimg), (m.name, b)
+            removed = sorted(set(img) - set(kept)) + (~valid[b]).nonzero().squeeze(1).tolist()
+            assert bool((mapped[b][removed] == 0).all()), (m.name, b)

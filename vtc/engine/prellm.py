@@ -269,6 +269,7 @@ class PreLLMStage(PreLLMComponent):
         self._wrapper = None
         self._map: _DecodeMap | None = None
         self._spans: list[ImageSpan] | None = None
+        self._caller: torch.Tensor | None = None  # [B, Tn] caller position of each rewritten slot, -1 padding
         self._orig: list[int] | None = None
         self.call: PreLLMCall | None = None
 
@@ -406,7 +407,8 @@ class PreLLMStage(PreLLMComponent):
             kwargs["mm_encoder_outputs"] = mm
         new_tokens = [e.shape[0] for e in red.embeds]
         grids = red.grids or [(1, k) for k in new_tokens]
-        self._rewrite(kwargs, ids, placement, rec.orig_tokens, new_tokens, grids)
+        cells0 = red.cells or [None] * len(new_tokens)
+        self._rewrite(kwargs, ids, placement, rec.orig_tokens, new_tokens, grids, cells0, inputs.cls)
         n = len(new_tokens)
         cells = red.cells or [None] * n
         info = red.info or [{} for _ in range(n)]
@@ -471,8 +473,9 @@ class PreLLMStage(PreLLMComponent):
                 k += 1
         return out
 
-    def _rewrite(self, kwargs, ids, placement, orig_tokens, new_tokens, grids) -> None:
-        """Resize each placeholder run, re-pad rows on the left, rewrite mask and positions."""
+    def _rewrite(self, kwargs, ids, placement, orig_tokens, new_tokens, grids, cells, cls) -> None:
+        """Resize each placeholder run, re-pad rows on the left, rewrite mask and positions; remember the caller's
+        position of every new slot (kept patches at their own cell, other image tokens at the run's first slots)."""
         B, T = ids.shape
         dev = ids.device
         am = kwargs.get("attention_mask")
@@ -483,26 +486,35 @@ class PreLLMStage(PreLLMComponent):
         by_row: list[list[int]] = [[] for _ in range(B)]
         for i, (b, _) in enumerate(placement):
             by_row[b].append(i)
-        contents, masks, starts = [], [], []
+        contents, masks, starts, dests = [], [], [], []
         for b in range(B):
             nz = valid[b].nonzero()
             first = int(nz[0]) if len(nz) else T
             # the first image may start before `first` only with a broken mask; keep it whole
             first = min([first] + [placement[i][1] for i in by_row[b]])
-            pieces, mpieces, st = [], [], []
+            pieces, mpieces, dpieces, st = [], [], [], []
             cur, length = first, 0
             for i in by_row[b]:
                 s0 = placement[i][1]
                 pieces.append(ids[b, cur:s0])
                 mpieces.append(valid[b, cur:s0])
+                dpieces.append(torch.arange(cur, s0, device=dev))
                 length += s0 - cur
                 st.append(length)
                 pieces.append(torch.full((new_tokens[i],), tid, dtype=ids.dtype, device=dev))
                 mpieces.append(torch.ones(new_tokens[i], dtype=torch.bool, device=dev))
+                k = new_tokens[i]
+                if cells[i] is not None and k == cells[i].numel() + cls:
+                    d = torch.cat([torch.arange(cls, device=dev), cells[i].to(dev) + cls])
+                else:
+                    d = torch.arange(k, device=dev)
+                dpieces.append(s0 + d)
                 length += new_tokens[i]
                 cur = s0 + orig_tokens[i]
             pieces.append(ids[b, cur:])
             mpieces.append(valid[b, cur:])
+            dpieces.append(torch.arange(cur, T, device=dev))
+            dests.append(torch.cat(dpieces))
             contents.append(torch.cat(pieces))
             masks.append(torch.cat(mpieces))
             starts.append(st)
@@ -510,8 +522,10 @@ class PreLLMStage(PreLLMComponent):
         new_ids = torch.full((B, Tn), pad, dtype=ids.dtype, device=dev)
         new_valid = torch.zeros(B, Tn, dtype=torch.bool, device=dev)
         spans = []
+        caller = torch.full((B, Tn), -1, dtype=torch.long, device=dev)
         for b in range(B):
             off = Tn - len(contents[b])
+            caller[b, off:] = dests[b]
             new_ids[b, off:] = contents[b]
             new_valid[b, off:] = masks[b]
             for i, st in zip(by_row[b], starts[b]):
@@ -528,6 +542,7 @@ class PreLLMStage(PreLLMComponent):
         shift = valid.sum(1) - new_valid.sum(1)
         self._map = _DecodeMap(orig_len=T, new_len=Tn, prefix=new_valid, mask_none=mask_none, shift=shift)
         self._spans = spans
+        self._caller = caller.masked_fill(~new_valid, -1)
 
     # --- decode -------------------------------------------------------------------------------------------------
     def decode(self, session, kwargs: dict) -> dict:
@@ -574,6 +589,37 @@ class PreLLMStage(PreLLMComponent):
                 1 - q, 1, device=full.device
             ).unsqueeze(0)
         return kwargs
+
+    def to_caller_layout(self, x: torch.Tensor, caller_len: int | None = None) -> torch.Tensor:
+        """Scatter a per-position output of the rewritten prompt back to the caller's positions.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            ``[B, Tn, ...]`` indexed like the rewritten prompt of the latest prefill (logits, hidden states);
+            decode positions after it (``[B, Tn + s, ...]``) follow the caller's prompt in order.
+        caller_len : int, optional
+            The caller's prompt length ``T`` (default: the latest prefill's).
+
+        Returns
+        -------
+        torch.Tensor
+            ``[B, T (+ s), ...]``: text and kept patches at their input positions, merged or pooled image tokens at
+            the first positions of their image's run, zeros at removed visual positions and at padding.
+        """
+        mp = self._map
+        if mp is None:
+            return x
+        T = caller_len if caller_len is not None else mp.orig_len
+        B, Tx = x.shape[:2]
+        extra = Tx - mp.new_len
+        dest = torch.cat([self._caller, torch.arange(T, T + extra, device=x.device).expand(B, extra)], 1).to(
+            x.device
+        )
+        out = x.new_zeros((B, T + extra, *x.shape[2:]))
+        b, j = (dest >= 0).nonzero(as_tuple=True)
+        out[b, dest[b, j]] = x[b, j]
+        return out
 
     # --- engine queries ---------------------------------------------------------------------------------------
     def image_spans(self) -> list[ImageSpan] | None:
