@@ -585,13 +585,16 @@ def _build_classes() -> None:
                 pass
             return results
 
-        def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-            """Sum of the continuation's log-probabilities and whether greedy decoding gives it (one request at a time)."""
+        def loglikelihood(self, requests) -> list:
+            """Mean negative log-likelihood of the continuation's tokens (the loss with the context labelled -100,
+            as lmms-eval's ``llava_hf`` returns it: ``multiple_choice`` picks the lowest) and whether greedy decoding
+            gives the continuation, as ``GenerationResult(text=(loss, greedy))``; one request at a time. Under any vtc method the logits are at the prompt's
+            positions (the engine's output contract), so the labels line up with the continuation."""
             import vtc
             from vtc.eval.bench import unpatched_stats
 
             adapter = vtc.get_adapter(self.model)
-            out: list[tuple[float, bool]] = []
+            out: list = []
             for req in tqdm(requests, disable=(self.rank != 0), desc=f"{MODEL_ID} loglikelihood"):
                 context, target, doc_to_visual, doc_id, task, split = req.args
                 doc = self._doc(task, split, doc_id)
@@ -608,14 +611,17 @@ def _build_classes() -> None:
                     for k, v in full.items()
                 }
                 full.pop("image_sizes", None)
-                with torch.inference_mode():
-                    logits = self.model(**full, use_cache=False).logits
                 ids = full["input_ids"]
+                labels = ids.clone()
+                labels[:, :n_ctx] = -100
+                with torch.inference_mode():
+                    res = self.model(**full, labels=labels, use_cache=False)
                 cont = ids[:, n_ctx:]
-                pred = logits[:, n_ctx - 1 : ids.shape[1] - 1]
-                logp = torch.log_softmax(pred.float(), dim=-1).gather(-1, cont.unsqueeze(-1)).sum().item()
+                pred = res.logits[:, n_ctx - 1 : ids.shape[1] - 1]
                 greedy = bool((pred.argmax(-1) == cont).all().item())
-                out.append((float(logp), greedy))
+                # lmms-eval's evaluator passes every response through unwrap_generation_output, which turns a bare
+                # (float, bool) tuple into its string; a GenerationResult carries the pair through unchanged
+                out.append(GenerationResult(text=(float(res.loss.item()), greedy)))
                 stats = (
                     self._handle.stats
                     if self._handle is not None and self._handle.stats is not None

@@ -55,7 +55,8 @@ def resolve_backend(backend: str, tensors: Sequence[torch.Tensor], *, op: str) -
     backend : str
         ``"auto"``: Triton when every input is on a CUDA device and Triton imports, else the PyTorch
         reference. ``"triton"``: always Triton; CPU inputs need ``TRITON_INTERPRET=1``.
-        ``"torch"``: always the PyTorch reference.
+        ``"torch"``: always the PyTorch reference. float64 inputs always take the reference (``"auto"``)
+        or raise ``TypeError`` (``"triton"``).
     tensors : sequence of torch.Tensor
         The inputs of the op (all on one device; the op checks that before calling this).
     op : str
@@ -76,6 +77,14 @@ def resolve_backend(backend: str, tensors: Sequence[torch.Tensor], *, op: str) -
     if backend == "torch":
         return "torch"
     device_types = {t.device.type for t in tensors}
+    if any(t.dtype == torch.float64 for t in tensors):
+        # the Triton kernels are written for float32/float16/bfloat16; float64 goes to the reference
+        if backend == "auto":
+            return "torch"
+        raise TypeError(
+            f"{op}: backend='triton' does not take float64 inputs; pass backend='auto' or backend='torch' (the "
+            "PyTorch reference serves float64), or cast the inputs with .float()."
+        )
     if backend == "auto":
         return "triton" if device_types == {"cuda"} and triton_available() else "torch"
     if not triton_available():
@@ -109,10 +118,11 @@ def check_tensor(x: object, name: str, *, ndim: int, shape_doc: str, op: str) ->
 
 
 def check_float(x: torch.Tensor, name: str, *, op: str) -> None:
-    """Raise ``TypeError`` unless ``x`` holds float32, float16 or bfloat16."""
-    if x.dtype not in FLOAT_DTYPES:
+    """Raise ``TypeError`` unless ``x`` holds float32, float16, bfloat16 or float64 (float64: reference only)."""
+    if x.dtype not in FLOAT_DTYPES and x.dtype != torch.float64:
         raise TypeError(
-            f"{op}: {name} must be float32, float16 or bfloat16, got {x.dtype}; cast it with .float()."
+            f"{op}: {name} must be float32, float16 or bfloat16 (or float64, served by the PyTorch reference), got "
+            f"{x.dtype}; cast it with .float()."
         )
 
 

@@ -208,13 +208,16 @@ def test_direct_forward_equals_hand_compressed_forward():
         out = model(**inputs, use_cache=False)
         hook.remove()
         tokens = [t for row in last_call(h).tokens for t in row]
+        src = h.session.pre_llm[0].caller_src()  # caller position of each compressed slot
     feats = seen[0]["mm_encoder_outputs"]["image"].pooler_output
     ref = hand_compressed("b3_pad", tokens, feats)
     with torch.no_grad():  # the rewrite numbers positions from each row's first real token, as generate does
         out_ref = model(**ref, position_ids=positions_like_generate(ref["attention_mask"]), use_cache=False)
-    assert out.logits.shape == out_ref.logits.shape
+    # issue 11: outputs come back at the caller's positions (a pooled image at the start of its run)
+    assert out.logits.shape[:2] == inputs["input_ids"].shape and src.shape == ref["input_ids"].shape
     valid = ref["attention_mask"].bool()
-    assert torch.equal(out.logits[valid], out_ref.logits[valid])
+    b, j = valid.nonzero(as_tuple=True)
+    assert torch.equal(out.logits[b, src[b, j]], out_ref.logits[valid])
 
 
 # --- factor 1 is the unpatched model --------------------------------------------------------------------------

@@ -128,8 +128,10 @@ def test_torch_compile_warns():
 
 
 def test_inputs_embeds_only_raises(model):
+    # issue 11 (defect 11): an inputs_embeds-only call with no images has nothing to compress and runs
+    # unchanged (tests/test_hardening.py); with images it still raises
     inputs = make_inputs("b1_img1")
     emb = model.get_input_embeddings()(inputs["input_ids"])
     with vtc.apply(model, "pyramid_drop"):
         with pytest.raises(ValueError, match="needs input_ids"):
-            model(inputs_embeds=emb)
+            model(inputs_embeds=emb, pixel_values=inputs["pixel_values"])

@@ -204,40 +204,93 @@ def test_keeping_every_token_is_bit_identical_to_unpatched(model, case):
         assert torch.equal(seq0, seq1) and torch.equal(logits0, logits1), m.name
 
 
-def test_outputs_map_back_to_the_callers_positions(model):
-    """The stage's mapping of a rewritten-prompt output to the caller's T positions: text at its own position
-    (equal to the hand-reduced run), kept patches at their own cell, zeros at removed visual positions."""
-    case = "b3_mixed"
+def hooked_and_reference_at_caller_positions(model, case, m, **kw):
+    """A hooked forward and, by hand, the hand-reduced run's logits placed at the caller's positions.
+
+    Returns the hooked output, the reference ``[B, T, V]`` (zeros where no kept token maps) and ``[B, T]`` bool of
+    the positions the reference fills: text at its own position, a kept patch at its own cell, other image
+    tokens (pooled, merged) at the first slots of their image's placeholder run."""
     inputs = make_inputs(case)
     ids = inputs["input_ids"]
-    valid = inputs["attention_mask"].bool()
-    for m in (vtc.DivPrune(tokens=5), vtc.Pool(tokens=8)):
-        seen = []
-        with vtc.apply(model, m) as h, torch.no_grad():
-            hook = model.model.register_forward_pre_hook(
-                lambda mod, a, kw, seen=seen: seen.append(kw), with_kwargs=True
-            )
-            out = model(**inputs)
+    valid = (
+        inputs["attention_mask"].bool()
+        if "attention_mask" in inputs
+        else torch.ones_like(ids, dtype=torch.bool)
+    )
+    seen = []
+    with vtc.apply(model, m) as h:
+        hook = model.model.register_forward_pre_hook(lambda mod, a, k: seen.append(k), with_kwargs=True)
+        try:
+            out = model(**inputs, **kw)
+        finally:
             hook.remove()
-            stage, call = h.session.pre_llm[0], last_prellm_call(h)
-            mapped = stage.to_caller_layout(out.logits)
-        assert mapped.shape[:2] == ids.shape
-        feats = list(seen[0]["mm_encoder_outputs"]["image"].pooler_output)
-        ref = hand_reduced(case, [t for row in call.tokens for t in row], feats)
+        call = last_prellm_call(h)
+    feats = list(seen[0]["mm_encoder_outputs"]["image"].pooler_output)
+    ref = hand_reduced(case, [t for row in call.tokens for t in row], feats)
+    with torch.no_grad():
+        rmask = ref.get("attention_mask", torch.ones_like(ref["input_ids"]))
+        ref_logits = model(**ref, position_ids=positions_like_generate(rmask)).logits
+    rvalid = rmask.bool()
+    full = torch.zeros(*ids.shape, ref_logits.shape[-1], dtype=ref_logits.dtype)
+    has = torch.zeros_like(valid)
+    for b in range(ids.shape[0]):
+        text, rtext = valid[b] & (ids[b] != IMAGE_TOKEN), rvalid[b] & (ref["input_ids"][b] != IMAGE_TOKEN)
+        full[b, text] = ref_logits[b][rtext]
+        img = (ids[b] == IMAGE_TOKEN).nonzero().squeeze(1).tolist()
+        kept = []
+        for i, n in enumerate(call.tokens[b]):
+            run = img[16 * i : 16 * (i + 1)]
+            cells = call.cells[b][i]
+            kept += [run[c] for c in cells.tolist()] if cells is not None else run[:n]
+        full[b, kept] = ref_logits[b][rvalid[b] & (ref["input_ids"][b] == IMAGE_TOKEN)]
+        has[b] = text
+        has[b, kept] = True
+    return inputs, out, full, has
+
+
+def test_outputs_map_back_to_the_callers_positions(model, method):
+    """Issue 11's output contract for every pre-LLM method: logits at the caller's T positions; text at its own
+    position equal to the hand-reduced run, kept patches at their own cell, pooled or merged tokens at the first
+    slots of their run, zeros at removed visual positions and padding."""
+    for case in ("b3_mixed", "b1_img2"):
+        inputs, out, full, has = hooked_and_reference_at_caller_positions(model, case, SPECS[method]())
+        ids = inputs["input_ids"]
+        assert out.logits.shape[:2] == ids.shape, case
+        assert torch.equal(out.logits[has], full[has]), case
+        assert bool((out.logits[~has] == 0).all()), case
+        assert bool(((ids == IMAGE_TOKEN) & ~has).any()), case  # something was removed
+
+
+def _ce64(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean next-token cross-entropy in float64 over the pairs whose shifted label is not -100."""
+    lp = torch.log_softmax(logits[:, :-1].double(), -1)
+    y = labels[:, 1:]
+    keep = y != -100
+    return float(-lp[keep].gather(-1, y[keep].unsqueeze(-1)).mean())
+
+
+def test_labels_give_the_loss_of_the_kept_sequence(model, method):
+    """Labels under every pre-LLM method: the loss equals a float64 hand computation over the hand-reduced
+    run's logits at the caller's positions, counting a label when its position and the one before it both have
+    an output (a removed visual position and the one after it carry no loss); backward works."""
+    for case, image_labels in (("b3_mixed", False), ("b1_img2", True)):
+        ids = make_inputs(case)["input_ids"]
+        mask = make_inputs(case).get("attention_mask", torch.ones_like(ids))
+        # no label on padding nor on BOS (nothing predicts it; its predecessor is padding, which has no output)
+        labels = ids.masked_fill((mask == 0) | (ids == BOS), -100)
+        if not image_labels:
+            labels = labels.masked_fill(ids == IMAGE_TOKEN, -100)
         with torch.no_grad():
-            rmask = ref.get("attention_mask", torch.ones_like(ref["input_ids"]))
-            ref_logits = model(**ref, position_ids=positions_like_generate(rmask)).logits
-        rvalid = rmask.bool()
-        for b in range(ids.shape[0]):
-            text, rtext = valid[b] & (ids[b] != IMAGE_TOKEN), rvalid[b] & (ref["input_ids"][b] != IMAGE_TOKEN)
-            assert torch.equal(mapped[b][text], ref_logits[b][rtext]), (m.name, b)
-            img = (ids[b] == IMAGE_TOKEN).nonzero().squeeze(1).tolist()
-            rimg = ref_logits[b][rvalid[b] & (ref["input_ids"][b] == IMAGE_TOKEN)]
-            kept = []
-            for i, n in enumerate(call.tokens[b]):
-                run = img[16 * i : 16 * (i + 1)]
-                cells = call.cells[b][i]
-                kept += [run[c] for c in cells.tolist()] if cells is not None else run[:n]
-            assert torch.equal(mapped[b][kept], rimg), (m.name, b)
-            removed = sorted(set(img) - set(kept)) + (~valid[b]).nonzero().squeeze(1).tolist()
-            assert bool((mapped[b][removed] == 0).all()), (m.name, b)
+            _, out, full, has = hooked_and_reference_at_caller_positions(
+                model, case, SPECS[method](), labels=labels
+            )
+        lab = labels.masked_fill(~has, -100)
+        lab[:, 1:][~has[:, :-1]] = -100
+        assert out.loss.item() == pytest.approx(_ce64(full, lab), abs=1e-5), case
+    inputs = make_inputs("b1_img2")
+    with vtc.apply(model, SPECS[method]()):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+    g = model.lm_head.weight.grad
+    model.zero_grad(set_to_none=True)
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0

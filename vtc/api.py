@@ -20,7 +20,7 @@ import yaml
 
 from vtc.adapters import get_adapter
 from vtc.engine.session import Session
-from vtc.engine.stats import CallStats
+from vtc.engine.stats import CallHistory, CallStats
 from vtc.methods.base import Method
 from vtc.registry import build_dataclass, get_method_class, list_methods
 
@@ -40,16 +40,28 @@ class Handle:
 
     @property
     def stats(self) -> CallStats | None:
-        """Token accounting of the latest call (prefill + decode steps so far)."""
-        return self.session.calls[-1] if self.session.calls else None
+        """Token accounting of the calling thread's latest call (prefill + decode steps so far); the latest
+        call of any thread when this thread made none."""
+        return self.session.last_stats
 
     @property
-    def calls(self) -> list[CallStats]:
-        """Accounting of every call since :meth:`reset_stats`."""
+    def calls(self) -> CallHistory:
+        """The last :attr:`keep_calls` calls since :meth:`reset_stats` (oldest first; a sequence of
+        :class:`CallStats`); ``handle.calls.summary()`` has totals over every call."""
         return self.session.calls
+
+    @property
+    def keep_calls(self) -> int:
+        """How many calls :attr:`calls` keeps in full (default 256); settable."""
+        return self.session.calls.keep
+
+    @keep_calls.setter
+    def keep_calls(self, n: int) -> None:
+        self.session.calls.keep = n
 
     def reset_stats(self) -> None:
         self.session.calls.clear()
+        self.session._tls.last_stats = None
 
     @property
     def active(self) -> bool:

@@ -240,6 +240,7 @@ def solve(
     dims=None,
     n_text: int = 0,
     free: str | None = None,
+    allow_empty: bool = False,
     **fixed,
 ) -> tuple[Schedule, float]:
     """Find the free parameter of a schedule family that meets a cost target.
@@ -256,6 +257,9 @@ def solve(
     flops_share : float, optional
         Target share of LLM prefill FLOPs in the papers' convention (image tokens, MACs); needs ``dims``
         (a :class:`vtc.flops.ModelDims`). ``n_text`` adds text tokens to ``n`` (0 = image tokens only).
+    allow_empty : bool, default False
+        Accept a schedule under which some layer keeps 0 of the ``n_visual`` tokens. By default such a
+        schedule is refused (it measures cutting the image off, not the method's ranking).
     **fixed
         Other parameters of the family (e.g. ``layers`` for stages, ``k`` for single).
 
@@ -327,7 +331,36 @@ def solve(
             f"no {kind} schedule meets avg_tokens={avg_tokens} within one token (closest: "
             f"{sched.mean_tokens(n_visual):.2f}); the integer counts jump there, adjust the target"
         )
+    check_not_empty(sched, n_visual, allow_empty, what=f"the {kind} schedule solved for this target")
     return sched, (1.0 - x if kind == "single" else x)
+
+
+def check_not_empty(
+    sched: Schedule, n_visual: int, allow_empty: bool = False, what: str = "schedule"
+) -> None:
+    """Raise ``ValueError`` when a layer of ``sched`` keeps 0 of ``n_visual`` visual tokens, unless ``allow_empty``."""
+    if allow_empty:
+        return
+    counts = sched.counts(n_visual)
+    empty = [l for l, c in enumerate(counts) if c == 0]
+    if empty:
+        raise ValueError(
+            f"{what} keeps 0 of {n_visual} visual tokens from layer {empty[0]} on (per-layer counts {counts}): "
+            "that measures cutting the image off, not the method. Ask for a larger budget or fewer layers "
+            "without tokens, or pass allow_empty=True if an empty layer is what you want."
+        )
+
+
+def dims_of(adapter):
+    """:class:`vtc.flops.ModelDims` of the model behind ``adapter`` (for ``flops_share`` targets), or None
+    when the adapter has no model (config-only planning)."""
+    model = getattr(adapter, "model", None)
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    from vtc.flops import ModelDims
+
+    return ModelDims.from_hf_config(cfg)
 
 
 # --- one parser for every spelling ------------------------------------------------------------------
@@ -343,7 +376,8 @@ def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None
     spec : Schedule, list of float, or dict
         A dict has ``kind`` (one of ``SCHEDULE_KINDS``) plus that builder's parameters, and optionally
         ``target``: ``{"avg_tokens": 192, "n_visual": 576}``, ``{"avg_share": 0.333}`` or
-        ``{"flops_share": 0.5}`` to solve the family's free parameter for that cost. A list is a
+        ``{"flops_share": 0.5}`` to solve the family's free parameter for that cost (a solved schedule
+        that leaves a layer with 0 visual tokens is refused unless the target has ``"allow_empty": True``). A list is a
         per-layer share list (``explicit``).
     num_layers : int
         ``L`` of the model.
@@ -396,10 +430,16 @@ def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None
             )
         if "avg_share" in t:
             t["avg_tokens"] = t.pop("avg_share") * nv
-        bad = sorted(set(t) - {"avg_tokens", "flops_share", "n_text", "free"})
+        bad = sorted(set(t) - {"avg_tokens", "flops_share", "n_text", "free", "allow_empty"})
         if bad:
             raise ValueError(
-                f"unknown target keys {bad}; use avg_tokens, avg_share or flops_share (and n_visual, n_text)"
+                f"unknown target keys {bad}; use avg_tokens, avg_share or flops_share (and n_visual, n_text, "
+                "allow_empty)"
+            )
+        if "flops_share" in t and dims is None:
+            raise ValueError(
+                "a flops_share target needs the model's sizes: pass dims=ModelDims (vtc.flops), or apply the method "
+                "to a model (its adapter supplies them)"
             )
         free = {"stages": "lam", "shifted_cosine": t.get("free", "shift"), "single": "r"}[kind]
         spec.pop(free, None)

@@ -65,3 +65,40 @@ def scatter_rows(
     b, j = valid.nonzero(as_tuple=True)
     out[b, src[b, j]] = part[b, j].to(out.dtype)
     return out
+
+
+def expand_rows(part: torch.Tensor, src: torch.Tensor, T: int, fill=0) -> torch.Tensor:
+    """Put a compacted sequence back at the caller's positions: ``out[b, src[b, j]] = part[b, j]``.
+
+    The inverse of :func:`gather_rows` for the output contract: every output of a hooked model is indexed
+    like the caller's ``input_ids``. Slots that no kept token maps to (dropped visual tokens, padding)
+    get ``fill``. Differentiable with respect to ``part``.
+
+    Parameters
+    ----------
+    part : torch.Tensor
+        ``[B, Tn, ...]`` values of the compacted sequence (e.g. final hidden states ``[B, Tn, D]``).
+    src : torch.Tensor
+        ``[B, Tn]`` long, the caller position of each compacted slot, ``-1`` for padding created by the
+        compaction. Valid entries of one row must be distinct and lie in ``[0, T)``.
+    T : int
+        Caller's sequence length.
+    fill : float, default 0
+        Value at caller positions no slot maps to.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, T, ...]``, dtype and device of ``part``.
+    """
+    B, Tn = src.shape
+    if part.shape[:2] != (B, Tn):
+        raise ValueError(
+            f"expand_rows: part has leading shape {tuple(part.shape[:2])} but src is {(B, Tn)}; they must match"
+        )
+    # padding slots go to a trash column T, dropped at the end
+    idx = torch.where(src >= 0, src, torch.full_like(src, T))
+    rest = part.shape[2:]
+    out = part.new_full((B, T + 1, *rest), fill)
+    idx = idx.view(B, Tn, *([1] * len(rest))).expand(part.shape)
+    return out.scatter(1, idx, part)[:, :T]

@@ -3,9 +3,10 @@
 A pre-LLM method (DFMR, VisionZip, DivPrune, CDPruner, pool) only decides, per image, which embeddings
 to place; this stage does the rest, for every method alike:
 
-* an instance patch of ``get_image_features`` on the trunk (built with :func:`functools.wraps`, so
-  ``generate()``'s signature-based kwarg filtering still passes ``vision_feature_layer`` ...; removal
-  deletes the instance attribute, which restores the class method). It asks the adapter for the
+* an instance patch of ``get_image_features`` on the trunk (a :class:`_FeaturePatch` keeping the original's
+  signature through ``__wrapped__``, so ``generate()``'s signature-based kwarg filtering still passes
+  ``vision_feature_layer`` ...; removal deletes the instance attribute, which restores the class method; a
+  deep copy of the model gets the plain class method back). It asks the adapter for the
   selected vision features, the CLS token, the tower's attention at the selected layer when the method
   needs it (:class:`ImageInputs`), calls the method's ``reduce`` and returns its embeddings;
 * at prefill (the engine's trunk pre-hook) it finds each image's placeholder run, re-runs the method
@@ -13,8 +14,16 @@ to place; this stage does the rest, for every method alike:
   embeddings for instruction-aware methods), resizes every run to the image's new count, re-pads rows
   on the left and rewrites ``attention_mask`` and ``position_ids``; the engine then counts the tokens
   per layer from the rewritten prompt;
+* it gives the engine :meth:`PreLLMStage.caller_src`, the caller position of every slot of the rewritten
+  prompt, from which the engine puts the outputs (logits, hidden states) back at the caller's positions
+  (:func:`vtc.engine.ops.expand_rows`): text at its own position, a kept patch at its own cell, merged or
+  pooled tokens at the first positions of their image's run, zeros at removed visual positions;
 * at every decode step it maps the padding mask ``generate`` keeps at the caller's length onto the
   rewritten layout and shifts the positions.
+
+When every image keeps its token count (a method keeping every token, DFMR with factor 1) the prompt is
+not rewritten at all: the call is the unpatched one, bit for bit. Per-call records (the rewrite, the
+:class:`PreLLMCall`) are per thread, as the engine's call state is.
 
 A method implements ``reduce(inputs: ImageInputs) -> Reduction`` (and may set ``uses_prompt``).
 
@@ -28,6 +37,8 @@ import functools
 import inspect
 import logging
 import math
+import threading
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -245,6 +256,41 @@ class _DecodeMap:
     shift: torch.Tensor  # [B] long
 
 
+class PerThread:
+    """A per-thread attribute of a :class:`PreLLMStage` (None until the calling thread sets it)."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        return getattr(obj._tls, self.name, None)
+
+    def __set__(self, obj, value):
+        setattr(obj._tls, self.name, value)
+
+
+class _FeaturePatch:
+    """The instance patch of ``get_image_features`` (keeps the original signature through ``__wrapped__``).
+
+    A deep copy of the patched model gets the plain class method back instead (the copy has no vtc hooks).
+    """
+
+    def __init__(self, stage, orig, owner):
+        functools.update_wrapper(self, orig)
+        self._stage, self._orig_fn, self._owner = stage, orig, owner
+
+    def __call__(self, *args, **kwargs):
+        return self._stage.encode(self._orig_fn, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        new_owner = memo.get(id(self._owner))
+        if new_owner is None:
+            return self
+        return types.MethodType(type(self._owner).get_image_features, new_owner)
+
+
 class PreLLMStage(PreLLMComponent):
     """The hooks of one pre-LLM method on one model; see the module docstring.
 
@@ -255,6 +301,13 @@ class PreLLMStage(PreLLMComponent):
         prefill with rows and text), ``needs_attention`` (bool) and ``check(adapter)``.
     adapter : vtc.adapters.ModelAdapter
     """
+
+    # per-call records, per thread (see the engine's thread contract)
+    _map: _DecodeMap | None = PerThread()
+    _spans: list[ImageSpan] | None = PerThread()
+    _caller: torch.Tensor | None = PerThread()  # [B, Tn] caller position of each rewritten slot, -1 padding
+    _orig: list[int] | None = PerThread()
+    call: PreLLMCall | None = PerThread()
 
     def __init__(self, method, adapter):
         self.method = method
@@ -267,11 +320,7 @@ class PreLLMStage(PreLLMComponent):
         self._token = object()
         self._owner = None
         self._wrapper = None
-        self._map: _DecodeMap | None = None
-        self._spans: list[ImageSpan] | None = None
-        self._caller: torch.Tensor | None = None  # [B, Tn] caller position of each rewritten slot, -1 padding
-        self._orig: list[int] | None = None
-        self.call: PreLLMCall | None = None
+        self._tls = threading.local()
 
     # --- method hooks (DFMR overrides these to keep its record) ----------------------------------------------
     def uses_prompt(self) -> bool:
@@ -283,20 +332,34 @@ class PreLLMStage(PreLLMComponent):
     def after_prefill(self, call: PreLLMCall, rows: list[list[int]], inputs: ImageInputs) -> None:
         """Called after each prefill rewrite; ``rows[b]`` lists the images of row ``b``."""
 
+    def is_identity(self) -> bool:
+        """True when the method keeps every token of every image (then no call is changed)."""
+        check = getattr(self.method, "is_identity", None)
+        return bool(check(self.grid)) if check is not None else False
+
+    def caller_src(self) -> torch.Tensor | None:
+        """``[B, Tn]`` caller position of each slot of the latest prefill's rewritten prompt (``-1``: padding),
+        or None when the prompt was not rewritten (no images, or every image kept its count in place)."""
+        return self._caller
+
     # --- instance patch ----------------------------------------------------------------------------------------
     def attach(self, session) -> None:
         owner = self.adapter.image_feature_owner()
-        if "get_image_features" in owner.__dict__:
+        cur = owner.__dict__.get("get_image_features")
+        if (
+            isinstance(cur, types.MethodType)
+            and cur.__self__ is owner
+            and cur.__func__ is type(owner).get_image_features
+        ):
+            del owner.get_image_features  # left by a deep copy of a patched model: the plain class method
+            cur = None
+        if cur is not None:
             raise RuntimeError(
                 f"{type(owner).__name__}.get_image_features is already patched on this instance; remove the other "
                 "patch (or vtc handle) first"
             )
         orig = owner.get_image_features
-
-        @functools.wraps(orig)
-        def get_image_features(*args, **kwargs):
-            return self.encode(orig, *args, **kwargs)
-
+        get_image_features = _FeaturePatch(self, orig, owner)
         owner.get_image_features = get_image_features
         self._owner, self._wrapper = owner, get_image_features
 
@@ -305,7 +368,7 @@ class PreLLMStage(PreLLMComponent):
         if owner is not None and owner.__dict__.get("get_image_features") is self._wrapper:
             del owner.get_image_features
         self._owner = self._wrapper = None
-        self._map = None
+        self._map = self._caller = None
 
     # --- features -------------------------------------------------------------------------------------------------
     def image_inputs(self, pixel_values, **params) -> tuple[ImageInputs, object]:
@@ -347,7 +410,7 @@ class PreLLMStage(PreLLMComponent):
 
     # --- prefill rewrite ------------------------------------------------------------------------------------------
     def prefill(self, session, kwargs: dict) -> dict:
-        self._map, self._spans, self._orig, self.call = None, None, None, None
+        self._map, self._spans, self._caller, self._orig, self.call = None, None, None, None, None
         mm = kwargs.get("mm_encoder_outputs")
         img_out = mm.get("image") if mm else None
         pv = kwargs.get("pixel_values")
@@ -481,6 +544,18 @@ class PreLLMStage(PreLLMComponent):
         am = kwargs.get("attention_mask")
         if am is not None and am.dim() != 2:
             raise ValueError(f"{self.name} needs a 2D padding mask [B, T]; got a {am.dim()}D attention_mask")
+        if list(new_tokens) == list(orig_tokens):
+            # every image keeps its count: the prompt stays exactly as given (no re-padding, a true no-op when the
+            # embeddings are the unpatched ones); only tokens standing for other cells need a caller map
+            caller = None
+            for i, (b, s0) in enumerate(placement):
+                d = self._dest(cells[i], new_tokens[i], cls, dev)
+                if not bool((d == torch.arange(new_tokens[i], device=dev)).all()):
+                    if caller is None:
+                        caller = torch.arange(T, device=dev).repeat(B, 1)
+                    caller[b, s0 : s0 + new_tokens[i]] = s0 + d
+            self._caller = caller
+            return
         tid, pad = self.adapter.image_token_id, self.adapter.pad_token_id
         valid = am.bool() if am is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
         by_row: list[list[int]] = [[] for _ in range(B)]
@@ -503,12 +578,7 @@ class PreLLMStage(PreLLMComponent):
                 st.append(length)
                 pieces.append(torch.full((new_tokens[i],), tid, dtype=ids.dtype, device=dev))
                 mpieces.append(torch.ones(new_tokens[i], dtype=torch.bool, device=dev))
-                k = new_tokens[i]
-                if cells[i] is not None and k == cells[i].numel() + cls:
-                    d = torch.cat([torch.arange(cls, device=dev), cells[i].to(dev) + cls])
-                else:
-                    d = torch.arange(k, device=dev)
-                dpieces.append(s0 + d)
+                dpieces.append(s0 + self._dest(cells[i], new_tokens[i], cls, dev))
                 length += new_tokens[i]
                 cur = s0 + orig_tokens[i]
             pieces.append(ids[b, cur:])
@@ -543,6 +613,14 @@ class PreLLMStage(PreLLMComponent):
         self._map = _DecodeMap(orig_len=T, new_len=Tn, prefix=new_valid, mask_none=mask_none, shift=shift)
         self._spans = spans
         self._caller = caller.masked_fill(~new_valid, -1)
+
+    @staticmethod
+    def _dest(cells: torch.Tensor | None, k: int, cls: int, dev) -> torch.Tensor:
+        """``[k]`` offset in its image's placeholder run of each of the image's ``k`` tokens: a kept patch at its
+        own cell (after the CLS slot), other tokens (merged, pooled) at the run's first slots."""
+        if cells is not None and k == cells.numel() + cls:
+            return torch.cat([torch.arange(cls, device=dev), cells.to(dev) + cls])
+        return torch.arange(k, device=dev)
 
     # --- decode -------------------------------------------------------------------------------------------------
     def decode(self, session, kwargs: dict) -> dict:
@@ -589,37 +667,6 @@ class PreLLMStage(PreLLMComponent):
                 1 - q, 1, device=full.device
             ).unsqueeze(0)
         return kwargs
-
-    def to_caller_layout(self, x: torch.Tensor, caller_len: int | None = None) -> torch.Tensor:
-        """Scatter a per-position output of the rewritten prompt back to the caller's positions.
-
-        Parameters
-        ----------
-        x : torch.Tensor
-            ``[B, Tn, ...]`` indexed like the rewritten prompt of the latest prefill (logits, hidden states);
-            decode positions after it (``[B, Tn + s, ...]``) follow the caller's prompt in order.
-        caller_len : int, optional
-            The caller's prompt length ``T`` (default: the latest prefill's).
-
-        Returns
-        -------
-        torch.Tensor
-            ``[B, T (+ s), ...]``: text and kept patches at their input positions, merged or pooled image tokens at
-            the first positions of their image's run, zeros at removed visual positions and at padding.
-        """
-        mp = self._map
-        if mp is None:
-            return x
-        T = caller_len if caller_len is not None else mp.orig_len
-        B, Tx = x.shape[:2]
-        extra = Tx - mp.new_len
-        dest = torch.cat([self._caller, torch.arange(T, T + extra, device=x.device).expand(B, extra)], 1).to(
-            x.device
-        )
-        out = x.new_zeros((B, T + extra, *x.shape[2:]))
-        b, j = (dest >= 0).nonzero(as_tuple=True)
-        out[b, dest[b, j]] = x[b, j]
-        return out
 
     # --- engine queries ---------------------------------------------------------------------------------------
     def image_spans(self) -> list[ImageSpan] | None:

@@ -10,7 +10,15 @@ Hooks (instance only, all removed by :meth:`Session.remove`):
   later layers need — RoPE ``cos/sin``, ``position_ids`` and a mask built per layer with
   ``create_causal_mask(..., layer_idx=l)``; at decode it rebuilds each shortened layer's mask for
   its own cache length and shifts positions in ``compact`` mode;
-* a forward hook on each ``skip``-routed layer: writes the processed subset back into the stream.
+* a forward hook on each ``skip``-routed layer: writes the processed subset back into the stream;
+* at the end of a prefill the trunk's forward hook puts the outputs back at the caller's positions
+  (:func:`vtc.engine.ops.expand_rows`): ``last_hidden_state`` and ``hidden_states`` are indexed like the
+  caller's ``input_ids``, dropped visual positions hold zeros; a pre-hook on the top model (when it is not
+  the trunk) copies ``labels`` so that dropped positions can be set to ``-100`` (they have no output).
+
+Per-call state is per thread (``threading.local``): concurrent calls from different threads on one hooked
+model do not share it. Hooks are :class:`_Hook` objects: ``copy.deepcopy`` of a hooked model (or of any
+hooked submodule) gives a copy with inert hooks and no vtc session, and warns.
 
 Shape names: ``B`` batch, ``T0`` prefill length entering the LLM, ``Tv`` view length, ``D`` hidden.
 """
@@ -18,6 +26,7 @@ Shape names: ``B`` batch, ``T0`` prefill length entering the LLM, ``Tv`` view le
 from __future__ import annotations
 
 import inspect
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -25,9 +34,9 @@ from dataclasses import dataclass
 import torch
 from transformers.masking_utils import create_causal_mask
 
-from vtc.engine.ops import compact_rows, gather_rows, scatter_rows
+from vtc.engine.ops import compact_rows, expand_rows, gather_rows, scatter_rows
 from vtc.engine.state import CallState, ImageSpan, View
-from vtc.engine.stats import CallStats
+from vtc.engine.stats import CallHistory, CallStats
 from vtc.schedules import Schedule, keep_count
 from vtc.scorers import ScoreContext, Scorer
 
@@ -104,6 +113,47 @@ class PreLLMComponent:
     def visual_original(self) -> list[int] | None:
         return None
 
+    def caller_src(self):
+        """``[B, Tn]`` caller position of each slot of the rewritten sequence (``-1``: padding or a slot with
+        no caller position), or None when the rewrite kept the caller's layout. Used to put the outputs back
+        at the caller's positions (:func:`vtc.engine.ops.expand_rows`)."""
+        return None
+
+    def is_identity(self) -> bool:
+        """True when this component never changes a call (e.g. DFMR with factor 1 only)."""
+        return False
+
+
+def _inert_hook(*args, **kwargs):
+    """What a vtc hook becomes in a deep copy: does nothing."""
+    return None
+
+
+class _Hook:
+    """A hook callable that a deep copy turns into :func:`_inert_hook` (with one warning per copy).
+
+    A deep-copied closure or bound method would still point at the original model's session and give
+    wrong outputs; an inert hook leaves the copy exactly the unpatched model.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        if "_vtc_copy_warned" not in memo:
+            memo["_vtc_copy_warned"] = True
+            warnings.warn(
+                "copy.deepcopy of a vtc-hooked model: the copy has no vtc hooks (it behaves as the unpatched "
+                "model); call vtc.apply(copy, ...) to compress it too. The original keeps its hooks.",
+                stacklevel=3,
+            )
+        return _inert_hook
+
 
 class Session:
     """All hooks of one :func:`vtc.apply` call; see the module docstring."""
@@ -115,8 +165,8 @@ class Session:
         self.adapter = adapter
         self.plan = plan
         self.pre_llm = list(pre_llm or [])
-        self.state: CallState | None = None
-        self.calls: list[CallStats] = []
+        self._tls = threading.local()
+        self.calls = CallHistory()
         self.forced: dict[int, list[torch.Tensor]] | None = None
         self._handles: list = []
         self._attached = False
@@ -133,29 +183,60 @@ class Session:
             self._selection, self._prev_needed = set(), set()
         self._sig = inspect.signature(adapter.base_model.forward)
 
+    def __deepcopy__(self, memo):
+        # a deep copy of a hooked model gets no session (its hooks are inert, see _Hook)
+        return None
+
+    # --- per-thread call state -----------------------------------------------------------------------
+    @property
+    def state(self) -> CallState | None:
+        """The calling thread's current call state (None before its first call)."""
+        return getattr(self._tls, "state", None)
+
+    @state.setter
+    def state(self, value: CallState | None) -> None:
+        self._tls.state = value
+
+    @property
+    def last_stats(self) -> CallStats | None:
+        """The calling thread's latest call, or the latest call of any thread if it made none."""
+        st = getattr(self._tls, "last_stats", None)
+        return st if st is not None else self.calls.last()
+
+    def _hook(self, module, fn, pre: bool) -> None:
+        h = _Hook(fn)
+        if pre:
+            self._handles.append(module.register_forward_pre_hook(h, with_kwargs=True))
+        else:
+            self._handles.append(module.register_forward_hook(h, with_kwargs=True))
+
     # --- attach / remove ------------------------------------------------------------------------------
     def attach(self) -> None:
-        if getattr(self.model, "_vtc_session", None) is not None:
-            raise RuntimeError(
-                "vtc is already applied to this model; remove the first handle (handle.remove()) or pass both "
-                "methods to one vtc.apply(model, [m1, m2]) call"
-            )
-        self._check_generation_config()
         base = self.adapter.base_model
-        self._handles.append(base.register_forward_pre_hook(self._top_pre, with_kwargs=True))
-        self._handles.append(base.register_forward_hook(self._top_post, with_kwargs=True))
+        for name, mod in [("", self.model), ("", base), *self.model.named_modules()]:
+            if getattr(mod, "_vtc_session", None) is not None:
+                where = f" (on its submodule {name!r})" if name else ""
+                raise RuntimeError(
+                    f"vtc is already applied to this model{where}: one model tree takes one vtc.apply at a time. "
+                    "Remove the first handle (handle.remove()) or pass both methods to one "
+                    "vtc.apply(model, [m1, m2]) call"
+                )
+        if self.can_compress():
+            self._check_generation_config()
+        self._hook(base, self._top_pre, pre=True)
+        self._hook(base, self._top_post, pre=False)
+        if self.model is not base:
+            self._hook(self.model, self._outer_pre, pre=True)
+            self._hook(self.model, self._outer_post, pre=False)
         if self.plan is not None:
             for l, layer in enumerate(self.adapter.layers):
-                self._handles.append(
-                    layer.register_forward_pre_hook(self._make_layer_pre(l), with_kwargs=True)
-                )
+                self._hook(layer, self._make_layer_pre(l), pre=True)
                 if self.plan.mode == "skip" and l in self._selection:
-                    self._handles.append(
-                        layer.register_forward_hook(self._make_skip_post(l), with_kwargs=True)
-                    )
+                    self._hook(layer, self._make_skip_post(l), pre=False)
         for comp in self.pre_llm:
             comp.attach(self)
         self.model._vtc_session = self
+        base._vtc_session = self
         self._attached = True
         if hasattr(self.model, "_orig_mod") or getattr(self.model, "_compiled_call_impl", None) is not None:
             warnings.warn(
@@ -164,14 +245,21 @@ class Session:
                 stacklevel=3,
             )
 
+    def can_compress(self) -> bool:
+        """Whether this configuration can ever change a call (False: every share is 1 and pre-LLM is identity)."""
+        if any(not c.is_identity() for c in self.pre_llm):
+            return True
+        return self.plan is not None and any(s < 1.0 for s in self.plan.schedule.shares)
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         for comp in reversed(self.pre_llm):
             comp.detach(self)
-        if getattr(self.model, "_vtc_session", None) is self:
-            del self.model._vtc_session
+        for mod in (self.model, self.adapter.base_model):
+            if mod.__dict__.get("_vtc_session") is self:
+                del mod._vtc_session
         self.state = None
         self._attached = False
 
@@ -195,6 +283,22 @@ class Session:
                 "visual tokens are ranked over the whole prompt in one pass. Set it to None."
             )
 
+    # --- top-model hooks (labels) -----------------------------------------------------------------------
+    def _outer_pre(self, module, args, kwargs):
+        self._tls.labels = None
+        labels = kwargs.get("labels")
+        if isinstance(labels, torch.Tensor):
+            # a private copy: dropped positions are set to -100 once the prefill knows them
+            labels = labels.clone()
+            kwargs["labels"] = labels
+            self._tls.labels = labels
+            return args, kwargs
+        return None
+
+    def _outer_post(self, module, args, kwargs, output):
+        self._tls.labels = None
+        return None
+
     # --- trunk hooks ----------------------------------------------------------------------------------
     def _top_pre(self, module, args, kwargs):
         if args:
@@ -209,14 +313,20 @@ class Session:
                 "vtc hooks run under torch.compile: expect graph breaks; results stay correct.", stacklevel=2
             )
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        self._check_cache(cache)
         past = cache.get_seq_length() if cache is not None else 0
         ids = kwargs.get("input_ids")
         q_len = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
         if past == 0:
+            problems = self._call_problems(kwargs, cache)
+            if problems:
+                if self._call_has_work(kwargs):
+                    raise ValueError(problems[0])
+                self._begin_passthrough(kwargs)
+                return (), kwargs
+            caller_ids = kwargs.get("input_ids")
             for comp in self.pre_llm:
                 kwargs = comp.prefill(self, kwargs)
-            self._begin_prefill(kwargs)
+            self._begin_prefill(kwargs, caller_ids)
         else:
             st = self.state
             if st is None or st.cache() is not cache:
@@ -225,15 +335,133 @@ class Session:
                     "a cache (multi-turn reuse, generate(cache=...)) is not supported, because layers hold different "
                     "lengths after compression. Start each prompt from an empty cache."
                 )
-            if q_len > 1:
+            if q_len > 1 or self._images_given(kwargs):
+                if not st.active and not self._images_given(kwargs):
+                    # nothing was compressed and nothing is to compress: an ordinary continuation
+                    st.in_decode, st.decode_q = True, q_len
+                    return (), kwargs
                 raise ValueError(
-                    f"got {q_len} new tokens on top of a filled cache: chunked prefill and multi-token decode steps are "
-                    "not supported; prefill the whole prompt in one call and decode one token at a time"
+                    f"got {q_len} new tokens on top of the cache this vtc call filled ({past} tokens): continuing from "
+                    "a returned cache (a new turn, multi-turn reuse) is not supported, because layers hold different "
+                    "lengths after compression. Start each turn from an empty cache with the whole conversation as "
+                    "the prompt (generate(cache=...) and chunked prefill are not supported either)."
                 )
             for comp in self.pre_llm:
                 kwargs = comp.decode(self, kwargs)
             self._begin_decode(kwargs, q_len)
         return (), kwargs
+
+    @staticmethod
+    def _images_given(kwargs: dict) -> bool:
+        mm = kwargs.get("mm_encoder_outputs")
+        return kwargs.get("pixel_values") is not None or bool(mm and mm.get("image") is not None)
+
+    def _call_problems(self, kwargs: dict, cache) -> list[str]:
+        """What keeps this prefill from being compressed (each a complete error message)."""
+        out = []
+        if cache is not None:
+            from transformers.cache_utils import DynamicCache
+
+            if not isinstance(cache, DynamicCache) or getattr(cache, "is_compileable", False):
+                out.append(
+                    f"{type(cache).__name__} is not supported: vtc needs a DynamicCache, whose layers may hold "
+                    "different lengths. Do not pass cache_implementation='static' (or a StaticCache) while vtc is "
+                    "applied."
+                )
+        if kwargs.get("input_ids") is None:
+            out.append(
+                "vtc needs input_ids to locate the image tokens; got inputs_embeds only. Pass input_ids (and "
+                "pixel_values) instead of precomputed embeddings."
+            )
+        am = kwargs.get("attention_mask")
+        if am is not None and am.dim() != 2:
+            out.append(f"vtc needs a 2D padding mask [B, T]; got a {am.dim()}D attention_mask")
+        elif am is not None and not bool((am[:, 1:] >= am[:, :-1]).all()):
+            out.append(
+                "right padding (or holes) in attention_mask is not supported: the last prompt token of every row must "
+                "be the last column. Use tokenizer.padding_side = 'left' (processor.tokenizer.padding_side = 'left')."
+            )
+        return out
+
+    def _target_counts(self, n_visual: list[int], n_text: list[int], share: float) -> list[int]:
+        """Visual tokens each row keeps at a layer of share ``share``: ``floor(n * share)``, and at least one
+        when the row has no text token (so that no row becomes empty)."""
+        out = []
+        for n, t in zip(n_visual, n_text):
+            k = keep_count(int(n), share)
+            out.append(min(max(k, 1 if t == 0 and n > 0 else 0), int(n)))
+        return out
+
+    def _call_has_work(self, kwargs: dict) -> bool:
+        """Whether this prefill would change anything (images present and something is dropped or pooled)."""
+        if not self._images_given(kwargs):
+            return False
+        if any(not c.is_identity() for c in self.pre_llm):
+            return True
+        if self.plan is None:
+            return False
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            return self.can_compress()
+        am = kwargs.get("attention_mask")
+        image = ids == self.adapter.image_token_id
+        if am is not None and am.dim() == 2:
+            valid = am.bool()
+            image = image & valid
+            n_all = valid.sum(1).tolist()
+        else:
+            n_all = [ids.shape[1]] * ids.shape[0]
+        n_vis = image.sum(1).tolist()
+        n_text = [a - v for a, v in zip(n_all, n_vis)]
+        for l in self._selection:
+            share = self.plan.schedule.shares[l]
+            if any(k < n for k, n in zip(self._target_counts(n_vis, n_text, share), n_vis)):
+                return True
+        return False
+
+    def _begin_passthrough(self, kwargs: dict) -> None:
+        """A call the handle has nothing to do for: hooks stay out of it; token counts are still recorded."""
+        ids = kwargs.get("input_ids")
+        x = ids if ids is not None else kwargs["inputs_embeds"]
+        B, T = x.shape[:2]
+        am = kwargs.get("attention_mask")
+        valid = (
+            am.bool()
+            if am is not None and am.dim() == 2
+            else torch.ones(B, T, dtype=torch.bool, device=x.device)
+        )
+        if ids is not None:
+            image = (ids == self.adapter.image_token_id) & valid
+            spans = self._find_spans(image)
+        else:
+            image = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+            spans = []
+        L = self.adapter.num_layers
+        n_vis = image.sum(1).tolist()
+        stats = CallStats(
+            num_layers=L,
+            batch_size=B,
+            num_images=[sum(1 for s in spans if s.row == b) for b in range(B)],
+            visual_original=list(n_vis),
+            visual_input=list(n_vis),
+            prefill_visual=[list(n_vis) for _ in range(L)],
+            prefill_tokens=[valid.sum(1).tolist() for _ in range(L)],
+        )
+        self.state = CallState(
+            batch_size=B,
+            prefill_len=T,
+            base=None,
+            n_visual0=image.sum(1),
+            image_ordinal=None,
+            image_index=None,
+            grid_rc=None,
+            spans=spans,
+            stats=stats,
+            model_mask_was_none=am is None,
+            active=False,
+        )
+        self._tls.last_stats = stats
+        self.calls.append(stats)
 
     def _top_post(self, module, args, kwargs, output):
         st = self.state
@@ -254,36 +482,80 @@ class Session:
         ]
         if cache is not None:
             stats.cache_slots = [cache.get_seq_length(l) for l in range(L)]
+        if st.active and not st.in_decode:
+            return self._expand_outputs(output, st)
         return None
 
-    def _check_cache(self, cache) -> None:
-        if cache is None:
-            return
-        from transformers.cache_utils import DynamicCache
+    # --- outputs at the caller's positions -------------------------------------------------------------
+    def _caller_src(self, st: CallState, src: torch.Tensor) -> torch.Tensor:
+        """Indices into the LLM-entering sequence -> indices into the caller's sequence (-1 kept)."""
+        return src if st.pre_src is None else gather_rows(st.pre_src, src, -1)
 
-        if not isinstance(cache, DynamicCache) or getattr(cache, "is_compileable", False):
-            raise ValueError(
-                f"{type(cache).__name__} is not supported: vtc needs a DynamicCache, whose layers may hold different "
-                "lengths. Do not pass cache_implementation='static' (or a StaticCache) while vtc is applied."
-            )
+    def _expand_outputs(self, output, st: CallState):
+        """Scatter the prefill outputs back to the caller's length (see :func:`vtc.engine.ops.expand_rows`)."""
+        B, T0 = st.batch_size, st.prefill_len
+        T = st.caller_len
+        ar = None
+        final = st.current.src if st.current is not None and st.current is not st.base else None
+        if st.pre_src is None and final is None and not st.layer_src:
+            return None  # nothing was rewritten: the outputs are already at the caller's positions
+        if final is None:
+            ar = torch.arange(T0, device=st.n_visual0.device).expand(B, T0)
+            final = ar
+        final_c = self._caller_src(st, final)
 
-    def _begin_prefill(self, kwargs: dict) -> None:
+        def expand(x, src_c):
+            if x is None:
+                return None
+            if x.shape[1] != src_c.shape[1]:  # pragma: no cover - internal consistency
+                raise RuntimeError(
+                    f"vtc: an output of length {x.shape[1]} does not match its recorded layout ({src_c.shape[1]})"
+                )
+            return expand_rows(x, src_c, T)
+
+        is_tuple = isinstance(output, tuple)
+        last = output[0] if is_tuple else getattr(output, "last_hidden_state", None)
+        new_last = expand(last, final_c) if last is not None else None
+        hs = None if is_tuple else getattr(output, "hidden_states", None)
+        if hs is not None:
+            L = self.adapter.num_layers
+            if ar is None:
+                ar = torch.arange(T0, device=final.device).expand(B, T0)
+            new_hs = []
+            for i, h in enumerate(hs):
+                if h is None:
+                    new_hs.append(None)
+                    continue
+                if i == 0:
+                    src = ar
+                elif i < len(hs) - 1 or len(hs) <= L:
+                    src = st.layer_src.get(i - 1, ar)
+                else:
+                    src = final
+                if h.shape[1] != src.shape[1] and h.shape[1] == final.shape[1]:
+                    src = final
+                new_hs.append(expand(h, self._caller_src(st, src)))
+            output.hidden_states = tuple(new_hs)
+        labels = getattr(self._tls, "labels", None)
+        if labels is not None and st.caller_image is not None and labels.shape == st.caller_image.shape:
+            covered = torch.zeros(B, T + 1, dtype=torch.bool, device=labels.device)
+            covered.scatter_(1, torch.where(final_c >= 0, final_c, torch.full_like(final_c, T)), True)
+            # a dropped token has no output: no loss on predicting it, none on what it would have predicted
+            dropped = st.caller_image & ~covered[:, :T]
+            labels.masked_fill_(dropped, -100)
+            labels[:, 1:].masked_fill_(dropped[:, :-1], -100)
+        if new_last is None:
+            return None
+        if is_tuple:
+            return (new_last, *output[1:])
+        output.last_hidden_state = new_last
+        return output
+
+    def _begin_prefill(self, kwargs: dict, caller_ids: torch.Tensor | None = None) -> None:
         ids = kwargs.get("input_ids")
-        if ids is None:
-            raise ValueError(
-                "vtc needs input_ids to locate the image tokens; got inputs_embeds only. Pass input_ids (and "
-                "pixel_values) instead of precomputed embeddings."
-            )
         am = kwargs.get("attention_mask")
-        if am is not None and am.dim() != 2:
-            raise ValueError(f"vtc needs a 2D padding mask [B, T]; got a {am.dim()}D attention_mask")
         B, T0 = ids.shape
         valid = am.bool() if am is not None else torch.ones(B, T0, dtype=torch.bool, device=ids.device)
-        if am is not None and not bool((am[:, 1:] >= am[:, :-1]).all()):
-            raise ValueError(
-                "right padding (or holes) in attention_mask is not supported: the last prompt token of every row must "
-                "be the last column. Use tokenizer.padding_side = 'left' (processor.tokenizer.padding_side = 'left')."
-            )
         image = (ids == self.adapter.image_token_id) & valid
         spans = None
         for comp in self.pre_llm:
@@ -328,8 +600,16 @@ class Session:
             stats=stats,
             model_mask_was_none=am is None,
         )
-        self.state.valid0 = valid
-        self.state.image0 = image
+        st = self.state
+        st.valid0 = valid
+        st.image0 = image
+        st.caller_len = caller_ids.shape[1] if caller_ids is not None else T0
+        st.caller_image = caller_ids == self.adapter.image_token_id if caller_ids is not None else image
+        for comp in self.pre_llm:
+            src = comp.caller_src()
+            if src is not None:
+                st.pre_src = src
+        self._tls.last_stats = stats
         self.calls.append(stats)
 
     def _find_spans(self, image: torch.Tensor) -> list[ImageSpan]:
@@ -361,6 +641,8 @@ class Session:
         st = self.state
         st.in_decode = True
         st.decode_q = q_len
+        if not st.active:
+            return
         am = kwargs.get("attention_mask")
         T0 = st.prefill_len
         if am is not None:
@@ -393,7 +675,7 @@ class Session:
     def _make_layer_pre(self, l: int):
         def hook(module, args, kwargs):
             st = self.state
-            if st is None:
+            if st is None or not st.active:
                 return None
             if st.in_decode:
                 return self._layer_decode(l, args, kwargs)
@@ -420,9 +702,10 @@ class Session:
     def _keep_targets(self, l: int, view: View) -> torch.Tensor:
         st = self.state
         share = self.plan.schedule.shares[l]
-        target = torch.tensor(
-            [keep_count(int(n), share) for n in st.n_visual0.tolist()], device=view.src.device
-        )
+        if st.n_text0 is None:
+            st.n_text0 = (st.valid0 & ~st.image0).sum(1).tolist()
+        counts = self._target_counts(st.n_visual0.tolist(), st.n_text0, share)
+        target = torch.tensor(counts, device=view.src.device)
         return torch.minimum(target, view.n_image())
 
     def _select(self, l: int, hidden, view: View) -> torch.Tensor:
@@ -453,16 +736,20 @@ class Session:
             kept = self._select(l, hidden, view)
             st.selections[l] = [view.src[b][kept[b]] for b in range(st.batch_size)]
             keep = view.valid & (~view.image | kept)
-            src, valid = compact_rows(keep)
-            hidden = gather_rows(hidden, src, 0)
-            view = self._derive_view(view, src, valid, hidden)
-            st.current = view
-            touched = True
+            if not bool(torch.equal(keep, view.valid)):  # nothing dropped: a true no-op (padding stays)
+                src, valid = compact_rows(keep)
+                hidden = gather_rows(hidden, src, 0)
+                view = self._derive_view(view, src, valid, hidden)
+                st.current = view
+                touched = True
 
+        skip_all_kept = False
         if plan.mode == "skip" and l in self._selection:
             kept = self._select(l, hidden, view)
             st.selections[l] = [view.src[b][kept[b]] for b in range(st.batch_size)]
             keep = view.valid & (~view.image | kept)
+            skip_all_kept = bool(torch.equal(keep, view.valid))
+        if plan.mode == "skip" and l in self._selection and not skip_all_kept:
             src, valid = compact_rows(keep)
             st.skip_pending[l] = (hidden, src, valid)
             if l in self._prev_needed:
@@ -471,12 +758,14 @@ class Session:
             sub = self._derive_view(view, src, valid, sub_hidden)
             self._set_layer_kwargs(kwargs, sub_hidden, sub, cache, l)
             st.layer_prefix[l] = (sub.valid, None)
+            st.layer_src[l] = sub.src  # output-capturing hooks see the routed subset
             self._record(l, sub)
             return (sub_hidden, *args[1:]), kwargs
 
         if touched:
             self._set_layer_kwargs(kwargs, hidden, view, cache, l)
             st.layer_prefix[l] = (view.valid, view.shift)
+            st.layer_src[l] = view.src
         if l in self._prev_needed:
             st.saved_inputs[l] = (hidden, view)
         self._record(l, view)

@@ -1,4 +1,5 @@
-"""Per-call state of the engine: reset at every prefill, keyed by batch row, never shared across calls.
+"""Per-call state of the engine: reset at every prefill, keyed by batch row, never shared across calls
+or threads (the session keeps one per thread).
 
 Shape names: ``B`` batch rows, ``T0`` prompt length entering the LLM, ``Tv`` length of a view, ``L`` layers.
 """
@@ -104,6 +105,16 @@ class CallState:
     saved_inputs: dict[int, tuple[torch.Tensor, View]] = field(default_factory=dict)
     skip_pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     decode_q: int = 0
+    # False: the handle has nothing to do for this call (hooks stay out; counts are still recorded)
+    active: bool = True
+    # output contract: the caller's length, its image slots [B, T] bool, the caller position of each slot
+    # entering the LLM ([B, T0] long, -1 = none; None when a pre-LLM rewrite kept the layout), and the
+    # layout of each layer's output that differs from the base view (layer -> [B, Tv] src into T0)
+    caller_len: int = 0
+    caller_image: torch.Tensor | None = None
+    pre_src: torch.Tensor | None = None
+    layer_src: dict[int, torch.Tensor] = field(default_factory=dict)
+    n_text0: list[int] | None = None  # [B] text tokens per row entering the LLM
 
     def cache(self):
         return None if self.cache_ref is None else self.cache_ref()

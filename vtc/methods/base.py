@@ -50,6 +50,12 @@ class PreLLMMethod(Method):
 
         return resolve_count(tokens, ratio, n_patches, self.name)
 
+    def is_identity(self, grid: tuple[int, int]) -> bool:
+        """Whether every image of an ``(h, w)`` patch grid keeps all its tokens unchanged (the method is then a
+        no-op). Default: a fixed count equal to the grid's patch count."""
+        n = grid[0] * grid[1]
+        return self.tokens_per_image(n) == n
+
     def reduce(self, inputs):  # pragma: no cover - abstract
         """Per-image embeddings to place: ``ImageInputs -> Reduction`` (see :mod:`vtc.engine.prellm`)."""
         raise NotImplementedError

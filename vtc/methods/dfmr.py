@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from vtc.engine.prellm import ImageInputs, PreLLMCall, PreLLMStage, Reduction
+from vtc.engine.prellm import ImageInputs, PerThread, PreLLMCall, PreLLMStage, Reduction
 from vtc.methods.base import PreLLMMethod, check_choice
 from vtc.registry import register_method
 
@@ -290,6 +290,15 @@ class DFMR(PreLLMMethod):
                 per, h * w, h, w, max(1, (h * w) // 4),
             )  # fmt: skip
 
+    def is_identity(self, grid: tuple[int, int]) -> bool:
+        """Whether every image keeps its full grid whatever its measure (then DFMR changes no call)."""
+        grid = tuple(grid)
+        if self.mode == "fixed":
+            return pooled_grid(grid, self.factor) == grid
+        if self.mode == "threshold":
+            return all(pooled_grid(grid, s) == grid for s in self.candidates)
+        return False
+
     def measure(self, maps: torch.Tensor) -> torch.Tensor:
         """``[n]`` window-std measure of ``[n, h, w, D]`` maps."""
         if _window_std_kernel is not None:
@@ -369,9 +378,7 @@ def last_call(handle) -> DFMRCall | None:
 class DFMRComponent(PreLLMStage):
     """The pre-LLM stage running one :class:`DFMR`, with DFMR's record (:attr:`last`) and measure helpers."""
 
-    def __init__(self, method: DFMR, adapter):
-        super().__init__(method, adapter)
-        self.last: DFMRCall | None = None
+    last: DFMRCall | None = PerThread()  # per thread, as every call record of the stage
 
     def prefill(self, session, kwargs: dict) -> dict:
         self.last = None

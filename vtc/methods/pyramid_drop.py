@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from vtc.engine.session import DecoderPlan
 from vtc.methods.base import DecoderMethod, check_choice
 from vtc.registry import register_method
-from vtc.schedules import parse_schedule, stages
+from vtc.schedules import dims_of, parse_schedule, stages
 from vtc.scorers import LastQueryAttention
 
 
@@ -39,7 +39,11 @@ class PyramidDrop(DecoderMethod):
         Kernel backend of the ranking.
     target : dict or None
         Solve ``lam`` for a cost instead of giving it: ``{"avg_tokens": 128, "n_visual": 576}``,
-        ``{"avg_share": 0.222}`` or ``{"flops_share": 0.5}`` (see :func:`vtc.schedules.parse_schedule`).
+        ``{"avg_share": 0.222}`` or ``{"flops_share": 0.5}`` (see :func:`vtc.schedules.parse_schedule`);
+        ``flops_share`` weighs layers with the model's own sizes.
+    allow_empty : bool
+        With ``target``: accept a solved schedule that keeps 0 visual tokens at some layer (refused by
+        default).
     """
 
     layers: list[int] | None = None
@@ -49,6 +53,7 @@ class PyramidDrop(DecoderMethod):
     precision: str = "model"
     backend: str = "auto"
     target: dict | None = None
+    allow_empty: bool = False
 
     def __post_init__(self):
         check_choice("positions", self.positions, ("compact", "original"))
@@ -62,8 +67,13 @@ class PyramidDrop(DecoderMethod):
 
     def plan(self, adapter) -> DecoderPlan:
         if self.target is not None:
-            spec = {"kind": "stages", "layers": self.layers, "target": self.target}
-            sched = parse_schedule(spec, adapter.num_layers, n_visual=adapter.tokens_per_image())
+            target = dict(self.target)
+            if self.allow_empty:
+                target["allow_empty"] = True
+            spec = {"kind": "stages", "layers": self.layers, "target": target}
+            sched = parse_schedule(
+                spec, adapter.num_layers, n_visual=adapter.tokens_per_image(), dims=dims_of(adapter)
+            )
         else:
             sched = stages(adapter.num_layers, self.layers, self.ratios, self.lam)
         return DecoderPlan(sched, self.scorer_obj, mode="drop", positions=self.positions)

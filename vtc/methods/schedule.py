@@ -12,12 +12,14 @@ from typing import Any
 from vtc.engine.session import DecoderPlan
 from vtc.methods.base import DecoderMethod, check_choice
 from vtc.registry import register_method
-from vtc.schedules import SCHEDULE_KINDS, parse_schedule
+from vtc.schedules import SCHEDULE_KINDS, dims_of, parse_schedule
 from vtc.scorers import get_scorer
 
 
 def _plan(method, adapter, schedule_spec, scorer_spec) -> DecoderPlan:
-    sched = parse_schedule(schedule_spec, adapter.num_layers, n_visual=adapter.tokens_per_image())
+    sched = parse_schedule(
+        schedule_spec, adapter.num_layers, n_visual=adapter.tokens_per_image(), dims=dims_of(adapter)
+    )
     return DecoderPlan(sched, get_scorer(scorer_spec), mode=method.mode, positions=method.positions)
 
 
