@@ -25,6 +25,7 @@ PRE_LLM = {
 PRE_LLM_KEEP_ALL = [
     ("dfmr", {"mode": "fixed", "factor": 1}),
     ("dfmr", {"mode": "budget", "budget_per_image": 16}),
+    ("dfmr", {"budget_factor": 1}),
     ("visionzip", {"tokens": 16}),
     ("divprune", {"tokens": 16}),
     ("cdpruner", {"ratio": 1.0}),

@@ -18,12 +18,24 @@ Modes
     ``j = #{i : sigma >= t_i}`` the image gets ``s_{K-j}``: low information (neighbours nearly equal, little
     lost by averaging) gets a larger factor. Thresholds come from ``vtc calibrate``.
 ``budget``
-    Each prompt row has ``budget`` visual tokens (or ``budget_per_image`` times its images). Its images, ranked
+    Each prompt row has ``budget`` visual tokens (or ``budget_per_image`` times its images; or, with
+    ``budget_factor``, the tokens of pooling by that factor times its images). Its images, ranked
     by ``sigma`` (ties: earlier first), each take the largest level not above the previous image's that still
     leaves the smallest level for every later image (the lexicographic maximum in ranking order). Levels: the
     candidates' token counts, then every coarser pooling down to one token per grid.
 ``fixed``
     The same ``factor`` for every image: the uniform pooling baseline.
+
+Default (``DFMR()``, ``vtc.apply(model, "dfmr")``; issue 16): no calibration needed. ``budget`` mode with
+``budget_factor=2``: each image brings the token count of factor-2 pooling on the model's grid (LLaVA-1.5,
+24x24: 144 of 576, the ``dfmr_default`` preset's figure; a 12x12 grid: 36 of 144), so the cost is known
+before the call and never above factor-2 pooling. A prompt with few images is pooled by 2 throughout (a
+finer level for the top image would leave the others less than one token each: on 24x24 that takes 5 or
+more images, 576 + 4 <= 5 x 144); with more images the budget rule lets the most informative (largest
+``sigma``) keep more and the flattest fewer, within the same total. Why this default: the paper's thresholds
+are not published (and depend on the checkpoint), so ``threshold`` mode cannot have one without
+``vtc calibrate``; factor 2 is the finest pooling that compresses (4x), and ``budget`` mode keeps DFMR's
+image-dependent choice at a fixed cost on any grid.
 
 :func:`last_call` gives, per row, the chosen factors, token counts, pooled grids and measures.
 Shape names: ``n`` images, ``h``/``w`` feature grid, ``D`` vision channels.
@@ -50,6 +62,11 @@ except ImportError:  # pragma: no cover - kernels are part of the package
 
 logger = logging.getLogger(__name__)
 MODES = ("threshold", "budget", "fixed")
+_MODE_FIELDS = {
+    "threshold": ("thresholds",),
+    "fixed": ("factor",),
+    "budget": ("budget", "budget_per_image", "budget_factor"),
+}
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -175,8 +192,10 @@ class DFMR(PreLLMMethod):
 
     Parameters
     ----------
-    mode : {"threshold", "budget", "fixed"}
-        How each image's factor is chosen. Default ``"threshold"`` (needs ``thresholds``).
+    mode : {"threshold", "budget", "fixed"} or None
+        How each image's factor is chosen. Default None: taken from the fields given (``thresholds`` ->
+        ``"threshold"``, ``factor`` -> ``"fixed"``, a budget field -> ``"budget"``); with none of them,
+        ``"budget"`` with ``budget_factor=2`` (issue 16: works without calibration, see the module docstring).
     candidates : list[int]
         Pooling factors to choose from, each ``>= 1``. Default ``[1, 2, 3, 4]``.
     thresholds : list[float] or None
@@ -190,26 +209,34 @@ class DFMR(PreLLMMethod):
         ``budget`` mode: most visual tokens per prompt (batch row), all its images together.
     budget_per_image : int or None
         ``budget`` mode, instead of ``budget``: the row's budget is this times its number of images.
+    budget_factor : int or None
+        ``budget`` mode, instead of ``budget`` / ``budget_per_image``: the row's budget is its number of images
+        times the tokens of one image pooled by this factor on the model's grid (CLS included), so the same
+        setting fits every grid. The default configuration uses 2.
     backend : {"auto", "torch", "triton"}
         Kernel backend of the measure.
 
     Examples
     --------
+    >>> vtc.apply(model, "dfmr")                      # budget mode, factor-2 tokens per image  # doctest: +SKIP
     >>> vtc.apply(model, "dfmr", mode="fixed", factor=2)                        # doctest: +SKIP
     >>> vtc.apply(model, "dfmr", thresholds=[0.21, 0.25, 0.3])                  # doctest: +SKIP
     >>> vtc.apply(model, [vtc.DFMR(mode="budget", budget=300), "pyramid_drop"])  # doctest: +SKIP
     """
 
-    mode: str = "threshold"
+    mode: str | None = None
     candidates: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
     thresholds: list[float] | None = None
     p: int = 2
     factor: int | None = None
     budget: int | None = None
     budget_per_image: int | None = None
+    budget_factor: int | None = None
     backend: str = "auto"
 
     def __post_init__(self):
+        if self.mode is None:
+            self.mode = self._infer_mode()
         check_choice("mode", self.mode, MODES)
         check_choice("backend", self.backend, BACKENDS)
         if isinstance(self.p, bool) or not isinstance(self.p, int) or self.p < 2:
@@ -227,13 +254,22 @@ class DFMR(PreLLMMethod):
         self.candidates = sorted(cands)
         self._check_mode_fields()
 
+    def _infer_mode(self) -> str:
+        """The mode of ``mode=None``: the one whose fields are given; none given: the issue-16 default."""
+        modes = {m for m, keys in _MODE_FIELDS.items() for k in keys if getattr(self, k) is not None}
+        if len(modes) > 1:
+            given = sorted(k for keys in _MODE_FIELDS.values() for k in keys if getattr(self, k) is not None)
+            raise ValueError(
+                f"DFMR got fields of several modes {given}; give mode='threshold', 'budget' or 'fixed' and its fields"
+            )
+        if modes:
+            return modes.pop()
+        self.budget_factor = 2  # the default that needs no calibration (issue 16; module docstring)
+        return "budget"
+
     def _check_mode_fields(self) -> None:
-        given = {
-            k for k in ("thresholds", "factor", "budget", "budget_per_image") if getattr(self, k) is not None
-        }
-        own = {"threshold": {"thresholds"}, "fixed": {"factor"}, "budget": {"budget", "budget_per_image"}}[
-            self.mode
-        ]
+        given = {k for keys in _MODE_FIELDS.values() for k in keys if getattr(self, k) is not None}
+        own = set(_MODE_FIELDS[self.mode])
         stray = sorted(given - own)
         if stray:
             raise ValueError(f"DFMR mode={self.mode!r} does not use {stray}; remove them or change the mode")
@@ -264,14 +300,17 @@ class DFMR(PreLLMMethod):
             if s is None or isinstance(s, bool) or not isinstance(s, int) or s < 1:
                 raise ValueError(f"DFMR mode='fixed' needs factor, an int >= 1 (1 = no pooling), got {s!r}")
         else:
-            if (self.budget is None) == (self.budget_per_image is None):
+            named = [k for k in _MODE_FIELDS["budget"] if getattr(self, k) is not None]
+            if len(named) != 1:
                 raise ValueError(
-                    "DFMR mode='budget' needs exactly one of budget (per prompt) or budget_per_image"
+                    "DFMR mode='budget' needs exactly one of budget (per prompt), budget_per_image or budget_factor "
+                    f"(per image); got {named or 'none'}"
                 )
-            val = self.budget if self.budget is not None else self.budget_per_image
-            name = "budget" if self.budget is not None else "budget_per_image"
+            name = named[0]
+            val = getattr(self, name)
+            what = "a pooling factor" if name == "budget_factor" else "visual tokens"
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"DFMR {name} must be an int >= 1 (visual tokens), got {val!r}")
+                raise ValueError(f"DFMR {name} must be an int >= 1 ({what}), got {val!r}")
 
     @property
     def uses_prompt(self) -> bool:  # budget mode shares a budget between the images of one prompt row
@@ -286,8 +325,16 @@ class DFMR(PreLLMMethod):
         if per is not None and per >= h * w:
             logger.warning(
                 "DFMR budget_per_image=%d is not below the %d patch tokens of one image of this model (%dx%d grid): "
-                "a one-image prompt keeps every token, nothing is compressed. Lower budget_per_image (e.g. %d).",
+                "a one-image prompt keeps every token, nothing is compressed. Lower budget_per_image (e.g. %d), or use "
+                "budget_factor=2 (the default of plain 'dfmr'), which fits every grid.",
                 per, h * w, h, w, max(1, (h * w) // 4),
+            )  # fmt: skip
+        f = self.budget_factor if self.mode == "budget" else None
+        if f is not None and pooled_grid((h, w), f) == (h, w):
+            logger.warning(
+                "DFMR budget_factor=%d keeps the whole %dx%d grid of one image of this model: a one-image prompt keeps "
+                "every token, nothing is compressed. Use budget_factor=2 or more.",
+                f, h, w,
             )  # fmt: skip
 
     def is_identity(self, grid: tuple[int, int]) -> bool:
@@ -297,7 +344,9 @@ class DFMR(PreLLMMethod):
             return pooled_grid(grid, self.factor) == grid
         if self.mode == "threshold":
             return all(pooled_grid(grid, s) == grid for s in self.candidates)
-        return False
+        # budget: the levels start at the finest candidate; a factor-level budget that keeps the grid keeps it all
+        f = self.budget_factor
+        return f is not None and all(pooled_grid(grid, s) == grid for s in (f, self.candidates[0]))
 
     def measure(self, maps: torch.Tensor) -> torch.Tensor:
         """``[n]`` window-std measure of ``[n, h, w, D]`` maps."""
@@ -320,7 +369,13 @@ class DFMR(PreLLMMethod):
             levels = budget_levels(grid, self.candidates, cls)
             for r in dict.fromkeys(rows):
                 imgs = [i for i in range(n) if rows[i] == r]
-                budget = self.budget if self.budget is not None else self.budget_per_image * len(imgs)
+                if self.budget is not None:
+                    budget = self.budget
+                elif self.budget_per_image is not None:
+                    budget = self.budget_per_image * len(imgs)
+                else:  # budget_factor: the tokens of one image pooled by that factor
+                    g = pooled_grid(grid, self.budget_factor)
+                    budget = (g[0] * g[1] + cls) * len(imgs)
                 for i, s in zip(imgs, assign_budget([measures[i] for i in imgs], levels, budget)):
                     factors[i], budgets[i] = s, budget
         grids = [pooled_grid(grid, s) for s in factors]
