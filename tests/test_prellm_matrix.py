@@ -253,9 +253,17 @@ def test_outputs_map_back_to_the_callers_positions(model, method):
     position equal to the hand-reduced run, kept patches at their own cell, pooled or merged tokens at the first
     slots of their run, zeros at removed visual positions and padding."""
     for case in ("b3_mixed", "b1_img2"):
-        inputs, out, full, has = hooked_and_reference_at_caller_positions(model, case, SPECS[method]())
+        inputs, out, full, has = hooked_and_reference_at_caller_positions(
+            model, case, SPECS[method](), output_hidden_states=True
+        )
         ids = inputs["input_ids"]
         assert out.logits.shape[:2] == ids.shape, case
+        assert all(x.shape[:2] == ids.shape for x in out.hidden_states), case
+        # the embedding layer's output at text positions is the token's own embedding
+        text = has & (ids != IMAGE_TOKEN)
+        emb = model.get_input_embeddings()(ids)
+        assert torch.equal(out.hidden_states[0][text], emb[text]), case
+        assert bool((out.hidden_states[-1][~has] == 0).all()), case
         assert torch.equal(out.logits[has], full[has]), case
         assert bool((out.logits[~has] == 0).all()), case
         assert bool(((ids == IMAGE_TOKEN) & ~has).any()), case  # something was removed
