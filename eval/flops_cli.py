@@ -255,9 +255,16 @@ def flops_table(
     import vtc
     from vtc.flops import from_stats
 
-    has_pre = spec is not None and any(m.kind != "decoder" for m in vtc.resolve_methods(spec))
+    pre = [m for m in vtc.resolve_methods(spec) if m.kind != "decoder"] if spec is not None else []
+    has_pre = bool(pre)
     n_model = dims.visual_tokens_per_image
     n_vis = visual_tokens if visual_tokens is not None else n_model
+    if (
+        has_pre and visual_tokens is None and n_model
+    ):  # a fixed count per image (divprune_64 ...) needs no flag
+        fixed = pre[0].tokens_per_image(n_model)
+        if fixed is not None:
+            visual_tokens = n_vis = fixed
     n_base = n_model if has_pre and n_model else n_vis
     if not n_vis:
         raise SpecError(f"{dims.name}: visual tokens per image unknown; pass --visual-tokens")

@@ -254,6 +254,31 @@ def _independent_features(model, pv, factor, strategy, layer):
     return model.model.multi_modal_projector(pooled)
 
 
+@pytest.mark.parametrize("case", ["b1_1img", "b1_3img", "b3_pad"])
+def test_plain_apply_dfmr_works_without_calibration(case):
+    """Issue 16: plain ``vtc.apply(model, "dfmr")`` compresses out of the box: budget mode with the token count
+    of factor-2 pooling per image (16 of 64 on the 8x8 grid). By the budget rule by hand: a row's images share
+    16 x images tokens; a finer level (64) for the top image would leave less than one token for the others
+    (64 + 2 > 48 with 3 images), so every image is pooled by 2. Equals generate on the prompt pooled by hand."""
+    model = dfmr_model("sdpa")
+    (m,) = vtc.resolve_methods("dfmr")
+    assert (m.mode, m.budget_factor, m.budget, m.budget_per_image) == ("budget", 2, None, None)
+    inputs = make_case(case)
+    with vtc.apply(model, "dfmr") as h:
+        seq, logits, _ = generate(model, inputs, STEPS)
+        call, stats = last_call(h), h.stats
+    kinds = [ks for _, ks, _ in CASES[case]]
+    assert call.factors == [[2] * len(ks) for ks in kinds]
+    assert call.tokens == [[16] * len(ks) for ks in kinds] and stats.visual_input == call.total_tokens
+    with torch.no_grad():
+        feats = _independent_features(model, inputs["pixel_values"], 2, "default", -2)
+    ref = hand_compressed(case, [16] * feats.shape[0], list(feats))
+    seq_ref, logits_ref, _ = generate(model, ref, STEPS)
+    T, Tr = inputs["input_ids"].shape[1], ref["input_ids"].shape[1]
+    assert torch.equal(seq[:, T:], seq_ref[:, Tr:])
+    assert (logits - logits_ref).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("strategy,layer", [("default", -2), ("full", -2), ("default", [-3, -2])])
 def test_pooled_features_equal_independent_average_pooling(strategy, layer):
     model = dfmr_model("sdpa", strategy, layer)
@@ -541,7 +566,9 @@ def test_propose_thresholds_on_large_and_small_sets():
         (dict(mode="adaptive"), "mode='adaptive'; choose one of"),
         (dict(candidates=[1, 2, 4], thresholds=[0.3]), "one fewer threshold than candidates"),
         (dict(candidates=[1, 2, 4], thresholds=[0.7, 0.3]), "sorted ascending"),
-        (dict(), "needs thresholds.*vtc calibrate"),
+        # issue 16: DFMR() needs no calibration any more (budget mode, budget_factor=2); an explicit
+        # threshold mode without thresholds still raises
+        (dict(mode="threshold"), "needs thresholds.*vtc calibrate"),
         (dict(mode="budget"), "exactly one of budget"),
         (dict(mode="budget", budget=0), "budget must be an int >= 1"),
         (dict(mode="budget", budget=10, thresholds=[0.1]), "does not use \\['thresholds'\\]"),

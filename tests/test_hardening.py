@@ -14,6 +14,24 @@ from refs import dropped_masks
 
 import vtc
 
+# every pre-LLM method, set to really reduce the 4x4 grid (16 patches) of the tiny model, and set to keep all
+PRE_LLM = {
+    "dfmr": {"mode": "fixed", "factor": 2},
+    "visionzip": {"tokens": 6, "contextual": 2},
+    "divprune": {"tokens": 5},
+    "cdpruner": {"tokens": 5},
+    "pool": {"tokens": 8},
+}
+PRE_LLM_KEEP_ALL = [
+    ("dfmr", {"mode": "fixed", "factor": 1}),
+    ("dfmr", {"mode": "budget", "budget_per_image": 16}),
+    ("dfmr", {"budget_factor": 1}),
+    ("visionzip", {"tokens": 16}),
+    ("divprune", {"tokens": 16}),
+    ("cdpruner", {"ratio": 1.0}),
+    ("pool", {"tokens": 16}),
+]
+
 
 @pytest.fixture(scope="module")
 def model():
@@ -133,15 +151,19 @@ def test_defect2_deepcopy_has_no_hooks_and_warns(model):
         with vtc.apply(twin, "pyramid_drop"), torch.no_grad():
             assert torch.equal(twin(**inputs).logits, hooked)
         assert h.active
-    dfmr = make_model("sdpa")
-    with vtc.apply(dfmr, "dfmr", mode="fixed", factor=2), torch.no_grad():
-        pooled = dfmr(**inputs).logits
-        with pytest.warns(UserWarning, match="deepcopy"):
-            twin = copy.deepcopy(dfmr)
-    with torch.no_grad():
-        assert torch.equal(twin(**inputs).logits, dfmr(**inputs).logits)
-    with vtc.apply(twin, "dfmr", mode="fixed", factor=2), torch.no_grad():
-        assert torch.equal(twin(**inputs).logits, pooled)
+    # every pre-LLM method (an instance patch of get_image_features, made safe by the stage)
+    for meth, kw in PRE_LLM.items():
+        m = make_model("sdpa")
+        with vtc.apply(m, meth, **kw), torch.no_grad():
+            reduced = m(**inputs).logits
+            with pytest.warns(UserWarning, match="deepcopy"):
+                twin = copy.deepcopy(m)
+            assert "get_image_features" in m.model.__dict__
+            assert torch.equal(m(**inputs).logits, reduced), meth
+        with torch.no_grad():
+            assert torch.equal(twin(**inputs).logits, m(**inputs).logits), meth
+        with vtc.apply(twin, meth, **kw), torch.no_grad():
+            assert torch.equal(twin(**inputs).logits, reduced), meth
 
 
 def test_defect3_nested_apply_on_the_same_tree_raises(model):
@@ -156,14 +178,22 @@ def test_defect3_nested_apply_on_the_same_tree_raises(model):
     assert getattr(model.model, "_vtc_session", None) is None
 
 
-def test_defect4_threads_have_their_own_call_state(model):
+@pytest.mark.parametrize("meth", ["pyramid_drop", *PRE_LLM])
+def test_defect4_threads_have_their_own_call_state(model, meth):
     """Defect 4: one hooked model called from several threads at once: every call equals the same call
-    made alone (per-thread call state), and handle.stats in each thread is that thread's call."""
+    made alone (per-thread call state), and handle.stats in each thread is that thread's call; for the
+    pre-LLM methods also the stage's per-call record (last_prellm_call)."""
+    from vtc.engine.prellm import last_prellm_call
+
     cases = ["b1_img1", "b3_pad", "b1_img2", "b3_mixed"]
     inputs = {c: make_inputs(c) for c in cases}
-    with vtc.apply(model, "pyramid_drop") as h:
+    pre = meth in PRE_LLM
+    with vtc.apply(model, meth, **PRE_LLM.get(meth, {})) as h:
+        alone, tokens = {}, {}
         with torch.no_grad():
-            alone = {c: model(**inputs[c]).logits for c in cases}
+            for c in cases:
+                alone[c] = model(**inputs[c]).logits
+                tokens[c] = last_prellm_call(h).tokens if pre else None
         errors, wrong = [], []
 
         def work(c):
@@ -174,6 +204,7 @@ def test_defect4_threads_have_their_own_call_state(model):
                     if (
                         not torch.equal(got, alone[c])
                         or h.stats.batch_size != inputs[c]["input_ids"].shape[0]
+                        or (pre and last_prellm_call(h).tokens != tokens[c])
                     ):
                         wrong.append(c)
             except Exception as e:  # noqa: BLE001 - collected and reported
@@ -251,8 +282,7 @@ def test_defect8_keep_all_is_bit_identical_with_shared_padding(model):
         for meth, kw in [
             ("pyramid_drop", {"ratios": [1.0, 1.0, 1.0]}),
             ("fastv", {"r": 0.0}),
-            ("dfmr", {"mode": "fixed", "factor": 1}),
-            ("dfmr", {"mode": "budget", "budget_per_image": 16}),
+            *PRE_LLM_KEEP_ALL,
         ]:
             with vtc.apply(model, meth, **kw):
                 assert torch.equal(model(**inputs).logits, plain), (meth, kw)
@@ -265,7 +295,7 @@ def test_defect8_keep_all_is_bit_identical_with_shared_padding(model):
         ("fastv", {}),
         ("dart", {"k": 2, "keep": 0.4}),
         ("progressive", {}),
-        ("dfmr", {"mode": "fixed", "factor": 2}),
+        *PRE_LLM.items(),
     ],
 )
 def test_defect9_float64_models(method, kw):
@@ -333,6 +363,14 @@ def test_defect11_guards_let_calls_with_nothing_to_do_through(model):
         with vtc.apply(model, "pyramid_drop", ratios=[1.0, 1.0, 1.0]):
             assert torch.equal(model(**right).logits, plain_right)
             assert torch.equal(model(**one, attention_mask=mask4).logits, plain_4d)
+        for meth, kw in PRE_LLM_KEEP_ALL:  # a pre-LLM method keeping every token has nothing to do either
+            with vtc.apply(model, meth, **kw) as h:
+                if (
+                    h.session.can_compress()
+                ):  # budget_per_image: keeps all here, but not known before the call
+                    continue
+                assert torch.equal(model(**right).logits, plain_right), (meth, kw)
+                assert torch.equal(model(**one, attention_mask=mask4).logits, plain_4d), (meth, kw)
         with vtc.apply(model, "pyramid_drop") as h:
             got = model.generate(**text, max_new_tokens=3, do_sample=False, cache_implementation="static")
             assert torch.equal(got, plain_static) and h.stats.decode_steps == 2

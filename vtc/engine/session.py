@@ -95,7 +95,7 @@ class DecoderPlan:
 
 
 class PreLLMComponent:
-    """Interface of methods that act before the LLM (DFMR). See :mod:`vtc.methods.dfmr`."""
+    """Interface of methods that act before the LLM; implemented once by :mod:`vtc.engine.prellm`."""
 
     def attach(self, session: Session) -> None:  # instance patches
         pass
