@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -465,11 +466,20 @@ def iso_date(value: Any) -> str:
     """
     if value is None or value == "":
         return ""
+    if isinstance(value, str):
+        # lmms-eval's command line stamps files "YYYYMMDD_HHMMSS" (local time); float() would read the
+        # underscore as a digit separator
+        m = re.fullmatch(r"(\d{4})(\d{2})(\d{2})_(\d{2})(\d{2})(\d{2})", value.strip())
+        if m:
+            y, mo, d, h, mi, sec = m.groups()
+            return f"{y}-{mo}-{d}T{h}:{mi}:{sec}"
+        if "_" in value:
+            return value
     try:
         seconds = float(value)
     except (TypeError, ValueError):
         return str(value)
-    if not math.isfinite(seconds) or seconds < 1e9:
+    if not math.isfinite(seconds) or not (1e9 <= seconds < 1e11):
         return str(value)
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 

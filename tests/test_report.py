@@ -466,3 +466,19 @@ def test_latency_axis_plot(tmp_path):
     assert json.loads(paths["json"].read_text())["pareto_x"] == "latency"
     with pytest.raises(ReportError, match="x-axis"):
         write_report(root, tmp_path / "out", x="tokens")
+
+
+def test_iso_date_reads_every_stamp_lmms_eval_writes():
+    """Sources dates: epoch seconds become ISO UTC; the CLI's "YYYYMMDD_HHMMSS" stamp is read as such
+    (float() would take the underscore for a digit separator and overflow); other text is kept."""
+    from datetime import datetime, timezone
+
+    from vtc.eval.results import iso_date
+
+    epoch = datetime(2026, 11, 30, 19, 40, 12, tzinfo=timezone.utc).timestamp()
+    assert iso_date(epoch) == "2026-11-30T19:40:12Z"
+    assert iso_date(str(epoch)) == "2026-11-30T19:40:12Z"
+    assert iso_date("20261130_194012") == "2026-11-30T19:40:12"
+    assert iso_date("20260101") == "20260101"
+    assert iso_date("1e30") == "1e30"
+    assert iso_date(None) == ""
