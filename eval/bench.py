@@ -254,38 +254,46 @@ def kv_bytes_per_layer(cache) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 # Models and prompts
 # --------------------------------------------------------------------------------------------------
-def cpu_model(seed: int = 0, attn: str = "sdpa", shape: dict | None = None):
-    """The mid-size random LLaVA of ``--cpu`` (see the module docstring), fp32, eval mode."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def llava_config(s: dict, feature_layer: int = -1):
+    """``LlavaConfig`` of a LLaVA-1.5-style model (Llama decoder, CLIP tower, 14-pixel patches) from a shape
+    dict with the keys of :data:`CPU_SHAPE`, and optionally ``kv_heads`` (default ``heads``) and
+    ``vision_hidden`` / ``vision_intermediate`` / ``vision_layers`` / ``vision_heads`` (default the tiny
+    64 / 128 / 1 / 2 tower of ``--cpu``)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    s = {**CPU_SHAPE, **(shape or {})}
-    torch.manual_seed(seed)
-    cfg = LlavaConfig(
+    return LlavaConfig(
         text_config=LlamaConfig(
             vocab_size=s["vocab"],
             hidden_size=s["hidden"],
             intermediate_size=s["intermediate"],
             num_hidden_layers=s["layers"],
             num_attention_heads=s["heads"],
-            num_key_value_heads=s["heads"],
+            num_key_value_heads=s.get("kv_heads", s["heads"]),
             max_position_embeddings=4096,
             pad_token_id=0,
             bos_token_id=1,
             eos_token_id=2,
         ),
         vision_config=CLIPVisionConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=2,
+            hidden_size=s.get("vision_hidden", 64),
+            intermediate_size=s.get("vision_intermediate", 128),
+            num_hidden_layers=s.get("vision_layers", 1),
+            num_attention_heads=s.get("vision_heads", 2),
             image_size=s["grid"] * 14,
             patch_size=14,
         ),
         image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-1,
+        vision_feature_layer=feature_layer,
         vision_feature_select_strategy="default",
     )
-    model = LlavaForConditionalGeneration(cfg).eval()
+
+
+def cpu_model(seed: int = 0, attn: str = "sdpa", shape: dict | None = None):
+    """The mid-size random LLaVA of ``--cpu`` (see the module docstring), fp32, eval mode."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(llava_config({**CPU_SHAPE, **(shape or {})})).eval()
     model.set_attn_implementation(attn)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0

@@ -136,36 +136,11 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # --------------------------------------------------------------------------------------------------
 def build_llava(shape: dict, device, dtype, attn: str = "sdpa", seed: int = 0):
     """A LLaVA-1.5-style model with random weights built directly on ``device`` in ``dtype``."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    from vtc.eval.bench import IMAGE_TOKEN
+    from vtc.eval.bench import llava_config
 
-    s = shape
-    cfg = LlavaConfig(
-        text_config=LlamaConfig(
-            vocab_size=s["vocab"],
-            hidden_size=s["hidden"],
-            intermediate_size=s["intermediate"],
-            num_hidden_layers=s["layers"],
-            num_attention_heads=s["heads"],
-            num_key_value_heads=s["kv_heads"],
-            max_position_embeddings=4096,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-        vision_config=CLIPVisionConfig(
-            hidden_size=s["vision_hidden"],
-            intermediate_size=s["vision_intermediate"],
-            num_hidden_layers=s["vision_layers"],
-            num_attention_heads=s["vision_heads"],
-            image_size=s["grid"] * 14,
-            patch_size=14,
-        ),
-        image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
+    cfg = llava_config(shape, feature_layer=-2)
     torch.manual_seed(seed)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

@@ -134,12 +134,8 @@ class ModelAdapter:
             rows = torch.arange(B, device=x.device)
             xq = x[rows, query_rows].unsqueeze(1)
             cq, sq = cos[rows, query_rows].unsqueeze(1), sin[rows, query_rows].unsqueeze(1)
-        q = attn.q_proj(xq).view(B, 1, -1, dh).transpose(1, 2)
-        k = attn.k_proj(x).view(B, T, -1, dh).transpose(1, 2)
-        if getattr(attn, "q_norm", None) is not None:
-            q = attn.q_norm(q)
-        if getattr(attn, "k_norm", None) is not None:
-            k = attn.k_norm(k)
+        q = _heads(attn, "q", xq, dh)
+        k = _heads(attn, "k", x, dh)
         rope = self._rope_fn(layer_idx)
         q, _ = rope(q, q, cq, sq)
         _, k = rope(k, k, cos, sin)
@@ -166,11 +162,7 @@ class ModelAdapter:
         layer = self.layers[layer_idx]
         attn = layer.self_attn
         _, _, dh = self.head_dims()
-        B = hidden.shape[0]
-        x = layer.input_layernorm(hidden[:, -1:])
-        q = attn.q_proj(x).view(B, 1, -1, dh).transpose(1, 2)
-        if getattr(attn, "q_norm", None) is not None:
-            q = attn.q_norm(q)
+        q = _heads(attn, "q", layer.input_layernorm(hidden[:, -1:]), dh)
         q, _ = self._rope_fn(layer_idx)(q, q, cos[:, -1:], sin[:, -1:])
         return q[:, :, 0]
 
@@ -195,10 +187,7 @@ class ModelAdapter:
         layer = self.layers[layer_idx]
         attn = layer.self_attn
         _, _, dh = self.head_dims()
-        B, T, _ = hidden.shape
-        k = attn.k_proj(layer.input_layernorm(hidden)).view(B, T, -1, dh).transpose(1, 2)
-        if getattr(attn, "k_norm", None) is not None:
-            k = attn.k_norm(k)
+        k = _heads(attn, "k", layer.input_layernorm(hidden), dh)
         _, k = self._rope_fn(layer_idx)(k, k, cos, sin)
         return k
 
@@ -410,3 +399,12 @@ class ConfigOnlyAdapter:
 
     def grid_of_image(self) -> tuple[int, int]:
         return self._grid
+
+
+def _heads(attn, which: str, x: torch.Tensor, dh: int) -> torch.Tensor:
+    """``x`` ``[B, T, D]`` (already normed) through ``attn``'s ``{which}_proj`` and, when the model has one,
+    its per-head ``{which}_norm`` (Qwen3-style); ``[B, H, T, dh]`` before the rotary embedding."""
+    B, T, _ = x.shape
+    y = getattr(attn, f"{which}_proj")(x).view(B, T, -1, dh).transpose(1, 2)
+    norm = getattr(attn, f"{which}_norm", None)
+    return y if norm is None else norm(y)

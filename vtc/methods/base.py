@@ -84,6 +84,38 @@ class PreLLMMethod(Method):
         return PreLLMStage(self, adapter)
 
 
+@dataclasses.dataclass
+class CountedPreLLMMethod(PreLLMMethod):
+    """A pre-LLM selection that keeps a fixed count per image, given by exactly one of ``tokens`` / ``ratio``
+    (DivPrune, CDPruner, pool, VisionZip). Subclasses declare their own extra fields after these two.
+
+    Parameters
+    ----------
+    tokens : int or None
+        Tokens kept per image (``1 .. N``).
+    ratio : float or None
+        Share kept instead, in ``(0, 1]``: ``max(1, round(ratio * N))``.
+    """
+
+    tokens: int | None = None
+    ratio: float | None = None
+
+    def __post_init__(self):
+        from vtc.engine.prellm import check_tokens_ratio
+
+        check_tokens_ratio(self.name, self.tokens, self.ratio)
+
+    def count(self, n_patches: int) -> int:
+        """Tokens kept of an image of ``n_patches``; raises if ``tokens`` is above ``n_patches``."""
+        from vtc.engine.prellm import resolve_count
+
+        return resolve_count(self.tokens, self.ratio, n_patches, self.name)
+
+    def check(self, adapter) -> None:
+        h, w = adapter.grid_of_image()
+        self.count(h * w)
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r}; choose one of {list(choices)}")

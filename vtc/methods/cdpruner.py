@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vtc.engine.prellm import ImageInputs, Reduction, check_tokens_ratio, resolve_count
-from vtc.methods.base import PreLLMMethod
+from vtc.engine.prellm import ImageInputs, Reduction
+from vtc.methods.base import CountedPreLLMMethod
 from vtc.methods.divprune import work_dtype
 from vtc.registry import register_method
 
@@ -84,7 +84,7 @@ def cdpruner_select(x: torch.Tensor, k: int, rel: torch.Tensor | None = None) ->
 
 @register_method("cdpruner")
 @dataclass
-class CDPruner(PreLLMMethod):
+class CDPruner(CountedPreLLMMethod):
     """CDPruner: greedy MAP of a DPP whose kernel is weighted by relevance to the instruction (module docstring).
 
     Parameters
@@ -95,19 +95,10 @@ class CDPruner(PreLLMMethod):
         Share kept instead, in ``(0, 1]``: ``max(1, round(ratio * N))``. Exactly one of the two.
     """
 
-    tokens: int | None = None
-    ratio: float | None = None
     uses_prompt = True
 
-    def __post_init__(self):
-        check_tokens_ratio("cdpruner", self.tokens, self.ratio)
-
-    def check(self, adapter) -> None:
-        h, w = adapter.grid_of_image()
-        resolve_count(self.tokens, self.ratio, h * w, "cdpruner")
-
     def reduce(self, inputs: ImageInputs) -> Reduction:
-        k = resolve_count(self.tokens, self.ratio, inputs.num_patches, "cdpruner")
+        k = self.count(inputs.num_patches)
         x = inputs.projected()[:, inputs.cls :]
         rel = None
         text = inputs.text or [None] * inputs.n

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vtc.engine.prellm import ImageInputs, Reduction, check_tokens_ratio, resolve_count
-from vtc.methods.base import PreLLMMethod
+from vtc.engine.prellm import ImageInputs, Reduction
+from vtc.methods.base import CountedPreLLMMethod
 from vtc.registry import register_method
 
 
@@ -69,7 +69,7 @@ def divprune_select(x: torch.Tensor, k: int) -> torch.Tensor:
 
 @register_method("divprune")
 @dataclass
-class DivPrune(PreLLMMethod):
+class DivPrune(CountedPreLLMMethod):
     """DivPrune: greedy max-min cosine diversity over each image's projected embeddings (module docstring).
 
     Parameters
@@ -85,17 +85,7 @@ class DivPrune(PreLLMMethod):
     >>> vtc.apply(model, [vtc.DivPrune(tokens=128), "pyramid_drop"])  # doctest: +SKIP
     """
 
-    tokens: int | None = None
-    ratio: float | None = None
-
-    def __post_init__(self):
-        check_tokens_ratio("divprune", self.tokens, self.ratio)
-
-    def check(self, adapter) -> None:
-        h, w = adapter.grid_of_image()
-        resolve_count(self.tokens, self.ratio, h * w, "divprune")
-
     def reduce(self, inputs: ImageInputs) -> Reduction:
-        k = resolve_count(self.tokens, self.ratio, inputs.num_patches, "divprune")
+        k = self.count(inputs.num_patches)
         idx = divprune_select(inputs.projected()[:, inputs.cls :], k)
         return Reduction(inputs.keep(idx), cells=list(idx))

@@ -18,8 +18,8 @@ from fractions import Fraction
 
 import torch.nn.functional as F
 
-from vtc.engine.prellm import ImageInputs, Reduction, check_tokens_ratio, resolve_count
-from vtc.methods.base import PreLLMMethod
+from vtc.engine.prellm import ImageInputs, Reduction
+from vtc.methods.base import CountedPreLLMMethod
 from vtc.registry import register_method
 
 
@@ -43,7 +43,7 @@ def pool_grid(grid: tuple[int, int], k: int) -> tuple[int, int]:
 
 @register_method("pool")
 @dataclass
-class Pool(PreLLMMethod):
+class Pool(CountedPreLLMMethod):
     """Average pooling of every image to a fixed token count (module docstring).
 
     Parameters
@@ -54,18 +54,12 @@ class Pool(PreLLMMethod):
         Share kept instead, in ``(0, 1]``: ``max(1, round(ratio * N))``. Exactly one of the two.
     """
 
-    tokens: int | None = None
-    ratio: float | None = None
-
-    def __post_init__(self):
-        check_tokens_ratio("pool", self.tokens, self.ratio)
-
     def check(self, adapter) -> None:
         h, w = adapter.grid_of_image()
-        pool_grid((h, w), resolve_count(self.tokens, self.ratio, h * w, "pool"))
+        pool_grid((h, w), self.count(h * w))
 
     def reduce(self, inputs: ImageInputs) -> Reduction:
-        k = resolve_count(self.tokens, self.ratio, inputs.num_patches, "pool")
+        k = self.count(inputs.num_patches)
         g = pool_grid(inputs.grid, k)
         if g == tuple(inputs.grid):
             return Reduction(list(inputs.projected()), grids=[g] * inputs.n)

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vtc.engine.prellm import ImageInputs, Reduction, check_tokens_ratio, resolve_count
-from vtc.methods.base import PreLLMMethod
+from vtc.engine.prellm import ImageInputs, Reduction
+from vtc.methods.base import CountedPreLLMMethod
 from vtc.registry import register_method
 
 
@@ -99,7 +99,7 @@ def visionzip_select(
 
 @register_method("visionzip")
 @dataclass
-class VisionZip(PreLLMMethod):
+class VisionZip(CountedPreLLMMethod):
     """VisionZip: dominant + contextual tokens from the vision tower's attention (module docstring).
 
     Parameters
@@ -112,13 +112,11 @@ class VisionZip(PreLLMMethod):
         Contextual tokens; default ``round(tokens * 10 / 64)`` (the paper's 54 + 10 at 64).
     """
 
-    tokens: int | None = None
-    ratio: float | None = None
     contextual: int | None = None
     needs_attention = True
 
     def __post_init__(self):
-        check_tokens_ratio("visionzip", self.tokens, self.ratio)
+        super().__post_init__()
         if self.contextual is not None and (
             isinstance(self.contextual, bool) or not isinstance(self.contextual, int) or self.contextual < 0
         ):
@@ -128,11 +126,11 @@ class VisionZip(PreLLMMethod):
 
     def check(self, adapter) -> None:
         h, w = adapter.grid_of_image()
-        split_budget(resolve_count(self.tokens, self.ratio, h * w, "visionzip"), self.contextual)
+        split_budget(self.count(h * w), self.contextual)
         adapter.check_vision_attention("visionzip")
 
     def reduce(self, inputs: ImageInputs) -> Reduction:
-        k = resolve_count(self.tokens, self.ratio, inputs.num_patches, "visionzip")
+        k = self.count(inputs.num_patches)
         dominant, contextual = split_budget(k, self.contextual)
         if k == inputs.num_patches:
             return Reduction(list(inputs.projected()))
