@@ -25,8 +25,15 @@ Fair by construction:
   the README), so it is labelled by what it keeps, not as a ceiling.
 
 Prefill and decode are timed per batch with :class:`vtc.eval.bench.ForwardClock`. Everything is encoded
-once, and the image features of the unpatched vision tower are computed once per batch and reused by the
-in-decoder runs (they do not change the vision tower; pre-LLM runs compute their own).
+once, and the image features of the unpatched vision tower are computed once per batch and process and
+reused by the in-decoder runs (they do not change the vision tower; pre-LLM runs compute their own).
+
+The runs are independent, so they run in parallel worker processes (``--workers``, default: the free
+cores, 1 torch thread each), forked after the model is loaded and the questions encoded, longest runs
+first; the results are collected and written in the grid's order, so files, rows and answers are those
+of a serial run (at the same torch threads). Each answer is one word, but ``generate`` still makes two
+tokens: the decode step is what the decode-time column measures, it costs about 5 % of a run (measured),
+and a first token that is punctuation would make the second one the answer.
 """
 
 from __future__ import annotations
@@ -333,7 +340,30 @@ def _load_state(checkpoint, n: int, batch_size: int) -> dict:
     }
 
 
-def _init_worker(threads: int | None, load_args: tuple | None = None) -> None:
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory in this process instead of returning it to the system.
+
+    Every forward allocates and frees activations of a few MiB; by default glibc gives such blocks back
+    and the next forward faults them in again (about 9 million page faults and 40 s of system time in a
+    demo run). Keeping them (``mallopt``: mmap threshold 32 MiB, trim threshold 1 GiB) removes that cost
+    and changes no result. Returns False where there is no glibc (the setting is then left alone).
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+def _init_worker(threads: int | None, load_args: tuple | None = None, pooled: bool = False) -> None:
     """Pool initializer (and the serial path's setup): torch threads, then the hooks of this process.
 
     A forked worker inherits the parent's model and encoded batches (loaded once, shared copy-on-write);
@@ -343,6 +373,8 @@ def _init_worker(threads: int | None, load_args: tuple | None = None) -> None:
 
     if threads is not None:
         torch.set_num_threads(threads)
+    if pooled:
+        keep_freed_memory()  # a worker process of the demo only (the caller's process keeps its setting)
     if "model" not in _STATE:
         _STATE.update(_load_state(*load_args))
     _STATE["memo"] = VisionMemo(_STATE["model"])
@@ -490,7 +522,7 @@ def run_demo(
         else:
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             load_args = (checkpoint, n, batch_size) if method == "spawn" else None
-            with mp.get_context(method).Pool(workers, _init_worker, (threads, load_args)) as pool:
+            with mp.get_context(method).Pool(workers, _init_worker, (threads, load_args, True)) as pool:
                 for r in pool.imap_unordered(_execute, order, chunksize=1):
                     done[r["index"]] = r
                     bar.update()
@@ -593,6 +625,7 @@ def main(argv=None) -> int:
     if args.workers is not None and args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers} (e.g. --workers 2)")
     workers = args.workers if args.workers is not None else default_workers()
+    keep_freed_memory()  # the CLI process (and the workers it forks): see keep_freed_memory
     try:
         # several workers: 1 torch thread each by default (the workers already fill the free cores)
         threads = apply_threads(1 if args.threads is None and workers > 1 else args.threads)
