@@ -240,50 +240,59 @@ def _dfmr_key(label: str, spec, n_visual: int):
 
 
 class VisionMemo:
-    """Reuse the image features of identical ``pixel_values`` tensors across runs (a context manager).
+    """Reuse the vision tower's outputs for identical ``pixel_values`` tensors across runs (a context manager).
 
-    Replaces ``get_image_features`` of the model's base ``LlavaModel`` instance by a memo keyed on the
-    tensor object and the call's arguments; on exit the instance attribute is deleted (the class method
-    shows through again). Only for runs that leave the vision tower and projector alone (in-decoder
-    methods, the unpatched model): a pre-LLM method rewrites the features and must compute its own.
+    Replaces ``forward`` of the model's vision tower instance by a memo keyed on the tensor object and the
+    call's other arguments; on exit the instance attribute is deleted (the class method shows through
+    again). A call is served from the memo only while nothing is hooked into the tower (no forward hooks
+    on any of its modules but the output recorders transformers installs on first use): methods that only rewrite the tower's output (DFMR pools it, in-decoder methods
+    leave it alone) share it, a method that watches or changes the tower computes its own. Outputs are
+    shared, not copied: the callers must not change them in place (LLaVA and the methods here do not).
     """
 
     def __init__(self, model):
-        self.base = model.model
+        self.tower = vtc.get_adapter(model).image_feature_owner().vision_tower
         self.cache: dict = {}
         self.hits = self.misses = 0
         self._active = False
 
-    def __enter__(self):
-        original = type(self.base).get_image_features.__get__(self.base)
+    def _hooked(self) -> bool:
+        """True when a hook other than transformers' own output recorders sits in the tower."""
+        return any(
+            not getattr(h, "__module__", "").startswith("transformers.")
+            for m in self.tower.modules()
+            for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+        )
 
-        def memo(pixel_values=None, **kwargs):
-            key = (id(pixel_values), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    def __enter__(self):
+        if "forward" in vars(self.tower):
+            raise RuntimeError(
+                f"{type(self.tower).__name__}.forward is already patched on this instance; remove that patch "
+                "before memoising the vision tower"
+            )
+        original = self.tower.forward
+
+        def memo(pixel_values=None, *args, **kwargs):
+            if self._hooked():
+                return original(pixel_values, *args, **kwargs)
+            key = (id(pixel_values), repr(args), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
             hit = self.cache.get(key)
             if hit is not None and hit[0] is pixel_values:
                 self.hits += 1
                 return hit[1]
             self.misses += 1
-            out = original(pixel_values=pixel_values, **kwargs)
+            out = original(pixel_values, *args, **kwargs)
             self.cache[key] = (pixel_values, out)
             return out
 
-        self.base.get_image_features = memo
+        self.tower.forward = memo
         self._active = True
         return self
 
     def __exit__(self, *exc):
         if self._active:
-            del self.base.get_image_features
+            del self.tower.forward
             self._active = False
-        return False
-
-
-class _NoMemo:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
         return False
 
 
@@ -377,7 +386,8 @@ def _init_worker(threads: int | None, load_args: tuple | None = None, pooled: bo
         keep_freed_memory()  # a worker process of the demo only (the caller's process keeps its setting)
     if "model" not in _STATE:
         _STATE.update(_load_state(*load_args))
-    _STATE["memo"] = VisionMemo(_STATE["model"])
+    if "memo" not in _STATE:
+        _STATE["memo"] = VisionMemo(_STATE["model"]).__enter__()
     _STATE["clock"] = ForwardClock(_STATE["model"])
 
 
@@ -395,7 +405,6 @@ def _execute(item: tuple[int, DemoRun]) -> dict:
     acc = TaskAccumulator(ModelDims.from_hf_config(model.config))
     # the unpatched run records its counts through a keep-everything schedule (changes nothing)
     spec = run.spec if run.spec is not None else {"method": "schedule", "schedule": [1.0] * ad.num_layers}
-    methods = vtc.resolve_methods(spec)
     h = vtc.apply(model, spec)
     on_batch = None
     if run.oracle:
@@ -409,10 +418,9 @@ def _execute(item: tuple[int, DemoRun]) -> dict:
             )
 
     try:
-        with memo if all(m.kind == "decoder" for m in methods) else _NoMemo():
-            res = synthetic.evaluate(
-                model, processor, _STATE["samples"], batches=_STATE["batches"], on_batch=on_batch, clock=clock
-            )
+        res = synthetic.evaluate(
+            model, processor, _STATE["samples"], batches=_STATE["batches"], on_batch=on_batch, clock=clock
+        )
         for stats, (pm, dm) in zip(h.calls, res["timing"]):
             acc.add(stats, prefill_ms=pm, decode_ms=dm)
     finally:
@@ -519,6 +527,7 @@ def run_demo(
                     bar.update()
             finally:
                 _STATE["clock"].remove()
+                _STATE["memo"].__exit__(None, None, None)
         else:
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             load_args = (checkpoint, n, batch_size) if method == "spawn" else None

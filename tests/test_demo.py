@@ -224,7 +224,31 @@ def test_vision_memo_reuses_features_without_changing_answers(ckpt):
             got.append(synthetic.evaluate(model, processor, samples, batches=batches)["predictions"])
     assert got == plain
     assert (memo.misses, memo.hits) == (2, 2)  # two batches computed once, reused by the patched run
-    assert "get_image_features" not in vars(model.model)  # the instance attribute is gone again
+    assert "forward" not in vars(model.model.vision_tower)  # the instance attribute is gone again
+
+    # DFMR reads the tower's hidden states through its own call: shared between DFMR runs, same answers
+    dfmr = {"method": "dfmr", "mode": "budget", "budget_per_image": 4}
+    with vtc.apply(model, dfmr):
+        ref = synthetic.evaluate(model, processor, samples, batches=batches)["predictions"]
+    with VisionMemo(model) as memo:
+        for _ in range(2):
+            with vtc.apply(model, dfmr):
+                assert synthetic.evaluate(model, processor, samples, batches=batches)["predictions"] == ref
+    assert (memo.misses, memo.hits) == (2, 2)
+    # a hook inside the tower (a method watching it) is never bypassed: the tower runs for every batch
+    seen = []
+    hook = model.model.vision_tower.get_submodule("encoder.layers.0").register_forward_hook(
+        lambda *a: seen.append(1)
+    )
+    try:
+        with VisionMemo(model) as memo:
+            for _ in range(2):
+                assert (
+                    synthetic.evaluate(model, processor, samples, batches=batches)["predictions"] == plain[0]
+                )
+    finally:
+        hook.remove()
+    assert len(seen) == 4 and memo.hits == 0
 
 
 def _run_files(out):
