@@ -25,8 +25,15 @@ Fair by construction:
   the README), so it is labelled by what it keeps, not as a ceiling.
 
 Prefill and decode are timed per batch with :class:`vtc.eval.bench.ForwardClock`. Everything is encoded
-once, and the image features of the unpatched vision tower are computed once per batch and reused by the
-in-decoder runs (they do not change the vision tower; pre-LLM runs compute their own).
+once, and the image features of the unpatched vision tower are computed once per batch and process and
+reused by the in-decoder runs (they do not change the vision tower; pre-LLM runs compute their own).
+
+The runs are independent, so they run in parallel worker processes (``--workers``, default: the free
+cores, 1 torch thread each), forked after the model is loaded and the questions encoded, longest runs
+first; the results are collected and written in the grid's order, so files, rows and answers are those
+of a serial run (at the same torch threads). Each answer is one word, but ``generate`` still makes two
+tokens: the decode step is what the decode-time column measures, it costs about 5 % of a run (measured),
+and a first token that is punctuation would make the second one the answer.
 """
 
 from __future__ import annotations
@@ -233,50 +240,59 @@ def _dfmr_key(label: str, spec, n_visual: int):
 
 
 class VisionMemo:
-    """Reuse the image features of identical ``pixel_values`` tensors across runs (a context manager).
+    """Reuse the vision tower's outputs for identical ``pixel_values`` tensors across runs (a context manager).
 
-    Replaces ``get_image_features`` of the model's base ``LlavaModel`` instance by a memo keyed on the
-    tensor object and the call's arguments; on exit the instance attribute is deleted (the class method
-    shows through again). Only for runs that leave the vision tower and projector alone (in-decoder
-    methods, the unpatched model): a pre-LLM method rewrites the features and must compute its own.
+    Replaces ``forward`` of the model's vision tower instance by a memo keyed on the tensor object and the
+    call's other arguments; on exit the instance attribute is deleted (the class method shows through
+    again). A call is served from the memo only while nothing is hooked into the tower (no forward hooks
+    on any of its modules but the output recorders transformers installs on first use): methods that only rewrite the tower's output (DFMR pools it, in-decoder methods
+    leave it alone) share it, a method that watches or changes the tower computes its own. Outputs are
+    shared, not copied: the callers must not change them in place (LLaVA and the methods here do not).
     """
 
     def __init__(self, model):
-        self.base = model.model
+        self.tower = vtc.get_adapter(model).image_feature_owner().vision_tower
         self.cache: dict = {}
         self.hits = self.misses = 0
         self._active = False
 
-    def __enter__(self):
-        original = type(self.base).get_image_features.__get__(self.base)
+    def _hooked(self) -> bool:
+        """True when a hook other than transformers' own output recorders sits in the tower."""
+        return any(
+            not getattr(h, "__module__", "").startswith("transformers.")
+            for m in self.tower.modules()
+            for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+        )
 
-        def memo(pixel_values=None, **kwargs):
-            key = (id(pixel_values), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+    def __enter__(self):
+        if "forward" in vars(self.tower):
+            raise RuntimeError(
+                f"{type(self.tower).__name__}.forward is already patched on this instance; remove that patch "
+                "before memoising the vision tower"
+            )
+        original = self.tower.forward
+
+        def memo(pixel_values=None, *args, **kwargs):
+            if self._hooked():
+                return original(pixel_values, *args, **kwargs)
+            key = (id(pixel_values), repr(args), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
             hit = self.cache.get(key)
             if hit is not None and hit[0] is pixel_values:
                 self.hits += 1
                 return hit[1]
             self.misses += 1
-            out = original(pixel_values=pixel_values, **kwargs)
+            out = original(pixel_values, *args, **kwargs)
             self.cache[key] = (pixel_values, out)
             return out
 
-        self.base.get_image_features = memo
+        self.tower.forward = memo
         self._active = True
         return self
 
     def __exit__(self, *exc):
         if self._active:
-            del self.base.get_image_features
+            del self.tower.forward
             self._active = False
-        return False
-
-
-class _NoMemo:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
         return False
 
 
@@ -313,6 +329,124 @@ def _write_results(path: Path, run: DemoRun, budget, res: dict, acc, samples, mo
             fh.write(json.dumps(rec) + "\n")
 
 
+#: Per-process state of the demo: the model, its encoded batches and the hooks that time and memoise them
+#: (set by :func:`run_demo` in the parent; inherited by forked workers, rebuilt by spawned ones).
+_STATE: dict = {}
+
+
+def _load_state(checkpoint, n: int, batch_size: int) -> dict:
+    """Load the model and encode the test split once: ``model, processor, adapter, samples, batches``."""
+    from vtc.eval import synthetic
+
+    model, processor = synthetic.load_default(checkpoint)
+    samples = synthetic.make_split("test", n)
+    return {
+        "model": model,
+        "processor": processor,
+        "adapter": vtc.get_adapter(model),
+        "samples": samples,
+        "batches": synthetic.encode_batches(processor, samples, batch_size),
+    }
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory in this process instead of returning it to the system.
+
+    Every forward allocates and frees activations of a few MiB; by default glibc gives such blocks back
+    and the next forward faults them in again (about 9 million page faults and 40 s of system time in a
+    demo run). Keeping them (``mallopt``: mmap threshold 32 MiB, trim threshold 1 GiB) removes that cost
+    and changes no result. Returns False where there is no glibc (the setting is then left alone).
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+def _init_worker(threads: int | None, load_args: tuple | None = None, pooled: bool = False) -> None:
+    """Pool initializer (and the serial path's setup): torch threads, then the hooks of this process.
+
+    A forked worker inherits the parent's model and encoded batches (loaded once, shared copy-on-write);
+    a spawned one loads them from ``load_args`` (``checkpoint, n, batch_size``).
+    """
+    from vtc.eval.bench import ForwardClock
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if pooled:
+        keep_freed_memory()  # a worker process of the demo only (the caller's process keeps its setting)
+    if "model" not in _STATE:
+        _STATE.update(_load_state(*load_args))
+    if "memo" not in _STATE:
+        _STATE["memo"] = VisionMemo(_STATE["model"]).__enter__()
+    _STATE["clock"] = ForwardClock(_STATE["model"])
+
+
+def _execute(item: tuple[int, DemoRun]) -> dict:
+    """Evaluate one run of the grid in this process -> ``{"index", "res", "acc", "seconds", ...}``."""
+    from vtc.eval import synthetic
+    from vtc.eval.results import TaskAccumulator
+    from vtc.flops import ModelDims
+
+    i, run = item
+    model, processor, ad = _STATE["model"], _STATE["processor"], _STATE["adapter"]
+    memo, clock = _STATE["memo"], _STATE["clock"]
+    t_run, cpu_run = time.perf_counter(), time.process_time()
+    hits, misses = memo.hits, memo.misses
+    acc = TaskAccumulator(ModelDims.from_hf_config(model.config))
+    # the unpatched run records its counts through a keep-everything schedule (changes nothing)
+    spec = run.spec if run.spec is not None else {"method": "schedule", "schedule": [1.0] * ad.num_layers}
+    h = vtc.apply(model, spec)
+    on_batch = None
+    if run.oracle:
+        plan = h.session.plan
+        sel_layers = plan.selection_layers()
+        shares = plan.schedule.shares
+
+        def on_batch(batch, inputs, h=h, sel_layers=sel_layers, shares=shares):
+            h.session.forced = synthetic.oracle_selection(
+                batch, inputs["input_ids"], ad.image_token_id, shares, sel_layers
+            )
+
+    try:
+        res = synthetic.evaluate(
+            model, processor, _STATE["samples"], batches=_STATE["batches"], on_batch=on_batch, clock=clock
+        )
+        for stats, (pm, dm) in zip(h.calls, res["timing"]):
+            acc.add(stats, prefill_ms=pm, decode_ms=dm)
+    finally:
+        h.remove()
+    return {
+        "index": i,
+        "res": res,
+        "acc": acc,
+        "seconds": time.perf_counter() - t_run,
+        "cpu_seconds": time.process_time() - cpu_run,
+        "memo": (memo.hits - hits, memo.misses - misses),
+    }
+
+
+def _cost(run: DemoRun) -> float:
+    """Relative cost of a run for scheduling (longest first): its share of visual tokens, 1 unpatched."""
+    return 1.0 if run.budget is None else run.budget
+
+
+def default_workers() -> int:
+    """Worker processes of the demo: the free cores (:func:`vtc.eval.threads.default_threads`)."""
+    from vtc.eval.threads import default_threads
+
+    return default_threads()
+
+
 def run_demo(
     out_dir: str = "out",
     n: int = 800,
@@ -320,25 +454,42 @@ def run_demo(
     checkpoint=None,
     budgets=BUDGETS,
     seeds: int = SEEDS,
+    workers: int | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Run the demo grid, write results, samples and the report to ``out_dir``; returns a summary per run.
 
     Prints the runs (position policy, visual tokens per layer, accuracy, latency), the configurations
     left out and why, and the report table.
-    """
-    from vtc.eval import synthetic
-    from vtc.eval.bench import ForwardClock
-    from vtc.eval.report import format_tokens_per_layer, write_report
-    from vtc.eval.results import TaskAccumulator
-    from vtc.flops import ModelDims
 
-    t0, cpu0 = time.perf_counter(), time.process_time()
-    model, processor = synthetic.load_default(checkpoint)
-    ad = vtc.get_adapter(model)
+    Parameters
+    ----------
+    workers : int, optional
+        Processes evaluating runs at the same time (default :func:`default_workers`, at most one per
+        run). The runs are independent, so the results are the same for any number of workers (at the
+        same torch threads); rows and files keep the grid's order.
+    threads : int, optional
+        torch threads per process (default: 1 with several workers, else torch's current setting).
+    """
+    import multiprocessing as mp
+    import os
+
+    from vtc.eval import synthetic
+    from vtc.eval.report import format_tokens_per_layer, write_report
+
+    t0, cpu0, os0 = time.perf_counter(), time.process_time(), os.times()
+    workers = default_workers() if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}; give a whole number >= 1 (e.g. workers=2)")
+    if threads is None and workers > 1:
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)  # before any work: a forked worker must not inherit a busy pool
+    _STATE.clear()
+    _STATE.update(_load_state(checkpoint, n, batch_size))
+    samples = _STATE["samples"]
+    ad = _STATE["adapter"]
     L, n_visual = ad.num_layers, ad.tokens_per_image()
-    samples = synthetic.make_split("test", n)
-    batches = synthetic.encode_batches(processor, samples, batch_size)
-    dims = ModelDims.from_hf_config(model.config)
     model_name = str(checkpoint or synthetic.DEFAULT_CHECKPOINT.name)
     out = Path(out_dir)
     res_dir = out / "results" / "tiny_llava"
@@ -347,81 +498,82 @@ def run_demo(
         old.unlink()
     skipped: list[str] = []
     runs = method_grid(L, n_visual, budgets, seeds, skipped)
+    workers = min(workers, len(runs))
     logger.info(
-        "vtc demo: %s, L=%d, %d visual tokens per image, %d test questions, %d runs, batch %d, %d torch threads",
+        "vtc demo: %s, L=%d, %d visual tokens per image, %d test questions, %d runs, batch %d, %d worker(s) "
+        "x %d torch thread(s)",
         model_name,
         L,
         n_visual,
         len(samples),
         len(runs),
         batch_size,
+        workers,
         torch.get_num_threads(),
     )
     stamp = datetime.now().strftime("%Y%m%dT%H%M%S")
-    summary = {}
-    memo = VisionMemo(model)
-    clock = ForwardClock(model)
-    lines = []
     from tqdm.auto import tqdm
 
+    # longest runs first, so the last ones to finish are short and the workers end together
+    order = sorted(enumerate(runs), key=lambda item: -_cost(item[1]))
+    done: dict[int, dict] = {}
+    bar = tqdm(total=len(runs), desc="runs", unit="run")
     try:
-        for i, run in enumerate(tqdm(runs, desc="runs", unit="run")):
-            t_run, cpu_run = time.perf_counter(), time.process_time()
-            acc = TaskAccumulator(dims)
-            # the unpatched run records its counts through a keep-everything schedule (changes nothing)
-            spec = run.spec if run.spec is not None else {"method": "schedule", "schedule": [1.0] * L}
-            methods = vtc.resolve_methods(spec)
-            h = vtc.apply(model, spec)
-            on_batch = None
-            if run.oracle:
-                plan = h.session.plan
-                sel_layers = plan.selection_layers()
-                shares = plan.schedule.shares
-
-                def on_batch(batch, inputs, h=h, sel_layers=sel_layers, shares=shares):
-                    h.session.forced = synthetic.oracle_selection(
-                        batch, inputs["input_ids"], ad.image_token_id, shares, sel_layers
-                    )
-
+        if workers == 1:
+            _init_worker(threads)
             try:
-                with memo if all(m.kind == "decoder" for m in methods) else _NoMemo():
-                    res = synthetic.evaluate(
-                        model, processor, samples, batches=batches, on_batch=on_batch, clock=clock
-                    )
-                for stats, (pm, dm) in zip(h.calls, res["timing"]):
-                    acc.add(stats, prefill_ms=pm, decode_ms=dm)
+                for item in order:
+                    done[item[0]] = _execute(item)
+                    bar.update()
             finally:
-                h.remove()
-            budget = run.budget
-            if budget is not None and "dfmr" in run.label:
-                # DFMR pools by integer factors: name the run by the share it reached, not the one asked for
-                budget = acc.result().avg_visual_tokens / n_visual
-            tag = "unpatched" if budget is None else f"{run.label}-{round(budget * 100)}"
-            if run.seed is not None:
-                tag += f"-s{run.seed}"
-            _write_results(
-                res_dir / f"{stamp}_{i:02d}-{tag}_results.json", run, budget, res, acc, samples, model_name
-            )
-            r = acc.result()
-            summary[tag] = {
-                "overall": res["overall"],
-                **res["per_qtype"],
-                "avg_visual_tokens": r.avg_visual_tokens,
-                "visual_tokens_per_layer": r.avg_visual_tokens_per_layer,
-                "positions": run.positions or "–",
-                "prefill_ms": r.prefill_ms,
-                "decode_ms": r.decode_ms,
-                "seconds": time.perf_counter() - t_run,
-                "cpu_seconds": time.process_time() - cpu_run,
-            }
-            lines.append(
-                f"{tag:<24} {run.positions or '–':<9} {format_tokens_per_layer(r.avg_visual_tokens_per_layer):<28} "
-                f"{100 * res['overall']:6.2f} {r.prefill_ms or 0:9.1f} {r.decode_ms or 0:8.1f}"
-            )
-            logger.info("%s", lines[-1])
+                _STATE["clock"].remove()
+                _STATE["memo"].__exit__(None, None, None)
+        else:
+            method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+            load_args = (checkpoint, n, batch_size) if method == "spawn" else None
+            with mp.get_context(method).Pool(workers, _init_worker, (threads, load_args, True)) as pool:
+                for r in pool.imap_unordered(_execute, order, chunksize=1):
+                    done[r["index"]] = r
+                    bar.update()
+                pool.close()
+                pool.join()
     finally:
-        clock.remove()
-    logger.info("vision features reused %d times, computed %d times", memo.hits, memo.misses)
+        bar.close()
+    summary = {}
+    lines = []
+    reused = computed = 0
+    for i, run in enumerate(runs):
+        r = done[i]
+        res, acc = r["res"], r["acc"]
+        reused, computed = reused + r["memo"][0], computed + r["memo"][1]
+        budget = run.budget
+        if budget is not None and "dfmr" in run.label:
+            # DFMR pools by integer factors: name the run by the share it reached, not the one asked for
+            budget = acc.result().avg_visual_tokens / n_visual
+        tag = "unpatched" if budget is None else f"{run.label}-{round(budget * 100)}"
+        if run.seed is not None:
+            tag += f"-s{run.seed}"
+        _write_results(
+            res_dir / f"{stamp}_{i:02d}-{tag}_results.json", run, budget, res, acc, samples, model_name
+        )
+        st = acc.result()
+        summary[tag] = {
+            "overall": res["overall"],
+            **res["per_qtype"],
+            "avg_visual_tokens": st.avg_visual_tokens,
+            "visual_tokens_per_layer": st.avg_visual_tokens_per_layer,
+            "positions": run.positions or "–",
+            "prefill_ms": st.prefill_ms,
+            "decode_ms": st.decode_ms,
+            "seconds": r["seconds"],
+            "cpu_seconds": r["cpu_seconds"],
+        }
+        lines.append(
+            f"{tag:<24} {run.positions or '–':<9} {format_tokens_per_layer(st.avg_visual_tokens_per_layer):<28} "
+            f"{100 * res['overall']:6.2f} {st.prefill_ms or 0:9.1f} {st.decode_ms or 0:8.1f}"
+        )
+        logger.info("%s", lines[-1])
+    logger.info("vision features reused %d times, computed %d times", reused, computed)
     paths = write_report(out / "results", out)
     print(f"vtc demo: {model_name}, L={L}, {n_visual} visual tokens per image, {len(samples)} test questions")
     print(
@@ -434,11 +586,19 @@ def run_demo(
     print()
     print(Path(paths["markdown"]).read_text())
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    os1 = os.times()
+    cpu = (
+        time.process_time()
+        - cpu0
+        + (os1.children_user - os0.children_user)
+        + (os1.children_system - os0.children_system)
+    )
     print(
         f"\nwrote {paths['markdown']}, {paths['csv']}, {paths['json']}, {paths['plot']} "
-        f"in {time.perf_counter() - t0:.0f} s ({time.process_time() - cpu0:.0f} s of CPU time, "
-        f"{torch.get_num_threads()} torch threads)"
+        f"in {time.perf_counter() - t0:.0f} s ({cpu:.0f} s of CPU time, {workers} worker(s) x "
+        f"{torch.get_num_threads()} torch thread(s))"
     )
+    _STATE.clear()
     return summary
 
 
@@ -454,6 +614,13 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds of stochastic methods (default {SEEDS})")
     p.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the embedded tiny LLaVA)")
     p.add_argument("--random", action="store_true", help="run the random-weights engine demo instead")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes running the demo's runs in parallel, 1 torch thread each unless --threads says "
+        "otherwise (default: free cores = available cores minus the current load, at least 1)",
+    )
     add_threads_arg(p)
     args = p.parse_args(argv)
     if args.n < 1:
@@ -464,8 +631,13 @@ def main(argv=None) -> int:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
         p.error(f"--checkpoint {args.checkpoint!r} is not a folder")
+    if args.workers is not None and args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers} (e.g. --workers 2)")
+    workers = args.workers if args.workers is not None else default_workers()
+    keep_freed_memory()  # the CLI process (and the workers it forks): see keep_freed_memory
     try:
-        apply_threads(args.threads)
+        # several workers: 1 torch thread each by default (the workers already fill the free cores)
+        threads = apply_threads(1 if args.threads is None and workers > 1 else args.threads)
     except ValueError as err:
         p.error(str(err))
     from vtc.eval import synthetic
@@ -481,5 +653,7 @@ def main(argv=None) -> int:
             )
         run_random_demo()
         return 0
-    run_demo(args.out, args.n, args.batch_size, args.checkpoint, seeds=args.seeds)
+    run_demo(
+        args.out, args.n, args.batch_size, args.checkpoint, seeds=args.seeds, workers=workers, threads=threads
+    )
     return 0

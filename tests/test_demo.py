@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 from test_lmms_plugin import make_tiny_checkpoint
@@ -221,4 +222,85 @@ def test_vision_memo_reuses_features_without_changing_answers(ckpt):
             got.append(synthetic.evaluate(model, processor, samples, batches=batches)["predictions"])
     assert got == plain
     assert (memo.misses, memo.hits) == (2, 2)  # two batches computed once, reused by the patched run
-    assert "get_image_features" not in vars(model.model)  # the instance attribute is gone again
+    assert "forward" not in vars(model.model.vision_tower)  # the instance attribute is gone again
+
+    # DFMR reads the tower's hidden states through its own call: shared between DFMR runs, same answers
+    dfmr = {"method": "dfmr", "mode": "budget", "budget_per_image": 4}
+    with vtc.apply(model, dfmr):
+        ref = synthetic.evaluate(model, processor, samples, batches=batches)["predictions"]
+    with VisionMemo(model) as memo:
+        for _ in range(2):
+            with vtc.apply(model, dfmr):
+                assert synthetic.evaluate(model, processor, samples, batches=batches)["predictions"] == ref
+    assert (memo.misses, memo.hits) == (2, 2)
+    # a hook inside the tower (a method watching it) is never bypassed: the tower runs for every batch
+    seen = []
+    hook = model.model.vision_tower.get_submodule("encoder.layers.0").register_forward_hook(
+        lambda *a: seen.append(1)
+    )
+    try:
+        with VisionMemo(model) as memo:
+            for _ in range(2):
+                assert (
+                    synthetic.evaluate(model, processor, samples, batches=batches)["predictions"] == plain[0]
+                )
+    finally:
+        hook.remove()
+    assert len(seen) == 4 and memo.hits == 0
+
+
+def _run_files(out):
+    """``{run file name without its time stamp: parsed content}`` of every results and samples file."""
+    files = {}
+    for f in sorted((out / "results" / "tiny_llava").iterdir()):
+        key = f.name.split("_", 1)[1]
+        if f.suffix == ".jsonl":
+            files[key] = [json.loads(line) for line in f.read_text().splitlines()]
+        else:
+            data = json.loads(f.read_text())
+            files[key] = (data["results"], data["vtc"]["method"], data["vtc"]["preset"])
+    return files
+
+
+def test_demo_with_two_workers_gives_the_serial_answers(ckpt, tmp_path):
+    from vtc.eval.demo import run_demo
+
+    kw = dict(n=6, batch_size=3, checkpoint=str(ckpt), budgets=(0.5, 0.25), seeds=2, threads=1)
+    serial = run_demo(str(tmp_path / "w1"), workers=1, **kw)
+    parallel = run_demo(str(tmp_path / "w2"), workers=2, **kw)
+    assert list(parallel) == list(serial)  # same runs, same order of rows
+    keys = (
+        "overall",
+        "exist",
+        "count",
+        "attribute",
+        "relpos",
+        "avg_visual_tokens",
+        "visual_tokens_per_layer",
+    )
+    for tag in serial:
+        assert {k: parallel[tag].get(k) for k in keys} == {k: serial[tag].get(k) for k in keys}, tag
+        assert parallel[tag]["prefill_ms"] > 0 and parallel[tag]["decode_ms"] > 0, tag
+    one, two = _run_files(tmp_path / "w1"), _run_files(tmp_path / "w2")
+    assert len(one) == 2 * len(serial) and one == two  # per-question answers and scores, file by file
+    answers = {k: [r["filtered_resps"] for r in v] for k, v in one.items() if k.endswith(".jsonl")}
+    assert len(set(map(tuple, answers.values()))) > 1  # the runs answer differently: the check has teeth
+    timed = ("prefill_ms", "decode_ms", "date", "files")
+    rows = [
+        [
+            {k: v for k, v in r.items() if k not in timed}
+            for r in json.loads((d / "report.json").read_text())["rows"]
+        ]
+        for d in (tmp_path / "w1", tmp_path / "w2")
+    ]
+    # report rows (one per run, the seeds of a method in one row): same order, intervals and paired tests
+    assert rows[0] == rows[1] and len(rows[0]) == len({re.sub(r"-s\d+$", "", t) for t in serial})
+
+
+def test_demo_rejects_bad_worker_counts(ckpt, tmp_path):
+    from vtc.eval.demo import main, run_demo
+
+    with pytest.raises(ValueError, match="workers=0; give a whole number >= 1"):
+        run_demo(str(tmp_path), n=2, checkpoint=str(ckpt), workers=0)
+    with pytest.raises(SystemExit):
+        main(["--workers", "0", "--checkpoint", str(ckpt), "--out", str(tmp_path)])
