@@ -27,16 +27,23 @@ $(VENV)/.complete:
 
 venv: $(VENV)/.complete
 
-# Re-point the editable install at *this* clone every time (the venv is shared between clones).
+# Re-point the editable install at *this* clone (the venv is shared between clones) whenever the clone or
+# pyproject.toml differs from the last `make install` (a stamp in the venv; pip takes about 10 s even when
+# there is nothing to do). After a pip install -e by hand, `rm $(VENV)/.editable`.
 # (setuptools' "Editable installation" notice is not for us: the clone's vtc/ folder *is* the package.)
+EDITABLE_KEY = $(CURDIR) $(shell sha256sum pyproject.toml | cut -c1-16)
 install: venv
-	PYTHONWARNINGS="ignore:Editable installation" $(VPY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@if [ "$$(cat $(VENV)/.editable 2>/dev/null)" != "$(EDITABLE_KEY)" ]; then \
+	  PYTHONWARNINGS="ignore:Editable installation" $(VPY) -m pip install --quiet --no-deps --no-build-isolation -e . \
+	  && echo "$(EDITABLE_KEY)" > $(VENV)/.editable; fi
 
 test: install
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests
 
+# one worker process per core (at most 4), 1 torch thread each: separate processes do not oversubscribe
+DEMO_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 demo: install
-	$(VENV)/bin/vtc demo --out out
+	$(VENV)/bin/vtc demo --out out --workers $(DEMO_WORKERS)
 
 lint: install
 	$(VENV)/bin/ruff check vtc kernels eval tests
