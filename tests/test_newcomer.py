@@ -39,7 +39,10 @@ def _preset_schedule(name: str, num_layers: int, n_visual: int, allow_empty: boo
         if getattr(method, "target", None) is not None:
             method.target = {**method.target, "allow_empty": True}
         else:
-            method.schedule = {**method.schedule, "target": {**method.schedule["target"], "allow_empty": True}}
+            method.schedule = {
+                **method.schedule,
+                "target": {**method.schedule["target"], "allow_empty": True},
+            }
     return method.plan(StubAdapter(num_layers, n_visual)).schedule
 
 
