@@ -109,6 +109,20 @@ def dropped_masks(selections: dict, inputs: dict, image_token: int, num_layers: 
     return allowed
 
 
+def per_image_topk(scores: torch.Tensor, cand: torch.Tensor, per_image: int, share: float) -> set[int]:
+    """Reference per-image budget: the top ``floor(per_image * share)`` of each image's ``per_image``
+    candidate positions (``cand``, ascending; images are consecutive chunks), by ``scores`` ``[T]``."""
+    import math
+
+    out: set[int] = set()
+    for i in range(0, cand.numel(), per_image):
+        img = cand[i : i + per_image]
+        kk = int(math.floor(img.numel() * share + 1e-9))
+        if kk:
+            out |= set(img[scores[img].topk(kk).indices].tolist())
+    return out
+
+
 def snapshot_hooks(model) -> list[tuple[str, int, int]]:
     """Counts of hooks on every submodule, to check that removal leaves nothing behind."""
     return [(n, len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()]

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, make_inputs, split_rows
+from conftest import GRID, IMAGE_TOKEN, make_inputs, row_specs, split_rows
 from method_specs import METHOD_SPECS, spec_ids
 from refs import dropped_masks, generate, greedy_nocache, snapshot_hooks
 
@@ -84,6 +84,9 @@ def test_counts_and_cache_lengths_follow_the_schedule(model, case, spec):
     valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
     n0 = ((ids == IMAGE_TOKEN) & valid).sum(1).tolist()
     n_text = (valid.sum(1) - torch.tensor(n0)).tolist()
+    # per-image budgets: each image of a row keeps floor(N_image * share) of its own tokens
+    images = [[GRID * GRID] * n_img for _, n_img, _ in row_specs(case)]
+    assert [sum(i) for i in images] == n0
     with vtc.apply(model, spec["method"], **spec["kwargs"]) as h:
         _, _, out = generate(model, inputs, STEPS)
         shares = h.session.plan.schedule.shares
@@ -91,7 +94,7 @@ def test_counts_and_cache_lengths_follow_the_schedule(model, case, spec):
     B = ids.shape[0]
     for l, share in enumerate(shares):
         for b in range(B):
-            want_vis = _expected_counts(n0[b], share)
+            want_vis = sum(_expected_counts(n, share) for n in images[b])
             assert st.prefill_visual[l][b] == want_vis, (l, b)
             assert st.prefill_tokens[l][b] == want_vis + n_text[b], (l, b)
             # after generate: the prefill tokens plus every generated token but the last

@@ -181,8 +181,9 @@ def test_composition_with_pyramid_drop_equals_pyramid_drop_on_the_reduced_prompt
     assert torch.equal(logits, logits_ref)
     assert min(shares) < 1.0
     for l, share in enumerate(shares):
-        for b, n in enumerate(call.total_tokens):
-            assert stats.prefill_visual[l][b] == keep_count(n, share) == stats_ref.prefill_visual[l][b], (
+        for b, per_image in enumerate(call.tokens):
+            want = sum(keep_count(n, share) for n in per_image)  # per-image budgets
+            assert stats.prefill_visual[l][b] == want == stats_ref.prefill_visual[l][b], (
                 l,
                 b,
             )

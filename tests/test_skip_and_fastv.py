@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, make_inputs, make_model
-from refs import positions_like_generate
+from conftest import GRID, IMAGE_TOKEN, make_inputs, make_model
+from refs import per_image_topk, positions_like_generate
 
 import vtc
 
@@ -105,9 +103,7 @@ def test_fastv_ranking_equals_eager_attention_of_layer_k_minus_1(case):
     image = (ids == IMAGE_TOKEN) & valid
     for b in range(ids.shape[0]):
         cand = image[b].nonzero().squeeze(1)
-        kk = int(math.floor(cand.numel() * 0.5 + 1e-9))
-        top = cand[ref[b, cand].topk(kk).indices]
-        assert set(kept[b].tolist()) == set(top.tolist())
+        assert set(kept[b].tolist()) == per_image_topk(ref[b], cand, GRID * GRID, 0.5)
 
 
 def test_fastv_scores_equal_eager_row_within_1e5():

@@ -54,16 +54,29 @@ class Scorer:
         raise NotImplementedError
 
     def select(self, ctx: ScoreContext, keep: torch.Tensor) -> torch.Tensor:
-        """Kept visual slots, ``[B, Tv]`` bool, with exactly ``keep[b]`` True per row among visual slots.
+        """Kept visual slots, ``[B, Tv]`` bool: the top ``keep[b, g]`` visual slots of each budget item ``g``
+        (an image, a frame or a video) of row ``b``.
 
         Ties at the k-th score break towards the earlier token (stable sort).
         """
         scores = self.score(ctx).float()
-        return topk_mask(scores, ctx.view.image & ctx.view.valid, keep)
+        return topk_mask(scores, ctx.view.image & ctx.view.valid, keep, item_of(ctx))
 
 
-def topk_mask(scores: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Per-row top-k over candidate slots with a per-row k.
+def item_of(ctx: ScoreContext) -> torch.Tensor | None:
+    """``[B, Tv]`` long budget item of each slot of the context's view (-1 outside visual slots), or None
+    when the call state has no items."""
+    idx = getattr(ctx.state, "item_index", None)
+    if idx is None:
+        return None
+    src = ctx.view.src
+    return torch.where(src >= 0, idx.gather(1, src.clamp(min=0)), torch.full_like(src, -1))
+
+
+def topk_mask(
+    scores: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor, items: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Top-k over candidate slots, per row or per budget item of each row, with a k per row (per item).
 
     Parameters
     ----------
@@ -72,7 +85,10 @@ def topk_mask(scores: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor
     candidates : torch.Tensor
         ``[B, Tv]`` bool, slots that may be kept.
     keep : torch.Tensor
-        ``[B]`` long, how many candidates to keep per row (at most the row's candidate count).
+        ``[B]`` long, how many candidates to keep per row, or ``[B, G]`` per item (at most the item's
+        candidate count).
+    items : torch.Tensor or None
+        ``[B, Tv]`` long item ``0..G-1`` of each candidate slot; required when ``keep`` is ``[B, G]``.
 
     Returns
     -------
@@ -81,9 +97,28 @@ def topk_mask(scores: torch.Tensor, candidates: torch.Tensor, keep: torch.Tensor
     """
     s = scores.masked_fill(~candidates, float("-inf"))
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
-    return candidates & (rank < keep.unsqueeze(1))
+    if keep.dim() == 1:
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
+        return candidates & (rank < keep.unsqueeze(1))
+    if items is None:
+        raise ValueError("topk_mask: a per-item keep [B, G] needs items [B, Tv]")
+    G = keep.shape[1]
+    it = torch.where(candidates, items, torch.full_like(items, G)).clamp(max=G)  # non-candidates: item G
+    # stable sort by item of the score order: slots grouped by item, best first within each item
+    it_sorted = it.gather(1, order)
+    by_item = torch.sort(it_sorted, dim=-1, stable=True)
+    order2 = order.gather(1, by_item.indices)
+    counts = torch.zeros(s.shape[0], G + 1, dtype=torch.long, device=s.device)
+    counts.scatter_add_(1, it, torch.ones_like(it))
+    first = counts.cumsum(1) - counts  # [B, G+1] first sorted position of each item
+    pos = torch.arange(s.shape[1], device=s.device).expand_as(order2)
+    rank_in_item = pos - first.gather(1, by_item.values)
+    k = torch.cat([keep, torch.zeros_like(keep[:, :1])], 1).gather(1, by_item.values)
+    kept_sorted = rank_in_item < k
+    out = torch.zeros_like(candidates)
+    out.scatter_(1, order2, kept_sorted)
+    return candidates & out
 
 
 def last_query_probs(
@@ -236,8 +271,10 @@ def spatial_priority(rc: torch.Tensor, grid: int) -> torch.Tensor:
 @register_scorer("uniform")
 @dataclass
 class UniformScorer(Scorer):
-    """Spatially even stride over each image's grid (no content used). With several images per row the
-    budget splits evenly between them."""
+    """Spatially even stride over each image's grid (no content used), on each image's real layout
+    (:attr:`vtc.engine.state.ImageSpan.layout`; slots outside the grid, e.g. newline tokens, rank after
+    every cell). Budgets are per item; within an item of several spans (a video budgeted per video) the
+    frames interleave evenly."""
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         st = ctx.state
@@ -246,7 +283,11 @@ class UniformScorer(Scorer):
         img = st.image_index.gather(1, src).clamp(min=0)
         grid = max(max(s.grid) for s in st.spans) if st.spans else 1
         pri = spatial_priority(rc, grid)
-        n_img = int(img.max().item()) + 1 if img.numel() else 1
+        pri = torch.where(
+            rc[..., 0] < 0, torch.full_like(pri, 1 << (2 * max(1, int(grid - 1).bit_length()))), pri
+        )
+        n_img = max((s.row for s in st.spans), default=0) + 1  # host bound: no device read
+        n_img = max([sum(1 for s in st.spans if s.row == b) for b in range(n_img)], default=1) or 1
         return -(pri * n_img + img).float()
 
 

@@ -71,12 +71,63 @@ class ModelAdapter:
         return 0 if pad is None else int(pad)
 
     def tokens_per_image(self) -> int:
-        """Visual tokens one image occupies in the prompt before any compression."""
+        """Visual tokens a typical image occupies in the prompt before any compression (schedules solved for
+        a token budget use it; per-call counts always come from :meth:`find_spans`)."""
         raise NotImplementedError
 
     def grid_of_image(self) -> tuple[int, int]:
-        """``(h, w)`` of the feature grid one image is laid out on."""
+        """``(h, w)`` of the feature grid a typical image is laid out on."""
         raise NotImplementedError
+
+    # --- visual tokens of a prompt --------------------------------------------------------------------
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """Token ids whose slots hold visual features (image and, for video models, video placeholders)."""
+        return (self.image_token_id,)
+
+    def visual_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` bool, True at the slots of ``ids`` ``[B, T]`` that hold visual features."""
+        out = ids == self.visual_token_ids[0]
+        for t in self.visual_token_ids[1:]:
+            out = out | (ids == t)
+        return out
+
+    def find_spans(self, visual: torch.Tensor, inputs: dict) -> list:
+        """The run of every image (or video frame) in a prompt, in prompt order.
+
+        The default serves models whose every image has one fixed grid (:meth:`grid_of_image`): each run of
+        visual slots is cut into images of :meth:`tokens_per_image` tokens. Adapters of variable-resolution
+        models override this and read each image's layout from the call's own inputs (``image_sizes``,
+        ``image_grid_thw``, ...).
+
+        Parameters
+        ----------
+        visual : torch.Tensor
+            ``[B, T]`` bool, visual slots of the prompt entering the LLM (padding excluded).
+        inputs : dict
+            The trunk's keyword arguments for this call (``input_ids``, ``image_sizes``, ...).
+
+        Returns
+        -------
+        list[vtc.engine.state.ImageSpan]
+        """
+        from vtc.engine.state import ImageSpan
+
+        per = self.tokens_per_image()
+        grid = self.grid_of_image()
+        spans = []
+        for b, t, run in visual_runs(visual):
+            n_img, rem = divmod(run, per)
+            if rem:
+                # a run that is not a multiple of one image: treat it as one image with a 1-row grid
+                spans.append(ImageSpan(b, t, run, (1, run)))
+            else:
+                spans.extend(ImageSpan(b, t + i * per, per, grid) for i in range(n_img))
+        return spans
+
+    def check_positions(self, positions: str) -> None:
+        """Raise when this model cannot use the ``positions`` policy of an in-decoder method (1-D RoPE models
+        take both ``compact`` and ``original``)."""
 
     # --- attention projections (for scorers) ------------------------------------------------------
     def _attn(self, layer_idx: int) -> nn.Module:
@@ -399,6 +450,16 @@ class ConfigOnlyAdapter:
 
     def grid_of_image(self) -> tuple[int, int]:
         return self._grid
+
+
+def visual_runs(visual: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(row, start, length)`` of every maximal run of True in ``visual`` ``[B, T]`` bool, in row-major order
+    (one host read, no loop over tokens)."""
+    v = visual.to(torch.int8)
+    edge = torch.diff(v, dim=1, prepend=torch.zeros_like(v[:, :1]), append=torch.zeros_like(v[:, :1]))
+    starts = (edge == 1).nonzero().tolist()
+    ends = (edge == -1).nonzero().tolist()
+    return [(b, t, e - t) for (b, t), (_, e) in zip(starts, ends)]
 
 
 def _heads(attn, which: str, x: torch.Tensor, dh: int) -> torch.Tensor:

@@ -489,7 +489,7 @@ class PreLLMStage(PreLLMComponent):
         """``[M, D]`` input embeddings of the valid non-image tokens of each image's row."""
         am = kwargs.get("attention_mask")
         valid = am.bool() if am is not None else torch.ones_like(ids, dtype=torch.bool)
-        text = valid & (ids != self.adapter.image_token_id)
+        text = valid & ~self.adapter.visual_mask(ids)
         need = sorted({b for b, _ in placement})
         emb = self.adapter.text_embeddings(ids[need])
         by_row = {}

@@ -183,6 +183,7 @@ class Session:
                 raise ValueError(
                     f"schedule has {plan.schedule.num_layers} layers but the model has L={L} decoder layers"
                 )
+            adapter.check_positions(plan.positions)
             self._selection = set(plan.selection_layers())
             self._prev_needed = {l - 1 for l in self._selection} if plan.scorer.needs_prev_input else set()
         else:
@@ -410,7 +411,7 @@ class Session:
         if ids is None:
             return self.can_compress()
         am = kwargs.get("attention_mask")
-        image = ids == self.adapter.image_token_id
+        image = self.adapter.visual_mask(ids)
         if am is not None and am.dim() == 2:
             valid = am.bool()
             image = image & valid
@@ -437,8 +438,8 @@ class Session:
             else torch.ones(B, T, dtype=torch.bool, device=x.device)
         )
         if ids is not None:
-            image = (ids == self.adapter.image_token_id) & valid
-            spans = self._find_spans(image)
+            image = self.adapter.visual_mask(ids) & valid
+            spans = self.adapter.find_spans(image, kwargs)
         else:
             image = torch.zeros(B, T, dtype=torch.bool, device=x.device)
             spans = []
@@ -562,22 +563,43 @@ class Session:
         am = kwargs.get("attention_mask")
         B, T0 = ids.shape
         valid = am.bool() if am is not None else torch.ones(B, T0, dtype=torch.bool, device=ids.device)
-        image = (ids == self.adapter.image_token_id) & valid
+        image = self.adapter.visual_mask(ids) & valid
         spans = None
         for comp in self.pre_llm:
             spans = comp.image_spans() or spans
         if spans is None:
-            spans = self._find_spans(image)
+            spans = self.adapter.find_spans(image, kwargs)
         dev = ids.device
         image_index = torch.full((B, T0), -1, dtype=torch.long, device=dev)
+        item_index = torch.full((B, T0), -1, dtype=torch.long, device=dev)
         grid_rc = torch.full((B, T0, 2), -1, dtype=torch.long, device=dev)
+        item_sizes: list[list[int]] = [[] for _ in range(B)]
+        item_of: dict[tuple[int, object], int] = {}
         for i, s in enumerate(spans):
-            idx = torch.arange(s.length, device=dev)
             per_row = sum(1 for t in spans[:i] if t.row == s.row)
-            image_index[s.row, s.start : s.start + s.length] = per_row
-            gw = max(s.grid[1], 1)
-            grid_rc[s.row, s.start : s.start + s.length, 0] = idx // gw
-            grid_rc[s.row, s.start : s.start + s.length, 1] = idx % gw
+            key = (s.row, ("span", per_row) if s.item is None else ("item", s.item))
+            if key not in item_of:
+                item_of[key] = len(item_sizes[s.row])
+                item_sizes[s.row].append(0)
+            it = item_of[key]
+            item_sizes[s.row][it] += s.length
+            sl = slice(s.start, s.start + s.length)
+            image_index[s.row, sl] = per_row
+            item_index[s.row, sl] = it
+            if s.layout is not None:
+                grid_rc[s.row, sl] = s.layout.to(dev)
+            else:
+                idx = torch.arange(s.length, device=dev)
+                gw = max(s.grid[1], 1)
+                grid_rc[s.row, sl, 0] = idx // gw
+                grid_rc[s.row, sl, 1] = idx % gw
+        # a visual slot outside every span (a broken prompt) is its own item: it is never silently lost
+        n_vis_rows = image.sum(1).tolist()
+        for b in range(B):
+            missing = n_vis_rows[b] - sum(item_sizes[b])
+            if missing:
+                item_index[b] = torch.where(image[b] & (item_index[b] < 0), len(item_sizes[b]), item_index[b])
+                item_sizes[b].append(missing)
         ordinal = torch.where(image, image.long().cumsum(1) - 1, torch.full_like(ids, -1))
         n_vis = image.sum(1)
         L = self.adapter.num_layers
@@ -605,43 +627,20 @@ class Session:
             spans=spans,
             stats=stats,
             model_mask_was_none=am is None,
+            item_index=item_index,
+            item_sizes=item_sizes,
         )
         st = self.state
         st.valid0 = valid
         st.image0 = image
         st.caller_len = caller_ids.shape[1] if caller_ids is not None else T0
-        st.caller_image = caller_ids == self.adapter.image_token_id if caller_ids is not None else image
+        st.caller_image = self.adapter.visual_mask(caller_ids) if caller_ids is not None else image
         for comp in self.pre_llm:
             src = comp.caller_src()
             if src is not None:
                 st.pre_src = src
         self._tls.last_stats = stats
         self.calls.append(stats)
-
-    def _find_spans(self, image: torch.Tensor) -> list[ImageSpan]:
-        per = self.adapter.tokens_per_image()
-        grid = self.adapter.grid_of_image()
-        spans = []
-        for b in range(image.shape[0]):
-            row = image[b].tolist()
-            t, T = 0, len(row)
-            while t < T:
-                if not row[t]:
-                    t += 1
-                    continue
-                e = t
-                while e < T and row[e]:
-                    e += 1
-                run = e - t
-                n_img, rem = divmod(run, per)
-                if rem:
-                    # a run that is not a multiple of one image: treat it as one image with a 1-row grid
-                    spans.append(ImageSpan(b, t, run, (1, run)))
-                else:
-                    for i in range(n_img):
-                        spans.append(ImageSpan(b, t + i * per, per, grid))
-                t = e
-        return spans
 
     def _begin_decode(self, kwargs: dict, q_len: int) -> None:
         st = self.state
@@ -717,15 +716,25 @@ class Session:
             mask2d_is_none=st.model_mask_was_none,
         )
 
-    def _keep_targets(self, l: int, view: View) -> list[int]:
-        """Visual tokens kept per row at layer ``l`` (host ints; no device read)."""
+    def _keep_targets(self, l: int, view: View) -> list[list[int]]:
+        """Visual tokens kept at layer ``l`` per row and budget item (host ints; no device read).
+
+        Each item (an image, a frame or a video, see :class:`ImageSpan`) keeps ``floor(N_item * share)`` of
+        the ``N_item`` tokens it entered the LLM with; a row without text keeps at least one token.
+        """
         share = self.plan.schedule.shares[l]
         st = self.state
         if st.n_text0 is None:
             st.n_text0 = [t - v for t, v in zip(st.stats.prefill_tokens[0], st.stats.visual_input)]
-        counts = self._target_counts(st.stats.visual_input, st.n_text0, share)
-        vis, _ = self._counts(view)
-        return [min(k, v) for k, v in zip(counts, vis)]
+        return [self._item_counts(sizes, t, share) for sizes, t in zip(st.item_sizes, st.n_text0)]
+
+    @staticmethod
+    def _item_counts(sizes: list[int], n_text: int, share: float) -> list[int]:
+        out = [keep_count(int(n), share) for n in sizes]
+        if n_text == 0 and sizes and sum(out) == 0 and sum(sizes) > 0:
+            first = next(i for i, n in enumerate(sizes) if n > 0)
+            out[first] = 1  # no row may become empty
+        return out
 
     def _counts(self, view: View) -> tuple[list[int], list[int]]:
         """Per-row ``(visual, valid)`` counts of ``view`` as host lists, read once per view (not per layer).
@@ -749,7 +758,7 @@ class Session:
         st = self.state
         if self._always_select or (self.forced is not None and l in self.forced):
             return False
-        if self._keep_targets(l, view) != self._counts(view)[0]:
+        if [sum(t) for t in self._keep_targets(l, view)] != self._counts(view)[0]:
             return False
         cand = view.image & view.valid
         st.selections[l] = [view.src[b][cand[b]] for b in range(st.batch_size)]
@@ -766,8 +775,10 @@ class Session:
                 kept[b] = torch.isin(view.src[b], idx.to(view.src.device)) & cand[b]
             return kept
         ctx = ScoreContext(l, hidden, view, self.adapter, st, prev_input=st.saved_inputs.pop(l - 1, None))
-        targets = torch.tensor(self._keep_targets(l, view), device=view.src.device)
-        return self.plan.scorer.select(ctx, targets)
+        targets = self._keep_targets(l, view)
+        G = max((len(t) for t in targets), default=0) or 1
+        keep = torch.tensor([t + [0] * (G - len(t)) for t in targets], dtype=torch.long)
+        return self.plan.scorer.select(ctx, keep.to(view.src.device))
 
     def _layer_prefill(self, l: int, args, kwargs):
         st = self.state

@@ -64,12 +64,34 @@ class View:
 
 @dataclass
 class ImageSpan:
-    """One image's run of visual tokens in a row of the prefill sequence."""
+    """One image's (or one video frame's) run of visual tokens in a row of the prefill sequence.
+
+    Adapters make them from the model's own inputs (:meth:`vtc.adapters.ModelAdapter.find_spans`), the
+    pre-LLM stage remakes them after a rewrite.
+
+    Attributes
+    ----------
+    row, start, length : int
+        Batch row, first slot and number of slots of the run.
+    grid : tuple[int, int]
+        ``(h, w)`` of the feature grid the run is laid out on (row-major when ``layout`` is None).
+    layout : torch.Tensor or None
+        ``[length, 2]`` long ``(r, c)`` cell of each slot in ``grid``; ``(-1, -1)`` for slots outside it
+        (LLaVA-NeXT's newline tokens, separators). None: slot ``i`` is cell ``(i // w, i % w)``.
+    kind : str
+        ``"image"`` or ``"video"``.
+    item : int or None
+        Spans of one row with the same ``item`` share one budget (the frames of a video budgeted per
+        video); None: the span is its own budget item (every image, or a frame budgeted per frame).
+    """
 
     row: int
     start: int
     length: int
     grid: tuple[int, int]
+    layout: torch.Tensor | None = None
+    kind: str = "image"
+    item: int | None = None
 
 
 @dataclass
@@ -88,6 +110,10 @@ class CallState:
     spans: list[ImageSpan]
     stats: CallStats
     model_mask_was_none: bool
+    # budget items (an image, a frame, or a whole video; see ImageSpan.item): [B, T0] long ordinal of each
+    # visual slot's item in its row (-1 else), and per row the visual tokens of each item entering the LLM
+    item_index: torch.Tensor | None = None
+    item_sizes: list[list[int]] | None = None
     valid0: torch.Tensor | None = None  # [B, T0] bool
     image0: torch.Tensor | None = None  # [B, T0] bool
     in_decode: bool = False
