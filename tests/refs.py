@@ -20,11 +20,15 @@ def positions_like_generate(mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 1)
 
 
-def greedy_nocache(model, inputs: dict, steps: int = 4, layer_masks=None):
+def greedy_nocache(model, inputs: dict, steps: int = 4, layer_masks=None, positions=None, grow=()):
     """Greedy decoding that recomputes the whole sequence at every step, without any cache.
 
     ``layer_masks``: optional callable ``(layer_idx, T) -> [B, 1, T, T] bool`` giving the allowed
     attention of each layer (a masking reference); installed as temporary pre-hooks.
+    ``positions``: callable ``mask [B, T] -> position_ids`` as ``generate`` makes them (default: 1-D
+    positions from the padding mask); ``False``: let the model compute them (M-RoPE models).
+    ``grow``: names of ``[B, T]`` inputs that get one zero column per generated token
+    (``mm_token_type_ids``). Every other input (``pixel_values``, ``image_sizes``, ...) is passed as is.
     """
     ids = inputs["input_ids"]
     had_mask = inputs.get("attention_mask") is not None
@@ -55,12 +59,15 @@ def greedy_nocache(model, inputs: dict, steps: int = 4, layer_masks=None):
     try:
         with torch.no_grad():
             for _ in range(steps):
+                extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+                for k in grow:
+                    if extra.get(k) is not None:
+                        pad = ids.shape[1] - extra[k].shape[1]
+                        extra[k] = torch.cat([extra[k], extra[k].new_zeros(ids.shape[0], pad)], 1)
+                if positions is not False:
+                    extra["position_ids"] = (positions or positions_like_generate)(mask)
                 out = model(
-                    input_ids=ids,
-                    attention_mask=mask if had_mask else None,
-                    position_ids=positions_like_generate(mask),
-                    pixel_values=inputs.get("pixel_values"),
-                    use_cache=False,
+                    input_ids=ids, attention_mask=mask if had_mask else None, use_cache=False, **extra
                 )
                 last = out.logits[:, -1]
                 logits.append(last)
@@ -73,7 +80,7 @@ def greedy_nocache(model, inputs: dict, steps: int = 4, layer_masks=None):
     return ids, torch.stack(logits)
 
 
-def dropped_masks(selections: dict, inputs: dict, image_token: int, num_layers: int):
+def dropped_masks(selections: dict, inputs: dict, image_token, num_layers: int):
     """Allowed-attention function of a full-length run where the visual tokens that a drop-mode run
     removed are masked out as keys from their boundary layer on (original positions)."""
     ids = inputs["input_ids"]
@@ -83,7 +90,11 @@ def dropped_masks(selections: dict, inputs: dict, image_token: int, num_layers: 
         if inputs.get("attention_mask") is not None
         else torch.ones(B, T0, dtype=torch.bool)
     )
-    image = (ids == image_token) & valid0
+    tokens = [image_token] if isinstance(image_token, int) else list(image_token)
+    image = torch.zeros_like(ids, dtype=torch.bool)
+    for t in tokens:
+        image |= ids == t
+    image &= valid0
     bounds = sorted(selections)
     dropped_at = {}
     for l in range(num_layers):

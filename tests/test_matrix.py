@@ -1,5 +1,7 @@
-"""The generic invariants every in-decoder method passes, on sdpa and eager, for every prompt case:
-identity, cached decode vs no-cache recompute, batch vs rows alone, clean removal, per-layer counts."""
+"""The shared matrix: every in-decoder method (``METHOD_SPECS``) on every model family
+(``families.FAMILY_MODULES``), on sdpa and eager, for every prompt case of the family: identity, cached
+decode vs no-cache recompute, batch vs rows alone, clean removal, per-layer counts with per-image budgets,
+original positions vs a masking reference."""
 
 from __future__ import annotations
 
@@ -7,59 +9,106 @@ import math
 
 import pytest
 import torch
-from conftest import GRID, IMAGE_TOKEN, make_inputs, row_specs, split_rows
-from method_specs import METHOD_SPECS, spec_ids
+from families import load_families
+from method_specs import METHOD_SPECS
 from refs import dropped_masks, generate, greedy_nocache, snapshot_hooks
 
 import vtc
 
 STEPS = 4
+FAMILIES = load_families()
 
 
-@pytest.fixture(params=METHOD_SPECS, ids=spec_ids())
-def spec(request):
-    return request.param
+def _kwargs(fam, spec, key="kwargs"):
+    out = dict(spec[key])
+    out.update(getattr(fam, "METHOD_KWARGS", {}).get(spec["id"], {}))
+    return out
 
 
-def test_identity_is_bit_exact(model, case, spec):
-    inputs = make_inputs(case)
+def pytest_generate_tests(metafunc):
+    """Parametrize ``(family, attn)``, ``case`` (the family's own cases) and ``spec``."""
+    names = metafunc.fixturenames
+    if "fam" not in names:
+        return
+    params, ids = [], []
+    for fname, fam in FAMILIES.items():
+        cases = [None]
+        if "case" in names:
+            cases = fam.CASES
+        specs = [None]
+        if "spec" in names:
+            specs = [s for s in METHOD_SPECS if s["id"] not in getattr(fam, "SKIP_SPECS", set())]
+        for attn in ("sdpa", "eager"):
+            for case in cases:
+                for spec in specs:
+                    p = [(fname, attn)]
+                    pid = [fname, attn]
+                    if "case" in names:
+                        p.append(case)
+                        pid.append(case)
+                    if "spec" in names:
+                        p.append(spec)
+                        pid.append(spec["id"])
+                    params.append(tuple(p))
+                    ids.append("-".join(pid))
+    argnames = ["fam"] + [n for n in ("case", "spec") if n in names]
+    metafunc.parametrize(",".join(argnames), params, ids=ids)
+
+
+@pytest.fixture
+def model(fam):
+    m = FAMILIES[fam[0]].make_model(fam[1])
+    yield m
+    if getattr(m, "_vtc_session", None) is not None:  # a failing test must not leak hooks
+        m._vtc_session.remove()
+
+
+@pytest.fixture
+def family(fam):
+    return FAMILIES[fam[0]]
+
+
+def test_identity_is_bit_exact(model, family, case, spec):
+    inputs = family.make_inputs(case)
     seq0, logits0, _ = generate(model, inputs, STEPS)
-    with vtc.apply(model, spec.get("identity_method", spec["method"]), **spec["identity"]) as h:
+    with vtc.apply(
+        model, spec.get("identity_method", spec["method"]), **_kwargs(family, spec, "identity")
+    ) as h:
         seq1, logits1, _ = generate(model, inputs, STEPS)
         assert h.stats.decode_steps == STEPS - 1
     assert torch.equal(seq0, seq1)
     assert torch.equal(logits0, logits1)
 
 
-def test_cached_decode_equals_nocache_recompute(model, case, spec):
-    inputs = make_inputs(case)
-    with vtc.apply(model, spec["method"], **spec["kwargs"]) as h:
+def test_cached_decode_equals_nocache_recompute(model, family, case, spec):
+    inputs = family.make_inputs(case)
+    with vtc.apply(model, spec["method"], **_kwargs(family, spec)) as h:
         seq, logits, _ = generate(model, inputs, STEPS)
         selections = h.session.state.selections
         assert selections, "the method made no selection"
         h.session.forced = selections
-        seq_ref, logits_ref = greedy_nocache(model, inputs, STEPS)
+        seq_ref, logits_ref = greedy_nocache(model, inputs, STEPS, **family.NOCACHE)
     assert torch.equal(seq, seq_ref)
     assert (logits - logits_ref).abs().max().item() <= 1e-5
 
 
-def test_batch_equals_rows_alone(model, spec):
-    for case in ("b3_pad", "b3_mixed"):
-        inputs = make_inputs(case)
-        with vtc.apply(model, spec["method"], **spec["kwargs"]):
+def test_batch_equals_rows_alone(model, family, spec):
+    for case in family.BATCH_CASES:
+        inputs = family.make_inputs(case)
+        with vtc.apply(model, spec["method"], **_kwargs(family, spec)):
             seq, logits, _ = generate(model, inputs, STEPS)
             T = inputs["input_ids"].shape[1]
-            for b, row in enumerate(split_rows(case)):
+            for b, row in enumerate(family.split_rows(case)):
                 seq_b, logits_b, _ = generate(model, row, STEPS)
                 assert torch.equal(seq[b, T:], seq_b[0, row["input_ids"].shape[1] :]), (case, b)
                 assert (logits[:, b] - logits_b[:, 0]).abs().max().item() <= 1e-4, (case, b)
 
 
-def test_removal_restores_the_model(model, case, spec):
-    inputs = make_inputs(case)
+def test_removal_restores_the_model(model, family, case, spec):
+    inputs = family.make_inputs(case)
     hooks0 = snapshot_hooks(model)
     seq0, logits0, _ = generate(model, inputs, STEPS)
-    h = vtc.apply(model, spec["method"], **spec["kwargs"])
+    h = vtc.apply(model, spec["method"], **_kwargs(family, spec))
     seq1, _, _ = generate(model, inputs, STEPS)
     h.remove()
     assert snapshot_hooks(model) == hooks0
@@ -68,7 +117,7 @@ def test_removal_restores_the_model(model, case, spec):
     assert torch.equal(seq0, seq2) and torch.equal(logits0, logits2)
     # a context manager removes too, even when the body raises
     with pytest.raises(RuntimeError, match="boom"):
-        with vtc.apply(model, spec["method"], **spec["kwargs"]):
+        with vtc.apply(model, spec["method"], **_kwargs(family, spec)):
             raise RuntimeError("boom")
     assert snapshot_hooks(model) == hooks0
 
@@ -77,17 +126,20 @@ def _expected_counts(n0: int, share: float) -> int:
     return int(math.floor(n0 * share + 1e-9))
 
 
-def test_counts_and_cache_lengths_follow_the_schedule(model, case, spec):
-    inputs = make_inputs(case)
+def test_counts_and_cache_lengths_follow_the_schedule(model, family, case, spec):
+    inputs = family.make_inputs(case)
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
-    n0 = ((ids == IMAGE_TOKEN) & valid).sum(1).tolist()
+    visual = torch.zeros_like(valid)
+    for t in family.VISUAL_TOKENS:
+        visual |= ids == t
+    n0 = (visual & valid).sum(1).tolist()
     n_text = (valid.sum(1) - torch.tensor(n0)).tolist()
-    # per-image budgets: each image of a row keeps floor(N_image * share) of its own tokens
-    images = [[GRID * GRID] * n_img for _, n_img, _ in row_specs(case)]
+    # per-image budgets: each image (budget item) of a row keeps floor(N_image * share) of its own tokens
+    images = family.item_tokens(case)
     assert [sum(i) for i in images] == n0
-    with vtc.apply(model, spec["method"], **spec["kwargs"]) as h:
+    with vtc.apply(model, spec["method"], **_kwargs(family, spec)) as h:
         _, _, out = generate(model, inputs, STEPS)
         shares = h.session.plan.schedule.shares
         st = h.stats
@@ -110,25 +162,22 @@ def test_counts_and_cache_lengths_follow_the_schedule(model, case, spec):
             assert slots >= max(st.cache_len[l])
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_original_positions_equal_masking_reference(attn, case):
-    from conftest import make_model
-
-    model = make_model(attn)
-    inputs = make_inputs(case)
+def test_original_positions_equal_masking_reference(model, family, case):
     from vtc.adapters import get_adapter
 
+    inputs = family.make_inputs(case)
     checked = 0
     for spec in METHOD_SPECS:
-        plan = vtc.resolve_methods(spec["method"], **spec["kwargs"])[0].plan(get_adapter(model))
+        kwargs = _kwargs(family, spec)
+        plan = vtc.resolve_methods(spec["method"], **kwargs)[0].plan(get_adapter(model))
         if plan.positions != "original" or plan.mode != "drop":
             continue
         checked += 1
-        with vtc.apply(model, spec["method"], **spec["kwargs"]) as h:
+        with vtc.apply(model, spec["method"], **kwargs) as h:
             seq, logits, _ = generate(model, inputs, STEPS)
             sel = {l: v for l, v in h.session.state.selections.items()}
-        allowed = dropped_masks(sel, inputs, IMAGE_TOKEN, model.config.text_config.num_hidden_layers)
-        seq_ref, logits_ref = greedy_nocache(model, inputs, STEPS, layer_masks=allowed)
+        allowed = dropped_masks(sel, inputs, family.VISUAL_TOKENS, model.config.text_config.num_hidden_layers)
+        seq_ref, logits_ref = greedy_nocache(model, inputs, STEPS, layer_masks=allowed, **family.NOCACHE)
         assert torch.equal(seq, seq_ref), spec["id"]
         assert (logits - logits_ref).abs().max().item() <= 1e-5, spec["id"]
     assert checked >= 4

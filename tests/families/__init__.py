@@ -1,0 +1,32 @@
+"""Model families of the shared test matrix: every method runs on every family listed in ``FAMILIES``.
+
+A family module (one per model type or group of types) provides:
+
+* ``NAME`` : str, the test id;
+* ``make_model(attn: str) -> model``: a tiny in-process model of that type built from configs, in eval mode,
+  with ``generation_config.eos_token_id = None`` (so every run decodes the same number of steps);
+* ``CASES`` : list[str], the prompt cases; ``BATCH_CASES`` : the batched ones checked against each row
+  alone. New families have at least a batch of 3 left-padded rows of different lengths whose images have
+  different sizes, with a row holding 2 images of different sizes and a row without images (and a video
+  row or case for video models);
+* ``make_inputs(case) -> dict`` and ``split_rows(case) -> list[dict]`` (each row alone, no padding);
+* ``item_tokens(case) -> list[list[int]]``: per row, the visual tokens of each budget item (image, frame or
+  video) as the unpatched model lays them out, counted by hand from the inputs (not by vtc);
+* ``VISUAL_TOKENS`` : tuple[int, ...], the placeholder ids of visual slots;
+* ``NOCACHE`` : dict of keyword arguments for :func:`refs.greedy_nocache` (how a no-cache recompute
+  feeds positions and grows per-token inputs such as ``mm_token_type_ids``);
+* ``METHOD_KWARGS`` : optional dict ``spec id -> kwargs override`` (e.g. ``positions="original"`` where the
+  model has no ``compact`` positions), and ``SKIP_SPECS`` : optional set of spec ids with the reason in a
+  comment (none expected).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+#: family modules under tests/families/, in test order
+FAMILY_MODULES = ["llava"]
+
+
+def load_families() -> dict:
+    return {name: importlib.import_module(f"families.{name}") for name in FAMILY_MODULES}
