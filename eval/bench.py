@@ -332,16 +332,13 @@ def load_checkpoint(path: str, device: str, dtype: torch.dtype, attn: str | None
         raise ValueError(
             f"unsupported model {path!r}: model_type={cfg.get('model_type')!r}; vtc supports {vtc.supported_model_types()}"
         )
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from vtc.loading import load_pretrained
 
     kw = {"dtype": dtype}
     if attn:
         kw["attn_implementation"] = attn
-    model = LlavaForConditionalGeneration.from_pretrained(path, **kw).to(device).eval()
-    processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id or 0
+    model, processor = load_pretrained(path, **kw)
+    model = model.to(device)
     return model, processor
 
 

@@ -236,7 +236,7 @@ def _build_classes() -> None:
                     "device_map, chat_template, use_cache, trust_remote_code)"
                 )
             from accelerate import Accelerator
-            from transformers import AutoProcessor, LlavaForConditionalGeneration
+            from transformers import AutoProcessor
 
             import vtc
             from vtc.flops import ModelDims
@@ -277,7 +277,16 @@ def _build_classes() -> None:
                 load_kw["device_map"] = load_map
             if attn_implementation:
                 load_kw["attn_implementation"] = attn_implementation
-            model = LlavaForConditionalGeneration.from_pretrained(pretrained, **load_kw).eval()
+            from vtc.loading import checkpoint_model_type, model_class
+
+            mt = checkpoint_model_type(pretrained)
+            if mt is None:
+                from transformers import AutoConfig
+
+                mt = AutoConfig.from_pretrained(
+                    pretrained, revision=revision, trust_remote_code=trust_remote_code
+                ).model_type
+            model = model_class(mt).from_pretrained(pretrained, **load_kw).eval()
             self._processor = AutoProcessor.from_pretrained(
                 pretrained, revision=revision, trust_remote_code=trust_remote_code
             )
