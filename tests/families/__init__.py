@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 
 #: family modules under tests/families/, in test order
-FAMILY_MODULES = ["llava"]
+FAMILY_MODULES = ["llava", "llava_next", "llava_onevision", "llava_next_video"]
 
 
 def load_families() -> dict:

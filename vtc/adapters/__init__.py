@@ -6,8 +6,13 @@ from torch import nn
 
 from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
 from vtc.adapters.llava import LlavaAdapter
+from vtc.adapters.llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
 
-ADAPTERS: dict[str, type[ModelAdapter]] = {t: LlavaAdapter for t in LlavaAdapter.model_types}
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    t: cls
+    for cls in (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, LlavaNextVideoAdapter)
+    for t in cls.model_types
+}
 
 
 def supported_model_types() -> list[str]:
@@ -38,6 +43,9 @@ __all__ = [
     "ConfigOnlyAdapter",
     "ModelAdapter",
     "LlavaAdapter",
+    "LlavaNextAdapter",
+    "LlavaNextVideoAdapter",
+    "LlavaOnevisionAdapter",
     "get_adapter",
     "supported_model_types",
 ]

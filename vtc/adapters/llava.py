@@ -17,7 +17,7 @@ class LlavaAdapter(ModelAdapter):
         self._base = model.model if hasattr(model, "lm_head") and hasattr(model, "model") else model
         if not hasattr(self._base, "language_model") or not hasattr(self._base, "vision_tower"):
             raise ValueError(
-                f"{type(model).__name__} has model_type 'llava' but no `language_model`/`vision_tower`; "
+                f"{type(model).__name__} has model_type {model.config.model_type!r} but no `language_model`/`vision_tower`; "
                 "vtc expects transformers>=5.20 LlavaForConditionalGeneration or LlavaModel."
             )
         self.check_supported()

@@ -361,7 +361,9 @@ class Session:
     @staticmethod
     def _images_given(kwargs: dict) -> bool:
         mm = kwargs.get("mm_encoder_outputs")
-        return kwargs.get("pixel_values") is not None or bool(mm and mm.get("image") is not None)
+        if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
+            return True
+        return bool(mm and (mm.get("image") is not None or mm.get("video") is not None))
 
     def _call_problems(self, kwargs: dict, cache) -> list[str]:
         """What keeps this prefill from being compressed (each a complete error message)."""
