@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from _anyres import IMAGE, PINPOINTS, Prompts, finish, hand_image_tokens, text_config, vision_config
 from refs import positions_like_generate
+
+from families._anyres import IMAGE, PINPOINTS, Prompts, finish, hand_image_tokens, text_config, vision_config
 
 NAME = "llava_next"
 ROWS = {

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from _anyres import (
+from refs import positions_like_generate
+
+from families._anyres import (
     FRAMES,
     IMAGE,
     PINPOINTS,
@@ -15,7 +17,6 @@ from _anyres import (
     text_config,
     vision_config,
 )
-from refs import positions_like_generate
 
 NAME = "llava_next_video"
 STRIDE = 2

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 
-from _anyres import (
+from refs import positions_like_generate
+
+from families._anyres import (
     FRAMES,
     IMAGE,
     PINPOINTS,
@@ -18,7 +20,6 @@ from _anyres import (
     text_config,
     vision_config,
 )
-from refs import positions_like_generate
 
 NAME = "llava_onevision"
 MAX_CROPS = 2
