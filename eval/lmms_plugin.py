@@ -564,7 +564,8 @@ def _build_classes() -> None:
                         k: (v.to(self._device, self._dtype()) if k == "pixel_values" else v.to(self._device))
                         for k, v in enc.items()
                     }
-                    enc.pop("image_sizes", None)
+                    if not getattr(adapter, "uses_image_sizes", False):  # LLaVA-NeXT-style layouts need them
+                        enc.pop("image_sizes", None)
                     t0 = time.perf_counter()
                     with torch.inference_mode():
                         clock.start()
@@ -647,7 +648,8 @@ def _build_classes() -> None:
                     k: (v.to(self._device, self._dtype()) if k == "pixel_values" else v.to(self._device))
                     for k, v in full.items()
                 }
-                full.pop("image_sizes", None)
+                if not getattr(adapter, "uses_image_sizes", False):
+                    full.pop("image_sizes", None)
                 ids = full["input_ids"]
                 labels = ids.clone()
                 labels[:, :n_ctx] = -100

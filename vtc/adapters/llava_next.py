@@ -43,6 +43,8 @@ class LlavaNextAdapter(LlavaAdapter):
     """``LlavaNextForConditionalGeneration`` / ``LlavaNextModel`` (images only)."""
 
     model_types = ("llava_next",)
+    #: the model's forward needs the processor's ``image_sizes`` (callers must not drop them)
+    uses_image_sizes = True
     #: how the model pools a video frame: None (no video), ``"bilinear_half"`` or ``"resampler"``
     video_pooling: str | None = None
     #: a newline token after the last frame of a video
