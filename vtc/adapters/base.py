@@ -434,6 +434,11 @@ class ModelAdapter:
             "image_sizes": kwargs.get("image_sizes"),
         }
 
+    def prellm_grids(self) -> list[tuple[int, int]]:
+        """Grids a unit of this model's images may have (a method that keeps every token on all of them is a
+        no-op): the one fixed grid by default; anyres adapters add their high-resolution grids."""
+        return [tuple(self.grid_of_image())]
+
     def vision_units(
         self,
         pixel_values,

@@ -280,6 +280,184 @@ class LlavaNextAdapter(LlavaAdapter):
             )
         return spans
 
+    # --- pre-LLM stage: units of an AnyRes image ----------------------------------------------------------------
+    def feature_entries(self) -> list[tuple[str, str, str, int]]:
+        out = [("image", "get_image_features", "pixel_values", self.image_token_id)]
+        if self.video_token_id is not None:
+            out.append(("video", "get_video_features", "pixel_values_videos", self.video_token_id))
+        return out
+
+    def feature_kwargs(self, modality: str, kwargs: dict) -> dict:
+        out = {
+            "vision_feature_layer": kwargs.get("vision_feature_layer"),
+            "vision_feature_select_strategy": kwargs.get("vision_feature_select_strategy"),
+        }
+        if modality == "image":
+            out["image_sizes"] = kwargs.get("image_sizes")
+            if "batch_num_images" in kwargs:
+                out["batch_num_images"] = kwargs.get("batch_num_images")
+        return out
+
+    def prellm_grids(self) -> list[tuple[int, int]]:
+        """The base view's grid and the largest high-resolution grid the pinpoints allow."""
+        s, px = self.side, self.model.config.vision_config.image_size
+        big = max(
+            (tuple(int(v) // px * s for v in p) for p in self.model.config.image_grid_pinpoints),
+            key=lambda g: g[0] * g[1],
+        )
+        return [(s, s), big]
+
+    def vision_units(
+        self,
+        pixel_values,
+        with_attention: bool = False,
+        what: str = "this method",
+        modality: str = "image",
+        image_sizes=None,
+        batch_num_images=None,
+        **params,
+    ):
+        """Two units per image: the base view (an ``s x s`` grid) and the high-resolution part (the crops' grid
+        after unpadding, ``(h', w')``), each a feature grid a pre-LLM method reduces on its own (``tokens`` /
+        ``ratio`` apply per unit); units of equal grids are batched. Uncropped images (OneVision multi-image
+        rows) are one unit. Attention and keys of the high-resolution part are the crops' own, cut like the
+        features.
+
+        Raises
+        ------
+        NotImplementedError
+            Videos, and OneVision images whose high-resolution part the model shrinks (``anyres_max_N``, a
+            bilinear resize after the projector that no pre-LLM method can reproduce on its own tokens).
+        """
+        from vtc.engine.prellm import ImageInputs, VisionUnits
+
+        mt = self.model.config.model_type
+        if modality != "image":
+            raise NotImplementedError(
+                f"{what} on {mt} reduces images only; videos are not supported by pre-LLM methods yet. Use an "
+                "in-decoder method (pyramid_drop, fastv, ...) for video prompts."
+            )
+        if image_sizes is None:
+            raise ValueError(f"{what} on {mt} needs the image_sizes of the call (the processor's output)")
+        sizes = (
+            image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(x) for x in image_sizes]
+        )
+        patched = self._patched(len(sizes), {"batch_num_images": batch_num_images})
+        layouts = [self.image_parts(sz, p) for sz, p in zip(sizes, patched)]
+        s = self.side
+        n_crops = [
+            1 + (self._crop_grid(sz)[0] * self._crop_grid(sz)[1] if p else 0) for sz, p in zip(sizes, patched)
+        ]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, n_crops)], 0)
+        sel, cls, out, attn, keys = self.vision_features(
+            pixel_values, (s, s), with_attention=with_attention, what=what, **params
+        )
+        project = self.image_feature_owner().multi_modal_projector
+        units: dict[tuple, list] = {}  # (grid, cls) -> [(image, part, selected, attention, keys)]
+        first = 0
+        hw = []
+        for i, (sz, parts) in enumerate(zip(sizes, layouts)):
+            crops = slice(first, first + n_crops[i])
+            first += n_crops[i]
+            units.setdefault(((s, s), cls), []).append(
+                (
+                    i,
+                    0,
+                    sel[crops.start],
+                    None if attn is None else attn[crops.start],
+                    None if keys is None else keys[crops.start],
+                )
+            )
+            if len(parts) == 1:
+                hw.append(None)
+                continue
+            (h, w), _, _ = parts[1]
+            idx = self._high_res_cells(sz)
+            if idx.shape != (h, w):
+                raise NotImplementedError(
+                    f"{what} on {mt}: this image's high-resolution part is shrunk by the model ({tuple(idx.shape)} "
+                    f"-> {(h, w)}, vision_aspect_ratio={getattr(self.model.config, 'vision_aspect_ratio', None)!r}); "
+                    "pre-LLM methods cannot reproduce that resize. Use an in-decoder method, or a "
+                    "vision_aspect_ratio that does not shrink these images."
+                )
+            if cls:
+                raise NotImplementedError(
+                    f"{what} on {mt}: vision_feature_select_strategy='full' with a CLS tower is not laid out by the model"
+                )
+            flat = idx.flatten() + crops.start * s * s + s * s  # crop 0 is the base view
+            patches = sel[:, cls:].reshape(-1, sel.shape[-1])
+            a = None if attn is None else attn.reshape(-1)[flat]
+            k = None if keys is None else keys.reshape(-1, keys.shape[-1])[flat]
+            units.setdefault(((h, w), 0), []).append((i, 1, patches[flat], a, k))
+            hw.append((h, w))
+        groups, members = [], []
+        for (grid, c), us in units.items():
+            groups.append(
+                ImageInputs(
+                    selected=torch.stack([u[2] for u in us]),
+                    cls=c,
+                    grid=grid,
+                    project=project,
+                    attention=None if us[0][3] is None else torch.stack([u[3] for u in us]),
+                    keys=None if us[0][4] is None else torch.stack([u[4] for u in us]),
+                )
+            )
+            members.append([(u[0], u[1]) for u in us])
+        orig = [sum(p[2] for p in parts) for parts in layouts]
+        return VisionUnits(groups, members, orig, out, [len(p) for p in layouts], extra={"hw": hw})
+
+    def _crop_grid(self, image_size) -> tuple[int, int]:
+        grid_shape, _ = self._helpers()
+        cfg = self.model.config
+        return grid_shape(list(image_size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+
+    def _high_res_cells(self, image_size) -> torch.Tensor:
+        """``[h', w']`` long: for each cell of the unpadded high-resolution grid, its patch index among the image's
+        crops (crop-major, ``crop * s*s + r * s + c``), laid out and cut exactly as ``pack_image_features``."""
+        _, unpad = self._helpers()
+        s = self.side
+        nh, nw = self._crop_grid(image_size)
+        idx = torch.arange(nh * nw * s * s).view(nh, nw, s, s).permute(0, 2, 1, 3).reshape(1, nh * s, nw * s)
+        return unpad(idx, list(image_size))[0]
+
+    def assemble_image(self, units, image: int, parts: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """An image's placed tokens: the base view's, then the high-resolution part's with newline tokens as the
+        model lays them out: kept patches (selection methods) in grid order with a newline after every grid row
+        that keeps a patch, at their own slots; a pooled ``a x b`` grid as ``a`` rows of ``b`` tokens and a
+        newline; other tokens (merged) in a row and one newline."""
+        from vtc.engine.prellm import dest_in_unit
+
+        s = self.side
+        base = parts[0]
+        e0 = base.embeds
+        d0 = dest_in_unit(base.cells, e0.shape[0], base.cls, e0.device)
+        hw = units.extra["hw"][image]
+        nl = self._base.image_newline.to(e0.device, e0.dtype)
+        if hw is None:  # uncropped: the base view then one newline
+            return torch.cat([e0, nl[None]]), torch.cat([d0, d0.new_tensor([s * s])])
+        h, w = hw
+        p = parts[1]
+        e1 = p.embeds
+        k = e1.shape[0]
+        dev = e1.device
+        if p.cells is not None and p.cells.numel() == k:
+            cells = p.cells.to(dev).long()
+            order = torch.argsort(cells)
+            cells, e1 = cells[order], e1[order]
+            r, c = cells // w, cells % w
+            rows = torch.unique(r)  # grid rows that keep a patch: each ends with a newline
+            slot = torch.cat([r * (w + 1) + c, rows * (w + 1) + w])
+            emb = torch.cat([e1, nl.expand(rows.numel(), -1)])
+            o = torch.argsort(slot)
+            return torch.cat([e0, emb[o]]), torch.cat([d0, s * s + slot[o]])
+        if p.grid is not None and p.grid[0] * p.grid[1] == k and p.grid[0] > 1:
+            a, b = p.grid
+            grid = torch.cat([e1.view(a, b, -1), nl.expand(a, 1, -1)], 1).reshape(a * (b + 1), -1)
+        else:
+            grid = torch.cat([e1, nl[None]])
+        return torch.cat([e0, grid]), torch.cat([d0, s * s + torch.arange(grid.shape[0], device=dev)])
+
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
     """``LlavaOnevisionForConditionalGeneration``: AnyRes images bounded by ``vision_aspect_ratio``

@@ -419,7 +419,9 @@ class PreLLMStage(PreLLMComponent):
     def is_identity(self) -> bool:
         """True when the method keeps every token of every image (then no call is changed)."""
         check = getattr(self.method, "is_identity", None)
-        return bool(check(self.grid)) if check is not None else False
+        if check is None:
+            return False
+        return all(bool(check(tuple(g))) for g in self.adapter.prellm_grids())
 
     def caller_src(self) -> torch.Tensor | None:
         """``[B, Tn]`` caller position of each slot of the latest prefill's rewritten prompt (``-1``: padding),

@@ -440,10 +440,17 @@ class DFMRComponent(PreLLMStage):
         return super().prefill(session, kwargs)
 
     def after_prefill(self, call: PreLLMCall, rows: list[list[int]], inputs: ImageInputs) -> None:
+        # an image of several units (LLaVA-NeXT's base view and high-resolution part) records a list per key
         def col(key):
-            return [[d[key] for d in row] for row in call.info]
+            return [
+                [d[key] if "parts" not in d else [q[key] for q in d["parts"]] for d in row]
+                for row in call.info
+            ]
 
-        budgets = [row[0]["budget"] if row else None for row in call.info]
+        budgets = [
+            (row[0]["parts"][0] if "parts" in row[0] else row[0])["budget"] if row else None
+            for row in call.info
+        ]
         self.last = DFMRCall(col("factor"), call.tokens, col("grid"), col("measure"), call.original, budgets)
 
     def measure(self, grid_maps: torch.Tensor) -> torch.Tensor:
