@@ -8,7 +8,8 @@ the model's newline tokens.
 * a batch of 3 left-padded rows (2 images of different sizes, 1 image, none) equals each row alone;
 * removal restores the model; ``ratio=1`` is the unpatched call; ``tokens=16`` (the base grid's count) still
   reduces the high-resolution part;
-* what is not supported raises: OneVision images the model shrinks (``anyres_max_N``), video prompts.
+* NeXT-Video frames: one unit per frame on the resampled grid, same checks;
+* what is not supported raises: OneVision images the model shrinks (``anyres_max_N``), OneVision videos.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from vtc.engine.prellm import last_prellm_call
 STEPS = 3
 SPECS = {
     "dfmr": lambda: vtc.DFMR(mode="fixed", factor=2),
-    "visionzip": lambda: vtc.VisionZip(ratio=0.5, contextual=2),
+    "visionzip": lambda: vtc.VisionZip(ratio=0.5, contextual=1),
     "divprune": lambda: vtc.DivPrune(ratio=0.5),
     "cdpruner": lambda: vtc.CDPruner(ratio=0.4),
     "pool": lambda: vtc.Pool(ratio=0.25),
@@ -56,19 +57,21 @@ def run_hooked(model, inputs, m, steps=STEPS):
             hook.remove()
         call = last_prellm_call(h)
         stats = h.stats
-    mm = seen[0].get("mm_encoder_outputs")
-    feats = list(mm["image"].pooler_output) if mm and mm.get("image") is not None else []
+    mm = seen[0].get("mm_encoder_outputs") or {}
+    feats = list(mm["image"].pooler_output) if mm.get("image") is not None else []
+    if mm.get("video") is not None:
+        return seq, logits, (feats, list(mm["video"].pooler_output)), call, stats
     return seq, logits, feats, call, stats
 
 
-def hand_reduced(rows, tokens: list[int], feats) -> dict:
-    """The prompt built by hand with these per-image counts (family row layout), features given directly."""
+def hand_reduced(rows, tokens: list[int], feats, video_feats=()) -> dict:
+    """The prompt built by hand with these per-item counts (family row layout, items in prompt order), features
+    given directly."""
     seqs, k = [], 0
     for before, items, after in rows:
         r = [BOS] + list(before)
         for i, (kind, _) in enumerate(items):
-            assert kind == "img"
-            r += [IMAGE] * tokens[k] + [11 + i]
+            r += [IMAGE if kind == "img" else VIDEO] * tokens[k] + [11 + i]
             k += 1
         seqs.append(r + list(after))
     T = max(len(r) for r in seqs)
@@ -78,8 +81,13 @@ def hand_reduced(rows, tokens: list[int], feats) -> dict:
         ids[b, T - len(r) :] = torch.tensor(r)
         mask[b, T - len(r) :] = 1
     out = {"input_ids": ids, "attention_mask": mask}
+    mm = {}
     if feats:
-        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
+        mm["image"] = BaseModelOutputWithPooling(pooler_output=list(feats))
+    if video_feats:
+        mm["video"] = BaseModelOutputWithPooling(pooler_output=list(video_feats))
+    if mm:
+        out["mm_encoder_outputs"] = mm
     return out
 
 
@@ -97,6 +105,30 @@ def test_generate_equals_plain_generate_on_hand_reduced_inputs(fam, method):
     T, Tr = inputs["input_ids"].shape[1], ref["input_ids"].shape[1]
     assert torch.equal(seq[:, T:], seq_ref[:, Tr:])
     assert torch.equal(logits, logits_ref)
+
+
+def test_next_video_frames_generate_equals_plain_generate_on_hand_reduced_inputs(method):
+    """NeXT-Video: a video row, an image row, an image + video row; every frame is a unit on the resampled
+    2x2 grid, the video's frames are placed in order."""
+    model = NEXT_VIDEO.make_model("sdpa")
+    inputs = NEXT_VIDEO.make_inputs("b3_video")
+    seq, logits, (feats, vfeats), call, stats = run_hooked(model, inputs, SPECS[method]())
+    tokens = [t for row in call.tokens for t in row]
+    hand = NEXT_VIDEO.item_tokens("b3_video")
+    assert stats.visual_original == [sum(r) for r in hand]
+    assert all(t < n for t, n in zip(tokens, [n for r in hand for n in r]))
+    assert sorted(f.shape[0] for f in feats + vfeats) == sorted(tokens)
+    ref = hand_reduced(NEXT_VIDEO.ROWS["b3_video"], tokens, feats, vfeats)
+    seq_ref, logits_ref, _ = generate(model, ref, STEPS)
+    T, Tr = inputs["input_ids"].shape[1], ref["input_ids"].shape[1]
+    assert torch.equal(seq[:, T:], seq_ref[:, Tr:])
+    assert torch.equal(logits, logits_ref)
+    # each row alone
+    for b, row in enumerate(NEXT_VIDEO.split_rows("b3_video")):
+        seq_b, logits_b, _, call_b, _ = run_hooked(model, row, SPECS[method]())
+        assert call_b.tokens[0] == call.tokens[b], b
+        assert torch.equal(seq[b, T:], seq_b[0, row["input_ids"].shape[1] :]), b
+        assert (logits[:, b] - logits_b[:, 0]).abs().max().item() <= 1e-4, b
 
 
 @pytest.mark.parametrize("name", ["divprune", "cdpruner"])
@@ -193,9 +225,9 @@ def test_onevision_shrunk_images_and_videos_raise():
     with pytest.raises(NotImplementedError, match="shrunk by the model"):
         with vtc.apply(model, vtc.DivPrune(ratio=0.5)):
             generate(model, OV.make_inputs("b1_img1"), 2)
-    model = NEXT_VIDEO.make_model("sdpa")
-    inputs = NEXT_VIDEO.make_inputs("b1_video")
-    assert int((inputs["input_ids"] == VIDEO).sum()) > 0
+    # a video row alone (no image): OneVision pools frames after the projector
+    inputs = OV.split_rows("b3_video")[0]
+    assert int((inputs["input_ids"] == VIDEO).sum()) == 13 and "pixel_values" not in inputs
     with pytest.raises(NotImplementedError, match="videos are not supported by pre-LLM methods"):
         with vtc.apply(model, vtc.Pool(ratio=0.25)):
             generate(model, inputs, 2)

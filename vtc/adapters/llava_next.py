@@ -305,7 +305,10 @@ class LlavaNextAdapter(LlavaAdapter):
             (tuple(int(v) // px * s for v in p) for p in self.model.config.image_grid_pinpoints),
             key=lambda g: g[0] * g[1],
         )
-        return [(s, s), big]
+        out = [(s, s), big]
+        if self.video_pooling is not None:
+            out.append(self.video_parts(1)[0][0])
+        return out
 
     def vision_units(
         self,
@@ -332,11 +335,8 @@ class LlavaNextAdapter(LlavaAdapter):
         from vtc.engine.prellm import ImageInputs, VisionUnits
 
         mt = self.model.config.model_type
-        if modality != "image":
-            raise NotImplementedError(
-                f"{what} on {mt} reduces images only; videos are not supported by pre-LLM methods yet. Use an "
-                "in-decoder method (pyramid_drop, fastv, ...) for video prompts."
-            )
+        if modality == "video":
+            return self._video_units(pixel_values, with_attention, what, **params)
         if image_sizes is None:
             raise ValueError(f"{what} on {mt} needs the image_sizes of the call (the processor's output)")
         sizes = (
@@ -407,6 +407,51 @@ class LlavaNextAdapter(LlavaAdapter):
         orig = [sum(p[2] for p in parts) for parts in layouts]
         return VisionUnits(groups, members, orig, out, [len(p) for p in layouts], extra={"hw": hw})
 
+    def _video_units(self, pixel_values, with_attention: bool, what: str, **params):
+        """One unit per frame on the resampled grid (``vision_resampler`` runs before the projector, so the units'
+        projector input is exactly the model's); attention and keys are average-pooled by the same stride.
+
+        Raises
+        ------
+        NotImplementedError
+            OneVision videos (pooled after the projector).
+        """
+        from vtc.engine.prellm import ImageInputs, VisionUnits
+
+        mt = self.model.config.model_type
+        if self.video_pooling != "resampler":
+            raise NotImplementedError(
+                f"{what} on {mt}: videos are not supported by pre-LLM methods ({mt} pools frames after the "
+                "projector). Use an in-decoder method (pyramid_drop, fastv, ...) for video prompts."
+            )
+        s = self.side
+        n_videos, frames = pixel_values.shape[:2]
+        sel, cls, out, attn, keys = self.vision_features(
+            pixel_values.flatten(0, 1), (s, s), with_attention=with_attention, what=what, **params
+        )
+        if cls:
+            raise NotImplementedError(f"{what} on {mt}: video frames with a CLS token are not supported")
+        pooled = self._base.vision_resampler(sel)  # [n_videos * frames, g*g, Dv]
+        g = self.video_parts(1)[0][0][0]
+        stride = int(self.model.config.spatial_pool_stride)
+
+        def pool(x):  # [n, s*s, C] -> [n, g*g, C], average over each stride x stride window
+            x = x.reshape(x.shape[0], s, s, -1).permute(0, 3, 1, 2)
+            return torch.nn.functional.avg_pool2d(x, stride).flatten(2).transpose(1, 2)
+
+        group = ImageInputs(
+            selected=pooled,
+            cls=0,
+            grid=(g, g),
+            project=self.image_feature_owner().multi_modal_projector,
+            attention=None if attn is None else pool(attn.unsqueeze(-1))[..., 0],
+            keys=None if keys is None else pool(keys),
+        )
+        members = [[(v, f) for v in range(n_videos) for f in range(frames)]]
+        return VisionUnits(
+            [group], members, [frames * g * g] * n_videos, out, [frames] * n_videos, extra={"frame": g * g}
+        )
+
     def _crop_grid(self, image_size) -> tuple[int, int]:
         grid_shape, _ = self._helpers()
         cfg = self.model.config
@@ -428,6 +473,13 @@ class LlavaNextAdapter(LlavaAdapter):
         newline; other tokens (merged) in a row and one newline."""
         from vtc.engine.prellm import dest_in_unit
 
+        if "frame" in units.extra:  # a video: its frames in order, each token at its frame's slots
+            n = units.extra["frame"]
+            d = [
+                f * n + dest_in_unit(p.cells, p.embeds.shape[0], p.cls, p.embeds.device)
+                for f, p in enumerate(parts)
+            ]
+            return torch.cat([p.embeds for p in parts]), torch.cat(d)
         s = self.side
         base = parts[0]
         e0 = base.embeds
