@@ -9,7 +9,7 @@ the model's newline tokens.
 * removal restores the model; ``ratio=1`` is the unpatched call; ``tokens=16`` (the base grid's count) still
   reduces the high-resolution part;
 * NeXT-Video frames: one unit per frame on the resampled grid, same checks;
-* what is not supported raises: OneVision images the model shrinks (``anyres_max_N``), OneVision videos.
+* OneVision: images the model shrinks (``anyres_max_N``) are units in the LLM's space, multi-image rows, videos.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def hand_reduced(rows, tokens: list[int], feats, video_feats=()) -> dict:
     mm = {}
     if feats:
         mm["image"] = BaseModelOutputWithPooling(pooler_output=list(feats))
-    if video_feats:
-        mm["video"] = BaseModelOutputWithPooling(pooler_output=list(video_feats))
+    if video_feats:  # one [1, k, D] tensor: both models flatten the first two dims of their video features
+        mm["video"] = BaseModelOutputWithPooling(pooler_output=torch.cat(list(video_feats))[None])
     if mm:
         out["mm_encoder_outputs"] = mm
     return out
@@ -117,7 +117,7 @@ def test_next_video_frames_generate_equals_plain_generate_on_hand_reduced_inputs
     hand = NEXT_VIDEO.item_tokens("b3_video")
     assert stats.visual_original == [sum(r) for r in hand]
     assert all(t < n for t, n in zip(tokens, [n for r in hand for n in r]))
-    assert sorted(f.shape[0] for f in feats + vfeats) == sorted(tokens)
+    assert sum(f.shape[0] for f in feats + vfeats) == sum(tokens)
     ref = hand_reduced(NEXT_VIDEO.ROWS["b3_video"], tokens, feats, vfeats)
     seq_ref, logits_ref, _ = generate(model, ref, STEPS)
     T, Tr = inputs["input_ids"].shape[1], ref["input_ids"].shape[1]
@@ -220,14 +220,37 @@ def test_keep_all_is_the_unpatched_call_and_a_base_sized_count_still_reduces():
     assert stats.visual_input[2] == stats.visual_original[2]  # 2x8 grid: all 16 cells and both newlines
 
 
-def test_onevision_shrunk_images_and_videos_raise():
+@pytest.mark.parametrize("case", ["b3_mixed", "b3_video"])
+def test_onevision_generate_equals_plain_generate_on_hand_reduced_inputs(case, method):
+    """OneVision: ``b3_mixed`` has a 112x80 image whose 8x6 grid the model shrinks to 6x4 (a unit in the LLM's
+    space); ``b3_video`` has a video row, a 2-image row (``batch_num_images``: uncropped, base + newline) and an
+    image + video row (frames pooled after the projector, one newline after the last frame)."""
     model = OV.make_model("sdpa")
-    with pytest.raises(NotImplementedError, match="shrunk by the model"):
-        with vtc.apply(model, vtc.DivPrune(ratio=0.5)):
-            generate(model, OV.make_inputs("b1_img1"), 2)
-    # a video row alone (no image): OneVision pools frames after the projector
-    inputs = OV.split_rows("b3_video")[0]
+    inputs = OV.make_inputs(case)
+    seq, logits, feats, call, stats = run_hooked(model, inputs, SPECS[method]())
+    feats, vfeats = feats if isinstance(feats, tuple) else (feats, [])
+    tokens = [t for row in call.tokens for t in row]
+    hand = OV.item_tokens(case)
+    assert stats.visual_original == [sum(r) for r in hand]
+    assert all(t < n for t, n in zip(tokens, [n for r in hand for n in r]))
+    assert sum(f.shape[0] for f in feats + vfeats) == sum(tokens)
+    ref = hand_reduced(OV.ROWS[case], tokens, feats, vfeats)
+    seq_ref, logits_ref, _ = generate(model, ref, STEPS)
+    T, Tr = inputs["input_ids"].shape[1], ref["input_ids"].shape[1]
+    assert torch.equal(seq[:, T:], seq_ref[:, Tr:])
+    assert torch.equal(logits, logits_ref)
+    for b, row in enumerate(OV.split_rows(case)):
+        seq_b, logits_b, _, call_b, _ = run_hooked(model, row, SPECS[method]())
+        assert (call_b.tokens[0] if call_b is not None else []) == call.tokens[b], b
+        assert torch.equal(seq[b, T:], seq_b[0, row["input_ids"].shape[1] :]), b
+        assert (logits[:, b] - logits_b[:, 0]).abs().max().item() <= 1e-4, b
+
+
+def test_onevision_video_ends_with_the_newline():
+    model = OV.make_model("sdpa")
+    inputs = OV.split_rows("b3_video")[0]  # a video alone: 3 frames of 2x2 + 1 newline
     assert int((inputs["input_ids"] == VIDEO).sum()) == 13 and "pixel_values" not in inputs
-    with pytest.raises(NotImplementedError, match="videos are not supported by pre-LLM methods"):
-        with vtc.apply(model, vtc.Pool(ratio=0.25)):
-            generate(model, inputs, 2)
+    _, _, (_, vfeats), call, _ = run_hooked(model, inputs, vtc.Pool(ratio=0.25))
+    assert call.tokens == [[4]]  # each frame pooled to 1 token, then the newline
+    (v,) = vfeats
+    assert v.shape[0] == 4 and torch.equal(v[-1], model.model.image_newline)

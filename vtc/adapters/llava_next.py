@@ -326,11 +326,14 @@ class LlavaNextAdapter(LlavaAdapter):
         rows) are one unit. Attention and keys of the high-resolution part are the crops' own, cut like the
         features.
 
+        OneVision shrinks a large image's high-resolution grid after the projector (``anyres_max_N``, bilinear):
+        that unit is the model's own shrunk embeddings with an identity ``project`` (methods that pool or merge
+        do it in the LLM's space there), its attention and keys resized bilinearly like the features.
+
         Raises
         ------
         NotImplementedError
-            Videos, and OneVision images whose high-resolution part the model shrinks (``anyres_max_N``, a
-            bilinear resize after the projector that no pre-LLM method can reproduce on its own tokens).
+            A CLS token in the crops' features (strategy ``"full"`` on a CLIP tower; the model cannot lay it out).
         """
         from vtc.engine.prellm import ImageInputs, VisionUnits
 
@@ -354,13 +357,14 @@ class LlavaNextAdapter(LlavaAdapter):
             pixel_values, (s, s), with_attention=with_attention, what=what, **params
         )
         project = self.image_feature_owner().multi_modal_projector
-        units: dict[tuple, list] = {}  # (grid, cls) -> [(image, part, selected, attention, keys)]
+        units: dict[tuple, list] = {}  # (grid, cls, space) -> [(image, part, selected, attention, keys)]
+        projected = None
         first = 0
         hw = []
         for i, (sz, parts) in enumerate(zip(sizes, layouts)):
             crops = slice(first, first + n_crops[i])
             first += n_crops[i]
-            units.setdefault(((s, s), cls), []).append(
+            units.setdefault(((s, s), cls, "vision"), []).append(
                 (
                     i,
                     0,
@@ -374,13 +378,6 @@ class LlavaNextAdapter(LlavaAdapter):
                 continue
             (h, w), _, _ = parts[1]
             idx = self._high_res_cells(sz)
-            if idx.shape != (h, w):
-                raise NotImplementedError(
-                    f"{what} on {mt}: this image's high-resolution part is shrunk by the model ({tuple(idx.shape)} "
-                    f"-> {(h, w)}, vision_aspect_ratio={getattr(self.model.config, 'vision_aspect_ratio', None)!r}); "
-                    "pre-LLM methods cannot reproduce that resize. Use an in-decoder method, or a "
-                    "vision_aspect_ratio that does not shrink these images."
-                )
             if cls:
                 raise NotImplementedError(
                     f"{what} on {mt}: vision_feature_select_strategy='full' with a CLS tower is not laid out by the model"
@@ -389,16 +386,33 @@ class LlavaNextAdapter(LlavaAdapter):
             patches = sel[:, cls:].reshape(-1, sel.shape[-1])
             a = None if attn is None else attn.reshape(-1)[flat]
             k = None if keys is None else keys.reshape(-1, keys.shape[-1])[flat]
-            units.setdefault(((h, w), 0), []).append((i, 1, patches[flat], a, k))
+            if idx.shape == (h, w):
+                units.setdefault(((h, w), 0, "vision"), []).append((i, 1, patches[flat], a, k))
+            else:
+                # OneVision shrinks this grid after the projector: the unit is the model's own shrunk embeddings
+                # (its pack_image_features without newlines), reduced in the LLM's space (project = identity);
+                # attention and keys are resized like the features
+                if projected is None:
+                    projected = project(sel)  # the whole call at once, as the model projects it
+                packed = self._base.pack_image_features(
+                    [projected[crops]],
+                    [sz],
+                    image_newline=None,
+                    vision_aspect_ratio=self.model.config.vision_aspect_ratio,
+                )[0][0]
+                hi = packed[s * s :]
+                a = None if a is None else _resize(a.view(*idx.shape, 1), (h, w)).flatten()
+                k = None if k is None else _resize(k.view(*idx.shape, -1), (h, w)).flatten(0, 1)
+                units.setdefault(((h, w), 0, "llm"), []).append((i, 1, hi, a, k))
             hw.append((h, w))
         groups, members = [], []
-        for (grid, c), us in units.items():
+        for (grid, c, space), us in units.items():
             groups.append(
                 ImageInputs(
                     selected=torch.stack([u[2] for u in us]),
                     cls=c,
                     grid=grid,
-                    project=project,
+                    project=project if space == "vision" else _identity,
                     attention=None if us[0][3] is None else torch.stack([u[3] for u in us]),
                     keys=None if us[0][4] is None else torch.stack([u[4] for u in us]),
                 )
@@ -408,22 +422,13 @@ class LlavaNextAdapter(LlavaAdapter):
         return VisionUnits(groups, members, orig, out, [len(p) for p in layouts], extra={"hw": hw})
 
     def _video_units(self, pixel_values, with_attention: bool, what: str, **params):
-        """One unit per frame on the resampled grid (``vision_resampler`` runs before the projector, so the units'
-        projector input is exactly the model's); attention and keys are average-pooled by the same stride.
-
-        Raises
-        ------
-        NotImplementedError
-            OneVision videos (pooled after the projector).
-        """
+        """One unit per frame on the pooled grid. NeXT-Video pools before the projector (``vision_resampler``): the
+        units' projector input is exactly the model's, attention and keys average-pooled by the same stride.
+        OneVision pools after it (bilinear): the units are the model's pooled embeddings with an identity
+        ``project``, attention and keys resized bilinearly."""
         from vtc.engine.prellm import ImageInputs, VisionUnits
 
         mt = self.model.config.model_type
-        if self.video_pooling != "resampler":
-            raise NotImplementedError(
-                f"{what} on {mt}: videos are not supported by pre-LLM methods ({mt} pools frames after the "
-                "projector). Use an in-decoder method (pyramid_drop, fastv, ...) for video prompts."
-            )
         s = self.side
         n_videos, frames = pixel_values.shape[:2]
         sel, cls, out, attn, keys = self.vision_features(
@@ -431,25 +436,39 @@ class LlavaNextAdapter(LlavaAdapter):
         )
         if cls:
             raise NotImplementedError(f"{what} on {mt}: video frames with a CLS token are not supported")
-        pooled = self._base.vision_resampler(sel)  # [n_videos * frames, g*g, Dv]
         g = self.video_parts(1)[0][0][0]
-        stride = int(self.model.config.spatial_pool_stride)
+        project = self.image_feature_owner().multi_modal_projector
+        if self.video_pooling == "resampler":  # NeXT-Video: pooled before the projector
+            pooled = self._base.vision_resampler(sel)  # [n_videos * frames, g*g, Dv]
+            stride = int(self.model.config.spatial_pool_stride)
 
-        def pool(x):  # [n, s*s, C] -> [n, g*g, C], average over each stride x stride window
-            x = x.reshape(x.shape[0], s, s, -1).permute(0, 3, 1, 2)
-            return torch.nn.functional.avg_pool2d(x, stride).flatten(2).transpose(1, 2)
+            def pool(x):  # [n, s*s, C] -> [n, g*g, C], average over each stride x stride window
+                x = x.reshape(x.shape[0], s, s, -1).permute(0, 3, 1, 2)
+                return torch.nn.functional.avg_pool2d(x, stride).flatten(2).transpose(1, 2)
+
+        else:  # OneVision: bilinear after the projector; the units are the model's pooled embeddings
+            pooled = self._base.apply_pooling(project(sel))  # [n_videos * frames, g*g, D]
+            project = _identity
+
+            def pool(x):
+                return _resize(x.reshape(x.shape[0], s, s, -1), (g, g)).flatten(1, 2)
 
         group = ImageInputs(
             selected=pooled,
             cls=0,
             grid=(g, g),
-            project=self.image_feature_owner().multi_modal_projector,
+            project=project,
             attention=None if attn is None else pool(attn.unsqueeze(-1))[..., 0],
             keys=None if keys is None else pool(keys),
         )
         members = [[(v, f) for v in range(n_videos) for f in range(frames)]]
         return VisionUnits(
-            [group], members, [frames * g * g] * n_videos, out, [frames] * n_videos, extra={"frame": g * g}
+            [group],
+            members,
+            [frames * g * g + int(self.video_newline)] * n_videos,
+            out,
+            [frames] * n_videos,
+            extra={"frame": g * g},
         )
 
     def _crop_grid(self, image_size) -> tuple[int, int]:
@@ -479,7 +498,11 @@ class LlavaNextAdapter(LlavaAdapter):
                 f * n + dest_in_unit(p.cells, p.embeds.shape[0], p.cls, p.embeds.device)
                 for f, p in enumerate(parts)
             ]
-            return torch.cat([p.embeds for p in parts]), torch.cat(d)
+            e = [p.embeds for p in parts]
+            if self.video_newline:  # OneVision: one newline after the last frame
+                e.append(self._base.image_newline.to(e[0].device, e[0].dtype)[None])
+                d.append(d[0].new_tensor([len(parts) * n]))
+            return torch.cat(e), torch.cat(d)
         s = self.side
         base = parts[0]
         e0 = base.embeds
@@ -509,6 +532,17 @@ class LlavaNextAdapter(LlavaAdapter):
         else:
             grid = torch.cat([e1, nl[None]])
         return torch.cat([e0, grid]), torch.cat([d0, s * s + torch.arange(grid.shape[0], device=dev)])
+
+    def finish_features(self, units, embeds: list[torch.Tensor], parts: list) -> object:
+        """Per-image embeddings as ``pooler_output``; OneVision's video features as a tensor, as its forward
+        flattens the first two dims: ``[n_videos, k, D]``, or ``[1, sum k, D]`` when videos keep different counts."""
+        out = units.output
+        if "frame" in units.extra and self.video_newline:
+            same = len({e.shape[0] for e in embeds}) == 1
+            out.pooler_output = torch.stack(list(embeds)) if same else torch.cat(list(embeds))[None]
+        else:
+            out.pooler_output = list(embeds)
+        return out
 
 
 class LlavaOnevisionAdapter(LlavaNextAdapter):
@@ -558,3 +592,17 @@ def _grid_layout(h: int, w: int, newline_at_end: bool = False) -> torch.Tensor:
     c = torch.arange(w + 1).repeat(h)
     rc = torch.stack([r, c], 1)
     return rc.masked_fill((c == w).unsqueeze(1), -1)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    """The ``project`` of units already in the LLM's space."""
+    return x
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[h, w, C]`` or ``[n, h, w, C]`` resized bilinearly to ``size`` (as the model resizes its features)."""
+    one = x.dim() == 3
+    y = x[None] if one else x
+    y = torch.nn.functional.interpolate(y.permute(0, 3, 1, 2).float(), list(size), mode="bilinear")
+    y = y.permute(0, 2, 3, 1).to(x.dtype)
+    return y[0] if one else y
