@@ -141,7 +141,8 @@ class ModelDims:
         Matrices of a vision block's MLP: 2 (``fc1``/``fc2`` with GELU: CLIP, SigLIP, Qwen2-VL,
         Qwen3-VL) or 3 (SwiGLU ``gate``/``up``/``down``: Qwen2.5-VL).
     vision_patch, vision_temporal_patch, vision_merge : int, default 0, 1, 0
-        Dynamic-resolution (Qwen-VL) towers: patch side in pixels, frames per temporal patch, and the
+        Patch side in pixels (any tower); for dynamic-resolution (Qwen-VL) towers also frames per
+        temporal patch, and the
         side of the patch merger (2: 2 × 2 patches become one language-model token). ``vision_merge=0``
         marks a fixed-resolution tower (CLIP/SigLIP crops), the default.
     vision_window : int, default 0
@@ -159,6 +160,8 @@ class ModelDims:
         LLaVA-OneVision AnyRes: crop grids are every ``i × j`` with ``1 ≤ i, j ≤ vision_anyres_grid``
         (6; ``image_grid_pinpoints``), and the crop features are reduced to about
         ``vision_anyres_max`` crops' worth (9; ``vision_aspect_ratio="anyres_max_9"``). 0: unknown.
+    vision_crop_size : int, default 0
+        Fixed-resolution towers: side in pixels of one crop (336 for CLIP ViT-L/14-336, 384 for SigLIP).
 
     Examples
     --------
@@ -199,6 +202,7 @@ class ModelDims:
     video_frames: int = 0
     vision_anyres_grid: int = 0
     vision_anyres_max: int = 0
+    vision_crop_size: int = 0
 
     def __post_init__(self):
         for f in fields(self):
@@ -300,7 +304,9 @@ class ModelDims:
     @property
     def any_resolution(self) -> bool:
         """True when token counts can be derived from an image size (Qwen-VL, LLaVA-OneVision AnyRes)."""
-        return self.dynamic_resolution or (self.vision_anyres_grid > 0 and self.vision_anyres_max > 0)
+        return self.dynamic_resolution or bool(
+            self.vision_anyres_grid and self.vision_anyres_max and self.vision_crop_size
+        )
 
     def with_image_size(self, height: int, width: int) -> ModelDims:
         """A copy whose typical image (``visual_tokens_per_image``, tower tokens) is ``height × width`` px.
@@ -421,6 +427,7 @@ class ModelDims:
                     vision_tokens=patches + int(has_cls),
                     vision_patch_dim=(vget("num_channels") or 3) * patch * patch,
                     vision_patch=patch,
+                    vision_crop_size=image_size,
                     vision_cls=int(has_cls),
                     vision_feature_tokens=feature_tokens,
                     vision_crops=crops,
@@ -529,6 +536,7 @@ class ModelDims:
                 vision_tokens=tokens,
                 vision_patch_dim=vision.get("num_channels", 3) * patch * patch,
                 vision_patch=patch,
+                vision_crop_size=vision.get("image_size", 336),
                 vision_cls=tokens - patches,
                 vision_feature_tokens=vision.get("feature_tokens_per_crop", patches),
                 vision_crops=vision.get("max_crops_per_image", 1),
@@ -692,16 +700,16 @@ def anyres_layout(dims: ModelDims, height: int, width: int) -> tuple[int, int]:
     (int, int)
         ``(crops, tokens)``.
     """
-    if not (dims.vision_anyres_grid and dims.vision_anyres_max and dims.vision_patch):
+    if not (dims.vision_anyres_grid and dims.vision_anyres_max and dims.vision_crop_size):
         raise ValueError(
-            f"{dims.name}: AnyRes layout unknown (vision_anyres_grid, vision_anyres_max, vision_patch must be set)"
+            f"{dims.name}: AnyRes layout unknown (vision_anyres_grid, vision_anyres_max, vision_crop_size must be set)"
         )
     for what, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{dims.name}: image {what} must be a positive int (pixels), got {value!r}")
     patches = dims.vision_tokens - dims.vision_cls
     side = math.isqrt(patches)
-    crop = side * dims.vision_patch  # crop side in pixels (384)
+    crop = dims.vision_crop_size  # 384 px: 27 patches of 14 px, the last 6 px unused
     best, best_eff, best_waste = None, 0, math.inf
     for i in range(1, dims.vision_anyres_grid + 1):  # same order as the pinpoint list: height-major
         for j in range(1, dims.vision_anyres_grid + 1):
