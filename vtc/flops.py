@@ -32,6 +32,13 @@ Two conventions are produced, and every number carries the name of the one it us
     encoder layers: Hugging Face runs the whole tower even when ``vision_feature_layer=-2``), the
     projector, and the LM head (last prompt position plus one position per decode step by default).
 
+Dynamic-resolution towers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; ``ModelDims.vision_merge > 0``) are counted
+on the image's own patch grid (:func:`dynamic_vision_macs`): a Conv3d patch embedding, per block the
+fused QKV and output projections, the MLP (2 matrices, or 3 for Qwen2.5-VL's SwiGLU) and attention
+within each frame, or within each 112 px window in Qwen2.5-VL's windowed blocks, then the 2 × 2 merger
+MLP (once more per DeepStack block in Qwen3-VL). LLaVA-OneVision's AnyRes crops and tokens follow the
+image size too (:func:`anyres_layout`).
+
 Normalisations, softmax, RoPE, activations, biases and embedding look-ups are ignored by both
 conventions; they are element-wise and below 1 % of the total.
 
