@@ -283,6 +283,8 @@ def test_from_hf_config_llava_onevision_equals_yaml():
         ModelDims.from_yaml("llava-onevision-qwen2-7b-ov"),
         ignore=("name", "video_frames"),
     )
+    sized = ModelDims.from_hf_config(cfg, image_size=(448, 448))
+    assert (sized.vision_crops, sized.visual_tokens_per_image) == (5, 729 + 54 * 55)  # 2 x 2 crops + base
 
 
 def test_from_hf_config_llava_next_video():
@@ -302,7 +304,7 @@ def test_llava_figures_unchanged():
 def test_image_size_rejected_for_fixed_configs():
     from transformers import LlavaConfig
 
-    with pytest.raises(ValueError, match="image_size applies to dynamic-resolution models"):
+    with pytest.raises(ValueError, match="image_size applies to models whose token count follows the image"):
         ModelDims.from_hf_config(LlavaConfig(), image_size=(336, 336))
 
 

@@ -149,9 +149,8 @@ class ModelDims:
         Qwen3-VL) or 3 (SwiGLU ``gate``/``up``/``down``: Qwen2.5-VL).
     vision_patch, vision_temporal_patch, vision_merge : int, default 0, 1, 0
         Patch side in pixels (any tower); for dynamic-resolution (Qwen-VL) towers also frames per
-        temporal patch, and the
-        side of the patch merger (2: 2 × 2 patches become one language-model token). ``vision_merge=0``
-        marks a fixed-resolution tower (CLIP/SigLIP crops), the default.
+        temporal patch, and the side of the patch merger (2: 2 × 2 patches become one language-model
+        token). ``vision_merge=0`` marks a fixed-resolution tower (CLIP/SigLIP crops), the default.
     vision_window : int, default 0
         Window side in pixels of windowed attention (112 in Qwen2.5-VL); 0: every block attends all
         patches of a frame.
@@ -360,8 +359,14 @@ class ModelDims:
         name : str, optional
             Label; defaults to ``config.name_or_path`` or the model type.
         image_size : (int, int), optional
-            Dynamic-resolution (Qwen-VL) models only: ``(height, width)`` in pixels of the typical image.
-            Default: 36 × 36 merged tokens (1296; 1008 px for patch 14, 1152 px for patch 16).
+            ``(height, width)`` in pixels of the typical image, for models whose token count follows it
+            (Qwen-VL; LLaVA-OneVision AnyRes). Qwen-VL default: 36 × 36 merged tokens (1296; 1008 px
+            for patch 14, 1152 px for patch 16).
+
+        Raises
+        ------
+        ValueError
+            A required size is missing, or ``image_size`` is given for a model with fixed crops.
 
         Notes
         -----
@@ -391,16 +396,11 @@ class ModelDims:
             side = _DEFAULT_MERGED_SIDE * dims["vision_patch"] * dims["vision_merge"]
             height, width = image_size if image_size is not None else (side, side)
             return cls(name=str(label), **dims).with_image_size(height, width)
-        if image_size is not None:
-            raise ValueError(
-                f"image_size applies to dynamic-resolution models {sorted(_QWEN_VL_TYPES)}, "
-                f"not model_type {model_type!r}; leave it out"
-            )
         if vision is not None and text is not None:
             vget = _getter(vision)
-            image_size, patch = vget("image_size"), vget("patch_size")
-            if image_size and patch:
-                side = image_size // patch
+            crop_px, patch = vget("image_size"), vget("patch_size")
+            if crop_px and patch:
+                side = crop_px // patch
                 patches = side**2
                 has_cls = "siglip" not in str(vget("model_type") or "")
                 strategy = get("vision_feature_select_strategy") or "default"
@@ -409,7 +409,7 @@ class ModelDims:
                 crops = 1
                 pinpoints = get("image_grid_pinpoints")
                 if pinpoints:
-                    crops = 1 + max((h // image_size) * (w // image_size) for h, w in pinpoints)
+                    crops = 1 + max((h // crop_px) * (w // crop_px) for h, w in pinpoints)
                 feature_tokens = patches if (strategy == "default" or not has_cls) else patches + 1
                 visual = crops * feature_tokens
                 aspect = get("vision_aspect_ratio")
@@ -420,7 +420,7 @@ class ModelDims:
                     g = math.isqrt(n_max)
                     crops = 1 + g * g
                     visual = feature_tokens + (g * side) * (g * side + 1)
-                    grid = _full_grid(pinpoints, image_size)
+                    grid = _full_grid(pinpoints, crop_px)
                     anyres = dict(vision_anyres_grid=grid, vision_anyres_max=n_max) if grid else {}
                 video = 0
                 if model_type == "llava_onevision":
@@ -434,7 +434,7 @@ class ModelDims:
                     vision_tokens=patches + int(has_cls),
                     vision_patch_dim=(vget("num_channels") or 3) * patch * patch,
                     vision_patch=patch,
-                    vision_crop_size=image_size,
+                    vision_crop_size=crop_px,
                     vision_cls=int(has_cls),
                     vision_feature_tokens=feature_tokens,
                     vision_crops=crops,
@@ -445,7 +445,15 @@ class ModelDims:
                     video_tokens_per_frame=video,
                     **anyres,
                 )
-        return cls(name=str(label), **dims)
+        out = cls(name=str(label), **dims)
+        if image_size is not None:
+            if not out.any_resolution:
+                raise ValueError(
+                    f"image_size applies to models whose token count follows the image (Qwen-VL "
+                    f"{list(_QWEN_VL_TYPES)}, LLaVA-OneVision), not model_type {model_type!r}; leave it out"
+                )
+            out = out.with_image_size(*image_size)
+        return out
 
     @classmethod
     def from_yaml(cls, name_or_path: str | Path) -> ModelDims:
