@@ -211,7 +211,7 @@ def parse_image_size(text: str) -> tuple[int, int]:
 
 
 def dims_for_image_size(dims, text: str):
-    """``dims`` with its typical image set to ``--image-size`` (dynamic-resolution models only).
+    """``dims`` with its typical image set to ``--image-size`` (Qwen-VL and LLaVA-OneVision only).
 
     Raises
     ------
