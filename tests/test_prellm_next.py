@@ -91,8 +91,9 @@ def hand_reduced(rows, tokens: list[int], feats, video_feats=()) -> dict:
     return out
 
 
-def test_generate_equals_plain_generate_on_hand_reduced_inputs(fam, method):
-    model = fam.make_model("sdpa")
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_generate_equals_plain_generate_on_hand_reduced_inputs(fam, method, attn):
+    model = fam.make_model(attn)
     inputs = fam.make_inputs("b3_mixed")
     seq, logits, feats, call, stats = run_hooked(model, inputs, SPECS[method]())
     tokens = [t for row in call.tokens for t in row]
