@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 
 #: family modules under tests/families/, in test order
-FAMILY_MODULES = ["llava"]
+FAMILY_MODULES = ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
 
 def load_families() -> dict:

@@ -6,8 +6,10 @@ from torch import nn
 
 from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
 from vtc.adapters.llava import LlavaAdapter
+from vtc.adapters.qwen_vl import QwenVLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {t: LlavaAdapter for t in LlavaAdapter.model_types}
+ADAPTERS.update({t: QwenVLAdapter for t in QwenVLAdapter.model_types})
 
 
 def supported_model_types() -> list[str]:
@@ -38,6 +40,7 @@ __all__ = [
     "ConfigOnlyAdapter",
     "ModelAdapter",
     "LlavaAdapter",
+    "QwenVLAdapter",
     "get_adapter",
     "supported_model_types",
 ]
