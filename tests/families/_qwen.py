@@ -109,7 +109,9 @@ def _row_ids(kind: str, row: list[tuple]) -> list[int]:
         else:
             _, t, h, w = part
             per = h * w // MERGE**2
-            if kind == "qwen3_vl":  # one run per frame, a timestamp text before each (as the processor writes)
+            if (
+                kind == "qwen3_vl"
+            ):  # one run per frame, a timestamp text before each (as the processor writes)
                 for f in range(t):
                     out += [40 + f, VS] + [VID] * per + [VE]
             else:

@@ -210,7 +210,9 @@ class QwenVLAdapter(ModelAdapter):
                     f"{a}x{b_} grids"
                 )
             kind = "video" if vid else "image"
-            spans.extend(ImageSpan(row, start + k * per, per, (a, b_), kind=kind) for k in range(length // per))
+            spans.extend(
+                ImageSpan(row, start + k * per, per, (a, b_), kind=kind) for k in range(length // per)
+            )
         return spans
 
     # --- DeepStack ------------------------------------------------------------------------------------
