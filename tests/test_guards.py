@@ -109,7 +109,10 @@ def test_unsupported_model_raises_listing_types():
             vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
         )
     )
-    with pytest.raises(ValueError, match=r"model_type='llama'.*Supported model types: \['llava'.*'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"model_type='llama'.*Supported model types: \['llava'.*'qwen2_5_vl', 'qwen2_vl', 'qwen3_vl'\]",
+    ):
         vtc.apply(m, "pyramid_drop")
 
 

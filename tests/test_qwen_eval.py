@@ -26,7 +26,16 @@ CHAT_TEMPLATE = (
     "{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{% endif %}</s>"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
-SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+SPECIAL = [
+    "<pad>",
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 PIXELS = dict(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2)
 
 
@@ -85,8 +94,16 @@ def make_tiny_qwen_checkpoint(path: Path, seed: int = 0) -> Path:
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         ),
         vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=64,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
         ),  # fmt: skip
         image_token_id=vocab["<|image_pad|>"],
         video_token_id=vocab["<|video_pad|>"],
@@ -128,10 +145,23 @@ def _method_yaml(tmp: Path, name: str, body: dict) -> str:
 def test_vtc_eval_and_lmms_plugin_on_qwen(qwen_checkpoint, tmp_path):
     env = _env(tmp_path)
     # original positions (M-RoPE); FastV at K=2 keeping half of each image's tokens: 4 -> 2 from layer 2 on
-    fastv = _method_yaml(tmp_path, "fastv_orig", {"method": "fastv", "k": 2, "r": 0.5, "positions": "original"})
+    fastv = _method_yaml(
+        tmp_path, "fastv_orig", {"method": "fastv", "k": 2, "r": 0.5, "positions": "original"}
+    )
     out = tmp_path / "results"
     cmd = [_bin("vtc"), "eval", "--model", str(qwen_checkpoint), "--methods", "none", fastv]
-    cmd += ["--tasks", "vtc_offline", "--limit", "4", "--batch-size", "2", "--device", "cpu", "--output", str(out)]
+    cmd += [
+        "--tasks",
+        "vtc_offline",
+        "--limit",
+        "4",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, f"vtc eval failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     files = _results_files(out)
@@ -144,7 +174,9 @@ def test_vtc_eval_and_lmms_plugin_on_qwen(qwen_checkpoint, tmp_path):
     assert set(blocks) == {"none", "fastv"}
     per_image = 4  # the processor's grid (1, 4, 4) after the 2x2 merger, one image per question
     assert blocks["none"]["avg_visual_tokens_per_layer"] == [per_image] * N_LAYERS
-    assert blocks["fastv"]["avg_visual_tokens_per_layer"] == [per_image] * 2 + [per_image // 2] * (N_LAYERS - 2)
+    assert blocks["fastv"]["avg_visual_tokens_per_layer"] == [per_image] * 2 + [per_image // 2] * (
+        N_LAYERS - 2
+    )
     assert 0 < blocks["fastv"]["tflops_full"]
 
     # the lmms-eval CLI with the plugin, on the same checkpoint
@@ -158,14 +190,17 @@ def test_vtc_eval_and_lmms_plugin_on_qwen(qwen_checkpoint, tmp_path):
     assert done.returncode == 0 and "Error during evaluation" not in log, log
     (f,) = _results_files(lm_out)
     data = json.loads(f.read_text())
-    assert data["vtc"]["per_task"]["vtc_offline"]["avg_visual_tokens_per_layer"] == blocks["fastv"][
-        "avg_visual_tokens_per_layer"
-    ]
+    assert (
+        data["vtc"]["per_task"]["vtc_offline"]["avg_visual_tokens_per_layer"]
+        == blocks["fastv"]["avg_visual_tokens_per_layer"]
+    )
 
 
 def test_vtc_bench_on_qwen(qwen_checkpoint, tmp_path):
     env = _env(tmp_path)
-    fastv = _method_yaml(tmp_path, "fastv_orig", {"method": "fastv", "k": 2, "r": 0.5, "positions": "original"})
+    fastv = _method_yaml(
+        tmp_path, "fastv_orig", {"method": "fastv", "k": 2, "r": 0.5, "positions": "original"}
+    )
     cmd = [_bin("vtc"), "bench", "--model", str(qwen_checkpoint), "--method", fastv, "--device", "cpu"]
     cmd += ["--threads", "1", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--no-progress"]
     cmd += ["--out", str(tmp_path / "bench.json")]
