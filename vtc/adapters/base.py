@@ -424,6 +424,126 @@ class ModelAdapter:
                 )
         return sel, cls, out, attn, keys
 
+    # --- pre-LLM stage hooks (vtc.engine.prellm) -------------------------------------------------------------
+    #: names of ``[B, T]`` per-token inputs of the trunk that a prompt rewrite must resize like ``input_ids``
+    token_inputs: tuple[str, ...] = ()
+
+    def feature_entries(self) -> list[tuple[str, str, str, int]]:
+        """The trunk's feature entry points the pre-LLM stage patches: ``(modality, method name, pixel keyword,
+        placeholder token id)`` each; images only by default (video models add ``get_video_features``)."""
+        return [("image", "get_image_features", "pixel_values", self.image_token_id)]
+
+    def feature_kwargs(self, modality: str, kwargs: dict) -> dict:
+        """Keyword arguments (besides the pixels) the trunk passes to the ``modality``'s feature entry point."""
+        return {
+            "vision_feature_layer": kwargs.get("vision_feature_layer"),
+            "vision_feature_select_strategy": kwargs.get("vision_feature_select_strategy"),
+            "image_sizes": kwargs.get("image_sizes"),
+        }
+
+    def vision_units(
+        self,
+        pixel_values,
+        with_attention: bool = False,
+        what: str = "this method",
+        modality: str = "image",
+        **params,
+    ):
+        """The images of one ``get_image_features`` call as the units a pre-LLM method reduces.
+
+        The default serves towers whose every image is one fixed square grid (LLaVA-1.5): one group, one unit
+        per image, the projector as ``project``. Adapters of anyres or dynamic-resolution models return a unit
+        per grid (base view, high-resolution part, merged grid ...) and assemble them in
+        :meth:`assemble_image`.
+
+        Returns
+        -------
+        vtc.engine.prellm.VisionUnits
+        """
+        from vtc.engine.prellm import ImageInputs, VisionUnits
+
+        if modality != "image":
+            raise NotImplementedError(f"{type(self).__name__} has no {modality} features")
+        grid = tuple(self.grid_of_image())
+        sel, cls, out, attn, keys = self.vision_features(
+            pixel_values, grid, with_attention=with_attention, what=what, **params
+        )
+        inputs = ImageInputs(
+            selected=sel,
+            cls=cls,
+            grid=grid,
+            project=self.image_feature_owner().multi_modal_projector,
+            attention=attn,
+            keys=keys,
+        )
+        n = sel.shape[0]
+        return VisionUnits([inputs], [[(i, 0) for i in range(n)]], [sel.shape[1]] * n, out, [1] * n)
+
+    def assemble_image(self, units, image: int, parts: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's placed embeddings from its reduced units.
+
+        Parameters
+        ----------
+        units : vtc.engine.prellm.VisionUnits
+        image : int
+        parts : list[vtc.engine.prellm.ImagePart]
+            What the method left of each unit of the image, in part order.
+
+        Returns
+        -------
+        embeds : torch.Tensor
+            ``[k, D]`` the image's embeddings in placement order.
+        dest : torch.Tensor
+            ``[k]`` long, the offset in the image's original placeholder run that each token stands for
+            (distinct; a kept patch at its own slot, merged or pooled tokens at slots of their unit), used to put
+            outputs back at the caller's positions and to keep original positions.
+        """
+        from vtc.engine.prellm import dest_in_unit
+
+        if len(parts) != 1:
+            raise NotImplementedError(f"{type(self).__name__} lays an image on one unit; got {len(parts)}")
+        p = parts[0]
+        return p.embeds, dest_in_unit(p.cells, p.embeds.shape[0], p.cls, p.embeds.device)
+
+    def finish_features(self, units, embeds: list[torch.Tensor], parts: list) -> object:
+        """The feature call's output carrying the per-image ``embeds`` (``pooler_output``, one ``[k_i, D]`` per
+        image); adapters with other per-token features (DeepStack) reduce those here too."""
+        out = units.output
+        out.pooler_output = list(embeds)
+        return out
+
+    def prellm_positions(self, kwargs: dict, caller_ids, caller_mask, src, new_valid) -> None:
+        """Set the rewritten prompt's ``position_ids`` in ``kwargs`` (1-D RoPE: consecutive positions of the
+        rewritten prompt, as ``generate`` would make them for it).
+
+        Parameters
+        ----------
+        kwargs : dict
+            The trunk's keyword arguments, already rewritten (``input_ids``, ``attention_mask``).
+        caller_ids, caller_mask : torch.Tensor
+            ``[B, T]`` the caller's ids and 2-D mask (None when it gave none).
+        src : torch.Tensor
+            ``[B, Tn]`` caller position each rewritten slot stands for (-1: padding).
+        new_valid : torch.Tensor
+            ``[B, Tn]`` bool.
+        """
+        if kwargs.get("position_ids") is not None or kwargs.get("attention_mask") is not None:
+            pos = new_valid.long().cumsum(-1) - 1
+            kwargs["position_ids"] = pos.masked_fill(~new_valid, 1)
+
+    def prellm_decode_positions(self, kwargs: dict, shift, full_mask, q: int, original_space: bool) -> None:
+        """Set a decode step's ``position_ids`` after a pre-LLM rewrite (1-D RoPE: the caller's positions minus
+        the tokens the rewrite removed from the row, ``shift`` ``[B]``)."""
+        pos = kwargs.get("position_ids")
+        B = full_mask.shape[0]
+        if pos is not None:
+            if original_space:
+                kwargs["position_ids"] = pos.expand(B, -1) - shift.to(pos.device).unsqueeze(1)
+        elif kwargs["attention_mask"] is not None:
+            kwargs["position_ids"] = (full_mask.long().sum(1, keepdim=True) - 1) + torch.arange(
+                1 - q, 1, device=full_mask.device
+            ).unsqueeze(0)
+
     def check_supported(self) -> None:
         tt = getattr(self.text_config, "model_type", None)
         if self.text_model_types and tt not in self.text_model_types:

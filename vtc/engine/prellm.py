@@ -27,12 +27,23 @@ not rewritten at all: the call is the unpatched one, bit for bit. Per-call recor
 
 A method implements ``reduce(inputs: ImageInputs) -> Reduction`` (and may set ``uses_prompt``).
 
+Model knowledge stays in the adapter (:class:`vtc.adapters.ModelAdapter`): ``feature_entries`` names the entry
+points to patch (``get_image_features``, and ``get_video_features`` for video models) with their pixel keyword and
+placeholder id; ``vision_units`` cuts a call's images into units, one feature grid each (a LLaVA image; the base
+view and the high-resolution part of a LLaVA-NeXT image; a Qwen-VL merged grid), batched by grid into
+:class:`ImageInputs` groups, so ``reduce`` runs once per group; ``assemble_image`` puts an image's reduced units
+back together (newline tokens ...) and says which slot of the original run each placed token stands for;
+``finish_features`` writes the output (and reduces per-token side features such as DeepStack's);
+``token_inputs``, ``prellm_positions`` and ``prellm_decode_positions`` rewrite per-token inputs and positions
+(1-D RoPE: consecutive positions; M-RoPE: each kept token keeps its own).
+
 Shape names: ``n`` images, ``N`` patch tokens per image (``h*w``), ``c`` leading CLS tokens (0 or 1),
 ``Dv`` vision channels, ``D`` LLM hidden, ``B`` batch rows, ``T`` prompt length, ``k`` kept tokens.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
@@ -43,8 +54,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from vtc.engine.ops import gather_rows
 from vtc.engine.session import PreLLMComponent
 from vtc.engine.state import ImageSpan
 
@@ -172,6 +183,69 @@ class Reduction:
 
 
 @dataclass
+class VisionUnits:
+    """The images of one feature call as the units a pre-LLM method reduces (made by the adapter's
+    :meth:`~vtc.adapters.ModelAdapter.vision_units`).
+
+    A unit is one feature grid: a LLaVA image, the base view or the high-resolution part of a LLaVA-NeXT image,
+    the merged grid of a Qwen-VL image. Units sharing one grid and CLS count are batched into one
+    :class:`ImageInputs` group, and the method's ``reduce`` runs once per group.
+
+    Attributes
+    ----------
+    groups : list[ImageInputs]
+        Batched units; ``groups[g].selected`` is ``[n_g, c + N_g, Dv]``.
+    members : list[list[tuple[int, int]]]
+        ``members[g][j] = (image, part)``: unit ``j`` of group ``g`` is part ``part`` of image ``image``.
+    orig_tokens : list[int]
+        Per image, the tokens the unpatched model places for it (its placeholder run).
+    output : object
+        The feature call's output; :meth:`~vtc.adapters.ModelAdapter.finish_features` sets its per-image
+        embeddings.
+    parts : list[int]
+        Per image, its number of units.
+    extra : dict
+        Adapter-private facts of the call (layouts, grids ...), read back by its ``assemble_image``.
+    """
+
+    groups: list[ImageInputs]
+    members: list[list[tuple[int, int]]]
+    orig_tokens: list[int]
+    output: object
+    parts: list[int]
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.orig_tokens)
+
+    @property
+    def single(self) -> bool:
+        """One group whose units are the images themselves, in order (LLaVA-1.5)."""
+        return len(self.groups) == 1 and all(p == 1 for p in self.parts)
+
+
+@dataclass
+class ImagePart:
+    """What a method left of one unit: ``embeds [k, D]``, the ``grid`` they lie on (None: a ``(1, k)`` row), the
+    patch ``cells [k']`` they stand for when they are single patches (None otherwise) and the unit's ``cls``."""
+
+    embeds: torch.Tensor
+    grid: tuple[int, int] | None
+    cells: torch.Tensor | None
+    cls: int
+    info: dict
+
+
+def dest_in_unit(cells: torch.Tensor | None, k: int, cls: int, dev) -> torch.Tensor:
+    """``[k]`` offset in its unit's placeholder run of each of a unit's ``k`` tokens: a kept patch at its own
+    cell (after the CLS slot), other tokens (merged, pooled) at the run's first slots."""
+    if cells is not None and k == cells.numel() + cls:
+        return torch.cat([torch.arange(cls, device=dev), cells.to(dev) + cls])
+    return torch.arange(k, device=dev)
+
+
+@dataclass
 class PreLLMCall:
     """What a pre-LLM method did in one prefill, per batch row (images in prompt order).
 
@@ -239,12 +313,20 @@ class _Encoded:
     """Attached to the output of the patched ``get_image_features``."""
 
     token: object
-    inputs: ImageInputs
-    reduction: Reduction
+    units: VisionUnits
+    reductions: list[Reduction]  # one per group
+    embeds: list[torch.Tensor]  # per image, what is placed
+    dests: list[torch.Tensor]  # per image, [k] offset of each placed token in the image's original run
+    parts: list[list[ImagePart]]  # per image, its units' results
 
     @property
     def orig_tokens(self) -> list[int]:
-        return [self.inputs.selected.shape[1]] * self.inputs.n
+        return self.units.orig_tokens
+
+    @property
+    def inputs(self) -> ImageInputs:
+        """The single group (LLaVA-1.5-style calls); records of several groups are read per part."""
+        return self.units.groups[0]
 
 
 @dataclass
@@ -272,23 +354,25 @@ class PerThread:
 
 
 class _FeaturePatch:
-    """The instance patch of ``get_image_features`` (keeps the original signature through ``__wrapped__``).
+    """The instance patch of one feature entry point (``get_image_features``, ``get_video_features``), keeping the
+    original signature through ``__wrapped__``.
 
     A deep copy of the patched model gets the plain class method back instead (the copy has no vtc hooks).
     """
 
-    def __init__(self, stage, orig, owner):
+    def __init__(self, stage, orig, owner, modality: str, fn_name: str):
         functools.update_wrapper(self, orig)
         self._stage, self._orig_fn, self._owner = stage, orig, owner
+        self._modality, self._fn_name = modality, fn_name
 
     def __call__(self, *args, **kwargs):
-        return self._stage.encode(self._orig_fn, *args, **kwargs)
+        return self._stage.encode(self._orig_fn, *args, _modality=self._modality, **kwargs)
 
     def __deepcopy__(self, memo):
         new_owner = memo.get(id(self._owner))
         if new_owner is None:
             return self
-        return types.MethodType(type(self._owner).get_image_features, new_owner)
+        return types.MethodType(getattr(type(self._owner), self._fn_name), new_owner)
 
 
 class PreLLMStage(PreLLMComponent):
@@ -319,7 +403,7 @@ class PreLLMStage(PreLLMComponent):
             check(adapter)
         self._token = object()
         self._owner = None
-        self._wrapper = None
+        self._wrappers: dict = {}
         self._tls = threading.local()
 
     # --- method hooks (DFMR overrides these to keep its record) ----------------------------------------------
@@ -345,60 +429,91 @@ class PreLLMStage(PreLLMComponent):
     # --- instance patch ----------------------------------------------------------------------------------------
     def attach(self, session) -> None:
         owner = self.adapter.image_feature_owner()
-        cur = owner.__dict__.get("get_image_features")
-        if (
-            isinstance(cur, types.MethodType)
-            and cur.__self__ is owner
-            and cur.__func__ is type(owner).get_image_features
-        ):
-            del owner.get_image_features  # left by a deep copy of a patched model: the plain class method
-            cur = None
-        if cur is not None:
-            raise RuntimeError(
-                f"{type(owner).__name__}.get_image_features is already patched on this instance; remove the other "
-                "patch (or vtc handle) first"
-            )
-        orig = owner.get_image_features
-        get_image_features = _FeaturePatch(self, orig, owner)
-        owner.get_image_features = get_image_features
-        self._owner, self._wrapper = owner, get_image_features
+        self._owner = owner
+        self._wrappers = {}
+        for modality, fn_name, _, _ in self.adapter.feature_entries():
+            cur = owner.__dict__.get(fn_name)
+            if (
+                isinstance(cur, types.MethodType)
+                and cur.__self__ is owner
+                and cur.__func__ is getattr(type(owner), fn_name)
+            ):
+                delattr(owner, fn_name)  # left by a deep copy of a patched model: the plain class method
+                cur = None
+            if cur is not None:
+                self.detach(session)
+                raise RuntimeError(
+                    f"{type(owner).__name__}.{fn_name} is already patched on this instance; remove the other patch "
+                    "(or vtc handle) first"
+                )
+            wrapper = _FeaturePatch(self, getattr(owner, fn_name), owner, modality, fn_name)
+            setattr(owner, fn_name, wrapper)
+            self._wrappers[modality] = wrapper
 
     def detach(self, session) -> None:
         owner = self._owner
-        if owner is not None and owner.__dict__.get("get_image_features") is self._wrapper:
-            del owner.get_image_features
-        self._owner = self._wrapper = None
+        for modality, fn_name, _, _ in self.adapter.feature_entries():
+            w = (self._wrappers or {}).get(modality)
+            if owner is not None and w is not None and owner.__dict__.get(fn_name) is w:
+                delattr(owner, fn_name)
+        self._owner, self._wrappers = None, {}
         self._map = self._caller = None
 
-    # --- features -------------------------------------------------------------------------------------------------
-    def image_inputs(self, pixel_values, **params) -> tuple[ImageInputs, object]:
-        """The :class:`ImageInputs` of a batch of images and the tower's output (needs no attached hooks)."""
-        need_attn = bool(getattr(self.method, "needs_attention", False))
-        sel, cls, out, attn, keys = self.adapter.vision_features(
-            pixel_values, self.grid, with_attention=need_attn, what=self.name, **params
-        )
-        owner = self.adapter.image_feature_owner()
-        inputs = ImageInputs(
-            selected=sel,
-            cls=cls,
-            grid=self.grid,
-            project=owner.multi_modal_projector,
-            attention=attn,
-            keys=keys,
-        )
-        return inputs, out
+    @property
+    def _wrapper(self):
+        """The patched ``get_image_features`` (None when detached)."""
+        return (self._wrappers or {}).get("image")
 
-    def encode(self, orig, *args, **kwargs):
-        """Body of the patched ``get_image_features``: select, reduce (all images as one prompt), project."""
+    # --- features -------------------------------------------------------------------------------------------------
+    def units(self, pixel_values, modality: str = "image", **params) -> VisionUnits:
+        """The :class:`VisionUnits` of a batch of images (or videos) (needs no attached hooks)."""
+        need_attn = bool(getattr(self.method, "needs_attention", False))
+        return self.adapter.vision_units(
+            pixel_values, with_attention=need_attn, what=self.name, modality=modality, **params
+        )
+
+    def image_inputs(self, pixel_values, **params) -> tuple[ImageInputs, object]:
+        """The :class:`ImageInputs` of a batch of images and the tower's output, for models whose images are one
+        fixed grid each (LLaVA-1.5; the calibration and benchmark helpers use it)."""
+        units = self.units(pixel_values, **params)
+        if not units.single:
+            raise ValueError(
+                f"{self.name}: this model lays an image out on several grids ({len(units.groups)} groups); use "
+                "PreLLMStage.units() instead of image_inputs()"
+            )
+        return units.groups[0], units.output
+
+    def encode(self, orig, *args, _modality: str = "image", **kwargs):
+        """Body of a patched feature entry point: units, reduce (all images as one prompt), assemble."""
         bound = inspect.signature(orig).bind(*args, **kwargs)
         params = dict(bound.arguments)
         params.update(params.pop("kwargs", {}) or {})
-        pixel_values = params.pop("pixel_values")
-        inputs, out = self.image_inputs(pixel_values, **params)
-        red = self._checked(self.reduce(inputs), inputs)
-        out.pooler_output = list(red.embeds)
-        setattr(out, _RECORD_ATTR, _Encoded(self._token, inputs, red))
+        pix_key = next(k for m, _, k, _ in self.adapter.feature_entries() if m == _modality)
+        pixel_values = params.pop(pix_key)
+        units = self.units(pixel_values, modality=_modality, **params)
+        reds = [self._checked(self.reduce(g), g) for g in units.groups]
+        rec = self._assemble(units, reds)
+        out = self.adapter.finish_features(units, rec.embeds, rec.parts)
+        setattr(out, _RECORD_ATTR, rec)
         return out
+
+    def _assemble(self, units: VisionUnits, reds: list[Reduction]) -> _Encoded:
+        parts: list[list[ImagePart | None]] = [[None] * p for p in units.parts]
+        for g, (grp, red) in enumerate(zip(units.groups, reds)):
+            for j, (img, part) in enumerate(units.members[g]):
+                parts[img][part] = ImagePart(
+                    embeds=red.embeds[j],
+                    grid=None if red.grids is None else tuple(red.grids[j]),
+                    cells=None if red.cells is None else red.cells[j],
+                    cls=grp.cls,
+                    info=red.info[j] if red.info is not None else {},
+                )
+        embeds, dests = [], []
+        for i in range(units.n_images):
+            e, d = self.adapter.assemble_image(units, i, parts[i])
+            embeds.append(e)
+            dests.append(d)
+        return _Encoded(self._token, units, reds, embeds, dests, parts)
 
     def _checked(self, red: Reduction, inputs: ImageInputs) -> Reduction:
         if len(red.embeds) != inputs.n or any(e.dim() != 2 or e.shape[0] < 1 for e in red.embeds):
@@ -411,79 +526,105 @@ class PreLLMStage(PreLLMComponent):
     # --- prefill rewrite ------------------------------------------------------------------------------------------
     def prefill(self, session, kwargs: dict) -> dict:
         self._map, self._spans, self._caller, self._orig, self.call = None, None, None, None, None
-        mm = kwargs.get("mm_encoder_outputs")
-        img_out = mm.get("image") if mm else None
-        pv = kwargs.get("pixel_values")
-        if pv is not None:
-            if img_out is not None:
-                raise ValueError("got both pixel_values and mm_encoder_outputs['image']; pass one of them")
-            img_out = self._wrapper(
-                pixel_values=pv,
-                vision_feature_layer=kwargs.get("vision_feature_layer"),
-                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
-                image_sizes=kwargs.get("image_sizes"),
-            )
-            kwargs["pixel_values"] = None
-            mm = dict(mm or {})
-            mm["image"] = img_out
-            kwargs["mm_encoder_outputs"] = mm
-        if img_out is None:
-            return kwargs
+        mm = dict(kwargs.get("mm_encoder_outputs") or {})
         ids = kwargs.get("input_ids")
-        if ids is None:
-            raise ValueError(
-                f"{self.name} needs input_ids to rewrite the image placeholders; got inputs_embeds only"
-            )
-        rec = getattr(img_out, _RECORD_ATTR, None)
-        if rec is None or rec.token is not self._token:
-            raise ValueError(
-                f"{self.name} got image features it did not compute (mm_encoder_outputs passed by hand, or copied by "
-                "generate for num_beams/num_return_sequences > 1, which pre-LLM methods do not support). Pass "
-                "pixel_values (or features from this model's patched get_image_features)."
-            )
-        placement = self._place(ids, rec)
+        recs: dict[str, _Encoded] = {}
+        token_of: dict[str, int] = {}
+        for modality, _, pix_key, token_id in self.adapter.feature_entries():
+            token_of[modality] = token_id
+            out = mm.get(modality)
+            pv = kwargs.get(pix_key)
+            if pv is not None:
+                if out is not None:
+                    raise ValueError(
+                        f"got both {pix_key} and mm_encoder_outputs[{modality!r}]; pass one of them"
+                    )
+                out = self._wrappers[modality](
+                    **{pix_key: pv}, **self.adapter.feature_kwargs(modality, kwargs)
+                )
+                kwargs[pix_key] = None
+                mm[modality] = out
+            if out is None:
+                continue
+            if ids is None:
+                raise ValueError(
+                    f"{self.name} needs input_ids to rewrite the {modality} placeholders; got inputs_embeds only"
+                )
+            rec = getattr(out, _RECORD_ATTR, None)
+            if rec is None or rec.token is not self._token:
+                raise ValueError(
+                    f"{self.name} got {modality} features it did not compute (mm_encoder_outputs passed by hand, or "
+                    "copied by generate for num_beams/num_return_sequences > 1, which pre-LLM methods do not "
+                    f"support). Pass {pix_key} (or features from this model's patched feature function)."
+                )
+            recs[modality] = rec
+        if not recs:
+            return kwargs
+        kwargs["mm_encoder_outputs"] = mm
         B = ids.shape[0]
-        rows: list[list[int]] = [[] for _ in range(B)]
-        for i, (b, _) in enumerate(placement):
-            rows[b].append(i)
-        inputs, red = rec.inputs, rec.reduction
+        places = {m: self._place(ids, rec, token_of[m], m) for m, rec in recs.items()}
         if self.uses_prompt():
-            inputs = ImageInputs(
-                selected=inputs.selected,
-                cls=inputs.cls,
-                grid=inputs.grid,
-                project=inputs.project,
-                rows=[b for b, _ in placement],
-                text=self._text(kwargs, ids, placement),
-                attention=inputs.attention,
-                keys=inputs.keys,
-                _projected=inputs._projected,
-            )
-            red = self._checked(self.reduce(inputs), inputs)
-            mm = dict(kwargs["mm_encoder_outputs"])
-            mm["image"] = BaseModelOutputWithPooling(
-                last_hidden_state=img_out.last_hidden_state,
-                pooler_output=list(red.embeds),
-                hidden_states=img_out.hidden_states,
-                attentions=img_out.attentions,
-            )
-            kwargs["mm_encoder_outputs"] = mm
-        new_tokens = [e.shape[0] for e in red.embeds]
-        grids = red.grids or [(1, k) for k in new_tokens]
-        cells0 = red.cells or [None] * len(new_tokens)
-        self._rewrite(kwargs, ids, placement, rec.orig_tokens, new_tokens, grids, cells0, inputs.cls)
-        n = len(new_tokens)
-        cells = red.cells or [None] * n
-        info = red.info or [{} for _ in range(n)]
+            for m, rec in list(recs.items()):
+                recs[m] = rec = self._with_prompt(kwargs, ids, places[m], rec)
+                mm[m] = self.adapter.finish_features(rec.units, rec.embeds, rec.parts)
+        # every image and video of the prompt, in prompt order
+        items = sorted((b, s0, m, i) for m, pl in places.items() for i, (b, s0) in enumerate(pl))
+        placement = [(b, s0) for b, s0, _, _ in items]
+        new_tokens = [recs[m].embeds[i].shape[0] for _, _, m, i in items]
+        orig_tokens = [recs[m].orig_tokens[i] for _, _, m, i in items]
+        parts = [recs[m].parts[i] for _, _, m, i in items]
+        dests = [recs[m].dests[i] for _, _, m, i in items]
+        tokens = [token_of[m] for _, _, m, _ in items]
+        grids = [self._image_grid(p, k) for p, k in zip(parts, new_tokens)]
+        self._rewrite(kwargs, ids, placement, orig_tokens, new_tokens, grids, dests, tokens)
+        rows: list[list[int]] = [[] for _ in range(B)]
+        for j, (b, _, _, _) in enumerate(items):
+            rows[b].append(j)
+        info = [p[0].info if len(p) == 1 else {"parts": [q.info for q in p]} for p in parts]
+        cells = [p[0].cells if len(p) == 1 else None for p in parts]
         self.call = PreLLMCall(
-            tokens=[[new_tokens[i] for i in r] for r in rows],
-            original=[sum(rec.orig_tokens[i] for i in r) for r in rows],
-            cells=[[cells[i] for i in r] for r in rows],
-            info=[[info[i] for i in r] for r in rows],
+            tokens=[[new_tokens[j] for j in r] for r in rows],
+            original=[sum(orig_tokens[j] for j in r) for r in rows],
+            cells=[[cells[j] for j in r] for r in rows],
+            info=[[info[j] for j in r] for r in rows],
         )
         self._orig = self.call.original
-        self.after_prefill(self.call, rows, inputs)
+        first = next(iter(recs.values()))
+        self.after_prefill(self.call, rows, first.units.groups[0])
         return kwargs
+
+    def _with_prompt(self, kwargs, ids, placement, rec: _Encoded) -> _Encoded:
+        """Re-run the method with each unit's prompt row and text (methods with ``uses_prompt``)."""
+        units = rec.units
+        texts = self._text(kwargs, ids, placement)
+        groups = []
+        for g, grp in enumerate(units.groups):
+            imgs = [img for img, _ in units.members[g]]
+            groups.append(
+                ImageInputs(
+                    selected=grp.selected,
+                    cls=grp.cls,
+                    grid=grp.grid,
+                    project=grp.project,
+                    rows=[placement[i][0] for i in imgs],
+                    text=[texts[i] for i in imgs],
+                    attention=grp.attention,
+                    keys=grp.keys,
+                    _projected=grp._projected,
+                )
+            )
+        # a shallow copy of the feature output: the caller's object keeps its embeddings
+        units = VisionUnits(
+            groups, units.members, units.orig_tokens, copy.copy(units.output), units.parts, units.extra
+        )
+        return self._assemble(units, [self._checked(self.reduce(g), g) for g in groups])
+
+    @staticmethod
+    def _image_grid(parts: list[ImagePart], k: int) -> tuple[int, int]:
+        """The grid a reduced image's ``k`` tokens lie on (its unit's grid when it has one unit)."""
+        if len(parts) == 1 and parts[0].grid is not None:
+            return tuple(parts[0].grid)
+        return (1, k)
 
     def _text(self, kwargs, ids, placement) -> list[torch.Tensor | None]:
         """``[M, D]`` input embeddings of the valid non-image tokens of each image's row."""
@@ -498,15 +639,16 @@ class PreLLMStage(PreLLMComponent):
             by_row[b] = t if t.shape[0] else None
         return [by_row[b] for b, _ in placement]
 
-    def _place(self, ids: torch.Tensor, rec: _Encoded) -> list[tuple[int, int]]:
-        """``(row, start)`` of each image's placeholder run, images in the order of the features."""
-        tid = self.adapter.image_token_id
+    def _place(
+        self, ids: torch.Tensor, rec: _Encoded, tid: int, modality: str = "image"
+    ) -> list[tuple[int, int]]:
+        """``(row, start)`` of each image's (video's) placeholder run, in the order of the features."""
         is_img = ids == tid
         n_ph = int(is_img.sum())
         n_feat = sum(rec.orig_tokens)
         hint = (
-            f"the prompt has {n_ph} image placeholder tokens but the {len(rec.orig_tokens)} images give {n_feat} "
-            f"features ({rec.orig_tokens[0]} per image)"
+            f"the prompt has {n_ph} {modality} placeholder tokens but the {len(rec.orig_tokens)} {modality}s give "
+            f"{n_feat} features ({rec.orig_tokens[0]} per {modality})"
         )
         if n_ph > n_feat and n_ph % n_feat == 0:
             hint += (
@@ -514,7 +656,9 @@ class PreLLMStage(PreLLMComponent):
                 f"{self.name} does not support: repeat the inputs yourself instead"
             )
         else:
-            hint += f"; the processor must expand each <image> to {rec.orig_tokens[0]} placeholder tokens"
+            hint += (
+                f"; the processor must expand each <{modality}> to {rec.orig_tokens[0]} placeholder tokens"
+            )
         if n_ph != n_feat:
             raise ValueError(f"{self.name}: {hint}")
         out = []
@@ -529,14 +673,14 @@ class PreLLMStage(PreLLMComponent):
                 run = pos[j : j + n]
                 if len(run) < n or run[-1] - run[0] != n - 1:
                     raise ValueError(
-                        f"{self.name}: image {k}'s placeholders are not one contiguous run in row {b}; {hint}"
+                        f"{self.name}: {modality} {k}'s placeholders are not one contiguous run in row {b}; {hint}"
                     )
                 out.append((b, run[0]))
                 j += n
                 k += 1
         return out
 
-    def _rewrite(self, kwargs, ids, placement, orig_tokens, new_tokens, grids, cells, cls) -> None:
+    def _rewrite(self, kwargs, ids, placement, orig_tokens, new_tokens, grids, dests, tokens) -> None:
         """Resize each placeholder run, re-pad rows on the left, rewrite mask and positions; remember the caller's
         position of every new slot (kept patches at their own cell, other image tokens at the run's first slots)."""
         B, T = ids.shape
@@ -549,19 +693,19 @@ class PreLLMStage(PreLLMComponent):
             # embeddings are the unpatched ones); only tokens standing for other cells need a caller map
             caller = None
             for i, (b, s0) in enumerate(placement):
-                d = self._dest(cells[i], new_tokens[i], cls, dev)
+                d = dests[i].to(dev)
                 if not bool((d == torch.arange(new_tokens[i], device=dev)).all()):
                     if caller is None:
                         caller = torch.arange(T, device=dev).repeat(B, 1)
                     caller[b, s0 : s0 + new_tokens[i]] = s0 + d
             self._caller = caller
             return
-        tid, pad = self.adapter.image_token_id, self.adapter.pad_token_id
+        pad = self.adapter.pad_token_id
         valid = am.bool() if am is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
         by_row: list[list[int]] = [[] for _ in range(B)]
         for i, (b, _) in enumerate(placement):
             by_row[b].append(i)
-        contents, masks, starts, dests = [], [], [], []
+        contents, masks, starts, srcs = [], [], [], []
         for b in range(B):
             nz = valid[b].nonzero()
             first = int(nz[0]) if len(nz) else T
@@ -576,15 +720,15 @@ class PreLLMStage(PreLLMComponent):
                 dpieces.append(torch.arange(cur, s0, device=dev))
                 length += s0 - cur
                 st.append(length)
-                pieces.append(torch.full((new_tokens[i],), tid, dtype=ids.dtype, device=dev))
+                pieces.append(torch.full((new_tokens[i],), tokens[i], dtype=ids.dtype, device=dev))
                 mpieces.append(torch.ones(new_tokens[i], dtype=torch.bool, device=dev))
-                dpieces.append(s0 + self._dest(cells[i], new_tokens[i], cls, dev))
+                dpieces.append(s0 + dests[i].to(dev))
                 length += new_tokens[i]
                 cur = s0 + orig_tokens[i]
             pieces.append(ids[b, cur:])
             mpieces.append(valid[b, cur:])
             dpieces.append(torch.arange(cur, T, device=dev))
-            dests.append(torch.cat(dpieces))
+            srcs.append(torch.cat(dpieces))
             contents.append(torch.cat(pieces))
             masks.append(torch.cat(mpieces))
             starts.append(st)
@@ -595,32 +739,27 @@ class PreLLMStage(PreLLMComponent):
         caller = torch.full((B, Tn), -1, dtype=torch.long, device=dev)
         for b in range(B):
             off = Tn - len(contents[b])
-            caller[b, off:] = dests[b]
+            caller[b, off:] = srcs[b]
             new_ids[b, off:] = contents[b]
             new_valid[b, off:] = masks[b]
             for i, st in zip(by_row[b], starts[b]):
                 spans.append(ImageSpan(b, off + st, new_tokens[i], tuple(grids[i])))
         mask_none = bool(new_valid.all())
+        caller = caller.masked_fill(~new_valid, -1)
         kwargs["input_ids"] = new_ids
         if mask_none:
             kwargs["attention_mask"] = None
         else:
             kwargs["attention_mask"] = new_valid.to(am.dtype if am is not None else torch.long)
-        if kwargs.get("position_ids") is not None or not mask_none:
-            pos = new_valid.long().cumsum(-1) - 1
-            kwargs["position_ids"] = pos.masked_fill(~new_valid, 1)
+        for name in self.adapter.token_inputs:  # per-token inputs follow the ids (mm_token_type_ids ...)
+            x = kwargs.get(name)
+            if isinstance(x, torch.Tensor) and x.shape[:2] == (B, T):
+                kwargs[name] = gather_rows(x, caller, 0)
+        self.adapter.prellm_positions(kwargs, ids, am, caller, new_valid)
         shift = valid.sum(1) - new_valid.sum(1)
         self._map = _DecodeMap(orig_len=T, new_len=Tn, prefix=new_valid, mask_none=mask_none, shift=shift)
         self._spans = spans
-        self._caller = caller.masked_fill(~new_valid, -1)
-
-    @staticmethod
-    def _dest(cells: torch.Tensor | None, k: int, cls: int, dev) -> torch.Tensor:
-        """``[k]`` offset in its image's placeholder run of each of the image's ``k`` tokens: a kept patch at its
-        own cell (after the CLS slot), other tokens (merged, pooled) at the run's first slots."""
-        if cells is not None and k == cells.numel() + cls:
-            return torch.cat([torch.arange(cls, device=dev), cells.to(dev) + cls])
-        return torch.arange(k, device=dev)
+        self._caller = caller
 
     # --- decode -------------------------------------------------------------------------------------------------
     def decode(self, session, kwargs: dict) -> dict:
@@ -658,14 +797,7 @@ class PreLLMStage(PreLLMComponent):
             kwargs["attention_mask"] = None
         else:
             kwargs["attention_mask"] = full.to(am.dtype if am is not None else torch.long)
-        pos = kwargs.get("position_ids")
-        if pos is not None:
-            if original_space:
-                kwargs["position_ids"] = pos.expand(B, -1) - mp.shift.to(pos.device).unsqueeze(1)
-        elif kwargs["attention_mask"] is not None:
-            kwargs["position_ids"] = (full.long().sum(1, keepdim=True) - 1) + torch.arange(
-                1 - q, 1, device=full.device
-            ).unsqueeze(0)
+        self.adapter.prellm_decode_positions(kwargs, mp.shift, full, q, original_space)
         return kwargs
 
     # --- engine queries ---------------------------------------------------------------------------------------
