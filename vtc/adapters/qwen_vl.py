@@ -21,7 +21,13 @@ What differs from LLaVA, and how the engine is told:
   decoder layers' outputs at the visual positions (``_deepstack_process``). :meth:`visual_injections` names
   that function; the engine wraps it so that the features land on the kept tokens only.
 
-Pre-LLM methods (DFMR, VisionZip, ...) are not supported on these models yet: they raise at ``vtc.apply``.
+* **Pre-LLM methods** (DFMR, DivPrune, CDPruner, pool) work on the **merged grid**: a unit is one image or
+  one video frame, its features are the merger's output (the LLM embeddings, ``project`` is the identity), so
+  pooling averages merged tokens. Kept tokens keep their own M-RoPE positions (a pooled or merged token takes
+  the position of the slot it is placed at, the first slots of its image's run); the text row of
+  ``position_ids`` is renumbered consecutively for the shorter prompt (masks), and decode continues from the
+  caller's positions and ``rope_deltas``. DeepStack features follow the same reduction (kept cells are
+  gathered, pooled grids are average-pooled the same way). VisionZip raises: the tower has no CLS attention.
 """
 
 from __future__ import annotations
@@ -30,6 +36,11 @@ import torch
 from torch import nn
 
 from vtc.adapters.base import ModelAdapter, visual_runs
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    """The ``project`` of Qwen-VL units: their features are already the merger's output."""
+    return x
 
 
 class QwenVLAdapter(ModelAdapter):
@@ -88,16 +99,17 @@ class QwenVLAdapter(ModelAdapter):
         side = self.NOMINAL_PIXELS // (vc.patch_size * self.merge_size)
         return side * side
 
+    #: the largest merged grid the default processors emit (3584 px / 28 px, 4096 px / 32 px): pre-LLM methods
+    #: validate their counts against it; every call reduces each image on its own grid
+    MAX_GRID = (128, 128)
+
     def grid_of_image(self) -> tuple[int, int]:
-        raise NotImplementedError(
-            f"pre-LLM methods (dfmr, visionzip, divprune, cdpruner, pool) are not supported on "
-            f"{self.model.config.model_type} yet; use an in-decoder method (pyramid_drop, fastv, progressive, "
-            "dart, random, uniform, schedule) with positions='original'"
-        )
+        """The largest merged grid of an image (:attr:`MAX_GRID`): images have their own grids, so a count valid
+        for this one may still be above a small image's tokens (that image then raises at the call)."""
+        return self.MAX_GRID
 
     def image_feature_owner(self) -> nn.Module:
-        self.grid_of_image()  # raises: see above
-        return self._base  # pragma: no cover
+        return self._base
 
     # --- positions --------------------------------------------------------------------------------------
     def check_positions(self, positions: str) -> None:
@@ -214,6 +226,172 @@ class QwenVLAdapter(ModelAdapter):
                 ImageSpan(row, start + k * per, per, (a, b_), kind=kind) for k in range(length // per)
             )
         return spans
+
+    # --- pre-LLM stage (vtc.engine.prellm) ---------------------------------------------------------------
+    token_inputs = ("mm_token_type_ids",)
+
+    def feature_entries(self) -> list[tuple[str, str, str, int]]:
+        return [
+            ("image", "get_image_features", "pixel_values", self.image_token_id),
+            ("video", "get_video_features", "pixel_values_videos", self.video_token_id),
+        ]
+
+    def feature_kwargs(self, modality: str, kwargs: dict) -> dict:
+        key = "image_grid_thw" if modality == "image" else "video_grid_thw"
+        return {key: kwargs.get(key)}
+
+    def check_vision_attention(self, what: str, vision_feature_layer=None) -> int:
+        raise ValueError(
+            f"{what} reads the attention of the tower's CLS token; the {self.model.config.model_type} tower has "
+            "no CLS token and no single feature layer. Use a method that needs no attention (divprune, cdpruner, "
+            "pool, dfmr)."
+        )
+
+    def vision_units(
+        self,
+        pixel_values,
+        with_attention: bool = False,
+        what: str = "this method",
+        modality: str = "image",
+        **params,
+    ):
+        """One unit per image (per video frame) on its merged grid; the features are the merger's output.
+
+        Parameters
+        ----------
+        pixel_values : torch.Tensor
+            ``[sum(t*h*w), C*tps*p*p]`` flattened patches of the call's images (videos).
+        **params
+            ``image_grid_thw`` (``video_grid_thw``) ``[n, 3]`` and what else the call passed.
+        """
+        from vtc.engine.prellm import ImageInputs, VisionUnits
+
+        if with_attention:
+            self.check_vision_attention(what)
+        key = "image_grid_thw" if modality == "image" else "video_grid_thw"
+        grid_thw = params.get(key)
+        if grid_thw is None:
+            raise ValueError(
+                f"{what} on {self.model.config.model_type} needs {key} with the {modality}s' pixels"
+            )
+        if modality == "video" and self.model.config.model_type == "qwen3_vl":
+            raise NotImplementedError(
+                f"{what} on qwen3_vl videos is not supported: each frame is its own placeholder run (timestamps in "
+                "between), which the pre-LLM rewrite does not handle yet. Use an in-decoder method for videos."
+            )
+        # the class's image entry point runs the tower the same way for videos (and is never the patched one)
+        out = type(self._base).get_image_features(self._base, pixel_values, grid_thw, return_dict=True)
+        feats = list(out.pooler_output)  # per image (video): [t*h'*w', D], row-major per frame
+        m = self.merge_size
+        frames = [(int(t), int(h) // m, int(w) // m) for t, h, w in grid_thw.tolist()]
+        by_grid: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for i, (t, h, w) in enumerate(frames):
+            for f in range(t):
+                by_grid.setdefault((h, w), []).append((i, f))
+        groups, members = [], []
+        for (h, w), mem in by_grid.items():
+            x = torch.stack([feats[i][f * h * w : (f + 1) * h * w] for i, f in mem])  # [n_g, h*w, D]
+            groups.append(ImageInputs(selected=x, cls=0, grid=(h, w), project=_identity))
+            members.append(mem)
+        ds = getattr(out, "deepstack_features", None)
+        extra = {"frames": frames, "deepstack": [list(layer) for layer in ds] if ds is not None else None}
+        return VisionUnits(
+            groups, members, [f.shape[0] for f in feats], out, [t for t, _, _ in frames], extra
+        )
+
+    def assemble_image(self, units, image: int, parts: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frames of a video one after the other (an image is one frame); a kept patch stands for its own
+        cell of its frame, other tokens for the first slots of their frame."""
+        from vtc.engine.prellm import dest_in_unit
+
+        _, h, w = units.extra["frames"][image]
+        embeds, dests = [], []
+        for f, p in enumerate(parts):
+            embeds.append(p.embeds)
+            dests.append(dest_in_unit(p.cells, p.embeds.shape[0], p.cls, p.embeds.device) + f * h * w)
+        return torch.cat(embeds), torch.cat(dests)
+
+    def finish_features(self, units, embeds: list[torch.Tensor], parts: list) -> object:
+        """Per-image embeddings, and (Qwen3-VL) the DeepStack features reduced like the embeddings: a kept patch
+        keeps its cell's features, a pooled grid average-pools them the same way.
+
+        Raises
+        ------
+        NotImplementedError
+            DeepStack with a method whose tokens are neither single cells nor a pooled grid (merged tokens).
+        """
+        out = units.output
+        out.pooler_output = list(embeds)
+        ds = units.extra.get("deepstack")
+        if ds is None:
+            return out
+        new = [[] for _ in ds]
+        for i, (_t, h, w) in enumerate(units.extra["frames"]):
+            per_layer = [[] for _ in ds]
+            for f, p in enumerate(parts[i]):
+                k = p.embeds.shape[0]
+                for li, layer in enumerate(ds):
+                    x = layer[i][f * h * w : (f + 1) * h * w]  # [h*w, D] this frame's DeepStack features
+                    if p.cells is not None and p.cells.numel() == k:
+                        y = x[p.cells.to(x.device)]
+                    elif k == h * w and p.cells is None and (p.grid is None or tuple(p.grid) == (h, w)):
+                        y = x
+                    elif p.grid is not None and p.grid[0] * p.grid[1] == k:
+                        xm = x.reshape(1, h, w, -1).permute(0, 3, 1, 2)
+                        y = torch.nn.functional.adaptive_avg_pool2d(xm, tuple(p.grid)).flatten(2)[0].T
+                    else:
+                        raise NotImplementedError(
+                            f"{self.model.config.model_type} adds DeepStack features per visual token; this method "
+                            f"places {k} tokens for a {h}x{w} grid that are neither kept patches nor a pooled grid, "
+                            "so the features cannot follow them. Use divprune, cdpruner, pool or dfmr."
+                        )
+                    per_layer[li].append(y)
+            for li in range(len(ds)):
+                new[li].append(torch.cat(per_layer[li]))
+        out.deepstack_features = new
+        return out
+
+    def prellm_positions(self, kwargs: dict, caller_ids, caller_mask, src, new_valid) -> None:
+        """4-row ``position_ids`` of the rewritten prompt: every token keeps the caller's own ``(t, h, w)``
+        M-RoPE position (``src`` maps each slot to the caller's position), the text row is consecutive."""
+        from vtc.engine.ops import gather_rows
+
+        caller = {
+            "input_ids": caller_ids,
+            "attention_mask": caller_mask,
+            "position_ids": kwargs.get("position_ids"),
+        }
+        for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
+            caller[k] = kwargs.get(k)
+        caller["mm_token_type_ids"] = (caller_ids == self.image_token_id).int() + 2 * (
+            caller_ids == self.video_token_id
+        ).int()
+        mrope = self.mrope_positions(caller)  # [3, B, T]
+        B = src.shape[0]
+        rows = torch.stack([gather_rows(r.expand(B, -1), src, 0) for r in mrope])  # [3, B, Tn]
+        text = (new_valid.long().cumsum(-1) - 1).masked_fill(~new_valid, 1)
+        kwargs["position_ids"] = torch.cat([text.unsqueeze(0), rows.to(text.device)])
+
+    def prellm_decode_positions(self, kwargs: dict, shift, full_mask, q: int, original_space: bool) -> None:
+        """Decode after a rewrite: the M-RoPE rows stay the caller's (kept tokens kept their positions, so the
+        new token's position is the unpatched one); the text row (masks) loses the removed tokens.
+
+        Raises
+        ------
+        ValueError
+            No ``position_ids`` at decode (``generate`` always passes them): the model would derive them from the
+            compressed cache length.
+        """
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            raise ValueError(
+                f"{self.model.config.model_type} after a pre-LLM rewrite needs position_ids at every decode step "
+                "(generate passes them); the model would otherwise count positions from the compressed cache."
+            )
+        if original_space and pos.dim() == 3 and pos.shape[0] == 4:
+            B = full_mask.shape[0]
+            text = pos[0].expand(B, -1) - shift.to(pos.device).unsqueeze(1)
+            kwargs["position_ids"] = torch.cat([text.unsqueeze(0), pos[1:].expand(-1, B, -1)])
 
     # --- DeepStack ------------------------------------------------------------------------------------
     def visual_injections(self) -> list[tuple[nn.Module, str]]:
