@@ -247,3 +247,25 @@ def test_unsupported_pre_llm_raise_clearly(kind):
         with vtc.apply(model, "pool", tokens=4):
             with pytest.raises(NotImplementedError, match="qwen3_vl videos"):
                 generate(model, _qwen.make_inputs(kind, "b2_video"), 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pre_llm_composes_with_an_in_decoder_method(kind):
+    """DivPrune before the LLM, then FastV in the decoder (original positions): batch = rows alone, and the
+    decoder layers after K see half of each image's reduced tokens."""
+    model = _model(kind)
+    spec = [
+        {"method": "divprune", "ratio": 0.5},
+        {"method": "fastv", "k": 2, "r": 0.5, "positions": "original"},
+    ]
+    inputs = _qwen.make_inputs(kind, "b3_mixed")
+    with vtc.apply(model, spec) as h:
+        seq, logits, _ = generate(model, inputs, STEPS)
+        st = h.stats
+        T = inputs["input_ids"].shape[1]
+        for b, row in enumerate(_qwen.split_rows(kind, "b3_mixed")):
+            seq_b, logits_b, _ = generate(model, row, STEPS)
+            assert torch.equal(seq[b, T:], seq_b[0, row["input_ids"].shape[1] :]), b
+            assert (logits[:, b] - logits_b[:, 0]).abs().max().item() <= 1e-4, b
+    # 24 + 16 and 24 tokens -> 12 + 8 and 12 before the LLM -> 6 + 4 and 6 from layer 2 (per image)
+    assert st.prefill_visual[0] == [20, 12, 0] and st.prefill_visual[2] == [10, 6, 0]
