@@ -14,6 +14,9 @@ Hooks (instance only, all removed by :meth:`Session.remove`):
   rotary tables for its cache length once per step, and the other layers of the key reuse them,
   without reading any device value on the host;
 * a forward hook on each ``skip``-routed layer: writes the processed subset back into the stream;
+* an instance patch of each visual-feature injection the adapter names (Qwen3-VL's DeepStack,
+  :meth:`vtc.adapters.ModelAdapter.visual_injections`): after a drop, the features land on the kept visual
+  tokens of the layer's view only;
 * at the end of a prefill the trunk's forward hook puts the outputs back at the caller's positions
   (:func:`vtc.engine.ops.expand_rows`): ``last_hidden_state`` and ``hidden_states`` are indexed like the
   caller's ``input_ids``, dropped visual positions hold zeros; a pre-hook on the top model (when it is not
