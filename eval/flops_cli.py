@@ -3,6 +3,7 @@
     vtc flops --model llava-1.5-7b --method pdrop_default
     vtc flops --model path/to/model.yaml --method fastv --kw k=3 --kw r=0.75
     vtc flops --model path/to/hf_checkpoint_dir --method pyramid_drop --kw lam=0.4 --text-tokens 64
+    vtc flops --model qwen2.5-vl-7b-instruct --method pdrop_default --image-size 448x448
 
 Prints the visual tokens each decoder layer processes (unpatched and with the method) and the prefill
 cost in both conventions of :mod:`vtc.flops`:
@@ -195,6 +196,41 @@ def load_dims(model: str):
         raise SpecError(str(err)) from err
 
 
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``"448x336"`` → ``(448, 336)`` (height, width); ``"448"`` → ``(448, 448)``."""
+    parts = str(text).lower().replace("*", "x").split("x")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or min(values) <= 0:
+        raise SpecError(f"--image-size expects HEIGHTxWIDTH in pixels, e.g. 448x448, got {text!r}")
+    return values[0], values[1]
+
+
+def dims_for_image_size(dims, text: str):
+    """``dims`` with its typical image set to ``--image-size`` (Qwen-VL and LLaVA-OneVision only).
+
+    Raises
+    ------
+    SpecError
+        Malformed size, a fixed-resolution model, or a side that is not a multiple of ``patch · merge``.
+    """
+    height, width = parse_image_size(text)
+    if not dims.any_resolution:
+        raise SpecError(
+            f"--image-size applies to models whose token count follows the image size (Qwen-VL, "
+            f"LLaVA-OneVision AnyRes: qwen2.5-vl-7b-instruct, qwen3-vl-8b-instruct, llava-onevision-qwen2-7b-ov); "
+            f"{dims.name} has no such layout in its config, so give --visual-tokens instead"
+        )
+    try:
+        return dims.with_image_size(height, width)
+    except ValueError as err:
+        raise SpecError(f"--image-size {text}: {err}") from err
+
+
 def schedule_counts(spec: Any, dims, visual_tokens: int, pre_llm_count_given: bool = False) -> list[int]:
     """Visual tokens per layer that ``spec`` processes for one image of ``visual_tokens`` tokens.
 
@@ -253,7 +289,7 @@ def flops_table(
     (DFMR), where it is the count that method leaves and the unpatched run keeps the model's count.
     """
     import vtc
-    from vtc.flops import from_stats
+    from vtc.flops import from_stats, vision_macs_per_image
 
     pre = [m for m in vtc.resolve_methods(spec) if m.kind != "decoder"] if spec is not None else []
     has_pre = bool(pre)
@@ -292,6 +328,12 @@ def flops_table(
     for key in ("tflops_papers", "tflops_full_prefill", "tflops_full"):
         d = out[key]
         d["share"] = d["method"] / d["unpatched"] if d["unpatched"] else None
+    if dims.has_vision:
+        # the tower runs on the whole image with or without the method (pre-LLM methods act after it)
+        vision = 2 * vision_macs_per_image(dims) / 1e12
+        out["tflops_vision"] = {"unpatched": vision, "method": vision, "share": 1.0}
+        if dims.vision_image_hw:
+            out["image_size"] = list(dims.vision_image_hw)
     return out
 
 
@@ -335,6 +377,8 @@ def format_table(table: dict, method_label: str) -> str:
         f"model {table['model']}: L={table['layers']}, {table['visual_tokens']} visual + "
         f"{table['text_tokens']} text tokens per prompt; method: {method_label}"
     )
+    if table.get("image_size"):
+        head += f"\nimage {table['image_size'][0]}x{table['image_size'][1]} px"
     base, meth = table["visual_per_layer"]["unpatched"], table["visual_per_layer"]["method"]
     avg = table["avg_visual_tokens"]
     layer_rows = [[i, a, b] for i, (a, b) in enumerate(zip(base, meth))]
@@ -351,6 +395,8 @@ def format_table(table: dict, method_label: str) -> str:
     ]
     if table["new_tokens"]:
         rows.append((f"full: prefill + {table['new_tokens']} new tokens", "tflops_full", "FLOPs"))
+    if "tflops_vision" in table:
+        rows.append(("full: vision tower + projector, 1 image", "tflops_vision", "FLOPs"))
     cost_rows = []
     for label, key, unit in rows:
         d = table[key]
@@ -378,8 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--model",
         default="llava-1.5-7b",
-        help="shipped model config name (llava-1.5-7b, llava-1.5-13b, llava-next-7b), a model YAML, or a "
-        "Hugging Face checkpoint folder (default: llava-1.5-7b)",
+        help="shipped model config name (llava-1.5-7b, llava-1.5-13b, llava-next-7b, llava-onevision-qwen2-7b-ov, "
+        "qwen2.5-vl-7b-instruct, qwen3-vl-8b-instruct), a model YAML, or a Hugging Face checkpoint folder "
+        "(default: llava-1.5-7b)",
     )
     p.add_argument(
         "--method", default="pdrop_default", help="registered method name, preset name or preset YAML path"
@@ -394,6 +441,14 @@ def main(argv: list[str] | None = None) -> int:
         "the count it leaves (the unpatched run keeps the model's count)",
     )
     p.add_argument(
+        "--image-size",
+        default=None,
+        metavar="HxW",
+        help="Qwen-VL and LLaVA-OneVision: image height x width in pixels (e.g. 448x448), turned into visual "
+        "tokens (and tower work) the way the model's processor does: Qwen-VL needs multiples of patch*merge px, "
+        "OneVision picks its AnyRes crop grid; default: the model config's typical image",
+    )
+    p.add_argument(
         "--new-tokens", type=int, default=0, help="also count this many generated tokens (full convention)"
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -405,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.visual_tokens is not None and args.visual_tokens <= 0:
             raise SpecError(f"--visual-tokens must be > 0, got {args.visual_tokens}")
         dims = load_dims(args.model)
+        if args.image_size is not None:
+            if args.visual_tokens is not None:
+                raise SpecError("give --image-size or --visual-tokens, not both")
+            dims = dims_for_image_size(dims, args.image_size)
         spec = method_spec(args.method, parse_kw(args.kw))
         info = describe_methods(args.method, spec)
         table = flops_table(dims, spec, args.text_tokens, args.visual_tokens, args.new_tokens)

@@ -32,6 +32,13 @@ Two conventions are produced, and every number carries the name of the one it us
     encoder layers: Hugging Face runs the whole tower even when ``vision_feature_layer=-2``), the
     projector, and the LM head (last prompt position plus one position per decode step by default).
 
+Dynamic-resolution towers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL; ``ModelDims.vision_merge > 0``) are counted
+on the image's own patch grid (:func:`dynamic_vision_macs`): a Conv3d patch embedding, per block the
+fused QKV and output projections, the MLP (2 matrices, or 3 for Qwen2.5-VL's SwiGLU) and attention
+within each frame, or within each 112 px window in Qwen2.5-VL's windowed blocks, then the 2 × 2 merger
+MLP (once more per DeepStack block in Qwen3-VL). LLaVA-OneVision's AnyRes crops and tokens follow the
+image size too (:func:`anyres_layout`).
+
 Normalisations, softmax, RoPE, activations, biases and embedding look-ups are ignored by both
 conventions; they are element-wise and below 1 % of the total.
 
@@ -56,7 +63,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -74,6 +81,9 @@ __all__ = [
     "layer_macs_full",
     "decode_step_macs_full",
     "vision_macs_per_image",
+    "dynamic_vision_macs",
+    "anyres_layout",
+    "window_sizes",
     "prefill_flops",
     "decode_flops",
     "from_stats",
@@ -89,6 +99,7 @@ CONVENTIONS = ("papers", "full")
 ATTENTION_SPANS = ("causal", "square")
 _UNITS = {"papers": "MACs", "full": "FLOPs"}
 _MODELS_PACKAGE = "vtc.configs"
+_TUPLE_FIELDS = ("vision_full_blocks", "vision_deepstack", "vision_image_hw")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,7 +142,32 @@ class ModelDims:
     projector_in, projector_hidden, projector_out : int, default 0
         Two-layer projector ``Linear(in, hidden) → act → Linear(hidden, out)``; 0 if unknown.
     visual_tokens_per_image : int, default 0
-        Visual tokens one image contributes to the language model at most (576; 2880 for NeXT).
+        Visual tokens one typical image contributes to the language model (576; 2880 for NeXT; for a
+        dynamic-resolution model, the count at ``vision_image_hw``).
+    vision_mlp_matrices : int, default 2
+        Matrices of a vision block's MLP: 2 (``fc1``/``fc2`` with GELU: CLIP, SigLIP, Qwen2-VL,
+        Qwen3-VL) or 3 (SwiGLU ``gate``/``up``/``down``: Qwen2.5-VL).
+    vision_patch, vision_temporal_patch, vision_merge : int, default 0, 1, 0
+        Patch side in pixels (any tower); for dynamic-resolution (Qwen-VL) towers also frames per
+        temporal patch, and the side of the patch merger (2: 2 × 2 patches become one language-model
+        token). ``vision_merge=0`` marks a fixed-resolution tower (CLIP/SigLIP crops), the default.
+    vision_window : int, default 0
+        Window side in pixels of windowed attention (112 in Qwen2.5-VL); 0: every block attends all
+        patches of a frame.
+    vision_full_blocks : tuple of int, default ()
+        With ``vision_window``: the blocks that still attend all patches (``fullatt_block_indexes``).
+    vision_deepstack : tuple of int, default ()
+        Blocks whose output goes through its own DeepStack merger (Qwen3-VL ``deepstack_visual_indexes``).
+    vision_image_hw : tuple of int, default ()
+        ``(height, width)`` in pixels of the typical image of a dynamic-resolution model.
+    video_tokens_per_frame, video_frames : int, default 0
+        Typical video: language-model tokens per frame and frames per clip (0 when unknown).
+    vision_anyres_grid, vision_anyres_max : int, default 0
+        LLaVA-OneVision AnyRes: crop grids are every ``i × j`` with ``1 ≤ i, j ≤ vision_anyres_grid``
+        (6; ``image_grid_pinpoints``), and the crop features are reduced to about
+        ``vision_anyres_max`` crops' worth (9; ``vision_aspect_ratio="anyres_max_9"``). 0: unknown.
+    vision_crop_size : int, default 0
+        Fixed-resolution towers: side in pixels of one crop (336 for CLIP ViT-L/14-336, 384 for SigLIP).
 
     Examples
     --------
@@ -160,19 +196,143 @@ class ModelDims:
     projector_hidden: int = 0
     projector_out: int = 0
     visual_tokens_per_image: int = 0
+    vision_mlp_matrices: int = 2
+    vision_patch: int = 0
+    vision_temporal_patch: int = 1
+    vision_merge: int = 0
+    vision_window: int = 0
+    vision_full_blocks: tuple[int, ...] = ()
+    vision_deepstack: tuple[int, ...] = ()
+    vision_image_hw: tuple[int, ...] = ()
+    video_tokens_per_frame: int = 0
+    video_frames: int = 0
+    vision_anyres_grid: int = 0
+    vision_anyres_max: int = 0
+    vision_crop_size: int = 0
 
     def __post_init__(self):
         for f in fields(self):
-            if f.name == "name":
+            if f.name == "name" or f.name in _TUPLE_FIELDS:
                 continue
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"ModelDims.{f.name} must be a non-negative int, got {value!r}")
+        for key in _TUPLE_FIELDS:
+            value = getattr(self, key)
+            if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+                raise ValueError(f"ModelDims.{key} must be a sequence of non-negative ints, got {value!r}")
+            value = tuple(value)
+            if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in value):
+                raise ValueError(f"ModelDims.{key} must hold non-negative ints, got {value!r}")
+            object.__setattr__(self, key, value)
         for key in ("d", "m", "L", "H", "Hkv", "dh"):
             if getattr(self, key) == 0:
                 raise ValueError(f"ModelDims.{key} must be positive, got 0")
         if self.H % self.Hkv:
             raise ValueError(f"ModelDims.H ({self.H}) must be a multiple of Hkv ({self.Hkv})")
+        if self.vision_mlp_matrices not in (2, 3):
+            raise ValueError(
+                f"ModelDims.vision_mlp_matrices must be 2 (fc1/fc2 GELU MLP) or 3 (SwiGLU gate/up/down), "
+                f"got {self.vision_mlp_matrices}"
+            )
+        for key in ("vision_full_blocks", "vision_deepstack"):
+            bad = [i for i in getattr(self, key) if i >= self.vision_layers]
+            if bad:
+                raise ValueError(
+                    f"ModelDims.{key} holds block indexes {bad} outside 0..{self.vision_layers - 1} "
+                    f"(vision_layers={self.vision_layers})"
+                )
+        if self.vision_image_hw and len(self.vision_image_hw) != 2:
+            raise ValueError(
+                f"ModelDims.vision_image_hw must be (height, width) in pixels, got {self.vision_image_hw}"
+            )
+        if self.dynamic_resolution:
+            if not self.vision_patch:
+                raise ValueError("ModelDims.vision_patch must be set (pixels) when vision_merge > 0")
+            if self.vision_temporal_patch == 0:
+                raise ValueError("ModelDims.vision_temporal_patch must be positive when vision_merge > 0")
+            if self.vision_window and self.vision_window < self.vision_merge * self.vision_patch:
+                raise ValueError(
+                    f"ModelDims.vision_window={self.vision_window} px is smaller than one merged token "
+                    f"({self.vision_merge} x {self.vision_patch} px); use a multiple of "
+                    f"{self.vision_merge * self.vision_patch} or 0 (no window attention)"
+                )
+
+    @property
+    def dynamic_resolution(self) -> bool:
+        """True for a Qwen-VL style tower: any image size, patches merged ``vision_merge × vision_merge``."""
+        return self.vision_merge > 0
+
+    @property
+    def vision_pixels_per_token(self) -> int:
+        """Side in pixels of one merged token (``patch · merge``, 28 for Qwen2.5-VL, 32 for Qwen3-VL)."""
+        return self.vision_patch * self.vision_merge
+
+    def image_grid(self, height: int, width: int, frames: int = 1) -> tuple[int, int, int]:
+        """Patch grid ``(t, h, w)`` the tower sees for an image (or video) of ``height × width`` pixels.
+
+        Only for dynamic-resolution towers (:attr:`dynamic_resolution`). ``t = ceil(frames / temporal_patch)``
+        (the processor repeats the last frame up to a multiple, and a still image is one temporal patch).
+
+        Raises
+        ------
+        ValueError
+            For a fixed-resolution tower, or a side that is not a positive multiple of ``patch · merge``.
+        """
+        if not self.dynamic_resolution:
+            raise ValueError(
+                f"{self.name}: image sizes apply to dynamic-resolution towers (Qwen-VL, vision_merge > 0); "
+                f"this model encodes fixed crops, give the visual token count instead"
+            )
+        unit = self.vision_pixels_per_token
+        for what, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % unit:
+                raise ValueError(
+                    f"{self.name}: image {what} {value!r} px is not a positive multiple of {unit} px "
+                    f"(patch_size {self.vision_patch} x spatial_merge_size {self.vision_merge}); "
+                    f"use e.g. {max(unit, (value if isinstance(value, int) else 0) // unit * unit)} "
+                    f"(the model's processor resizes to a multiple of {unit})"
+                )
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames <= 0:
+            raise ValueError(f"frames must be a positive int, got {frames!r}")
+        t = -(-frames // self.vision_temporal_patch)
+        return t, height // self.vision_patch, width // self.vision_patch
+
+    def tokens_for_image(self, height: int, width: int, frames: int = 1) -> int:
+        """Visual tokens the language model receives for one image (or video) of ``height × width`` px.
+
+        ``t · (height / (patch·merge)) · (width / (patch·merge))``: 448 × 448 on Qwen2.5-VL is
+        32 × 32 patches, merged 2 × 2 into 16 × 16 = 256 tokens.
+        """
+        t, h, w = self.image_grid(height, width, frames)
+        return t * (h // self.vision_merge) * (w // self.vision_merge)
+
+    @property
+    def any_resolution(self) -> bool:
+        """True when token counts can be derived from an image size (Qwen-VL, LLaVA-OneVision AnyRes)."""
+        return self.dynamic_resolution or bool(
+            self.vision_anyres_grid and self.vision_anyres_max and self.vision_crop_size
+        )
+
+    def with_image_size(self, height: int, width: int) -> ModelDims:
+        """A copy whose typical image (``visual_tokens_per_image``, tower tokens) is ``height × width`` px.
+
+        Qwen-VL: see :meth:`tokens_for_image`. LLaVA-OneVision: see :func:`anyres_layout`.
+        """
+        if not self.dynamic_resolution and self.any_resolution:
+            crops, tokens = anyres_layout(self, height, width)
+            return replace(
+                self, vision_image_hw=(height, width), vision_crops=crops, visual_tokens_per_image=tokens
+            )
+        t, h, w = self.image_grid(height, width)
+        merged = self.tokens_for_image(height, width)
+        return replace(
+            self,
+            vision_image_hw=(height, width),
+            vision_tokens=h * w,
+            vision_feature_tokens=merged,
+            visual_tokens_per_image=merged,
+        )
 
     @property
     def has_vision(self) -> bool:
@@ -184,16 +344,35 @@ class ModelDims:
 
     # --- constructors --------------------------------------------------------------------------
     @classmethod
-    def from_hf_config(cls, config: Any, name: str | None = None) -> ModelDims:
+    def from_hf_config(
+        cls, config: Any, name: str | None = None, image_size: tuple[int, int] | None = None
+    ) -> ModelDims:
         """Read sizes from a transformers config.
 
         Parameters
         ----------
         config : PretrainedConfig or dict
-            A ``LlavaConfig`` / ``LlavaNextConfig`` (with ``text_config`` and ``vision_config``) or a
-            bare text config such as ``LlamaConfig``.
+            A ``LlavaConfig`` / ``LlavaNextConfig`` / ``LlavaNextVideoConfig`` / ``LlavaOnevisionConfig``
+            (with ``text_config`` and ``vision_config``), a ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig`` /
+            ``Qwen3VLConfig`` (or their ``config.json`` as a dict, text sizes nested or at the top level),
+            or a bare text config such as ``LlamaConfig``.
         name : str, optional
             Label; defaults to ``config.name_or_path`` or the model type.
+        image_size : (int, int), optional
+            ``(height, width)`` in pixels of the typical image, for models whose token count follows it
+            (Qwen-VL; LLaVA-OneVision AnyRes). Qwen-VL default: 36 × 36 merged tokens (1296; 1008 px
+            for patch 14, 1152 px for patch 16).
+
+        Raises
+        ------
+        ValueError
+            A required size is missing, or ``image_size`` is given for a model with fixed crops.
+
+        Notes
+        -----
+        LLaVA-OneVision (``vision_aspect_ratio="anyres_max_N"``): the typical image is a square one on
+        the ``√N × √N`` crop grid (1152 px for N = 9): ``1 + N`` crops through the tower and
+        ``P² + (√N·P)(√N·P + 1)`` tokens (base grid, crop grid, one newline per row; ``P = 27``), 7371.
         """
         get = _getter(config)
         text = get("text_config")
@@ -210,12 +389,19 @@ class ModelDims:
             vocab=text_get("vocab_size") or 0,
         )
         label = name or get("_name_or_path") or get("name_or_path") or get("model_type") or "custom"
+        model_type = str(get("model_type") or "")
         vision = get("vision_config")
+        if vision is not None and model_type in _QWEN_VL_TYPES:
+            dims.update(_qwen_vision_dims(model_type, _getter(vision)))
+            side = _DEFAULT_MERGED_SIDE * dims["vision_patch"] * dims["vision_merge"]
+            height, width = image_size if image_size is not None else (side, side)
+            return cls(name=str(label), **dims).with_image_size(height, width)
         if vision is not None and text is not None:
             vget = _getter(vision)
-            image_size, patch = vget("image_size"), vget("patch_size")
-            if image_size and patch:
-                patches = (image_size // patch) ** 2
+            crop_px, patch = vget("image_size"), vget("patch_size")
+            if crop_px and patch:
+                side = crop_px // patch
+                patches = side**2
                 has_cls = "siglip" not in str(vget("model_type") or "")
                 strategy = get("vision_feature_select_strategy") or "default"
                 feature_layer = get("vision_feature_layer")
@@ -223,23 +409,51 @@ class ModelDims:
                 crops = 1
                 pinpoints = get("image_grid_pinpoints")
                 if pinpoints:
-                    crops = 1 + max((h // image_size) * (w // image_size) for h, w in pinpoints)
+                    crops = 1 + max((h // crop_px) * (w // crop_px) for h, w in pinpoints)
                 feature_tokens = patches if (strategy == "default" or not has_cls) else patches + 1
+                visual = crops * feature_tokens
+                aspect = get("vision_aspect_ratio")
+                anyres: dict[str, int] = {}
+                if isinstance(aspect, str) and aspect.startswith("anyres_max_"):
+                    # LLaVA-OneVision: a square image on the sqrt(N) x sqrt(N) grid, N = anyres_max
+                    n_max = int(aspect[len("anyres_max_") :])
+                    g = math.isqrt(n_max)
+                    crops = 1 + g * g
+                    visual = feature_tokens + (g * side) * (g * side + 1)
+                    grid = _full_grid(pinpoints, crop_px)
+                    anyres = dict(vision_anyres_grid=grid, vision_anyres_max=n_max) if grid else {}
+                video = 0
+                if model_type == "llava_onevision":
+                    video = math.ceil(side / 2) ** 2  # 2x2 bilinear pooling, ceil (apply_pooling)
+                elif model_type == "llava_next_video":
+                    video = (side // (get("spatial_pool_stride") or 2)) ** 2  # average pooling, floor
                 dims.update(
                     vision_layers=_required(vget, "num_hidden_layers"),
                     vision_d=_required(vget, "hidden_size"),
                     vision_m=_required(vget, "intermediate_size"),
                     vision_tokens=patches + int(has_cls),
                     vision_patch_dim=(vget("num_channels") or 3) * patch * patch,
+                    vision_patch=patch,
+                    vision_crop_size=crop_px,
                     vision_cls=int(has_cls),
                     vision_feature_tokens=feature_tokens,
                     vision_crops=crops,
                     projector_in=_required(vget, "hidden_size") * n_feature_layers,
                     projector_hidden=d,
                     projector_out=d,
-                    visual_tokens_per_image=crops * feature_tokens,
+                    visual_tokens_per_image=visual,
+                    video_tokens_per_frame=video,
+                    **anyres,
                 )
-        return cls(name=str(label), **dims)
+        out = cls(name=str(label), **dims)
+        if image_size is not None:
+            if not out.any_resolution:
+                raise ValueError(
+                    f"image_size applies to models whose token count follows the image (Qwen-VL "
+                    f"{list(_QWEN_VL_TYPES)}, LLaVA-OneVision), not model_type {model_type!r}; leave it out"
+                )
+            out = out.with_image_size(*image_size)
+        return out
 
     @classmethod
     def from_yaml(cls, name_or_path: str | Path) -> ModelDims:
@@ -261,7 +475,16 @@ class ModelDims:
 
     @classmethod
     def _from_yaml_dict(cls, data: dict, source: str) -> ModelDims:
-        allowed = {"name", "hf_id", "text", "vision", "projector", "visual_tokens_per_image"}
+        allowed = {
+            "name",
+            "hf_id",
+            "text",
+            "vision",
+            "projector",
+            "visual_tokens_per_image",
+            "video_tokens_per_frame",
+            "video_frames",
+        }
         unknown = set(data) - allowed
         if unknown:
             raise ValueError(
@@ -292,8 +515,12 @@ class ModelDims:
             dh=text.get("head_dim", text["hidden_size"] // H),
             vocab=text.get("vocab_size", 0),
             visual_tokens_per_image=data.get("visual_tokens_per_image", 0),
+            video_tokens_per_frame=data.get("video_tokens_per_frame", 0),
+            video_frames=data.get("video_frames", 0),
         )
         vision = _section(data, "vision", source)
+        if vision and "spatial_merge_size" in vision:
+            return cls._dynamic_from_yaml(vision, _section(data, "projector", source), kw, source)
         if vision:
             vision_keys = {
                 "num_hidden_layers",
@@ -305,6 +532,9 @@ class ModelDims:
                 "tokens_per_crop",
                 "feature_tokens_per_crop",
                 "max_crops_per_image",
+                "mlp",
+                "anyres_grid",
+                "anyres_max",
             }
             _check_keys(vision, vision_keys, f"{source}: vision")
             patch = vision.get("patch_size", 14)
@@ -320,9 +550,14 @@ class ModelDims:
                 vision_m=vision.get("intermediate_size", 0),
                 vision_tokens=tokens,
                 vision_patch_dim=vision.get("num_channels", 3) * patch * patch,
+                vision_patch=patch,
+                vision_crop_size=vision.get("image_size", 336),
                 vision_cls=tokens - patches,
                 vision_feature_tokens=vision.get("feature_tokens_per_crop", patches),
                 vision_crops=vision.get("max_crops_per_image", 1),
+                vision_mlp_matrices=_mlp_matrices(vision.get("mlp", "gelu"), source),
+                vision_anyres_grid=vision.get("anyres_grid", 0),
+                vision_anyres_max=vision.get("anyres_max", 0),
             )
         projector = _section(data, "projector", source)
         if projector:
@@ -333,6 +568,184 @@ class ModelDims:
                 projector_out=projector.get("out_features", 0),
             )
         return cls(**kw)
+
+    @classmethod
+    def _dynamic_from_yaml(cls, vision: dict, projector: dict, kw: dict, source: str) -> ModelDims:
+        """A Qwen-VL style tower: sizes plus the typical image ``typical_image_size: [height, width]``."""
+        keys = {
+            "num_hidden_layers",
+            "hidden_size",
+            "intermediate_size",
+            "mlp",
+            "patch_size",
+            "temporal_patch_size",
+            "spatial_merge_size",
+            "num_channels",
+            "window_size",
+            "fullatt_block_indexes",
+            "deepstack_visual_indexes",
+            "typical_image_size",
+        }
+        _check_keys(vision, keys, f"{source}: vision")
+        for key in (
+            "num_hidden_layers",
+            "hidden_size",
+            "intermediate_size",
+            "patch_size",
+            "typical_image_size",
+        ):
+            if key not in vision:
+                raise ValueError(f"model YAML {source!r}: vision.{key} is required with spatial_merge_size")
+        hw = vision["typical_image_size"]
+        if not isinstance(hw, list | tuple) or len(hw) != 2:
+            raise ValueError(
+                f"model YAML {source!r}: vision.typical_image_size must be [height, width], got {hw!r}"
+            )
+        patch, merge = vision["patch_size"], vision["spatial_merge_size"]
+        temporal = vision.get("temporal_patch_size", 1)
+        vd = vision["hidden_size"]
+        if projector:
+            _check_keys(projector, {"in_features", "hidden_features", "out_features"}, f"{source}: projector")
+        kw.update(
+            vision_layers=vision["num_hidden_layers"],
+            vision_d=vd,
+            vision_m=vision["intermediate_size"],
+            vision_patch_dim=vision.get("num_channels", 3) * temporal * patch * patch,
+            vision_cls=0,
+            vision_crops=1,
+            vision_mlp_matrices=_mlp_matrices(vision.get("mlp", "gelu"), source),
+            vision_patch=patch,
+            vision_temporal_patch=temporal,
+            vision_merge=merge,
+            vision_window=vision.get("window_size", 0),
+            vision_full_blocks=tuple(vision.get("fullatt_block_indexes", ())),
+            vision_deepstack=tuple(vision.get("deepstack_visual_indexes", ())),
+            projector_in=projector.get("in_features", vd * merge * merge),
+            projector_hidden=projector.get("hidden_features", vd * merge * merge),
+            projector_out=projector.get("out_features", kw["d"]),
+        )
+        stated = kw.pop("visual_tokens_per_image")
+        dims = cls(**kw).with_image_size(int(hw[0]), int(hw[1]))
+        if stated and stated != dims.visual_tokens_per_image:
+            raise ValueError(
+                f"model YAML {source!r}: visual_tokens_per_image={stated} but typical_image_size {hw[0]}x{hw[1]} "
+                f"gives {dims.visual_tokens_per_image} tokens (patch {patch}, merge {merge}); fix one of them"
+            )
+        return dims
+
+
+#: Model types whose tower takes any resolution and merges patches (``vision_merge > 0``).
+_QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+#: Default typical image of a dynamic-resolution model, in merged tokens per side (36 x 36 = 1296).
+_DEFAULT_MERGED_SIDE = 36
+
+
+def _square(value: Any, key: str) -> int:
+    if isinstance(value, list | tuple):
+        if len(set(value)) != 1:
+            raise ValueError(
+                f"vision_config.{key}={list(value)} is not square; only square patches are supported"
+            )
+        value = value[0]
+    return int(value)
+
+
+def _qwen_vision_dims(model_type: str, vget: Callable[[str], Any]) -> dict[str, Any]:
+    """ModelDims fields of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower and its merger(s)."""
+    if model_type == "qwen2_vl":
+        # Qwen2VLVisionConfig: embed_dim is the tower width, hidden_size the merger's output width
+        vd = _required(vget, "embed_dim")
+        vm = vd * (vget("mlp_ratio") or 4)
+        out = _required(vget, "hidden_size")
+    else:
+        vd = _required(vget, "hidden_size")
+        vm = _required(vget, "intermediate_size")
+        out = _required(vget, "out_hidden_size")
+    patch = _square(_required(vget, "patch_size"), "patch_size")
+    temporal = _square(vget("temporal_patch_size") or 2, "temporal_patch_size")
+    merge = int(vget("spatial_merge_size") or 2)
+    channels = int(vget("in_channels") or vget("in_chans") or 3)
+    out_dims: dict[str, Any] = dict(
+        vision_layers=_required(vget, "depth"),
+        vision_d=vd,
+        vision_m=vm,
+        vision_patch_dim=channels * temporal * patch * patch,
+        vision_cls=0,
+        vision_crops=1,
+        vision_mlp_matrices=3 if model_type == "qwen2_5_vl" else 2,
+        vision_patch=patch,
+        vision_temporal_patch=temporal,
+        vision_merge=merge,
+        projector_in=vd * merge * merge,
+        projector_hidden=vd * merge * merge,
+        projector_out=out,
+    )
+    if model_type == "qwen2_5_vl":
+        out_dims.update(
+            vision_window=int(vget("window_size") or 0),
+            vision_full_blocks=tuple(int(i) for i in (vget("fullatt_block_indexes") or ())),
+        )
+    if model_type == "qwen3_vl":
+        out_dims.update(vision_deepstack=tuple(int(i) for i in (vget("deepstack_visual_indexes") or ())))
+    return out_dims
+
+
+def _full_grid(pinpoints: Any, crop: int) -> int:
+    """``G`` when ``pinpoints`` are exactly every ``(i·crop, j·crop)`` for ``1 ≤ i, j ≤ G``, else 0."""
+    if not pinpoints:
+        return 0
+    got = {(int(h), int(w)) for h, w in pinpoints}
+    g = max(max(h, w) for h, w in got) // crop
+    want = {(i * crop, j * crop) for i in range(1, g + 1) for j in range(1, g + 1)}
+    return g if got == want and len(pinpoints) == len(want) else 0
+
+
+def anyres_layout(dims: ModelDims, height: int, width: int) -> tuple[int, int]:
+    """Crops through the tower and language-model tokens of one LLaVA-OneVision image of ``height × width`` px.
+
+    Follows the checkpoint's processor and ``pack_image_features``: the crop grid is the pinpoint
+    that keeps most of the image's pixels (then wastes fewest), ``gh × gw`` crops of ``S`` px plus one
+    base view; the ``(gh·P) × (gw·P)`` feature map (``P`` patches per crop side) loses the rows or
+    columns of letterbox padding, is bilinearly shrunk by ``r = sqrt(h·w / (N·P²))`` when
+    ``r > 1.1`` (``N = vision_anyres_max``), and gets one newline token per row; the ``P²`` base
+    tokens come first. 1152 × 1152 px gives 10 crops and ``729 + 81·82 = 7371`` tokens.
+
+    Returns
+    -------
+    (int, int)
+        ``(crops, tokens)``.
+    """
+    if not (dims.vision_anyres_grid and dims.vision_anyres_max and dims.vision_crop_size):
+        raise ValueError(
+            f"{dims.name}: AnyRes layout unknown (vision_anyres_grid, vision_anyres_max, vision_crop_size must be set)"
+        )
+    for what, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{dims.name}: image {what} must be a positive int (pixels), got {value!r}")
+    patches = dims.vision_tokens - dims.vision_cls
+    side = math.isqrt(patches)
+    crop = dims.vision_crop_size  # 384 px: 27 patches of 14 px, the last 6 px unused
+    best, best_eff, best_waste = None, 0, math.inf
+    for i in range(1, dims.vision_anyres_grid + 1):  # same order as the pinpoint list: height-major
+        for j in range(1, dims.vision_anyres_grid + 1):
+            ph, pw = i * crop, j * crop
+            scale = min(pw / width, ph / height)
+            eff = min(int(width * scale) * int(height * scale), width * height)
+            waste = ph * pw - eff
+            if eff > best_eff or (eff == best_eff and waste < best_waste):
+                best, best_eff, best_waste = (i, j), eff, waste
+    gh, gw = best
+    cur_h, cur_w = gh * side, gw * side
+    if width / height > cur_w / cur_h:
+        new_h = int(round(height * (cur_w / width), 7))
+        cur_h -= 2 * ((cur_h - new_h) // 2)
+    else:
+        new_w = int(round(width * (cur_h / height), 7))
+        cur_w -= 2 * ((cur_w - new_w) // 2)
+    ratio = math.sqrt(cur_h * cur_w / (dims.vision_anyres_max * side**2))
+    if ratio > 1.1:
+        cur_h, cur_w = int(cur_h // ratio), int(cur_w // ratio)
+    return 1 + gh * gw, dims.vision_feature_tokens + cur_h * (cur_w + 1)
 
 
 def available_models() -> list[str]:
@@ -355,6 +768,15 @@ def _read_model_yaml(name_or_path: str | Path) -> str:
             f"(or pass a path to a YAML file)"
         )
     return candidate.read_text()
+
+
+def _mlp_matrices(kind: Any, source: str) -> int:
+    kinds = {"gelu": 2, "swiglu": 3}
+    if kind not in kinds:
+        raise ValueError(
+            f"model YAML {source!r}: vision.mlp={kind!r}; choose 'gelu' (fc1/fc2) or 'swiglu' (gate/up/down)"
+        )
+    return kinds[kind]
 
 
 def _section(data: dict, key: str, source: str) -> dict:
@@ -459,24 +881,116 @@ def decode_step_macs_full(cache_len: float, dims: ModelDims) -> float:
     return _proj_mlp_macs(1, dims) + 2 * dims.H * dims.dh * (cache_len + 1)
 
 
-def vision_macs_per_image(dims: ModelDims, crops: float | None = None) -> float:
-    """MACs of the vision tower plus projector for one image of ``crops`` crops (default ``dims.vision_crops``).
+def vision_macs_per_image(
+    dims: ModelDims, crops: float | None = None, grid: tuple[int, int, int] | None = None
+) -> float:
+    """MACs of the vision tower plus projector for one image.
 
-    Counts the patch embedding, every encoder layer (Q/K/V/O, bidirectional attention over all
+    Fixed-resolution towers (CLIP, SigLIP): ``crops`` crops (default ``dims.vision_crops``), each with
+    the patch embedding, every encoder layer (Q/K/V/O, bidirectional attention over all
     ``vision_tokens``, a two-matrix GELU MLP) and the two projector matrices over the feature tokens.
+
+    Dynamic-resolution towers (Qwen-VL, ``dims.vision_merge > 0``): see :func:`dynamic_vision_macs`,
+    on ``grid`` (default: the grid of ``dims.vision_image_hw``).
     """
     if not dims.has_vision:
         raise ValueError(
             f"{dims.name}: vision tower sizes are unknown; set vision_* in ModelDims or the YAML"
         )
+    if dims.dynamic_resolution:
+        if crops is not None:
+            raise ValueError(
+                f"{dims.name}: crops={crops!r} does not apply to a dynamic-resolution tower; pass grid=(t, h, w) "
+                f"in patches (ModelDims.image_grid(height, width)) instead"
+            )
+        if grid is None:
+            if len(dims.vision_image_hw) != 2:
+                raise ValueError(f"{dims.name}: no typical image size (vision_image_hw); pass grid=(t, h, w)")
+            grid = dims.image_grid(*dims.vision_image_hw)
+        return dynamic_vision_macs(dims, grid)
+    if grid is not None:
+        raise ValueError(f"{dims.name}: grid applies to dynamic-resolution towers only; pass crops instead")
     crops = dims.vision_crops if crops is None else _check_count(crops, "crops")
     t, dv, mv = dims.vision_tokens, dims.vision_d, dims.vision_m
     embed = (t - dims.vision_cls) * dims.vision_patch_dim * dv
-    layer = 4 * t * dv * dv + 2 * t * t * dv + 2 * t * dv * mv
+    layer = 4 * t * dv * dv + 2 * t * t * dv + dims.vision_mlp_matrices * t * dv * mv
     projector = dims.vision_feature_tokens * (
         dims.projector_in * dims.projector_hidden + dims.projector_hidden * dims.projector_out
     )
     return crops * (embed + dims.vision_layers * layer + projector)
+
+
+def window_sizes(dims: ModelDims, h: int, w: int) -> list[int]:
+    """Patches in each attention window of one frame of ``h × w`` patches (windowed blocks).
+
+    The windows tile the **merged** grid ``(h/merge) × (w/merge)`` from its top-left corner in squares
+    of ``window / (merge · patch)`` merged tokens per side (4 for Qwen2.5-VL: 112 px = 8 × 8 patches);
+    the last row and column of windows are cut short when the grid is not a multiple. This is how
+    ``transformers`` builds ``cu_window_seqlens`` (``get_vision_window_index``).
+    """
+    side = dims.vision_window // (dims.vision_merge * dims.vision_patch)
+    hm, wm = h // dims.vision_merge, w // dims.vision_merge
+    rows = [side] * (hm // side) + ([hm % side] if hm % side else [])
+    cols = [side] * (wm // side) + ([wm % side] if wm % side else [])
+    unit = dims.vision_merge**2
+    return [r * c * unit for r in rows for c in cols]
+
+
+def dynamic_vision_macs(dims: ModelDims, grid: tuple[int, int, int]) -> float:
+    """MACs of a Qwen-VL vision tower and its merger(s) for one image or video of ``grid`` patches.
+
+    Parameters
+    ----------
+    dims : ModelDims
+        A dynamic-resolution model (``vision_merge > 0``).
+    grid : (int, int, int)
+        ``(t, h, w)``: temporal patches, patch rows, patch columns (``image_grid_thw``; 448 × 448 px at
+        patch 14 is ``(1, 32, 32)``). ``h`` and ``w`` must be multiples of ``vision_merge``.
+
+    Notes
+    -----
+    With ``n = t·h·w`` patches, tower width ``dv`` and MLP width ``mv``:
+
+    * patch embedding (a Conv3d over ``temporal_patch × patch × patch`` pixels): ``n · patch_dim · dv``;
+    * per block: ``4·n·dv²`` (fused QKV and the output projection) + ``k·n·dv·mv`` (``k = 2`` for
+      fc1/fc2, 3 for SwiGLU) + attention ``2·s²·dv`` summed over the attention segments ``s``: each
+      frame (``h·w`` patches, the tower never attends across temporal patches) in full-attention
+      blocks, each window of :func:`window_sizes` in windowed blocks (Qwen2.5-VL: every block not in
+      ``vision_full_blocks``);
+    * the merger MLP on ``n / merge²`` merged tokens: ``in·hidden + hidden·out`` each; Qwen3-VL runs one
+      more merger of the same shape per DeepStack block.
+
+    Norms, rotary and learned position embeddings, activations and biases are not counted.
+    """
+    if not dims.dynamic_resolution:
+        raise ValueError(
+            f"{dims.name}: dynamic_vision_macs needs a dynamic-resolution tower (vision_merge > 0)"
+        )
+    if isinstance(grid, str | bytes) or not isinstance(grid, Sequence) or len(grid) != 3:
+        raise ValueError(f"grid must be (t, h, w) in patches, got {grid!r}")
+    t, h, w = grid
+    for what, value in (("t", t), ("h", h), ("w", w)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"grid {what} must be a positive int, got {value!r}")
+    if h % dims.vision_merge or w % dims.vision_merge:
+        raise ValueError(
+            f"grid (t, h, w)={tuple(grid)}: h and w must be multiples of spatial_merge_size {dims.vision_merge}"
+        )
+    dv, mv = dims.vision_d, dims.vision_m
+    n = t * h * w
+    frame = h * w
+    embed = n * dims.vision_patch_dim * dv
+    dense = 4 * n * dv * dv + dims.vision_mlp_matrices * n * dv * mv
+    full_attn = t * 2 * frame * frame * dv
+    windowed = dims.vision_window > 0
+    window_attn = t * sum(2 * s * s * dv for s in window_sizes(dims, h, w)) if windowed else full_attn
+    blocks = 0
+    for i in range(dims.vision_layers):
+        full = not windowed or i in dims.vision_full_blocks
+        blocks += dense + (full_attn if full else window_attn)
+    merged = n // dims.vision_merge**2
+    merger = merged * (dims.projector_in * dims.projector_hidden + dims.projector_hidden * dims.projector_out)
+    return embed + blocks + (1 + len(dims.vision_deepstack)) * merger
 
 
 # --------------------------------------------------------------------------------------------------
