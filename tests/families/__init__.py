@@ -25,7 +25,15 @@ from __future__ import annotations
 import importlib
 
 #: family modules under tests/families/, in test order
-FAMILY_MODULES = ["llava", "llava_next", "llava_onevision", "llava_next_video"]
+FAMILY_MODULES = [
+    "llava",
+    "llava_next",
+    "llava_onevision",
+    "llava_next_video",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+]
 
 
 def load_families() -> dict:

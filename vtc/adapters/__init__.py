@@ -7,10 +7,11 @@ from torch import nn
 from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
 from vtc.adapters.llava import LlavaAdapter
 from vtc.adapters.llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
+from vtc.adapters.qwen_vl import QwenVLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     t: cls
-    for cls in (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, LlavaNextVideoAdapter)
+    for cls in (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, LlavaNextVideoAdapter, QwenVLAdapter)
     for t in cls.model_types
 }
 
@@ -46,6 +47,7 @@ __all__ = [
     "LlavaNextAdapter",
     "LlavaNextVideoAdapter",
     "LlavaOnevisionAdapter",
+    "QwenVLAdapter",
     "get_adapter",
     "supported_model_types",
 ]

@@ -125,6 +125,13 @@ class ModelAdapter:
                 spans.extend(ImageSpan(b, t + i * per, per, grid) for i in range(n_img))
         return spans
 
+    def visual_injections(self) -> list[tuple[nn.Module, str]]:
+        """Functions that add per-visual-token features to the decoder's hidden states at prefill (Qwen3-VL's
+        DeepStack), as ``(owner, attribute)``. Each is called as ``fn(hidden [B, T, D], visual [B, T] bool over
+        the sequence entering the LLM, features [N_visual, D]) -> hidden``; the engine wraps it so that after a
+        drop the features land on the kept visual tokens only. Empty for models without such injections."""
+        return []
+
     def check_positions(self, positions: str) -> None:
         """Raise when this model cannot use the ``positions`` policy of an in-decoder method (1-D RoPE models
         take both ``compact`` and ``original``)."""

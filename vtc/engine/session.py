@@ -14,6 +14,9 @@ Hooks (instance only, all removed by :meth:`Session.remove`):
   rotary tables for its cache length once per step, and the other layers of the key reuse them,
   without reading any device value on the host;
 * a forward hook on each ``skip``-routed layer: writes the processed subset back into the stream;
+* an instance patch of each visual-feature injection the adapter names (Qwen3-VL's DeepStack,
+  :meth:`vtc.adapters.ModelAdapter.visual_injections`): after a drop, the features land on the kept visual
+  tokens of the layer's view only;
 * at the end of a prefill the trunk's forward hook puts the outputs back at the caller's positions
   (:func:`vtc.engine.ops.expand_rows`): ``last_hidden_state`` and ``hidden_states`` are indexed like the
   caller's ``input_ids``, dropped visual positions hold zeros; a pre-hook on the top model (when it is not
@@ -158,6 +161,31 @@ class _Hook:
         return _inert_hook
 
 
+class _Injection:
+    """Instance patch of a visual-feature injection (see :meth:`vtc.adapters.ModelAdapter.visual_injections`):
+    at a prefill whose layers see a shortened view, the features are added at the kept visual tokens only
+    (:meth:`Session._inject_on_view`); otherwise the model's own function runs. A deep copy of the patched
+    module gets the plain class method back (the copy is the unpatched model)."""
+
+    __slots__ = ("session", "owner", "name")
+
+    def __init__(self, session: Session, owner, name: str):
+        self.session, self.owner, self.name = session, owner, name
+
+    def original(self, owner=None):
+        owner = self.owner if owner is None else owner
+        return getattr(type(owner), self.name).__get__(owner)
+
+    def __call__(self, hidden, visual, features):
+        st = self.session.state
+        if st is None or not st.active or st.in_decode or st.current is None or st.current is st.base:
+            return self.original()(hidden, visual, features)
+        return self.session._inject_on_view(hidden, visual, features, st.current)
+
+    def __deepcopy__(self, memo):
+        return self.original(memo.get(id(self.owner), self.owner))
+
+
 class Session:
     """All hooks of one :func:`vtc.apply` call; see the module docstring."""
 
@@ -172,6 +200,7 @@ class Session:
         self.calls = CallHistory()
         self.forced: dict[int, list[torch.Tensor]] | None = None
         self._handles: list = []
+        self._patched: list[tuple[object, str]] = []  # (module, attribute) instance patches (_Injection)
         self._attached = False
         self._warned_compile = False
         #: rank and re-derive views at every selection even when nothing would be dropped (tests use this
@@ -240,6 +269,13 @@ class Session:
                 self._hook(layer, self._make_layer_pre(l), pre=True)
                 if self.plan.mode == "skip" and l in self._selection:
                     self._hook(layer, self._make_skip_post(l), pre=False)
+        for owner, name in self.adapter.visual_injections():
+            if name in owner.__dict__:
+                raise RuntimeError(
+                    f"{type(owner).__name__}.{name} is already patched on this instance; remove the other patch first"
+                )
+            setattr(owner, name, _Injection(self, owner, name))
+            self._patched.append((owner, name))
         for comp in self.pre_llm:
             comp.attach(self)
         self.model._vtc_session = self
@@ -262,6 +298,10 @@ class Session:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for owner, name in self._patched:
+            if isinstance(owner.__dict__.get(name), _Injection):
+                delattr(owner, name)
+        self._patched.clear()
         for comp in reversed(self.pre_llm):
             comp.detach(self)
         for mod in (self.model, self.adapter.base_model):
@@ -688,7 +728,8 @@ class Session:
             hit = (view, self._mask(hidden, view.mask2d(), cache, l))
             st.prefill_masks[id(view)] = hit
         kwargs["attention_mask"] = hit[1]
-        kwargs["position_ids"] = None if self.adapter.attn_implementation.startswith("flash") else view.pos
+        flash = self.adapter.attn_implementation.startswith("flash")
+        kwargs["position_ids"] = None if flash or st.layer_pos_none else view.pos
         kwargs["position_embeddings"] = (view.cos, view.sin)
 
     def _make_layer_pre(self, l: int):
@@ -705,7 +746,12 @@ class Session:
     def _base_view(self, kwargs, hidden) -> View:
         st = self.state
         B, T0 = st.batch_size, st.prefill_len
-        pos = kwargs["position_ids"]
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            # M-RoPE text models pass no 1-D positions to their layers in a direct forward (the rotary tables
+            # carry them): keep a stand-in for the views and hand the layers None again
+            st.layer_pos_none = True
+            pos = torch.arange(T0, device=hidden.device).expand(B, T0)
         cos, sin = kwargs["position_embeddings"]
         return View(
             src=torch.arange(T0, device=hidden.device).expand(B, T0),
@@ -886,6 +932,26 @@ class Session:
         _, tok = self._counts(view)
         all_valid = all(t == view.length for t in tok)
         return (view.length, tuple(tok), None if view.shift is None else id(view.shift), all_valid)
+
+    def _inject_on_view(self, hidden, visual, features, view: View):
+        """Add ``features`` ``[N_visual, D]`` (one row per visual slot of the prefill sequence, row-major, as
+        ``visual`` ``[B, T0]`` bool lays them out) to the slots of ``view`` that still hold their visual token;
+        ``hidden`` is ``[B, Tv, D]`` in ``view``'s layout. Dropped tokens get nothing, nothing lands on padding.
+        """
+        st = self.state
+        if features.shape[0] == 0:
+            return hidden
+        visual = visual.to(hidden.device)
+        if visual.shape != (st.batch_size, st.prefill_len) or hidden.shape[1] != view.length:
+            raise RuntimeError(
+                f"vtc: a visual-feature injection got hidden {tuple(hidden.shape)} and a visual mask "
+                f"{tuple(visual.shape)}; expected [B, {view.length}, D] and [B, {st.prefill_len}]"
+            )
+        ordinal = visual.flatten().long().cumsum(0).view_as(visual) - 1
+        ordinal = torch.where(visual, ordinal, torch.full_like(ordinal, -1))
+        ord_v = gather_rows(ordinal, view.src, -1)  # [B, Tv] feature row of each slot, -1: none
+        add = features.to(hidden.device, hidden.dtype)[ord_v.clamp(min=0)]  # [B, Tv, D]
+        return torch.where((ord_v >= 0).unsqueeze(-1), hidden + add, hidden)
 
     def _make_skip_post(self, l: int):
         def hook(module, args, kwargs, output):

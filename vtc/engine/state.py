@@ -149,6 +149,9 @@ class CallState:
     step_built: dict[tuple, tuple] = field(default_factory=dict)
     prefill_masks: dict[int, tuple[View, object]] = field(default_factory=dict)  # id(view) -> (view, mask)
     decode_tail_all: bool | None = None  # host bool: every decode-tail column is valid (None: not needed)
+    # the layers got position_ids=None (M-RoPE models in a direct forward): the base view's `pos` is a stand-in
+    # (0..T0-1) and layers keep getting None
+    layer_pos_none: bool = False
 
     def cache(self):
         return None if self.cache_ref is None else self.cache_ref()

@@ -1,0 +1,403 @@
+"""Adapter for Hugging Face Qwen2-VL, Qwen2.5-VL and Qwen3-VL (``model_type`` ``qwen2_vl``, ``qwen2_5_vl``,
+``qwen3_vl``) on transformers 5.x.
+
+What differs from LLaVA, and how the engine is told:
+
+* **Dynamic resolution.** Every image (and every video frame) has its own grid after the 2x2 patch merger.
+  :meth:`QwenVLAdapter.find_spans` reads it from the model's own M-RoPE positions (the ``h`` and ``w`` rows
+  of ``position_ids``; recomputed with the model's ``get_rope_index`` from ``image_grid_thw`` /
+  ``video_grid_thw`` when the call carries none), so a direct ``forward`` and ``generate`` (which passes the
+  positions and no grids to the trunk) find the same spans.
+* **Video.** One span per frame (``kind="video"``). Frames are budgeted **per frame** (``item=None``): each
+  frame keeps ``floor(N_frame * share)`` of its own tokens, so every frame stays represented; ``uniform``
+  strides each frame's own 2-D grid.
+* **M-RoPE positions.** The text model hands each decoder layer the text row of the 4-row ``position_ids``
+  (or None in a direct forward) and the 3-D rotary tables as ``position_embeddings`` ``[B, T, dh]``. In
+  ``original`` mode the engine gathers those tables, so every kept token keeps its own ``(t, h, w)``
+  rotation, and decode positions continue from ``rope_deltas`` exactly as in the unpatched model (layer 0 is
+  never shortened, so ``generate``'s bookkeeping is untouched). ``compact`` positions are rejected
+  (:meth:`QwenVLAdapter.check_positions`): a 1-D renumbering has no meaning for 3-D positions.
+* **DeepStack (Qwen3-VL).** The text model adds vision features of intermediate tower layers to the first
+  decoder layers' outputs at the visual positions (``_deepstack_process``). :meth:`visual_injections` names
+  that function; the engine wraps it so that the features land on the kept tokens only.
+
+* **Pre-LLM methods** (DFMR, DivPrune, CDPruner, pool) work on the **merged grid**: a unit is one image or
+  one video frame, its features are the merger's output (the LLM embeddings, ``project`` is the identity), so
+  pooling averages merged tokens. Kept tokens keep their own M-RoPE positions (a pooled or merged token takes
+  the position of the slot it is placed at, the first slots of its image's run); the text row of
+  ``position_ids`` is renumbered consecutively for the shorter prompt (masks), and decode continues from the
+  caller's positions and ``rope_deltas``. DeepStack features follow the same reduction (kept cells are
+  gathered, pooled grids are average-pooled the same way). VisionZip raises: the tower has no CLS attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vtc.adapters.base import ModelAdapter, visual_runs
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    """The ``project`` of Qwen-VL units: their features are already the merger's output."""
+    return x
+
+
+class QwenVLAdapter(ModelAdapter):
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    text_model_types = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
+
+    #: a nominal image for schedules solved for a token budget: 448x448 pixels
+    NOMINAL_PIXELS = 448
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self._base = model.model if hasattr(model, "lm_head") and hasattr(model, "model") else model
+        if not hasattr(self._base, "language_model") or not hasattr(self._base, "visual"):
+            raise ValueError(
+                f"{type(model).__name__} has model_type {model.config.model_type!r} but no `language_model`/"
+                "`visual`; vtc expects transformers>=5.20 Qwen*VLForConditionalGeneration or Qwen*VLModel."
+            )
+        self.check_supported()
+        types = getattr(self.text_config, "layer_types", None) or []
+        other = sorted({t for t in types if t != "full_attention"})
+        if other:
+            raise ValueError(
+                f"vtc supports Qwen-VL language models with full attention in every layer; this one has layer "
+                f"types {other} (use_sliding_window=True). Load it with use_sliding_window=False."
+            )
+
+    # --- module lookups ---------------------------------------------------------------------------------
+    @property
+    def base_model(self) -> nn.Module:
+        return self._base
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self._base.language_model
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def video_token_id(self) -> int:
+        return int(self.model.config.video_token_id)
+
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        return (self.image_token_id, self.video_token_id)
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.model.config.vision_config.spatial_merge_size)
+
+    def tokens_per_image(self) -> int:
+        """Visual tokens of a nominal 448x448 image after the merger (256 with 14-px patches, 196 with 16-px
+        ones); only schedules solved for a token budget use it, per-call counts come from :meth:`find_spans`."""
+        vc = self.model.config.vision_config
+        side = self.NOMINAL_PIXELS // (vc.patch_size * self.merge_size)
+        return side * side
+
+    #: the largest merged grid the default processors emit (3584 px / 28 px, 4096 px / 32 px): pre-LLM methods
+    #: validate their counts against it; every call reduces each image on its own grid
+    MAX_GRID = (128, 128)
+
+    def grid_of_image(self) -> tuple[int, int]:
+        """The largest merged grid of an image (:attr:`MAX_GRID`): images have their own grids, so a count valid
+        for this one may still be above a small image's tokens (that image then raises at the call)."""
+        return self.MAX_GRID
+
+    def image_feature_owner(self) -> nn.Module:
+        return self._base
+
+    # --- positions --------------------------------------------------------------------------------------
+    def check_positions(self, positions: str) -> None:
+        """Only ``original`` positions: kept tokens keep their own ``(t, h, w)`` M-RoPE positions.
+
+        Raises
+        ------
+        ValueError
+            For ``positions="compact"``: renumbering 3-D positions after a drop is not defined.
+        """
+        if positions != "original":
+            raise ValueError(
+                f"positions={positions!r} is not supported on {self.model.config.model_type}: its M-RoPE positions "
+                "are 3-D (time, height, width) and a 1-D renumbering after a drop has no meaning. Pass "
+                "positions='original' (kept tokens keep their own positions; decoding continues from rope_deltas)."
+            )
+
+    def mrope_positions(self, inputs: dict) -> torch.Tensor:
+        """``[3, B, T]`` (t, h, w) M-RoPE positions of a prefill, as the model computes them.
+
+        Taken from ``position_ids`` when the call carries them (``generate``: 4 rows, text row first), else
+        computed with the model's own ``get_rope_index`` from ``input_ids``, ``mm_token_type_ids`` and the
+        grids (a direct ``forward``).
+
+        Raises
+        ------
+        ValueError
+            No positions and no ``image_grid_thw`` / ``video_grid_thw`` to compute them from.
+        """
+        pos = inputs.get("position_ids")
+        if isinstance(pos, torch.Tensor) and pos.dim() == 3 and pos.shape[0] in (3, 4):
+            return pos[-3:]
+        ids = inputs["input_ids"]
+        grids = {
+            k: inputs[k]
+            for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+            if inputs.get(k) is not None
+        }
+        if "image_grid_thw" not in grids and "video_grid_thw" not in grids:
+            raise ValueError(
+                f"{self.model.config.model_type}: the prompt holds visual tokens but the call has neither 3-D "
+                "position_ids nor image_grid_thw/video_grid_thw; pass the processor's outputs unchanged "
+                "(input_ids, pixel_values, image_grid_thw, mm_token_type_ids)."
+            )
+        mm = inputs.get("mm_token_type_ids")
+        if mm is None:
+            mm = (ids == self.image_token_id).int() + 2 * (ids == self.video_token_id).int()
+        pos, _ = self._base.get_rope_index(
+            ids, mm_token_type_ids=mm, attention_mask=inputs.get("attention_mask"), **grids
+        )
+        return pos
+
+    # --- spans ----------------------------------------------------------------------------------------
+    def find_spans(self, visual: torch.Tensor, inputs: dict) -> list:
+        """One span per image and per video frame, with its grid after the merger (see the module docstring).
+
+        A run of visual slots is cut where the temporal position changes (video frames) and, inside a run of
+        equal temporal position, every ``h' * w'`` slots; the grid of each piece is the extent of its ``h``
+        and ``w`` positions. Three host reads per call, no loop over tokens.
+        """
+        from vtc.engine.state import ImageSpan
+
+        runs = visual_runs(visual)
+        if not runs:
+            return []
+        ids = inputs["input_ids"]
+        pos = self.mrope_positions(inputs).to(visual.device)  # [3, B, T]
+        t, h, w = (p[visual] for p in pos)  # [Nv] each, row-major (the order of `runs`)
+        n = t.shape[0]
+        starts = torch.zeros(n, dtype=torch.bool, device=t.device)
+        offsets = [0]
+        for _, _, length in runs[:-1]:
+            offsets.append(offsets[-1] + length)
+        starts[torch.tensor(offsets, device=t.device)] = True
+        starts[1:] |= t[1:] != t[:-1]
+        seg = starts.long().cumsum(0) - 1
+        S = int(seg[-1].item()) + 1
+        big = torch.iinfo(torch.long).max
+        h_min = torch.full((S,), big, device=t.device).scatter_reduce(0, seg, h, "amin")
+        w_min = torch.full((S,), big, device=t.device).scatter_reduce(0, seg, w, "amin")
+        h_max = torch.full((S,), -1, device=t.device).scatter_reduce(0, seg, h, "amax")
+        w_max = torch.full((S,), -1, device=t.device).scatter_reduce(0, seg, w, "amax")
+        gh, gw = h_max - h_min + 1, w_max - w_min + 1
+        first = torch.nonzero(starts).squeeze(1)
+        idx = torch.arange(n, device=t.device) - first[seg]
+        cells = (gh * gw)[seg]
+        r, c = h - h_min[seg], w - w_min[seg]
+        row_major = bool(((r * gw[seg] + c) == idx % cells).all())
+        if not row_major:
+            raise ValueError(
+                f"{self.model.config.model_type}: the M-RoPE positions of a visual run are not a row-major grid; "
+                "vtc expects the layout get_rope_index produces"
+            )
+        seg_len = torch.bincount(seg, minlength=S)
+        is_video = ids[visual][first] == self.video_token_id
+        host = torch.stack([first, seg_len, gh, gw, is_video.long()]).tolist()
+        # map each visual slot ordinal back to (row, column) of the prompt
+        spans = []
+        run_i, run_off = 0, 0
+        for f, length, a, b_, vid in zip(*host):
+            while f >= run_off + runs[run_i][2]:
+                run_off += runs[run_i][2]
+                run_i += 1
+            row, col0, _ = runs[run_i]
+            start = col0 + (f - run_off)
+            per = a * b_
+            if length % per:
+                raise ValueError(
+                    f"{self.model.config.model_type}: a visual run of {length} slots is not a whole number of "
+                    f"{a}x{b_} grids"
+                )
+            kind = "video" if vid else "image"
+            spans.extend(
+                ImageSpan(row, start + k * per, per, (a, b_), kind=kind) for k in range(length // per)
+            )
+        return spans
+
+    # --- pre-LLM stage (vtc.engine.prellm) ---------------------------------------------------------------
+    token_inputs = ("mm_token_type_ids",)
+
+    def feature_entries(self) -> list[tuple[str, str, str, int]]:
+        return [
+            ("image", "get_image_features", "pixel_values", self.image_token_id),
+            ("video", "get_video_features", "pixel_values_videos", self.video_token_id),
+        ]
+
+    def feature_kwargs(self, modality: str, kwargs: dict) -> dict:
+        key = "image_grid_thw" if modality == "image" else "video_grid_thw"
+        return {key: kwargs.get(key)}
+
+    def check_vision_attention(self, what: str, vision_feature_layer=None) -> int:
+        raise ValueError(
+            f"{what} reads the attention of the tower's CLS token; the {self.model.config.model_type} tower has "
+            "no CLS token and no single feature layer. Use a method that needs no attention (divprune, cdpruner, "
+            "pool, dfmr)."
+        )
+
+    def vision_units(
+        self,
+        pixel_values,
+        with_attention: bool = False,
+        what: str = "this method",
+        modality: str = "image",
+        **params,
+    ):
+        """One unit per image (per video frame) on its merged grid; the features are the merger's output.
+
+        Parameters
+        ----------
+        pixel_values : torch.Tensor
+            ``[sum(t*h*w), C*tps*p*p]`` flattened patches of the call's images (videos).
+        **params
+            ``image_grid_thw`` (``video_grid_thw``) ``[n, 3]`` and what else the call passed.
+        """
+        from vtc.engine.prellm import ImageInputs, VisionUnits
+
+        if with_attention:
+            self.check_vision_attention(what)
+        key = "image_grid_thw" if modality == "image" else "video_grid_thw"
+        grid_thw = params.get(key)
+        if grid_thw is None:
+            raise ValueError(
+                f"{what} on {self.model.config.model_type} needs {key} with the {modality}s' pixels"
+            )
+        if modality == "video" and self.model.config.model_type == "qwen3_vl":
+            raise NotImplementedError(
+                f"{what} on qwen3_vl videos is not supported: each frame is its own placeholder run (timestamps in "
+                "between), which the pre-LLM rewrite does not handle yet. Use an in-decoder method for videos."
+            )
+        # the class's image entry point runs the tower the same way for videos (and is never the patched one)
+        out = type(self._base).get_image_features(self._base, pixel_values, grid_thw, return_dict=True)
+        feats = list(out.pooler_output)  # per image (video): [t*h'*w', D], row-major per frame
+        m = self.merge_size
+        frames = [(int(t), int(h) // m, int(w) // m) for t, h, w in grid_thw.tolist()]
+        by_grid: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for i, (t, h, w) in enumerate(frames):
+            for f in range(t):
+                by_grid.setdefault((h, w), []).append((i, f))
+        groups, members = [], []
+        for (h, w), mem in by_grid.items():
+            x = torch.stack([feats[i][f * h * w : (f + 1) * h * w] for i, f in mem])  # [n_g, h*w, D]
+            groups.append(ImageInputs(selected=x, cls=0, grid=(h, w), project=_identity))
+            members.append(mem)
+        ds = getattr(out, "deepstack_features", None)
+        extra = {"frames": frames, "deepstack": [list(layer) for layer in ds] if ds is not None else None}
+        return VisionUnits(
+            groups, members, [f.shape[0] for f in feats], out, [t for t, _, _ in frames], extra
+        )
+
+    def assemble_image(self, units, image: int, parts: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frames of a video one after the other (an image is one frame); a kept patch stands for its own
+        cell of its frame, other tokens for the first slots of their frame."""
+        from vtc.engine.prellm import dest_in_unit
+
+        _, h, w = units.extra["frames"][image]
+        embeds, dests = [], []
+        for f, p in enumerate(parts):
+            embeds.append(p.embeds)
+            dests.append(dest_in_unit(p.cells, p.embeds.shape[0], p.cls, p.embeds.device) + f * h * w)
+        return torch.cat(embeds), torch.cat(dests)
+
+    def finish_features(self, units, embeds: list[torch.Tensor], parts: list) -> object:
+        """Per-image embeddings, and (Qwen3-VL) the DeepStack features reduced like the embeddings: a kept patch
+        keeps its cell's features, a pooled grid average-pools them the same way.
+
+        Raises
+        ------
+        NotImplementedError
+            DeepStack with a method whose tokens are neither single cells nor a pooled grid (merged tokens).
+        """
+        out = units.output
+        out.pooler_output = list(embeds)
+        ds = units.extra.get("deepstack")
+        if ds is None:
+            return out
+        new = [[] for _ in ds]
+        for i, (_t, h, w) in enumerate(units.extra["frames"]):
+            per_layer = [[] for _ in ds]
+            for f, p in enumerate(parts[i]):
+                k = p.embeds.shape[0]
+                for li, layer in enumerate(ds):
+                    x = layer[i][f * h * w : (f + 1) * h * w]  # [h*w, D] this frame's DeepStack features
+                    if p.cells is not None and p.cells.numel() == k:
+                        y = x[p.cells.to(x.device)]
+                    elif k == h * w and p.cells is None and (p.grid is None or tuple(p.grid) == (h, w)):
+                        y = x
+                    elif p.grid is not None and p.grid[0] * p.grid[1] == k:
+                        xm = x.reshape(1, h, w, -1).permute(0, 3, 1, 2)
+                        y = torch.nn.functional.adaptive_avg_pool2d(xm, tuple(p.grid)).flatten(2)[0].T
+                    else:
+                        raise NotImplementedError(
+                            f"{self.model.config.model_type} adds DeepStack features per visual token; this method "
+                            f"places {k} tokens for a {h}x{w} grid that are neither kept patches nor a pooled grid, "
+                            "so the features cannot follow them. Use divprune, cdpruner, pool or dfmr."
+                        )
+                    per_layer[li].append(y)
+            for li in range(len(ds)):
+                new[li].append(torch.cat(per_layer[li]))
+        out.deepstack_features = new
+        return out
+
+    def prellm_positions(self, kwargs: dict, caller_ids, caller_mask, src, new_valid) -> None:
+        """4-row ``position_ids`` of the rewritten prompt: every token keeps the caller's own ``(t, h, w)``
+        M-RoPE position (``src`` maps each slot to the caller's position), the text row is consecutive."""
+        from vtc.engine.ops import gather_rows
+
+        caller = {
+            "input_ids": caller_ids,
+            "attention_mask": caller_mask,
+            "position_ids": kwargs.get("position_ids"),
+        }
+        for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
+            caller[k] = kwargs.get(k)
+        caller["mm_token_type_ids"] = (caller_ids == self.image_token_id).int() + 2 * (
+            caller_ids == self.video_token_id
+        ).int()
+        mrope = self.mrope_positions(caller)  # [3, B, T]
+        B = src.shape[0]
+        rows = torch.stack([gather_rows(r.expand(B, -1), src, 0) for r in mrope])  # [3, B, Tn]
+        text = (new_valid.long().cumsum(-1) - 1).masked_fill(~new_valid, 1)
+        kwargs["position_ids"] = torch.cat([text.unsqueeze(0), rows.to(text.device)])
+
+    def prellm_decode_positions(self, kwargs: dict, shift, full_mask, q: int, original_space: bool) -> None:
+        """Decode after a rewrite: the M-RoPE rows stay the caller's (kept tokens kept their positions, so the
+        new token's position is the unpatched one); the text row (masks) loses the removed tokens.
+
+        Raises
+        ------
+        ValueError
+            No ``position_ids`` at decode (``generate`` always passes them): the model would derive them from the
+            compressed cache length.
+        """
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            raise ValueError(
+                f"{self.model.config.model_type} after a pre-LLM rewrite needs position_ids at every decode step "
+                "(generate passes them); the model would otherwise count positions from the compressed cache."
+            )
+        if original_space and pos.dim() == 3 and pos.shape[0] == 4:
+            B = full_mask.shape[0]
+            text = pos[0].expand(B, -1) - shift.to(pos.device).unsqueeze(1)
+            kwargs["position_ids"] = torch.cat([text.unsqueeze(0), pos[1:].expand(-1, B, -1)])
+
+    # --- DeepStack ------------------------------------------------------------------------------------
+    def visual_injections(self) -> list[tuple[nn.Module, str]]:
+        """Qwen3-VL: ``language_model._deepstack_process(hidden [B, T, D], visual_pos_masks [B, T] bool,
+        features [N_visual, D]) -> hidden``, called after each of the first decoder layers at prefill."""
+        lm = self.language_model
+        if callable(getattr(type(lm), "_deepstack_process", None)):
+            return [(lm, "_deepstack_process")]
+        return []
