@@ -6,7 +6,7 @@
   pooled token: the slot it is placed at, the first slots of its image's run);
 * a batch of left-padded rows (images of different sizes, a row without image, a video row) = each row alone;
 * a method keeping every token is bit-identical to the unpatched model; removal restores it;
-* what is not supported raises clearly (VisionZip: no CLS attention; Qwen3-VL videos).
+* what is not supported raises clearly (VisionZip: no CLS attention).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ SPECS = [("pool", {"tokens": 4}), ("divprune", {"ratio": 0.5})]
 
 
 def _cases(kind):
-    return ["b1_img", "b3_mixed"] + (["b2_video"] if kind != "qwen3_vl" else [])
+    return ["b1_img", "b3_mixed", "b2_video"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -202,7 +202,7 @@ ALL_SPECS = SPECS + [("cdpruner", {"ratio": 0.5}), ("dfmr", {})]
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=[s[0] for s in ALL_SPECS])
 def test_batch_equals_rows_alone(kind, spec):
     model = _model(kind)
-    cases = ["b3_mixed"] + (["b2_video"] if kind != "qwen3_vl" and spec[0] != "dfmr" else [])
+    cases = ["b3_mixed"] + (["b2_video"] if spec[0] != "dfmr" else [])
     for case in cases:
         inputs = _qwen.make_inputs(kind, case)
         with vtc.apply(model, spec[0], **spec[1]):
@@ -243,10 +243,6 @@ def test_unsupported_pre_llm_raise_clearly(kind):
     with vtc.apply(model, "pool", tokens=64):  # above the image's 24 tokens
         with pytest.raises(ValueError, match="tokens=64 is above the 24"):
             generate(model, inputs, 1)
-    if kind == "qwen3_vl":
-        with vtc.apply(model, "pool", tokens=4):
-            with pytest.raises(NotImplementedError, match="qwen3_vl videos"):
-                generate(model, _qwen.make_inputs(kind, "b2_video"), 1)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -43,6 +43,25 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _frames_of(grid_thw, m: int) -> list[tuple[int, int, int]]:
+    return [(int(t), int(h) // m, int(w) // m) for t, h, w in grid_thw.tolist()]
+
+
+def _split_frames(feats, frames, ds):
+    """Per-video features (``[t*h*w, D]``), grids and DeepStack features split into one item per frame."""
+    f_out, g_out = [], []
+    d_out = [[] for _ in ds] if ds is not None else None
+    for i, (t, h, w) in enumerate(frames):
+        for f in range(t):
+            sl = slice(f * h * w, (f + 1) * h * w)
+            f_out.append(feats[i][sl])
+            g_out.append((1, h, w))
+            if ds is not None:
+                for li, layer in enumerate(ds):
+                    d_out[li].append(layer[i][sl])
+    return f_out, g_out, d_out
+
+
 class QwenVLAdapter(ModelAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     text_model_types = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
@@ -274,16 +293,11 @@ class QwenVLAdapter(ModelAdapter):
             raise ValueError(
                 f"{what} on {self.model.config.model_type} needs {key} with the {modality}s' pixels"
             )
-        if modality == "video" and self.model.config.model_type == "qwen3_vl":
-            raise NotImplementedError(
-                f"{what} on qwen3_vl videos is not supported: each frame is its own placeholder run (timestamps in "
-                "between), which the pre-LLM rewrite does not handle yet. Use an in-decoder method for videos."
-            )
         # the class's image entry point runs the tower the same way for videos (and is never the patched one)
         out = type(self._base).get_image_features(self._base, pixel_values, grid_thw, return_dict=True)
         feats = list(out.pooler_output)  # per image (video): [t*h'*w', D], row-major per frame
         m = self.merge_size
-        frames = [(int(t), int(h) // m, int(w) // m) for t, h, w in grid_thw.tolist()]
+        frames = _frames_of(grid_thw, m)
         by_grid: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for i, (t, h, w) in enumerate(frames):
             for f in range(t):
@@ -294,7 +308,19 @@ class QwenVLAdapter(ModelAdapter):
             groups.append(ImageInputs(selected=x, cls=0, grid=(h, w), project=_identity))
             members.append(mem)
         ds = getattr(out, "deepstack_features", None)
-        extra = {"frames": frames, "deepstack": [list(layer) for layer in ds] if ds is not None else None}
+        ds = [list(layer) for layer in ds] if ds is not None else None
+        if modality == "video" and self.model.config.model_type == "qwen3_vl":
+            # Qwen3-VL writes a timestamp before every frame, so each frame is its own placeholder run: the frames
+            # are the placed items (the model concatenates the per-item features, so per-frame lists are exact)
+            feats, frames, ds = _split_frames(feats, frames, ds)
+            item = {
+                (i, f): k
+                for k, (i, f) in enumerate(
+                    (i, f) for i, (t, _, _) in enumerate(_frames_of(grid_thw, m)) for f in range(t)
+                )
+            }
+            members = [[(item[pair], 0) for pair in mem] for mem in members]
+        extra = {"frames": frames, "deepstack": ds}
         return VisionUnits(
             groups, members, [f.shape[0] for f in feats], out, [t for t, _, _ in frames], extra
         )
