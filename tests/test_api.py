@@ -73,3 +73,30 @@ def test_every_preset_plans_on_llava_15_sizes_and_baselines_match_their_budgets(
     assert counts["random_pdrop_default"] == counts["uniform_pdrop_default"] == counts["pdrop_default"]
     assert counts["random_fastv"] == counts["uniform_fastv"] == counts["fastv_k2_r50"]
     assert abs(sum(counts["prd_skip"]) / 32 / 576 - 0.5375) < 0.002  # floor() of each layer's count
+
+
+def test_preset_fields_can_be_overridden_by_keyword():
+    import yaml
+
+    from vtc.api import presets_dir
+
+    data = yaml.safe_load((presets_dir() / "pdrop_128.yaml").read_text())
+    (m,) = vtc.resolve_methods("pdrop_128", positions="original")
+    assert m.positions == "original" and data["positions"] == "compact"
+    for key in ("layer_shares", "target", "precision", "backend"):
+        assert getattr(m, key) == data[key], key
+    with pytest.raises(ValueError, match="several methods"):
+        vtc.resolve_methods("dfmr_pdrop", positions="original")
+    with pytest.raises(ValueError, match="not_a_field"):
+        vtc.resolve_methods("pdrop_128", not_a_field=1)
+
+
+def test_compact_preset_on_qwen_needs_original_positions():
+    from families import _qwen
+
+    model = _qwen.build_model("qwen2_vl", "sdpa")
+    with pytest.raises(ValueError, match="positions='original'"):
+        vtc.apply(model, "pdrop_128")
+    assert getattr(model, "_vtc_session", None) is None
+    with vtc.apply(model, "pdrop_128", positions="original") as h:
+        assert h.session.plan.positions == "original"

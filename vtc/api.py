@@ -90,8 +90,12 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in presets_dir().glob("*.yaml"))
 
 
-def load_preset(spec: str | os.PathLike) -> list[Method]:
-    """Methods from a YAML preset: a path, or a preset name from ``configs/``."""
+def load_preset(spec: str | os.PathLike, **overrides) -> list[Method]:
+    """Methods from a YAML preset: a path, or a preset name from ``configs/``.
+
+    ``overrides`` replace fields of a one-method preset (``load_preset("pdrop_128", positions="original")``
+    for a model without ``compact`` positions); a preset of several methods takes none.
+    """
     path = Path(spec)
     if not path.suffix:
         path = presets_dir() / f"{spec}.yaml"
@@ -105,6 +109,13 @@ def load_preset(spec: str | os.PathLike) -> list[Method]:
         raise ValueError(
             f"preset {path} must be a mapping with 'method' or 'methods', got {type(data).__name__}"
         )
+    if overrides:
+        if "method" not in data:
+            raise ValueError(
+                f"keyword arguments {sorted(overrides)} given with preset {str(spec)!r} of several methods; write a "
+                "preset file with the fields you want, or pass method instances"
+            )
+        data = {**data, **overrides}
     return resolve_methods(data, _origin=str(path))
 
 
@@ -144,11 +155,7 @@ def resolve_methods(method: Any, _origin: str | None = None, **kwargs) -> list[M
         if s in list_methods():
             cls = get_method_class(s)
             return [build_dataclass(cls, kwargs, what=f"method {s!r}")]
-        if kwargs:
-            raise ValueError(
-                f"{s!r} is not a registered method ({list_methods()}); keyword arguments need a method name"
-            )
-        return load_preset(s)
+        return load_preset(s, **kwargs)
     raise TypeError(f"method must be a Method, name, preset path, dict or list; got {type(method).__name__}")
 
 
