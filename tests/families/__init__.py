@@ -37,4 +37,10 @@ FAMILY_MODULES = [
 
 
 def load_families() -> dict:
-    return {name: importlib.import_module(f"families.{name}") for name in FAMILY_MODULES}
+    """``name -> family``: a family module, or the ``FAMILY`` object it defines (several model types sharing
+    one builder, e.g. the Qwen-VL types)."""
+    out = {}
+    for name in FAMILY_MODULES:
+        mod = importlib.import_module(f"families.{name}")
+        out[name] = getattr(mod, "FAMILY", mod)
+    return out

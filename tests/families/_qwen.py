@@ -211,3 +211,34 @@ def grids(case: str) -> list[list[tuple[int, int, str]]]:
                 g += [(part[2] // MERGE, part[3] // MERGE, "video")] * part[1]
         out.append(g)
     return out
+
+
+class QwenFamily:
+    """One Qwen-VL model type as a family of the shared matrix (see ``families/__init__.py``)."""
+
+    CASES = CASES
+    BATCH_CASES = BATCH_CASES
+    VISUAL_TOKENS = (IMG, VID)
+    # the model computes its own M-RoPE positions in the no-cache reference; mm_token_type_ids grows with the text
+    NOCACHE = {"positions": False, "grow": ("mm_token_type_ids",)}
+    # M-RoPE has no compact positions (the adapter rejects them): the compact spec runs with original positions
+    METHOD_KWARGS = {"pdrop-compact": {"positions": "original"}}
+    SKIP_SPECS: set = set()
+
+    def __init__(self, kind: str):
+        self.NAME = kind
+        self._models: dict = {}
+
+    def make_model(self, attn: str):
+        if attn not in self._models:
+            self._models[attn] = build_model(self.NAME, attn)
+        return self._models[attn]
+
+    def make_inputs(self, case: str) -> dict:
+        return make_inputs(self.NAME, case)
+
+    def split_rows(self, case: str) -> list[dict]:
+        return split_rows(self.NAME, case)
+
+    def item_tokens(self, case: str) -> list[list[int]]:
+        return item_tokens(case)
