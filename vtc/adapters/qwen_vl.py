@@ -343,8 +343,8 @@ class QwenVLAdapter(ModelAdapter):
         Parameters
         ----------
         block_inputs : dict
-            The block's index ``block`` and what it received: ``hidden_states [S, C]``, ``cu_seqlens [F+1]``, ``position_embeddings``
-            ``(cos, sin)`` ``[S, dh]`` (Qwen2.5-VL: in its window order).
+            The block's index ``block`` and what it received: ``hidden_states [S, C]``, ``cu_seqlens [F+1]``,
+            ``position_embeddings`` ``(cos, sin)`` ``[S, dh]`` (Qwen2.5-VL: in its window order).
         grid_thw : torch.Tensor
             ``[n, 3]`` the call's grids in patches.
 
