@@ -6,7 +6,7 @@
   pooled token: the slot it is placed at, the first slots of its image's run);
 * a batch of left-padded rows (images of different sizes, a row without image, a video row) = each row alone;
 * a method keeping every token is bit-identical to the unpatched model; removal restores it;
-* what is not supported raises clearly (VisionZip: no CLS attention).
+* what is not supported raises clearly (a count above an image's tokens; VisionZip: tests/test_visionzip_qwen.py).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ ALL_SPECS = SPECS + [("cdpruner", {"ratio": 0.5}), ("dfmr", {})]
 @pytest.mark.parametrize("spec", ALL_SPECS, ids=[s[0] for s in ALL_SPECS])
 def test_batch_equals_rows_alone(kind, spec):
     model = _model(kind)
-    cases = ["b3_mixed"] + (["b2_video"] if spec[0] != "dfmr" else [])
+    cases = ["b3_mixed", "b2_video"]
     for case in cases:
         inputs = _qwen.make_inputs(kind, case)
         with vtc.apply(model, spec[0], **spec[1]):
@@ -236,9 +236,6 @@ def test_keep_all_is_bit_identical_and_removal_restores(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_unsupported_pre_llm_raise_clearly(kind):
     model = _model(kind)
-    with pytest.raises(ValueError, match="no CLS token"):
-        vtc.apply(model, "visionzip", tokens=4)
-    assert getattr(model, "_vtc_session", None) is None
     inputs = _qwen.make_inputs(kind, "b1_img")
     with vtc.apply(model, "pool", tokens=64):  # above the image's 24 tokens
         with pytest.raises(ValueError, match="tokens=64 is above the 24"):

@@ -27,10 +27,21 @@ What differs from LLaVA, and how the engine is told:
   the position of the slot it is placed at, the first slots of its image's run); the text row of
   ``position_ids`` is renumbered consecutively for the shorter prompt (masks), and decode continues from the
   caller's positions and ``rope_deltas``. DeepStack features follow the same reduction (kept cells are
-  gathered, pooled grids are average-pooled the same way). VisionZip raises: the tower has no CLS attention.
+  gathered, pooled grids are average-pooled the same way).
+* **VisionZip** reads the tower's attention at its last full-attention block (the last block on Qwen2-VL and
+  Qwen3-VL; the last of ``fullatt_block_indexes`` on Qwen2.5-VL), recomputed from that block's input (captured
+  by a temporary forward pre-hook while the tower runs once) with the block's own ``norm1``, ``qkv``, the vision
+  rotary tables it receives and its ``scaling``, one image (video frame) at a time as the tower's
+  ``cu_seqlens`` cut them. A merged token's score is the attention its ``spatial_merge_size**2`` patches receive,
+  averaged over the frame's queries, the heads and those patches; its key is the rotated key averaged over heads
+  and those patches (:meth:`QwenVLAdapter.tower_attention`). VisionZip's contextual tokens are merged tokens, so
+  on Qwen3-VL (DeepStack) only ``contextual=0`` runs (the kept tokens are single cells); otherwise
+  :meth:`finish_features` raises.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from torch import nn
@@ -260,11 +271,124 @@ class QwenVLAdapter(ModelAdapter):
         return {key: kwargs.get(key)}
 
     def check_vision_attention(self, what: str, vision_feature_layer=None) -> int:
-        raise ValueError(
-            f"{what} reads the attention of the tower's CLS token; the {self.model.config.model_type} tower has "
-            "no CLS token and no single feature layer. Use a method that needs no attention (divprune, cdpruner, "
-            "pool, dfmr)."
-        )
+        """Index of the tower block whose attention :meth:`tower_attention` reads: the last full-attention block.
+
+        Every block of the Qwen2-VL and Qwen3-VL towers attends over a whole image (video frame); Qwen2.5-VL's
+        blocks attend within windows except those of ``fullatt_block_indexes``, so the last of those is read
+        (the last block itself on the released configs).
+
+        Raises
+        ------
+        ValueError
+            A ``vision_feature_layer`` (the Qwen-VL towers have one output), a tower without ``blocks`` of
+            ``norm1`` + ``attn.qkv``, or a Qwen2.5-VL tower with no full-attention block.
+        """
+        if vision_feature_layer is not None:
+            raise ValueError(
+                f"{what} on {self.model.config.model_type} reads the tower's last full-attention block; "
+                f"vision_feature_layer={vision_feature_layer!r} has no meaning there. Leave it unset."
+            )
+        blocks = getattr(self._base.visual, "blocks", None)
+        if blocks is None or not all(
+            hasattr(b, "norm1") and hasattr(getattr(b, "attn", None), "qkv") for b in blocks
+        ):
+            raise ValueError(
+                f"{what} needs the {self.model.config.model_type} tower's attention, but "
+                f"{type(self._base.visual).__name__} has no blocks of norm1 + attn.qkv to read it from. Use a "
+                "method that needs no attention (divprune, cdpruner, pool, dfmr)."
+            )
+        full = getattr(self._base.visual, "fullatt_block_indexes", None)
+        if full is None:
+            return len(blocks) - 1
+        full = sorted(int(i) % len(blocks) for i in full)
+        if not full:
+            raise ValueError(
+                f"{what} reads the tower's attention over a whole image, but this "
+                f"{self.model.config.model_type} tower has fullatt_block_indexes=[] (every block is windowed). "
+                "Use a method that needs no attention (divprune, cdpruner, pool, dfmr)."
+            )
+        return full[-1]
+
+    def _window_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
+        """``[sum(t*h'*w')]`` the merged-token order inside a Qwen2.5-VL tower (its window permutation), None
+        for towers that keep the natural row-major order."""
+        tower = self._base.visual
+        if getattr(tower, "fullatt_block_indexes", None) is None:
+            return None
+        try:
+            from transformers.vision_utils import get_vision_window_index
+        except ImportError:  # older 5.x: a method of the tower
+            return tower.get_window_index(grid_thw)[0]
+        return get_vision_window_index(
+            grid_thw,
+            spatial_merge_size=tower.spatial_merge_size,
+            window_size=tower.window_size,
+            patch_size=tower.patch_size,
+        )[0]
+
+    #: most attention weights (heads x queries x keys) one chunk of :meth:`tower_attention` holds at once
+    ATTN_CHUNK = 1 << 24
+
+    def tower_attention(
+        self, block_inputs: dict, grid_thw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per merged token, the attention it receives and its key at the tower's last full-attention block.
+
+        For a frame of ``L = h*w`` patches (the tower's ``cu_seqlens`` segment; attention never crosses frames)
+        with rotated queries ``q`` and keys ``k`` ``[H, L, dh]`` of the block's own ``norm1`` and ``qkv`` and the
+        rotary tables it receives, ``A_h = softmax(q_h k_h^T * scaling)`` (float32) and patch ``j`` receives
+        ``a_j = mean_{h, i} A_h[i, j]``. A merged token (the ``m*m`` consecutive patches of one merge window, the
+        tower's patch order) scores the mean ``a_j`` of its patches and has key ``mean_{h, j} k_h[j]``.
+
+        Parameters
+        ----------
+        block_inputs : dict
+            The block's index ``block`` and what it received: ``hidden_states [S, C]``, ``cu_seqlens [F+1]``,
+            ``position_embeddings`` ``(cos, sin)`` ``[S, dh]`` (Qwen2.5-VL: in its window order).
+        grid_thw : torch.Tensor
+            ``[n, 3]`` the call's grids in patches.
+
+        Returns
+        -------
+        attention : torch.Tensor
+            ``[S / m**2]`` float32, row-major per frame, frames and images in order (the merger's output order).
+        keys : torch.Tensor
+            ``[S / m**2, dh]`` float32.
+        """
+        blk = self._base.visual.blocks[block_inputs["block"]]
+        attn = blk.attn
+        rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb_vision", None)
+        if rope is None:
+            raise NotImplementedError(
+                f"{type(attn).__name__}'s module has no apply_rotary_pos_emb_vision; vtc cannot recompute its "
+                "attention on this transformers version"
+            )
+        x = blk.norm1(block_inputs["hidden_states"])
+        S = x.shape[0]
+        q, k, _ = attn.qkv(x).reshape(S, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [S, H, dh]
+        cos, sin = block_inputs["position_embeddings"]
+        q, k = rope(q, k, cos, sin)
+        q, k = q.transpose(0, 1).float(), k.transpose(0, 1).float()  # [H, S, dh]
+        H = q.shape[0]
+        bounds = block_inputs["cu_seqlens"].tolist()
+        received = []
+        for a, b in zip(bounds[:-1], bounds[1:]):  # one frame at a time (attention does not cross frames)
+            kf = k[:, a:b]
+            L = b - a
+            step = max(1, self.ATTN_CHUNK // max(1, H * L))
+            acc = torch.zeros(L, dtype=torch.float32, device=q.device)
+            for c in range(a, b, step):
+                w = torch.softmax((q[:, c : min(b, c + step)] @ kf.transpose(-1, -2)) * attn.scaling, dim=-1)
+                acc += w.sum((0, 1))
+            received.append(acc / (H * L))
+        u = self.merge_size**2
+        score = torch.cat(received).view(S // u, u).mean(1)
+        keys = k.mean(0).view(S // u, u, -1).mean(1)
+        order = self._window_order(grid_thw)
+        if order is not None:  # back from the window order to the merger's output order
+            back = torch.argsort(order.to(score.device))
+            score, keys = score[back], keys[back]
+        return score, keys
 
     def vision_units(
         self,
@@ -285,27 +409,54 @@ class QwenVLAdapter(ModelAdapter):
         """
         from vtc.engine.prellm import ImageInputs, VisionUnits
 
-        if with_attention:
-            self.check_vision_attention(what)
         key = "image_grid_thw" if modality == "image" else "video_grid_thw"
         grid_thw = params.get(key)
         if grid_thw is None:
             raise ValueError(
                 f"{what} on {self.model.config.model_type} needs {key} with the {modality}s' pixels"
             )
-        # the class's image entry point runs the tower the same way for videos (and is never the patched one)
-        out = type(self._base).get_image_features(self._base, pixel_values, grid_thw, return_dict=True)
+        captured: dict = {}
+        handle = None
+        if with_attention:
+            captured["block"] = self.check_vision_attention(what)
+            blk = self._base.visual.blocks[captured["block"]]
+
+            def _capture(_module, args, kwargs):
+                captured["hidden_states"] = args[0] if args else kwargs["hidden_states"]
+                captured["cu_seqlens"] = kwargs["cu_seqlens"]
+                captured["position_embeddings"] = kwargs["position_embeddings"]
+
+            handle = blk.register_forward_pre_hook(_capture, with_kwargs=True)
+        try:
+            # the class's image entry point runs the tower the same way for videos (and is never the patched one)
+            out = type(self._base).get_image_features(self._base, pixel_values, grid_thw, return_dict=True)
+        finally:
+            if handle is not None:
+                handle.remove()
         feats = list(out.pooler_output)  # per image (video): [t*h'*w', D], row-major per frame
         m = self.merge_size
         frames = _frames_of(grid_thw, m)
+        attn_of = keys_of = None
+        if with_attention:
+            if "hidden_states" not in captured:
+                raise RuntimeError(f"{what}: the tower's block {type(blk).__name__} was not called")
+            score, kvec = self.tower_attention(captured, grid_thw)
+            cuts = [t * h * w for t, h, w in frames]
+            attn_of = list(score.split(cuts))  # per image (video): [t*h'*w']
+            keys_of = list(kvec.split(cuts))
         by_grid: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for i, (t, h, w) in enumerate(frames):
             for f in range(t):
                 by_grid.setdefault((h, w), []).append((i, f))
         groups, members = [], []
         for (h, w), mem in by_grid.items():
-            x = torch.stack([feats[i][f * h * w : (f + 1) * h * w] for i, f in mem])  # [n_g, h*w, D]
-            groups.append(ImageInputs(selected=x, cls=0, grid=(h, w), project=_identity))
+            sl = [(i, slice(f * h * w, (f + 1) * h * w)) for i, f in mem]
+            x = torch.stack([feats[i][s_] for i, s_ in sl])  # [n_g, h*w, D]
+            a_g = torch.stack([attn_of[i][s_] for i, s_ in sl]) if with_attention else None  # [n_g, h*w]
+            k_g = torch.stack([keys_of[i][s_] for i, s_ in sl]) if with_attention else None  # [n_g, h*w, dh]
+            groups.append(
+                ImageInputs(selected=x, cls=0, grid=(h, w), project=_identity, attention=a_g, keys=k_g)
+            )
             members.append(mem)
         ds = getattr(out, "deepstack_features", None)
         ds = [list(layer) for layer in ds] if ds is not None else None
@@ -369,7 +520,8 @@ class QwenVLAdapter(ModelAdapter):
                         raise NotImplementedError(
                             f"{self.model.config.model_type} adds DeepStack features per visual token; this method "
                             f"places {k} tokens for a {h}x{w} grid that are neither kept patches nor a pooled grid, "
-                            "so the features cannot follow them. Use divprune, cdpruner, pool or dfmr."
+                            "so the features cannot follow them (visionzip: its contextual tokens are merged). Use "
+                            "divprune, cdpruner, pool, dfmr or visionzip with contextual=0."
                         )
                     per_layer[li].append(y)
             for li in range(len(ds)):

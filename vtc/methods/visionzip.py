@@ -23,6 +23,8 @@ Towers without a CLS token (SigLIP): ``a_i`` is the mean attention patch ``i`` r
 (averaged over queries and heads). The attention is recomputed from the layer's input with its own
 ``layer_norm1``, ``q_proj``, ``k_proj`` (:meth:`vtc.adapters.base.ModelAdapter.vision_attention`), so the
 tower may run on any attention backend. Towers whose attention cannot be read raise at ``vtc.apply``.
+With ``contextual=0`` every token is a kept patch and stands for its own cell (as DivPrune's do); Qwen-VL
+towers score merged tokens (:meth:`vtc.adapters.qwen_vl.QwenVLAdapter.tower_attention`).
 """
 
 from __future__ import annotations
@@ -136,4 +138,6 @@ class VisionZip(CountedPreLLMMethod):
             return Reduction(list(inputs.projected()))
         x, dom = visionzip_select(inputs.attention, inputs.keys, inputs.features, dominant, contextual)
         info = [{"dominant": dominant, "contextual": contextual} for _ in range(inputs.n)]
-        return Reduction(inputs.project_tokens(x), info=info)
+        # without contextual tokens every token is one kept patch: say which (its own slot, DeepStack features)
+        cells = list(dom) if contextual == 0 else None
+        return Reduction(inputs.project_tokens(x), cells=cells, info=info)
