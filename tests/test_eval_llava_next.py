@@ -13,7 +13,17 @@ import pytest
 pytest.importorskip("lmms_eval")
 
 from families._anyres import PINPOINTS, S, hand_image_tokens  # noqa: E402
-from test_lmms_plugin import CHAT_TEMPLATE, TASKS, WORDS, _bin, _env, _results_files  # noqa: E402
+from test_lmms_plugin import (  # noqa: E402
+    CHAT_TEMPLATE,
+    TASKS,
+    WORDS,
+    _bin,
+    _env,
+    _results_files,
+    run_vtc_eval,
+    tiny_clip,
+    tiny_text,
+)
 
 N_LAYERS = 6
 #: the vtc_offline pictures are 64 x 64: best fit 112 x 112, 2 x 2 crops, an 8 x 8 grid: 16 + 8 * 9 = 88 tokens
@@ -24,7 +34,6 @@ def make_tiny_next_checkpoint(path: Path, seed: int = 0) -> Path:
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import (
-        CLIPVisionConfig,
         LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
@@ -64,26 +73,8 @@ def make_tiny_next_checkpoint(path: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     cfg = LlavaNextConfig(
-        text_config=LlamaConfig(
-            vocab_size=len(vocab),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=N_LAYERS,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            pad_token_id=vocab["<pad>"],
-            bos_token_id=vocab["<s>"],
-            eos_token_id=vocab["</s>"],
-        ),
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=crop,
-            patch_size=14,
-        ),
+        text_config=LlamaConfig(**tiny_text(vocab, N_LAYERS, 1024)),
+        vision_config=tiny_clip(crop),
         image_token_index=vocab["<image>"],
         image_grid_pinpoints=PINPOINTS,
         vision_feature_layer=-2,
@@ -138,28 +129,13 @@ def test_reloaded_checkpoint_lays_images_out_as_counted_by_hand(checkpoint):
 
 
 def test_vtc_eval_runs_on_llava_next(checkpoint, tmp_path):
-    out = tmp_path / "results"
-    cmd = [_bin("vtc"), "eval", "--model", str(checkpoint), "--methods", "none", "pdrop_default"]
-    cmd += [
-        "--tasks",
-        "vtc_offline",
-        "--limit",
-        "4",
-        "--batch-size",
-        "2",
-        "--device",
-        "cpu",
-        "--output",
-        str(out),
-    ]
-    cmd += ["--no-report", "--threads", "1"]
-    done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=400, cwd=tmp_path)
-    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    blocks = {}
-    for f in _results_files(out):
-        data = json.loads(f.read_text())
-        assert "exact_match,none" in data["results"]["vtc_offline"]
-        blocks[data["vtc"]["preset"] or data["vtc"]["method"]] = data["vtc"]["per_task"]["vtc_offline"]
+    blocks, _ = run_vtc_eval(
+        checkpoint,
+        ["none", "pdrop_default"],
+        tmp_path / "results",
+        tmp_path,
+        ["--no-report", "--threads", "1"],
+    )
     assert set(blocks) == {"none", "pdrop_default"}
     assert blocks["none"]["avg_visual_tokens_per_layer"] == [OFFLINE_TOKENS] * N_LAYERS
     pd = blocks["pdrop_default"]["avg_visual_tokens_per_layer"]

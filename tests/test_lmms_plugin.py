@@ -49,7 +49,6 @@ def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import (
         CLIPImageProcessor,
-        CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
@@ -87,26 +86,8 @@ def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     cfg = LlavaConfig(
-        text_config=LlamaConfig(
-            vocab_size=len(vocab),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=N_LAYERS,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=vocab["<pad>"],
-            bos_token_id=vocab["<s>"],
-            eos_token_id=vocab["</s>"],
-        ),
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=GRID * 14,
-            patch_size=14,
-        ),
+        text_config=LlamaConfig(**tiny_text(vocab, N_LAYERS)),
+        vision_config=tiny_clip(GRID * 14),
         image_token_id=vocab["<image>"],
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -148,6 +129,55 @@ def _schedule_counts(spec: str) -> list[int]:
 
 def _results_files(root: Path) -> list[Path]:
     return sorted(root.rglob("*_results.json"))
+
+
+def tiny_text(vocab: dict, layers: int, max_positions: int = 512, **extra) -> dict:
+    """Keyword arguments of the tiny Llama-style text config every saved test checkpoint uses."""
+    return dict(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab["<s>"],
+        eos_token_id=vocab["</s>"],
+        **extra,
+    )
+
+
+def tiny_clip(image_size: int):
+    """The tiny CLIP tower of the saved LLaVA-style test checkpoints (14-px patches)."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=14,
+    )
+
+
+def run_vtc_eval(checkpoint: Path, methods: list[str], out: Path, tmp: Path, extra=(), timeout: int = 400):
+    """``vtc eval`` on the offline task (4 questions, batches of 2, CPU); returns ``({method or preset: per-task
+    vtc block}, stdout)``, the blocks read from the results files after checking every file has the task's
+    accuracy."""
+    cmd = [_bin("vtc"), "eval", "--model", str(checkpoint), "--methods", *methods]
+    cmd += ["--tasks", "vtc_offline", "--limit", "4", "--batch-size", "2", "--device", "cpu"]
+    cmd += ["--output", str(out), *extra]
+    done = subprocess.run(cmd, env=_env(tmp), capture_output=True, text=True, timeout=timeout, cwd=tmp)
+    assert done.returncode == 0, f"vtc eval failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    blocks = {}
+    for f in _results_files(out):
+        data = json.loads(f.read_text())
+        assert f.parent.parent == out  # <output>/<model_name>/<date>_results.json
+        assert "exact_match,none" in data["results"]["vtc_offline"]
+        blocks[data["vtc"]["preset"] or data["vtc"]["method"]] = data["vtc"]["per_task"]["vtc_offline"]
+    return blocks, done.stdout
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -292,36 +322,8 @@ def test_lmms_eval_cli_writes_vtc_block(cli_runs, checkpoint):
 def test_vtc_eval_and_report(checkpoint, tmp_path):
     out = tmp_path / "results"
     env = _env(tmp_path)
-    cmd = [
-        _bin("vtc"),
-        "eval",
-        "--model",
-        str(checkpoint),
-        "--methods",
-        "none",
-        "pdrop_default",
-        "fastv",
-        "--tasks",
-        "vtc_offline",
-        "--limit",
-        "4",
-        "--batch-size",
-        "2",
-        "--device",
-        "cpu",
-        "--output",
-        str(out),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, f"vtc eval failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    files = _results_files(out)
-    assert len(files) == 3, files
-    blocks = {}
-    for f in files:
-        data = json.loads(f.read_text())
-        assert f.parent.parent == out  # <output>/<model_name>/<date>_results.json
-        assert "exact_match,none" in data["results"]["vtc_offline"]
-        blocks[data["vtc"]["preset"] or data["vtc"]["method"]] = data["vtc"]["per_task"]["vtc_offline"]
+    blocks, stdout = run_vtc_eval(checkpoint, ["none", "pdrop_default", "fastv"], out, tmp_path, timeout=300)
+    assert len(_results_files(out)) == 3
     assert set(blocks) == {"none", "pdrop_default", "fastv"}
     assert blocks["none"]["avg_visual_tokens_per_layer"] == [GRID * GRID] * N_LAYERS
     assert blocks["pdrop_default"]["avg_visual_tokens_per_layer"] == _schedule_counts("pdrop_default")
@@ -330,7 +332,7 @@ def test_vtc_eval_and_report(checkpoint, tmp_path):
         assert 0 < blocks[name]["tflops_papers"] < blocks["none"]["tflops_papers"]
         assert 0 < blocks[name]["tflops_full"]
     # the report table was printed and written
-    assert "pyramid_drop" in done.stdout
+    assert "pyramid_drop" in stdout
     report = out / "report"
     for name in ("report.md", "report.csv", "pareto.png"):
         assert (report / name).is_file() and (report / name).stat().st_size > 0

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_lmms_plugin import TASKS, WORDS, _bin, _env, _results_files
+from test_lmms_plugin import TASKS, WORDS, _bin, _env, _results_files, run_vtc_eval, tiny_text
 
 pytest.importorskip("lmms_eval")
 
@@ -80,17 +80,9 @@ def make_tiny_qwen_checkpoint(path: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(vocab),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=N_LAYERS,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=vocab["<pad>"],
-            bos_token_id=vocab["<s>"],
-            eos_token_id=vocab["</s>"],
+        text_config=tiny_text(
+            vocab,
+            N_LAYERS,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
         ),
         vision_config=dict(
@@ -148,36 +140,14 @@ def test_vtc_eval_and_lmms_plugin_on_qwen(qwen_checkpoint, tmp_path):
     fastv = _method_yaml(
         tmp_path, "fastv_orig", {"method": "fastv", "k": 2, "r": 0.5, "positions": "original"}
     )
-    out = tmp_path / "results"
-    cmd = [_bin("vtc"), "eval", "--model", str(qwen_checkpoint), "--methods", "none", fastv]
-    cmd += [
-        "--tasks",
-        "vtc_offline",
-        "--limit",
-        "4",
-        "--batch-size",
-        "2",
-        "--device",
-        "cpu",
-        "--output",
-        str(out),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert done.returncode == 0, f"vtc eval failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    files = _results_files(out)
-    assert len(files) == 2, files
-    blocks = {}
-    for f in files:
-        data = json.loads(f.read_text())
-        assert "exact_match,none" in data["results"]["vtc_offline"]
-        blocks[data["vtc"]["method"]] = data["vtc"]["per_task"]["vtc_offline"]
-    assert set(blocks) == {"none", "fastv"}
+    blocks, _ = run_vtc_eval(qwen_checkpoint, ["none", fastv], tmp_path / "results", tmp_path, timeout=600)
+    assert set(blocks) == {"none", "fastv_orig"}
     per_image = 4  # the processor's grid (1, 4, 4) after the 2x2 merger, one image per question
     assert blocks["none"]["avg_visual_tokens_per_layer"] == [per_image] * N_LAYERS
-    assert blocks["fastv"]["avg_visual_tokens_per_layer"] == [per_image] * 2 + [per_image // 2] * (
+    assert blocks["fastv_orig"]["avg_visual_tokens_per_layer"] == [per_image] * 2 + [per_image // 2] * (
         N_LAYERS - 2
     )
-    assert 0 < blocks["fastv"]["tflops_full"]
+    assert 0 < blocks["fastv_orig"]["tflops_full"]
 
     # the lmms-eval CLI with the plugin, on the same checkpoint
     lm_out = tmp_path / "lmms"
@@ -192,7 +162,7 @@ def test_vtc_eval_and_lmms_plugin_on_qwen(qwen_checkpoint, tmp_path):
     data = json.loads(f.read_text())
     assert (
         data["vtc"]["per_task"]["vtc_offline"]["avg_visual_tokens_per_layer"]
-        == blocks["fastv"]["avg_visual_tokens_per_layer"]
+        == blocks["fastv_orig"]["avg_visual_tokens_per_layer"]
     )
 
 
