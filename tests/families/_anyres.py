@@ -76,6 +76,22 @@ def finish(model, attn: str):
     return model
 
 
+def family_functions(prompts, build):
+    """``make_model, make_inputs, split_rows, item_tokens`` of an AnyRes family module: ``build()`` makes the model
+    (seeded with 0), cached per attention backend; the prompts come from ``prompts`` (a :class:`Prompts`)."""
+    models: dict = {}
+
+    def make_model(attn: str):
+        if attn not in models:
+            import torch
+
+            torch.manual_seed(0)
+            models[attn] = finish(build(), attn)
+        return models[attn]
+
+    return make_model, prompts.make_inputs, prompts.split_rows, prompts.item_tokens
+
+
 # --- hand counts --------------------------------------------------------------------------------------------
 def best_fit(h: int, w: int) -> tuple[int, int]:
     """The pinpoint ``(H, W)`` that keeps the most of the image's pixels after an aspect-preserving resize, the

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from refs import positions_like_generate
 
-from families._anyres import IMAGE, PINPOINTS, Prompts, finish, hand_image_tokens, text_config, vision_config
+from families._anyres import (
+    IMAGE,
+    PINPOINTS,
+    Prompts,
+    family_functions,
+    hand_image_tokens,
+    text_config,
+    vision_config,
+)
 
 NAME = "llava_next"
 ROWS = {
@@ -27,10 +35,6 @@ CASES = list(ROWS)
 BATCH_CASES = ["b3_sizes", "b3_mixed"]
 VISUAL_TOKENS = (IMAGE,)
 NOCACHE = {"positions": positions_like_generate}
-METHOD_KWARGS: dict = {}
-SKIP_SPECS: set = set()
-
-_MODELS: dict = {}
 
 
 def make_config(layers: int = 6):
@@ -46,23 +50,10 @@ def make_config(layers: int = 6):
     )
 
 
-def make_model(attn: str):
-    if attn not in _MODELS:
-        import torch
-        from transformers import LlavaNextForConditionalGeneration
+def _build():
+    import transformers
 
-        torch.manual_seed(0)
-        _MODELS[attn] = finish(LlavaNextForConditionalGeneration(make_config()), attn)
-    return _MODELS[attn]
+    return transformers.LlavaNextForConditionalGeneration(make_config())
 
 
-def make_inputs(case: str) -> dict:
-    return PROMPTS.make_inputs(case)
-
-
-def split_rows(case: str) -> list[dict]:
-    return PROMPTS.split_rows(case)
-
-
-def item_tokens(case: str) -> list[list[int]]:
-    return PROMPTS.item_tokens(case)
+make_model, make_inputs, split_rows, item_tokens = family_functions(PROMPTS, _build)

@@ -15,7 +15,7 @@ from families._anyres import (
     VIDEO,
     Prompts,
     S,
-    finish,
+    family_functions,
     hand_image_tokens,
     text_config,
     vision_config,
@@ -55,10 +55,6 @@ CASES = list(ROWS)
 BATCH_CASES = ["b3_mixed", "b3_video"]
 VISUAL_TOKENS = (IMAGE, VIDEO)
 NOCACHE = {"positions": positions_like_generate}
-METHOD_KWARGS: dict = {}
-SKIP_SPECS: set = set()
-
-_MODELS: dict = {}
 
 
 def make_config(layers: int = 6):
@@ -76,23 +72,10 @@ def make_config(layers: int = 6):
     )
 
 
-def make_model(attn: str):
-    if attn not in _MODELS:
-        import torch
-        from transformers import LlavaOnevisionForConditionalGeneration
+def _build():
+    import transformers
 
-        torch.manual_seed(0)
-        _MODELS[attn] = finish(LlavaOnevisionForConditionalGeneration(make_config()), attn)
-    return _MODELS[attn]
+    return transformers.LlavaOnevisionForConditionalGeneration(make_config())
 
 
-def make_inputs(case: str) -> dict:
-    return PROMPTS.make_inputs(case)
-
-
-def split_rows(case: str) -> list[dict]:
-    return PROMPTS.split_rows(case)
-
-
-def item_tokens(case: str) -> list[list[int]]:
-    return PROMPTS.item_tokens(case)
+make_model, make_inputs, split_rows, item_tokens = family_functions(PROMPTS, _build)
