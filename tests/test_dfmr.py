@@ -640,3 +640,19 @@ def test_record_and_math_of_the_docstring_example():
     # the issue's example: a 24x24 grid pooled by 2, 3, 4
     assert [pooled_grid((24, 24), s) for s in (2, 3, 4)] == [(12, 12), (8, 8), (6, 6)]
     assert math.prod(pooled_grid((24, 24), 3)) == 64
+
+
+def test_measure_on_a_grid_the_window_does_not_divide_uses_the_full_top_left_windows():
+    """Unpadded AnyRes grids (odd sides): the measure is the mean over the full p x p windows from the top-left,
+    computed by hand here; a grid smaller than one window raises naming the largest usable p."""
+    x = torch.randn(2, 5, 7, 3, dtype=torch.float64)
+    m = vtc.DFMR(p=2)
+    got = m.measure(x.float())
+    for b in range(2):
+        stds = []
+        for i, j in itertools.product(range(2), range(3)):
+            win = x[b, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].reshape(4, 3)
+            stds.append(torch.stack([win[:, c].std(unbiased=False) for c in range(3)]).mean())
+        assert abs(float(got[b]) - float(torch.stack(stds).mean())) < 1e-5
+    with pytest.raises(ValueError, match=r"p=2 is larger than this image's 1x7 feature grid.*p <= 1"):
+        m.measure(torch.randn(1, 1, 7, 3))

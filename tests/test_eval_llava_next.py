@@ -129,13 +129,12 @@ def test_reloaded_checkpoint_lays_images_out_as_counted_by_hand(checkpoint):
 
 
 def test_vtc_eval_runs_on_llava_next(checkpoint, tmp_path):
-    blocks, _ = run_vtc_eval(
-        checkpoint,
-        ["none", "pdrop_default"],
-        tmp_path / "results",
-        tmp_path,
-        ["--no-report", "--threads", "1"],
-    )
+    out = tmp_path / "results"
+    blocks, stdout = run_vtc_eval(checkpoint, ["none", "pdrop_default"], out, tmp_path, ["--threads", "1"])
+    # the report (table, CSV, Pareto plot) is written for this model type too
+    assert "pyramid_drop" in stdout
+    for name in ("report.md", "report.csv", "pareto.png"):
+        assert (out / "report" / name).is_file(), name
     assert set(blocks) == {"none", "pdrop_default"}
     assert blocks["none"]["avg_visual_tokens_per_layer"] == [OFFLINE_TOKENS] * N_LAYERS
     pd = blocks["pdrop_default"]["avg_visual_tokens_per_layer"]

@@ -140,7 +140,10 @@ def test_vtc_eval_and_lmms_plugin_on_qwen(qwen_checkpoint, tmp_path):
     fastv = _method_yaml(
         tmp_path, "fastv_orig", {"method": "fastv", "k": 2, "r": 0.5, "positions": "original"}
     )
-    blocks, _ = run_vtc_eval(qwen_checkpoint, ["none", fastv], tmp_path / "results", tmp_path, timeout=600)
+    out = tmp_path / "results"
+    blocks, _ = run_vtc_eval(qwen_checkpoint, ["none", fastv], out, tmp_path, timeout=600)
+    for name in ("report.md", "report.csv", "pareto.png"):  # the report is written for this model type too
+        assert (out / "report" / name).is_file(), name
     assert set(blocks) == {"none", "fastv_orig"}
     per_image = 4  # the processor's grid (1, 4, 4) after the 2x2 merger, one image per question
     assert blocks["none"]["avg_visual_tokens_per_layer"] == [per_image] * N_LAYERS

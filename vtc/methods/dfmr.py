@@ -349,7 +349,26 @@ class DFMR(PreLLMMethod):
         return f is not None and all(pooled_grid(grid, s) == grid for s in (f, self.candidates[0]))
 
     def measure(self, maps: torch.Tensor) -> torch.Tensor:
-        """``[n]`` window-std measure of ``[n, h, w, D]`` maps."""
+        """``[n]`` window-std measure of ``[n, h, w, D]`` maps.
+
+        The ``p x p`` windows tile the map from its top-left corner; on a grid ``p`` does not divide (an unpadded
+        LLaVA-NeXT grid, a shrunk OneVision grid) the partial windows at the bottom and right edges are left out
+        of the measure (the pooling itself still covers the whole grid).
+
+        Raises
+        ------
+        ValueError
+            The map is smaller than one window (``h < p`` or ``w < p``).
+        """
+        h, w = maps.shape[1], maps.shape[2]
+        p = self.p
+        if h % p or w % p:
+            if h < p or w < p:
+                raise ValueError(
+                    f"DFMR p={p} is larger than this image's {h}x{w} feature grid: no full window to measure; use "
+                    f"p <= {min(h, w)} (e.g. DFMR(p={max(1, min(h, w))}))"
+                )
+            maps = maps[:, : h - h % p, : w - w % p]
         if _window_std_kernel is not None:
             return _window_std_kernel(maps, self.p, backend=self.backend)[1]
         return window_std_measure(maps, self.p)[1]  # pragma: no cover
