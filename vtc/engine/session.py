@@ -617,8 +617,10 @@ class Session:
         grid_rc = torch.full((B, T0, 2), -1, dtype=torch.long, device=dev)
         item_sizes: list[list[int]] = [[] for _ in range(B)]
         item_of: dict[tuple[int, object], int] = {}
-        for i, s in enumerate(spans):
-            per_row = sum(1 for t in spans[:i] if t.row == s.row)
+        seen = [0] * B  # spans met so far in each row
+        for s in spans:
+            per_row = seen[s.row]
+            seen[s.row] += 1
             key = (s.row, ("span", per_row) if s.item is None else ("item", s.item))
             if key not in item_of:
                 item_of[key] = len(item_sizes[s.row])
