@@ -131,43 +131,6 @@ class ForwardClock:
         self._handles = []
 
 
-class HookTimer:
-    """Host time spent inside one vtc session's hook work, split into prefill and decode.
-
-    Wraps the session's per-call and per-layer entry points on the instance (``_begin_prefill``,
-    ``_begin_decode``, ``_layer_prefill``, ``_layer_decode``: every selection, ranking, mask and rotary
-    rebuild runs inside them) with ``time.perf_counter``. On a CPU this is the hooks' share of the
-    compute; on a GPU it is launch-side host time only (use the decode time ratio there).
-    """
-
-    NAMES = ("_begin_prefill", "_begin_decode", "_layer_prefill", "_layer_decode")
-
-    def __init__(self, session):
-        self.session = session
-        self.prefill_s = 0.0
-        self.decode_s = 0.0
-        for name in self.NAMES:
-            setattr(session, name, self._wrap(getattr(session, name), decode=name.endswith("decode")))
-
-    def _wrap(self, fn, decode: bool):
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                dt = time.perf_counter() - t0
-                if decode:
-                    self.decode_s += dt
-                else:
-                    self.prefill_s += dt
-
-        return timed
-
-    def remove(self) -> None:
-        for name in self.NAMES:
-            self.session.__dict__.pop(name, None)
-
-
 def unpatched_stats(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
@@ -386,8 +349,8 @@ def _run_once(model, inputs: dict, variant: Variant, new_tokens: int, clock: For
 
     handle = vtc.apply(model, variant.spec) if variant.spec is not None else None
     if handle is not None and variant.full_machinery:
-        handle.session._always_select = True
-    timer = HookTimer(handle.session) if handle is not None else None
+        handle.always_select = True
+    timer = handle.start_timing() if handle is not None else None
     try:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -416,8 +379,8 @@ def _run_once(model, inputs: dict, variant: Variant, new_tokens: int, clock: For
                 adapter.tokens_per_image(),
             )
     finally:
-        if timer is not None:
-            timer.remove()
+        if handle is not None:
+            handle.stop_timing()
         if handle is not None:
             handle.remove()
     spans = clock.spans_ms

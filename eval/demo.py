@@ -137,7 +137,7 @@ def _candidates(b: float, layers: list[int], n_visual: int, seeds: int) -> list[
             {},
         ),
     ]
-    from vtc.registry import list_methods
+    from vtc.api import list_methods
 
     registered = set(list_methods())
     cand += [
@@ -409,12 +409,12 @@ def _execute(item: tuple[int, DemoRun]) -> dict:
     h = vtc.apply(model, spec)
     on_batch = None
     if run.oracle:
-        plan = h.session.plan
+        plan = h.plan
         sel_layers = plan.selection_layers()
         shares = plan.schedule.shares
 
         def on_batch(batch, inputs, h=h, sel_layers=sel_layers, shares=shares):
-            h.session.forced = synthetic.oracle_selection(
+            h.forced = synthetic.oracle_selection(
                 batch, inputs["input_ids"], ad.image_token_id, shares, sel_layers
             )
 

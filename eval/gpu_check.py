@@ -370,8 +370,8 @@ def _first_selection(model, inputs) -> tuple[torch.Tensor, list[set], int]:
     try:
         with vtc.apply(model, "pyramid_drop") as h, torch.inference_mode():
             model(**inputs)
-            first = min(h.session.state.selections)
-            kept = [set(t.cpu().tolist()) for t in h.session.state.selections[first]]
+            first = min(h.selections)
+            kept = [set(t.cpu().tolist()) for t in h.selections[first]]
     finally:
         LastQueryAttention.score = real
     return seen["scores"], kept, len(kept[0])

@@ -589,7 +589,7 @@ def oracle_selection(
     At each selection layer ``l`` a row keeps ``keep_count(n_visual, shares[l])`` image tokens, the first
     in :func:`oracle_priority` order (images of a row in prompt order, each image's patch ``j`` is its
     ``j``-th image token), so the kept sets shrink in a nested way, like every drop schedule's. Set the
-    result as ``handle.session.forced`` before the batch's ``generate``.
+    result as ``handle.forced`` before the batch's ``generate``.
 
     Parameters
     ----------

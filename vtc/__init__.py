@@ -40,15 +40,15 @@ _LAZY = {
     "ScheduleMethod": "vtc.methods",
     "UniformDrop": "vtc.methods",
     "VisionZip": "vtc.methods",
-    "list_methods": "vtc.registry",
-    "list_scorers": "vtc.registry",
+    "list_methods": "vtc.api",
+    "list_scorers": "vtc.api",
     "register_method": "vtc.registry",
     "register_scorer": "vtc.registry",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from vtc.adapters import get_adapter, supported_model_types
-    from vtc.api import Handle, apply, list_presets, load_preset, resolve_methods
+    from vtc.api import Handle, apply, list_methods, list_presets, list_scorers, load_preset, resolve_methods
     from vtc.engine.stats import CallStats
     from vtc.methods import (
         DFMR,
@@ -66,7 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         UniformDrop,
         VisionZip,
     )
-    from vtc.registry import list_methods, list_scorers, register_method, register_scorer
+    from vtc.registry import register_method, register_scorer
 
 
 def __getattr__(name: str) -> Any:

@@ -18,11 +18,15 @@ from typing import Any
 
 import yaml
 
+import vtc.methods  # noqa: F401  (registers the built-in methods)
+import vtc.scorers  # noqa: F401  (registers the built-in scorers)
 from vtc.adapters import get_adapter
-from vtc.engine.session import Session
+from vtc.engine.session import HookTiming, Session
 from vtc.engine.stats import CallHistory, CallStats
 from vtc.methods.base import Method
-from vtc.registry import build_dataclass, get_method_class, list_methods
+from vtc.registry import build_dataclass, get_method_class, list_methods, list_scorers
+
+__all__ = ["Handle", "apply", "list_methods", "list_scorers", "list_presets", "load_preset", "resolve_methods"]
 
 
 class Handle:
@@ -66,6 +70,50 @@ class Handle:
     @property
     def active(self) -> bool:
         return self.session._attached
+
+    @property
+    def plan(self):
+        """The in-decoder method's :class:`~vtc.engine.types.DecoderPlan` (schedule, scorer, mode, positions),
+        or None for pre-LLM methods alone."""
+        return self.session.plan
+
+    # --- harness options (the eval harness uses these; nothing else of the session is public) ---------
+    @property
+    def forced(self) -> dict | None:
+        """Kept sets to replay instead of ranking: ``{layer: [B] LongTensors of kept token indices into the
+        prompt entering the LLM}`` (an oracle, or another run's :attr:`selections`); None ranks as usual."""
+        return self.session.forced
+
+    @forced.setter
+    def forced(self, value: dict | None) -> None:
+        self.session.forced = value
+
+    @property
+    def always_select(self) -> bool:
+        """Run the selection machinery (ranking, views, masks) even where it would keep every token; for
+        measuring hook cost in keep-all configurations. Results are unchanged."""
+        return self.session.always_select
+
+    @always_select.setter
+    def always_select(self, value: bool) -> None:
+        self.session.always_select = bool(value)
+
+    @property
+    def selections(self) -> dict:
+        """The calling thread's latest prefill: ``{layer: [B] LongTensors}`` of the visual tokens each
+        selection kept (indices into the prompt entering the LLM)."""
+        st = self.session.state
+        return {} if st is None else dict(st.selections)
+
+    def start_timing(self) -> HookTiming:
+        """Measure host time spent in the hooks from now on; returns the live :class:`HookTiming`."""
+        self.session.timing = HookTiming()
+        return self.session.timing
+
+    def stop_timing(self) -> HookTiming | None:
+        """Stop measuring; returns the totals (None if timing was not started)."""
+        t, self.session.timing = self.session.timing, None
+        return t
 
     def remove(self) -> None:
         """Remove every hook and instance patch; the model is as before ``apply``."""

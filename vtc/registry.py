@@ -1,4 +1,9 @@
-"""Registries of methods and scorers by name."""
+"""Registries of methods and scorers by name.
+
+The registry holds names only and imports no member: the built-in methods and scorers register themselves
+when :mod:`vtc.methods` and :mod:`vtc.scorers` are imported, which :mod:`vtc.api` (and so ``vtc.apply`` and
+``vtc.list_methods``) does.
+"""
 
 from __future__ import annotations
 
@@ -34,17 +39,14 @@ def register_scorer(name: str):
 
 
 def list_methods() -> list[str]:
-    _load_builtin()
     return sorted(METHODS)
 
 
 def list_scorers() -> list[str]:
-    _load_builtin()
     return sorted(SCORERS)
 
 
 def get_method_class(name: str) -> type:
-    _load_builtin()
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; registered methods: {sorted(METHODS)}")
     return METHODS[name]
@@ -57,8 +59,3 @@ def build_dataclass(cls: type, fields: dict[str, Any], what: str) -> Any:
     if unknown:
         raise ValueError(f"unknown keys {unknown} for {what}; valid keys: {sorted(valid)}")
     return cls(**fields)
-
-
-def _load_builtin() -> None:
-    import vtc.methods  # noqa: F401  (registers the built-in methods)
-    import vtc.scorers  # noqa: F401

@@ -14,33 +14,9 @@ from typing import ClassVar
 
 import torch
 
-from vtc.registry import SCORERS, register_scorer
-
-
-@dataclass
-class ScoreContext:
-    """What a scorer may read at a selection.
-
-    Attributes
-    ----------
-    layer_idx : int
-        The layer at whose input the selection runs (first layer of the new stage, or the routed layer).
-    hidden : torch.Tensor
-        ``[B, Tv, D]`` input hidden states of that layer.
-    view : vtc.engine.state.View
-        Slots of ``hidden`` (validity, visual mask, positions, rotary tables).
-    adapter : vtc.adapters.ModelAdapter
-    state : vtc.engine.state.CallState
-    prev_input : tuple or None
-        ``(hidden [B, Tv, D], view)`` of layer ``layer_idx - 1``'s input, when the scorer asked for it.
-    """
-
-    layer_idx: int
-    hidden: torch.Tensor
-    view: object
-    adapter: object
-    state: object
-    prev_input: tuple | None = None
+from vtc.engine.types import ScoreContext
+from vtc.kernels import last_query_scores, max_cosine_to_pivots
+from vtc.registry import SCORERS, build_dataclass, register_scorer
 
 
 class Scorer:
@@ -65,12 +41,8 @@ class Scorer:
 
 def item_of(ctx: ScoreContext) -> torch.Tensor | None:
     """``[B, Tv]`` long budget item of each slot of the context's view (-1 outside visual slots), or None
-    when the call state has no items."""
-    idx = getattr(ctx.state, "item_index", None)
-    if idx is None:
-        return None
-    src = ctx.view.src
-    return torch.where(src >= 0, idx.gather(1, src.clamp(min=0)), torch.full_like(src, -1))
+    when the call has no items."""
+    return ctx.items
 
 
 def topk_mask(
@@ -197,21 +169,20 @@ class LastQueryAttention(Scorer):
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         if self.source == "next":
-            layer, hidden, view = ctx.layer_idx, ctx.hidden, ctx.view
-            q, k = ctx.adapter.project_qk(layer, hidden, view.cos, view.sin)
+            layer, hidden, view = ctx.rank_layer, ctx.hidden, ctx.view
+            q, k = ctx.adapter.project_qk(layer, hidden, ctx.cos, ctx.sin)
         else:
             if ctx.prev_input is None:
                 raise RuntimeError("last_query_attention(source='prev') needs the previous layer's input")
-            layer = ctx.layer_idx - 1
-            hidden, view = ctx.prev_input
+            hidden, view, cos, sin, layer = ctx.prev_input
             # layer l-1 has just written its rotated keys of this very view to the cache: reuse them and
             # project only the last query (FastV ranks with the attention layer l-1 computed)
-            cache = ctx.state.cache() if ctx.state is not None else None
+            cache = ctx.cache if layer == ctx.layer_idx - 1 else None
             k = ctx.adapter.cached_keys(cache, layer, view.length) if cache is not None else None
             if k is None:
-                q, k = ctx.adapter.project_qk(layer, hidden, view.cos, view.sin)
+                q, k = ctx.adapter.project_qk(layer, hidden, cos, sin)
             else:
-                q = ctx.adapter.project_q(layer, hidden, view.cos, view.sin)
+                q = ctx.adapter.project_q(layer, hidden, cos, sin)
                 # a fresh projection is laid out [B, T, Hkv, dh] in memory; the same layout keeps the
                 # score kernel's summation order, hence the scores, bit for bit (a copy, no matmul)
                 k = k.transpose(1, 2).contiguous().transpose(1, 2)
@@ -221,8 +192,6 @@ class LastQueryAttention(Scorer):
 def attention_scores(q, k, key_valid, precision="model", backend="auto") -> torch.Tensor:
     """``[B, T]`` head-mean last-query attention through the fused kernel ``vtc.kernels.last_query_scores``
     (Triton on CUDA under ``auto``, its fp32 PyTorch reference elsewhere)."""
-    from vtc.kernels import last_query_scores
-
     B, T = key_valid.shape
     cand = torch.arange(T, device=q.device).expand(B, T)
     return last_query_scores(q, k, cand, key_valid.bool(), precision=precision, backend=backend)
@@ -237,13 +206,10 @@ class RandomScorer(Scorer):
     seed: int = 0
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        st = ctx.state
-        n = max(st.stats.visual_input, default=0)  # host ints: no device read
+        n = ctx.max_visual  # host int: no device read
         g = torch.Generator(device="cpu").manual_seed(int(self.seed) * 1_000_003 + ctx.layer_idx)
         table = torch.rand(max(n, 1), generator=g).to(ctx.hidden.device)
-        src = ctx.view.src.clamp(min=0)
-        ordinal = st.image_ordinal.gather(1, src)
-        return table[ordinal.clamp(min=0)]
+        return table[ctx.ordinal.clamp(min=0)]
 
 
 def _bit_reverse(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -277,18 +243,14 @@ class UniformScorer(Scorer):
     frames interleave evenly."""
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        st = ctx.state
-        src = ctx.view.src.clamp(min=0)
-        rc = st.grid_rc.gather(1, src.unsqueeze(-1).expand(-1, -1, 2))
-        img = st.image_index.gather(1, src).clamp(min=0)
-        grid = max(max(s.grid) for s in st.spans) if st.spans else 1
+        rc = ctx.grid_rc
+        img = ctx.image.clamp(min=0)
+        grid = ctx.max_grid
         pri = spatial_priority(rc, grid)
         pri = torch.where(
             rc[..., 0] < 0, torch.full_like(pri, 1 << (2 * max(1, int(grid - 1).bit_length()))), pri
         )
-        n_img = max((s.row for s in st.spans), default=0) + 1  # host bound: no device read
-        n_img = max([sum(1 for s in st.spans if s.row == b) for b in range(n_img)], default=1) or 1
-        return -(pri * n_img + img).float()
+        return -(pri * ctx.max_images + img).float()
 
 
 def get_scorer(spec) -> Scorer:
@@ -302,8 +264,6 @@ def get_scorer(spec) -> Scorer:
         name = spec.pop("name", None)
         if name not in SCORERS:
             raise ValueError(f"unknown scorer {name!r}; registered scorers: {sorted(SCORERS)}")
-        from vtc.registry import build_dataclass
-
         return build_dataclass(SCORERS[name], spec, what=f"scorer {name!r}")
     raise TypeError(f"scorer must be a Scorer, a name or a dict, got {type(spec).__name__}")
 
@@ -339,11 +299,9 @@ class Duplication(Scorer):
             raise ValueError(f"backend={self.backend!r}; choose 'auto', 'torch' or 'triton'")
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
-        from vtc.kernels import max_cosine_to_pivots
-
         view, h = ctx.view, ctx.hidden
         B, Tv, D = h.shape
-        k = ctx.adapter.project_k(ctx.layer_idx, h, view.cos, view.sin)  # [B, Hkv, Tv, dh]
+        k = ctx.adapter.project_k(ctx.rank_layer, h, ctx.cos, ctx.sin)  # [B, Hkv, Tv, dh]
         knorm = k.float().transpose(1, 2).reshape(B, Tv, -1).norm(dim=-1)  # [B, Tv]
         img = view.image & view.valid
         txt = ~view.image & view.valid

@@ -14,8 +14,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+import inspect
+
 import torch
 from torch import nn
+
+from vtc.engine.types import ImageSpan, LayerSpec
+from vtc.engine.units import ImageInputs, VisionUnits, dest_in_unit
+
+#: transformers' ``layer_types`` entries and what each means to the engine (see :meth:`ModelAdapter.layer_specs`)
+_MASK_OF_LAYER_TYPE = {"full_attention": "causal", "sliding_attention": "sliding", "linear_attention": "recurrent"}
 
 
 class ModelAdapter:
@@ -109,10 +117,8 @@ class ModelAdapter:
 
         Returns
         -------
-        list[vtc.engine.state.ImageSpan]
+        list[vtc.engine.types.ImageSpan]
         """
-        from vtc.engine.state import ImageSpan
-
         per = self.tokens_per_image()
         grid = self.grid_of_image()
         spans = []
@@ -131,6 +137,63 @@ class ModelAdapter:
         the sequence entering the LLM, features [N_visual, D]) -> hidden``; the engine wraps it so that after a
         drop the features land on the kept visual tokens only. Empty for models without such injections."""
         return []
+
+    # --- what each decoder layer is ------------------------------------------------------------------
+    def layer_specs(self) -> list[LayerSpec]:
+        """One :class:`~vtc.engine.types.LayerSpec` per decoder layer; the engine reads them once, at ``apply``.
+
+        The default reads the text config's ``layer_types`` (full, sliding-window and linear-attention
+        layers); a model without it has causal attention with a KV cache at every layer. Sliding layers
+        use ``text_config.sliding_window``; layers get a rotary key per layer type when the rotary module
+        takes one (``rotary_emb(x, pos, layer_type)``, Gemma). A recurrent layer ranks, when a selection
+        falls on it, with the next attention layer (or the last one before it). Adapters whose layers take
+        per-token extra inputs (per-layer embeddings) or share KV override this.
+        """
+        cfg = self.text_config
+        L = self.num_layers
+        types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * L)
+        unknown = sorted({t for t in types if t not in _MASK_OF_LAYER_TYPE})
+        if unknown:
+            raise ValueError(
+                f"{type(self.model).__name__}: decoder layer types {unknown} are not supported by vtc (supported: "
+                f"{sorted(_MASK_OF_LAYER_TYPE)})"
+            )
+        keyed = "layer_type" in inspect.signature(self.rotary_emb.forward).parameters
+        attn = [l for l, t in enumerate(types) if _MASK_OF_LAYER_TYPE[t] != "recurrent"]
+        specs = []
+        for l, t in enumerate(types):
+            mask = _MASK_OF_LAYER_TYPE[t]
+            rank = None
+            if mask == "recurrent":
+                later = [a for a in attn if a > l]
+                rank = later[0] if later else (attn[-1] if attn else None)
+            specs.append(
+                LayerSpec(
+                    mask=mask,
+                    window=int(cfg.sliding_window) if mask == "sliding" else None,
+                    blocks=self.uses_image_blocks,
+                    rotary=t if keyed else None,
+                    cache="recurrent" if mask == "recurrent" else "kv",
+                    rank_with=rank,
+                )
+            )
+        return specs
+
+    #: whether the decoder attends bidirectionally inside image blocks when the call asks (Gemma 3)
+    uses_image_blocks: bool = False
+
+    def image_blocks(self, inputs: dict) -> bool:
+        """Whether this call's decoder layers attend bidirectionally inside each image's block (the model built
+        that overlay from the call's inputs, e.g. ``token_type_ids``). The engine then gives the kept tokens of
+        each image block that overlay on shortened views. Default: never."""
+        return False
+
+    def rotary(self, hidden: torch.Tensor, pos: torch.Tensor, key: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` for positions ``pos`` under rotary key ``key`` (:attr:`LayerSpec.rotary`), as the
+        model's own rotary module makes them."""
+        if key is None:
+            return self.rotary_emb(hidden, pos)
+        return self.rotary_emb(hidden, pos, key)
 
     def check_positions(self, positions: str) -> None:
         """Raise when this model cannot use the ``positions`` policy of an in-decoder method (1-D RoPE models
@@ -463,10 +526,8 @@ class ModelAdapter:
 
         Returns
         -------
-        vtc.engine.prellm.VisionUnits
+        vtc.engine.units.VisionUnits
         """
-        from vtc.engine.prellm import ImageInputs, VisionUnits
-
         if modality != "image":
             raise NotImplementedError(f"{type(self).__name__} has no {modality} features")
         grid = tuple(self.grid_of_image())
@@ -489,9 +550,9 @@ class ModelAdapter:
 
         Parameters
         ----------
-        units : vtc.engine.prellm.VisionUnits
+        units : vtc.engine.units.VisionUnits
         image : int
-        parts : list[vtc.engine.prellm.ImagePart]
+        parts : list[vtc.engine.units.ImagePart]
             What the method left of each unit of the image, in part order.
 
         Returns
@@ -503,8 +564,6 @@ class ModelAdapter:
             (distinct; a kept patch at its own slot, merged or pooled tokens at slots of their unit), used to put
             outputs back at the caller's positions and to keep original positions.
         """
-        from vtc.engine.prellm import dest_in_unit
-
         if len(parts) != 1:
             raise NotImplementedError(f"{type(self).__name__} lays an image on one unit; got {len(parts)}")
         p = parts[0]

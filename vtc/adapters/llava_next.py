@@ -34,6 +34,8 @@ import torch
 
 from vtc.adapters.base import visual_runs
 from vtc.adapters.llava import LlavaAdapter
+from vtc.engine.types import ImageSpan
+from vtc.engine.units import ImageInputs, VisionUnits, dest_in_unit
 
 #: one span of an image or a frame: ``(grid (h, w), layout [n, 2] or None for row-major, n slots)``
 Part = tuple[tuple[int, int], "torch.Tensor | None", int]
@@ -245,8 +247,6 @@ class LlavaNextAdapter(LlavaAdapter):
     def _place(self, mask: torch.Tensor, items: list[list[Part]], kind: str, names: list[str], item0=0):
         """Lay ``items`` (each a list of parts) over the runs of ``mask`` ``[B, T]`` in row-major order, as
         ``masked_scatter`` fills the placeholders; every run must be filled exactly."""
-        from vtc.engine.state import ImageSpan
-
         runs = visual_runs(mask)
         spans = []
         ri = off = 0
@@ -335,8 +335,6 @@ class LlavaNextAdapter(LlavaAdapter):
         NotImplementedError
             A CLS token in the crops' features (strategy ``"full"`` on a CLIP tower; the model cannot lay it out).
         """
-        from vtc.engine.prellm import ImageInputs, VisionUnits
-
         mt = self.model.config.model_type
         if modality == "video":
             return self._video_units(pixel_values, with_attention, what, **params)
@@ -426,8 +424,6 @@ class LlavaNextAdapter(LlavaAdapter):
         units' projector input is exactly the model's, attention and keys average-pooled by the same stride.
         OneVision pools after it (bilinear): the units are the model's pooled embeddings with an identity
         ``project``, attention and keys resized bilinearly."""
-        from vtc.engine.prellm import ImageInputs, VisionUnits
-
         mt = self.model.config.model_type
         s = self.side
         n_videos, frames = pixel_values.shape[:2]
@@ -490,8 +486,6 @@ class LlavaNextAdapter(LlavaAdapter):
         model lays them out: kept patches (selection methods) in grid order with a newline after every grid row
         that keeps a patch, at their own slots; a pooled ``a x b`` grid as ``a`` rows of ``b`` tokens and a
         newline; other tokens (merged) in a row and one newline."""
-        from vtc.engine.prellm import dest_in_unit
-
         if "frame" in units.extra:  # a video: its frames in order, each token at its frame's slots
             n = units.extra["frame"]
             d = [

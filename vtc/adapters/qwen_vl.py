@@ -47,6 +47,9 @@ import torch
 from torch import nn
 
 from vtc.adapters.base import ModelAdapter, visual_runs
+from vtc.engine.ops import gather_rows
+from vtc.engine.types import ImageSpan
+from vtc.engine.units import ImageInputs, VisionUnits, dest_in_unit
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -200,8 +203,6 @@ class QwenVLAdapter(ModelAdapter):
         equal temporal position, every ``h' * w'`` slots; the grid of each piece is the extent of its ``h``
         and ``w`` positions. Three host reads per call, no loop over tokens.
         """
-        from vtc.engine.state import ImageSpan
-
         runs = visual_runs(visual)
         if not runs:
             return []
@@ -407,8 +408,6 @@ class QwenVLAdapter(ModelAdapter):
         **params
             ``image_grid_thw`` (``video_grid_thw``) ``[n, 3]`` and what else the call passed.
         """
-        from vtc.engine.prellm import ImageInputs, VisionUnits
-
         key = "image_grid_thw" if modality == "image" else "video_grid_thw"
         grid_thw = params.get(key)
         if grid_thw is None:
@@ -479,8 +478,6 @@ class QwenVLAdapter(ModelAdapter):
     def assemble_image(self, units, image: int, parts: list) -> tuple[torch.Tensor, torch.Tensor]:
         """The frames of a video one after the other (an image is one frame); a kept patch stands for its own
         cell of its frame, other tokens for the first slots of their frame."""
-        from vtc.engine.prellm import dest_in_unit
-
         _, h, w = units.extra["frames"][image]
         embeds, dests = [], []
         for f, p in enumerate(parts):
@@ -532,8 +529,6 @@ class QwenVLAdapter(ModelAdapter):
     def prellm_positions(self, kwargs: dict, caller_ids, caller_mask, src, new_valid) -> None:
         """4-row ``position_ids`` of the rewritten prompt: every token keeps the caller's own ``(t, h, w)``
         M-RoPE position (``src`` maps each slot to the caller's position), the text row is consecutive."""
-        from vtc.engine.ops import gather_rows
-
         caller = {
             "input_ids": caller_ids,
             "attention_mask": caller_mask,

@@ -55,256 +55,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vtc.engine.ops import gather_rows
-from vtc.engine.session import PreLLMComponent
-from vtc.engine.state import ImageSpan
+from vtc.engine.rewrite import DecodeMap, decode_mask, place_runs, rewrite_prompt
+from vtc.engine.types import ImageSpan, PreLLMComponent
+from vtc.engine.units import ImageInputs, ImagePart, PreLLMCall, Reduction, VisionUnits
 
 logger = logging.getLogger(__name__)
 
 _RECORD_ATTR = "_vtc_prellm"
-
-
-# --- what a method receives and returns ---------------------------------------------------------------------
-@dataclass
-class ImageInputs:
-    """What the adapter gives a pre-LLM method for the images of one call.
-
-    Attributes
-    ----------
-    selected : torch.Tensor
-        ``[n, c + N, Dv]`` exactly what the unpatched model feeds its projector (after
-        ``vision_feature_layer`` and ``vision_feature_select_strategy``).
-    cls : int
-        ``c``: 1 when the strategy keeps the CLS token in front (``"full"``), else 0. The CLS token
-        stays in front of every image's output and is not counted in ``tokens``.
-    grid : tuple[int, int]
-        ``(h, w)`` patch grid, ``N = h * w``.
-    project : Callable
-        The multimodal projector, ``[..., Dv] -> [..., D]``.
-    rows : list[int] or None
-        Batch row of each image; None outside a prompt (a direct ``get_image_features`` call).
-    text : list[torch.Tensor or None] or None
-        Per image, ``[M, D]`` input embeddings of its row's text tokens (None: the row has no text).
-        Filled only for methods with ``uses_prompt``.
-    attention : torch.Tensor or None
-        ``[n, N]`` float32 heads-averaged attention the tower's CLS token pays to each patch at the
-        selected layer (towers without CLS: the mean attention each patch receives); methods with
-        ``needs_attention`` only.
-    keys : torch.Tensor or None
-        ``[n, N, dh]`` heads-averaged keys of the patches at that layer (``needs_attention`` only).
-    """
-
-    selected: torch.Tensor
-    cls: int
-    grid: tuple[int, int]
-    project: Callable
-    rows: list[int] | None = None
-    text: list[torch.Tensor | None] | None = None
-    attention: torch.Tensor | None = None
-    keys: torch.Tensor | None = None
-    _projected: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def n(self) -> int:
-        return self.selected.shape[0]
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def features(self) -> torch.Tensor:
-        """``[n, N, Dv]`` patch features before the projector, grid in row-major order."""
-        return self.selected[:, self.cls :]
-
-    def maps(self) -> torch.Tensor:
-        """``[n, h, w, Dv]`` patch features as a map."""
-        h, w = self.grid
-        return self.features.reshape(self.n, h, w, self.selected.shape[-1])
-
-    def projected(self) -> torch.Tensor:
-        """``[n, c + N, D]`` projected embeddings of every token (computed once, as the unpatched model does)."""
-        if self._projected is None:
-            self._projected = self.project(self.selected)
-        return self._projected
-
-    def keep(self, idx: torch.Tensor) -> list[torch.Tensor]:
-        """Projected embeddings of the kept patches, CLS (if any) in front.
-
-        Parameters
-        ----------
-        idx : torch.Tensor
-            ``[n, k]`` long, patch indices in ``[0, N)`` per image, in the order to place them.
-
-        Returns
-        -------
-        list[torch.Tensor]
-            ``n`` tensors ``[c + k, D]``.
-        """
-        proj = self.projected()
-        if idx.shape[1] == self.num_patches and bool(
-            (idx == torch.arange(self.num_patches, device=idx.device)).all()
-        ):
-            return list(proj)  # every patch in order: exactly the unpatched embeddings
-        c = self.cls
-        gi = idx.to(proj.device) + c
-        if c:
-            gi = torch.cat([torch.zeros_like(gi[:, :1]), gi], 1)
-        out = proj.gather(1, gi.unsqueeze(-1).expand(-1, -1, proj.shape[-1]))
-        return list(out)
-
-    def project_tokens(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Project new pre-projector tokens ``[n, k, Dv]`` (pooled, merged), CLS in front; ``n`` x ``[c + k, D]``."""
-        if self.cls:
-            x = torch.cat([self.selected[:, : self.cls].to(x.dtype), x], 1)
-        return list(self.project(x))
-
-
-@dataclass
-class Reduction:
-    """What a pre-LLM method returns for the images of one call.
-
-    Attributes
-    ----------
-    embeds : list[torch.Tensor]
-        Per image, ``[k_i, D]`` embeddings to place (``k_i >= 1``, CLS included when kept).
-    grids : list[tuple[int, int]] or None
-        Per image, the grid its tokens are laid out on (pooling); None: a ``(1, k_i)`` row.
-    cells : list[torch.Tensor or None] or None
-        Per image, ``[k_i]`` the patch (grid cell, row-major) each token stands for, when it is one.
-    info : list[dict] or None
-        Per image, method-specific facts for its record (factors, measures, ...).
-    """
-
-    embeds: list[torch.Tensor]
-    grids: list[tuple[int, int]] | None = None
-    cells: list[torch.Tensor | None] | None = None
-    info: list[dict] | None = None
-
-
-@dataclass
-class VisionUnits:
-    """The images of one feature call as the units a pre-LLM method reduces (made by the adapter's
-    :meth:`~vtc.adapters.ModelAdapter.vision_units`).
-
-    A unit is one feature grid: a LLaVA image, the base view or the high-resolution part of a LLaVA-NeXT image,
-    the merged grid of a Qwen-VL image. Units sharing one grid and CLS count are batched into one
-    :class:`ImageInputs` group, and the method's ``reduce`` runs once per group.
-
-    Attributes
-    ----------
-    groups : list[ImageInputs]
-        Batched units; ``groups[g].selected`` is ``[n_g, c + N_g, Dv]``.
-    members : list[list[tuple[int, int]]]
-        ``members[g][j] = (image, part)``: unit ``j`` of group ``g`` is part ``part`` of image ``image``.
-    orig_tokens : list[int]
-        Per image, the tokens the unpatched model places for it (its placeholder run).
-    output : object
-        The feature call's output; :meth:`~vtc.adapters.ModelAdapter.finish_features` sets its per-image
-        embeddings.
-    parts : list[int]
-        Per image, its number of units.
-    extra : dict
-        Adapter-private facts of the call (layouts, grids ...), read back by its ``assemble_image``.
-    """
-
-    groups: list[ImageInputs]
-    members: list[list[tuple[int, int]]]
-    orig_tokens: list[int]
-    output: object
-    parts: list[int]
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def n_images(self) -> int:
-        return len(self.orig_tokens)
-
-    @property
-    def single(self) -> bool:
-        """One group whose units are the images themselves, in order (LLaVA-1.5)."""
-        return len(self.groups) == 1 and all(p == 1 for p in self.parts)
-
-
-@dataclass
-class ImagePart:
-    """What a method left of one unit: ``embeds [k, D]``, the ``grid`` they lie on (None: a ``(1, k)`` row), the
-    patch ``cells [k']`` they stand for when they are single patches (None otherwise) and the unit's ``cls``."""
-
-    embeds: torch.Tensor
-    grid: tuple[int, int] | None
-    cells: torch.Tensor | None
-    cls: int
-    info: dict
-
-
-def dest_in_unit(cells: torch.Tensor | None, k: int, cls: int, dev) -> torch.Tensor:
-    """``[k]`` offset in its unit's placeholder run of each of a unit's ``k`` tokens: a kept patch at its own
-    cell (after the CLS slot), other tokens (merged, pooled) at the run's first slots."""
-    if cells is not None and k == cells.numel() + cls:
-        return torch.cat([torch.arange(cls, device=dev), cells.to(dev) + cls])
-    return torch.arange(k, device=dev)
-
-
-@dataclass
-class PreLLMCall:
-    """What a pre-LLM method did in one prefill, per batch row (images in prompt order).
-
-    Attributes
-    ----------
-    tokens : list[list[int]]
-        Tokens placed for each image.
-    original : list[int]
-        Visual tokens of each row before the reduction.
-    cells : list[list[torch.Tensor or None]]
-        Patch indices each image's tokens stand for (None where tokens are not single patches).
-    info : list[list[dict]]
-        Method-specific facts of each image.
-    """
-
-    tokens: list[list[int]]
-    original: list[int]
-    cells: list[list[torch.Tensor | None]]
-    info: list[list[dict]]
-
-    @property
-    def total_tokens(self) -> list[int]:
-        return [sum(t) for t in self.tokens]
-
-
-def resolve_count(tokens: int | None, ratio: float | None, n: int, what: str) -> int:
-    """Tokens kept of ``n`` from exactly one of ``tokens`` / ``ratio`` (``max(1, round(ratio * n))``).
-
-    Raises
-    ------
-    ValueError
-        ``tokens`` above ``n`` (the image's patch count).
-    """
-    if tokens is not None:
-        if tokens > n:
-            raise ValueError(
-                f"{what} tokens={tokens} is above the {n} patch tokens of one image on this model; use tokens "
-                f"between 1 and {n}, or ratio=..."
-            )
-        return int(tokens)
-    return max(1, min(n, int(round(ratio * n))))
-
-
-def check_tokens_ratio(what: str, tokens, ratio) -> None:
-    """Validate the ``tokens`` / ``ratio`` pair every selection method takes (exactly one of them)."""
-    if (tokens is None) == (ratio is None):
-        raise ValueError(
-            f"{what} needs exactly one of tokens (kept per image, e.g. tokens=64) or ratio (share kept, e.g. "
-            f"ratio=0.111); got tokens={tokens!r}, ratio={ratio!r}"
-        )
-    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
-        raise ValueError(f"{what} tokens={tokens!r}: give an int >= 1 (tokens kept per image)")
-    if ratio is not None and (
-        isinstance(ratio, bool)
-        or not isinstance(ratio, (int, float))
-        or not math.isfinite(ratio)
-        or not 0 < ratio <= 1
-    ):
-        raise ValueError(f"{what} ratio={ratio!r} is outside (0, 1]; ratio=1 keeps every token")
 
 
 # --- records ------------------------------------------------------------------------------------------------
@@ -327,15 +84,6 @@ class _Encoded:
     def inputs(self) -> ImageInputs:
         """The single group (LLaVA-1.5-style calls); records of several groups are read per part."""
         return self.units.groups[0]
-
-
-@dataclass
-class _DecodeMap:
-    orig_len: int
-    new_len: int
-    prefix: torch.Tensor  # [B, T'] bool
-    mask_none: bool
-    shift: torch.Tensor  # [B] long
 
 
 class PerThread:
@@ -387,7 +135,7 @@ class PreLLMStage(PreLLMComponent):
     """
 
     # per-call records, per thread (see the engine's thread contract)
-    _map: _DecodeMap | None = PerThread()
+    _map: DecodeMap | None = PerThread()
     _spans: list[ImageSpan] | None = PerThread()
     _caller: torch.Tensor | None = PerThread()  # [B, Tn] caller position of each rewritten slot, -1 padding
     _orig: list[int] | None = PerThread()
@@ -641,165 +389,22 @@ class PreLLMStage(PreLLMComponent):
             by_row[b] = t if t.shape[0] else None
         return [by_row[b] for b, _ in placement]
 
-    def _place(
-        self, ids: torch.Tensor, rec: _Encoded, tid: int, modality: str = "image"
-    ) -> list[tuple[int, int]]:
+    def _place(self, ids: torch.Tensor, rec: _Encoded, tid: int, modality: str = "image") -> list[tuple[int, int]]:
         """``(row, start)`` of each image's (video's) placeholder run, in the order of the features."""
-        is_img = ids == tid
-        n_ph = int(is_img.sum())
-        n_feat = sum(rec.orig_tokens)
-        hint = (
-            f"the prompt has {n_ph} {modality} placeholder tokens but the {len(rec.orig_tokens)} {modality}s give "
-            f"{n_feat} features ({rec.orig_tokens[0]} per {modality})"
-        )
-        if n_ph > n_feat and n_ph % n_feat == 0:
-            hint += (
-                "; generate seems to have repeated the prompts (num_beams or num_return_sequences > 1), which "
-                f"{self.name} does not support: repeat the inputs yourself instead"
-            )
-        else:
-            hint += (
-                f"; the processor must expand each <{modality}> to {rec.orig_tokens[0]} placeholder tokens"
-            )
-        if n_ph != n_feat:
-            raise ValueError(f"{self.name}: {hint}")
-        out = []
-        k = 0
-        for b in range(ids.shape[0]):
-            pos = is_img[b].nonzero().squeeze(1).tolist()
-            j = 0
-            while j < len(pos):
-                if k >= len(rec.orig_tokens):
-                    raise ValueError(f"{self.name}: {hint}")
-                n = rec.orig_tokens[k]
-                run = pos[j : j + n]
-                if len(run) < n or run[-1] - run[0] != n - 1:
-                    raise ValueError(
-                        f"{self.name}: {modality} {k}'s placeholders are not one contiguous run in row {b}; {hint}"
-                    )
-                out.append((b, run[0]))
-                j += n
-                k += 1
-        return out
+        return place_runs(self.name, ids, rec.orig_tokens, tid, modality)
 
     def _rewrite(self, kwargs, ids, placement, orig_tokens, new_tokens, grids, dests, tokens) -> None:
-        """Resize each placeholder run, re-pad rows on the left, rewrite mask and positions; remember the caller's
-        position of every new slot (kept patches at their own cell, other image tokens at the run's first slots)."""
-        B, T = ids.shape
-        dev = ids.device
-        am = kwargs.get("attention_mask")
-        if am is not None and am.dim() != 2:
-            raise ValueError(f"{self.name} needs a 2D padding mask [B, T]; got a {am.dim()}D attention_mask")
-        if list(new_tokens) == list(orig_tokens):
-            # every image keeps its count: the prompt stays exactly as given (no re-padding, a true no-op when the
-            # embeddings are the unpatched ones); only tokens standing for other cells need a caller map
-            caller = None
-            for i, (b, s0) in enumerate(placement):
-                d = dests[i].to(dev)
-                if not bool((d == torch.arange(new_tokens[i], device=dev)).all()):
-                    if caller is None:
-                        caller = torch.arange(T, device=dev).repeat(B, 1)
-                    caller[b, s0 : s0 + new_tokens[i]] = s0 + d
-            self._caller = caller
-            return
-        pad = self.adapter.pad_token_id
-        valid = am.bool() if am is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
-        by_row: list[list[int]] = [[] for _ in range(B)]
-        for i, (b, _) in enumerate(placement):
-            by_row[b].append(i)
-        contents, masks, starts, srcs = [], [], [], []
-        for b in range(B):
-            nz = valid[b].nonzero()
-            first = int(nz[0]) if len(nz) else T
-            # the first image may start before `first` only with a broken mask; keep it whole
-            first = min([first] + [placement[i][1] for i in by_row[b]])
-            pieces, mpieces, dpieces, st = [], [], [], []
-            cur, length = first, 0
-            for i in by_row[b]:
-                s0 = placement[i][1]
-                pieces.append(ids[b, cur:s0])
-                mpieces.append(valid[b, cur:s0])
-                dpieces.append(torch.arange(cur, s0, device=dev))
-                length += s0 - cur
-                st.append(length)
-                pieces.append(torch.full((new_tokens[i],), tokens[i], dtype=ids.dtype, device=dev))
-                mpieces.append(torch.ones(new_tokens[i], dtype=torch.bool, device=dev))
-                dpieces.append(s0 + dests[i].to(dev))
-                length += new_tokens[i]
-                cur = s0 + orig_tokens[i]
-            pieces.append(ids[b, cur:])
-            mpieces.append(valid[b, cur:])
-            dpieces.append(torch.arange(cur, T, device=dev))
-            srcs.append(torch.cat(dpieces))
-            contents.append(torch.cat(pieces))
-            masks.append(torch.cat(mpieces))
-            starts.append(st)
-        Tn = max(len(c) for c in contents)
-        new_ids = torch.full((B, Tn), pad, dtype=ids.dtype, device=dev)
-        new_valid = torch.zeros(B, Tn, dtype=torch.bool, device=dev)
-        spans = []
-        caller = torch.full((B, Tn), -1, dtype=torch.long, device=dev)
-        for b in range(B):
-            off = Tn - len(contents[b])
-            caller[b, off:] = srcs[b]
-            new_ids[b, off:] = contents[b]
-            new_valid[b, off:] = masks[b]
-            for i, st in zip(by_row[b], starts[b]):
-                spans.append(ImageSpan(b, off + st, new_tokens[i], tuple(grids[i])))
-        mask_none = bool(new_valid.all())
-        caller = caller.masked_fill(~new_valid, -1)
-        kwargs["input_ids"] = new_ids
-        if mask_none:
-            kwargs["attention_mask"] = None
-        else:
-            kwargs["attention_mask"] = new_valid.to(am.dtype if am is not None else torch.long)
-        for name in self.adapter.token_inputs:  # per-token inputs follow the ids (mm_token_type_ids ...)
-            x = kwargs.get(name)
-            if isinstance(x, torch.Tensor) and x.shape[:2] == (B, T):
-                kwargs[name] = gather_rows(x, caller, 0)
-        self.adapter.prellm_positions(kwargs, ids, am, caller, new_valid)
-        shift = valid.sum(1) - new_valid.sum(1)
-        self._map = _DecodeMap(orig_len=T, new_len=Tn, prefix=new_valid, mask_none=mask_none, shift=shift)
-        self._spans = spans
-        self._caller = caller
+        """Resize each placeholder run, re-pad rows on the left, rewrite mask and positions (see
+        :func:`vtc.engine.rewrite.rewrite_prompt`)."""
+        self._map, self._spans, self._caller = rewrite_prompt(
+            self.name, self.adapter, kwargs, ids, placement, orig_tokens, new_tokens, grids, dests, tokens
+        )
 
     # --- decode -------------------------------------------------------------------------------------------------
     def decode(self, session, kwargs: dict) -> dict:
         """Map the caller's padding mask (original prompt length) onto the rewritten layout; shift positions."""
-        mp = self._map
-        if mp is None:
-            return kwargs
-        am = kwargs.get("attention_mask")
-        ids = kwargs.get("input_ids")
-        q = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
-        B = mp.prefix.shape[0]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past0 = cache.get_seq_length(0) if cache is not None else mp.new_len
-        steps = past0 - mp.new_len + q  # tokens after the prompt, this one included
-        original_space = True
-        if am is not None:
-            if am.dim() != 2:
-                raise ValueError(f"{self.name} needs a 2D padding mask at decode; got {am.dim()}D")
-            width = am.shape[1]
-            if width == mp.orig_len + steps:
-                tail = am[:, mp.orig_len :].bool()
-            elif width == mp.new_len + steps:  # a hand-written loop already in the compressed layout
-                tail = am[:, mp.new_len :].bool()
-                original_space = False
-            else:
-                raise ValueError(
-                    f"{self.name}: attention_mask has {width} columns at decode; expected {mp.orig_len + steps} (the "
-                    f"original prompt of {mp.orig_len} plus {steps} new tokens) or {mp.new_len + steps} (compressed "
-                    "layout)"
-                )
-        else:
-            tail = torch.ones(B, steps, dtype=torch.bool, device=mp.prefix.device)
-        full = torch.cat([mp.prefix, tail.to(mp.prefix.device)], dim=1)
-        if mp.mask_none and bool(full.all()):
-            kwargs["attention_mask"] = None
-        else:
-            kwargs["attention_mask"] = full.to(am.dtype if am is not None else torch.long)
-        self.adapter.prellm_decode_positions(kwargs, mp.shift, full, q, original_space)
+        if self._map is not None:
+            decode_mask(self.name, self.adapter, self._map, kwargs)
         return kwargs
 
     # --- engine queries ---------------------------------------------------------------------------------------

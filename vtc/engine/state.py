@@ -12,86 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vtc.engine.stats import CallStats
-
-
-@dataclass
-class View:
-    """The tokens a decoder layer sees at prefill, as indices into the prompt entering the LLM.
-
-    Attributes
-    ----------
-    src : torch.Tensor
-        ``[B, Tv]`` long, index into the prefill sequence (``T0``) of each slot; ``-1`` for left padding
-        created by ragged drops.
-    valid : torch.Tensor
-        ``[B, Tv]`` bool, False at padding (original left padding or created by drops).
-    image : torch.Tensor
-        ``[B, Tv]`` bool, True at visual tokens.
-    pos : torch.Tensor
-        ``[B, Tv]`` long, RoPE position ids used at this view.
-    cos, sin : torch.Tensor
-        ``[B, Tv, dh]`` rotary tables for ``pos``.
-    shift : torch.Tensor or None
-        ``[B]`` long, amount to subtract from decode positions at layers using this view (compact
-        positions); None in ``original`` mode.
-    mask2d_is_none : bool
-        True when no slot is padded and the model had no 2D mask: layers may then take the
-        ``is_causal`` fast path.
-    """
-
-    src: torch.Tensor
-    valid: torch.Tensor
-    image: torch.Tensor
-    pos: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    shift: torch.Tensor | None = None
-    mask2d_is_none: bool = False
-
-    @property
-    def length(self) -> int:
-        return self.src.shape[1]
-
-    def mask2d(self) -> torch.Tensor | None:
-        return None if self.mask2d_is_none else self.valid.long()
-
-    def n_image(self) -> torch.Tensor:
-        return (self.image & self.valid).sum(1)
-
-    def n_valid(self) -> torch.Tensor:
-        return self.valid.sum(1)
-
-
-@dataclass
-class ImageSpan:
-    """One image's (or one video frame's) run of visual tokens in a row of the prefill sequence.
-
-    Adapters make them from the model's own inputs (:meth:`vtc.adapters.ModelAdapter.find_spans`), the
-    pre-LLM stage remakes them after a rewrite.
-
-    Attributes
-    ----------
-    row, start, length : int
-        Batch row, first slot and number of slots of the run.
-    grid : tuple[int, int]
-        ``(h, w)`` of the feature grid the run is laid out on (row-major when ``layout`` is None).
-    layout : torch.Tensor or None
-        ``[length, 2]`` long ``(r, c)`` cell of each slot in ``grid``; ``(-1, -1)`` for slots outside it
-        (LLaVA-NeXT's newline tokens, separators). None: slot ``i`` is cell ``(i // w, i % w)``.
-    kind : str
-        ``"image"`` or ``"video"``.
-    item : int or None
-        Spans of one row with the same ``item`` share one budget (the frames of a video budgeted per
-        video); None: the span is its own budget item (every image, or a frame budgeted per frame).
-    """
-
-    row: int
-    start: int
-    length: int
-    grid: tuple[int, int]
-    layout: torch.Tensor | None = None
-    kind: str = "image"
-    item: int | None = None
+from vtc.engine.types import ImageSpan, View
 
 
 @dataclass
@@ -120,8 +41,8 @@ class CallState:
     decoded_tokens: int = 0
     decode_tail: torch.Tensor | None = None  # [B, n] bool, mask columns after the prefill at this step
     cache_ref: weakref.ReferenceType | None = None
-    # decode bookkeeping: layer -> (prefix valid [B, T_l] bool, shift [B] or None)
-    layer_prefix: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    # decode bookkeeping: layer -> (prefix valid [B, T_l] bool, shift [B] or None, prefix positions [B, T_l])
+    layer_prefix: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
     # drop mode: the view each layer sees (None: the base view, untouched)
     layer_view: dict[int, View] = field(default_factory=dict)
     # kept visual tokens per boundary: layer -> [B] list of LongTensor (indices into T0)
@@ -149,6 +70,11 @@ class CallState:
     step_built: dict[tuple, tuple] = field(default_factory=dict)
     prefill_masks: dict[int, tuple[View, object]] = field(default_factory=dict)  # id(view) -> (view, mask)
     decode_tail_all: bool | None = None  # host bool: every decode-tail column is valid (None: not needed)
+    # rotary key -> the model's own (cos, sin) for the prefill sequence, taken from the first layer of each key
+    base_tables: dict = field(default_factory=dict)
+    # [B, T0] long image-block id of each visual slot (-1 elsewhere) when the call's layers attend
+    # bidirectionally inside image blocks (None otherwise)
+    blocks: torch.Tensor | None = None
     # the layers got position_ids=None (M-RoPE models in a direct forward): the base view's `pos` is a stand-in
     # (0..T0-1) and layers keep getting None
     layer_pos_none: bool = False

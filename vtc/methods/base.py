@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from vtc.engine.session import DecoderPlan, PreLLMComponent
+from vtc.engine.prellm import PreLLMStage
+from vtc.engine.types import DecoderPlan, PreLLMComponent
+from vtc.engine.units import check_tokens_ratio, resolve_count
 
 
 class Method:
@@ -64,8 +66,6 @@ class PreLLMMethod(Method):
         tokens, ratio = getattr(self, "tokens", None), getattr(self, "ratio", None)
         if tokens is None and ratio is None:
             return None
-        from vtc.engine.prellm import resolve_count
-
         return resolve_count(tokens, ratio, n_patches, self.name)
 
     def is_identity(self, grid: tuple[int, int]) -> bool:
@@ -79,8 +79,6 @@ class PreLLMMethod(Method):
         raise NotImplementedError
 
     def component(self, adapter) -> PreLLMComponent:
-        from vtc.engine.prellm import PreLLMStage
-
         return PreLLMStage(self, adapter)
 
 
@@ -101,14 +99,10 @@ class CountedPreLLMMethod(PreLLMMethod):
     ratio: float | None = None
 
     def __post_init__(self):
-        from vtc.engine.prellm import check_tokens_ratio
-
         check_tokens_ratio(self.name, self.tokens, self.ratio)
 
     def count(self, n_patches: int) -> int:
         """Tokens kept of an image of ``n_patches``; raises if ``tokens`` is above ``n_patches``."""
-        from vtc.engine.prellm import resolve_count
-
         return resolve_count(self.tokens, self.ratio, n_patches, self.name)
 
     def check(self, adapter) -> None:

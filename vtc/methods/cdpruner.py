@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vtc.engine.prellm import ImageInputs, Reduction
+from vtc.engine.units import ImageInputs, Reduction
 from vtc.methods.base import CountedPreLLMMethod
 from vtc.methods.divprune import work_dtype
 from vtc.registry import register_method

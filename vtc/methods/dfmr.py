@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from vtc.engine.prellm import ImageInputs, PerThread, PreLLMCall, PreLLMStage, Reduction
+from vtc.engine.prellm import PerThread, PreLLMStage
+from vtc.engine.units import ImageInputs, PreLLMCall, Reduction
 from vtc.methods.base import PreLLMMethod, check_choice
 from vtc.registry import register_method
 

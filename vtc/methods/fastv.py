@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vtc.engine.session import DecoderPlan
+from vtc.engine.types import DecoderPlan
 from vtc.methods.base import DecoderMethod, check_choice
 from vtc.registry import register_method
 from vtc.schedules import single

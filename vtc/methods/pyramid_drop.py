@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vtc.engine.session import DecoderPlan
+from vtc.engine.types import DecoderPlan
 from vtc.methods.base import DecoderMethod, check_choice
 from vtc.registry import register_method
 from vtc.schedules import dims_of, layers_from_depth_shares, parse_schedule, stages

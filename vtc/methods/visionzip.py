@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vtc.engine.prellm import ImageInputs, Reduction
+from vtc.engine.units import ImageInputs, Reduction
 from vtc.methods.base import CountedPreLLMMethod
 from vtc.registry import register_method
 

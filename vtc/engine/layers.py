@@ -1,0 +1,396 @@
+"""Decoder-layer surgery: what each layer sees at prefill and at every decode step.
+
+At prefill, a forward pre-hook on every decoder layer applies the selections (``drop`` shrinks the
+sequence for all later layers, ``skip`` routes a subset through one layer) and gives each layer what it
+needs for its view, by the layer's :class:`~vtc.engine.types.LayerSpec`: its mask kind (built once per view
+and kind, :mod:`vtc.engine.masks`), its rotary table (one per rotary key, gathered at the kept tokens'
+own positions under ``original``, recomputed on renumbered positions under ``compact``), and its extra
+per-token inputs gathered with the hidden states. A selection that would keep every token is skipped
+(decided from host-side counts).
+
+At decode, the first layer of each *decode key* (same prefix layout, cache length, position shift, mask
+kind and rotary key: a stage, not a layer) builds the mask, positions and rotary tables for its cache
+length once per step, and the other layers of the key reuse them, without reading any device value on
+the host. Recurrent layers need nothing at decode (their state holds the kept tokens only).
+
+Shape names: ``B`` batch, ``T0`` prefill length entering the LLM, ``Tv`` view length, ``D`` hidden.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from vtc.engine.masks import layer_mask
+from vtc.engine.ops import compact_rows, gather_rows, scatter_rows
+from vtc.engine.types import LayerSpec, ScoreContext, View
+from vtc.schedules import keep_count
+
+
+class LayerSurgery:
+    """The per-layer hooks of one session (see the module docstring)."""
+
+    def __init__(self, session):
+        self.session = session
+        self.adapter = session.adapter
+        self.plan = session.plan
+        self.specs: list[LayerSpec] = list(self.adapter.layer_specs())
+        self.flash = self.adapter.attn_implementation.startswith("flash")
+        self.config = self.adapter.text_config
+        plan = self.plan
+        self.selection = set(plan.selection_layers()) if plan is not None else set()
+        self.prev_needed = (
+            {l - 1 for l in self.selection} if plan is not None and plan.scorer.needs_prev_input else set()
+        )
+        self._check_shared_kv()
+
+    def _check_shared_kv(self) -> None:
+        """Refuse a drop between a shared-KV layer and the layer whose KV it reads (its queries would see
+        another kept set than its keys)."""
+        if self.plan is None or self.plan.mode != "drop":
+            return
+        for m, spec in enumerate(self.specs):
+            if spec.cache != "shared":
+                continue
+            cut = [l for l in self.selection if spec.kv_source < l <= m]
+            if cut:
+                raise ValueError(
+                    f"layer {m} reads the KV cache of layer {spec.kv_source}, and this schedule drops tokens at layer "
+                    f"{cut[0]} between them: the two layers would see different kept sets. Use a schedule whose "
+                    f"stages start at or before layer {spec.kv_source + 1} or after layer {m}, or mode='skip'."
+                )
+
+    @property
+    def state(self):
+        return self.session.state
+
+    # --- hooks ----------------------------------------------------------------------------------------
+    def make_pre(self, l: int):
+        def hook(module, args, kwargs):
+            st = self.session.state
+            if st is None or not st.active:
+                return None
+            if st.in_decode:
+                return self.decode(l, args, kwargs)
+            return self.prefill(l, args, kwargs)
+
+        return hook
+
+    def make_skip_post(self, l: int):
+        def hook(module, args, kwargs, output):
+            st = self.session.state
+            if st is None or st.in_decode or l not in st.skip_pending:
+                return None
+            full, src, valid = st.skip_pending.pop(l)
+            out = output[0] if isinstance(output, tuple) else output
+            merged = scatter_rows(full, src, valid, out)
+            return (merged, *output[1:]) if isinstance(output, tuple) else merged
+
+        return hook
+
+    # --- views ----------------------------------------------------------------------------------------
+    def _base_view(self, kwargs, hidden) -> View:
+        st = self.state
+        B, T0 = st.batch_size, st.prefill_len
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            # M-RoPE text models pass no 1-D positions to their layers in a direct forward (the rotary tables
+            # carry them): keep a stand-in for the views and hand the layers None again
+            st.layer_pos_none = True
+            pos = torch.arange(T0, device=hidden.device).expand(B, T0)
+        return View(
+            src=torch.arange(T0, device=hidden.device).expand(B, T0),
+            valid=st.valid0,
+            image=st.image0,
+            pos=pos.expand(B, -1),
+            tables=st.base_tables,
+            shift=None,
+            mask2d_is_none=st.model_mask_was_none,
+        )
+
+    def tables(self, view: View, key, hidden) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``[B, Tv, dh]`` of rotary key ``key`` for ``view`` (computed once per view and key)."""
+        hit = view.tables.get(key)
+        if hit is None:
+            if view.shift is None:  # original positions: the model's own table at each kept token
+                cos, sin = self.state.base_tables[key]
+                hit = (gather_rows(cos, view.src, 0.0), gather_rows(sin, view.src, 0.0))
+            else:
+                hit = self.adapter.rotary(hidden, view.pos, key)
+            view.tables[key] = hit
+        return hit
+
+    def _derive_view(self, view: View, src, valid) -> View:
+        """The view made of slots ``src`` of ``view`` (``-1`` = new left padding)."""
+        st = self.state
+        new_src = gather_rows(view.src, src, -1)
+        image = gather_rows(view.image, src, False) & valid
+        if self.plan.positions == "original":
+            pos = gather_rows(view.pos, src, 0)
+            shift = None
+        else:
+            base = st.base
+            first = (
+                torch.where(base.valid, base.pos, torch.full_like(base.pos, torch.iinfo(torch.long).max))
+                .min(1)
+                .values
+            )
+            first = torch.where(base.valid.any(1), first, torch.zeros_like(first))
+            pos = torch.where(valid, first.unsqueeze(1) + valid.long().cumsum(1) - 1, torch.zeros_like(src))
+            shift = base.valid.sum(1) - valid.sum(1)
+        return View(
+            src=new_src,
+            valid=valid,
+            image=image,
+            pos=pos,
+            shift=shift,
+            mask2d_is_none=st.model_mask_was_none and bool(valid.all()),
+        )
+
+    def counts(self, view: View) -> tuple[list[int], list[int]]:
+        """Per-row ``(visual, valid)`` counts of ``view`` as host lists, read once per view (not per layer)."""
+        st = self.state
+        hit = st.view_counts.get(id(view))
+        if hit is None or hit[0] is not view:
+            both = torch.stack([(view.image & view.valid).sum(1), view.valid.sum(1)]).tolist()
+            hit = (view, both[0], both[1])
+            st.view_counts[id(view)] = hit
+        return hit[1], hit[2]
+
+    # --- selection ------------------------------------------------------------------------------------
+    def keep_targets(self, l: int) -> list[list[int]]:
+        """Visual tokens kept at layer ``l`` per row and budget item (host ints; no device read).
+
+        Each item (an image, a frame or a video, see :class:`ImageSpan`) keeps ``floor(N_item * share)`` of
+        the ``N_item`` tokens it entered the LLM with; a row without text keeps at least one token.
+        """
+        share = self.plan.schedule.shares[l]
+        st = self.state
+        if st.n_text0 is None:
+            st.n_text0 = [t - v for t, v in zip(st.stats.prefill_tokens[0], st.stats.visual_input)]
+        return [item_counts(sizes, t, share) for sizes, t in zip(st.item_sizes, st.n_text0)]
+
+    def _nothing_dropped(self, l: int, view: View) -> bool:
+        """True when the selection at ``l`` would keep every visual token of ``view`` (decided on the host)."""
+        st = self.state
+        session = self.session
+        if session.always_select or (session.forced is not None and l in session.forced):
+            return False
+        if [sum(t) for t in self.keep_targets(l)] != self.counts(view)[0]:
+            return False
+        cand = view.image & view.valid
+        st.selections[l] = [view.src[b][cand[b]] for b in range(st.batch_size)]
+        st.saved_inputs.pop(l - 1, None)
+        return True
+
+    def _context(self, l: int, hidden, view: View) -> ScoreContext:
+        st = self.state
+        rank = self.specs[l].rank_with
+        rank = l if rank is None else rank
+        cos, sin = self.tables(view, self.specs[rank].rotary, hidden)
+        src = view.src.clamp(min=0)
+        pad = view.src < 0
+        prev = st.saved_inputs.pop(l - 1, None)
+        spans = st.spans
+        n_rows = max((s.row for s in spans), default=-1) + 1
+        return ScoreContext(
+            layer_idx=l,
+            hidden=hidden,
+            view=view,
+            adapter=self.adapter,
+            cos=cos,
+            sin=sin,
+            rank_layer=rank,
+            items=None if st.item_index is None else st.item_index.gather(1, src).masked_fill(pad, -1),
+            ordinal=st.image_ordinal.gather(1, src).masked_fill(pad, -1),
+            grid_rc=st.grid_rc.gather(1, src.unsqueeze(-1).expand(-1, -1, 2)).masked_fill(pad.unsqueeze(-1), -1),
+            image=st.image_index.gather(1, src).masked_fill(pad, -1),
+            max_visual=max(st.stats.visual_input, default=0),
+            max_grid=max((max(s.grid) for s in spans), default=1),
+            max_images=max([sum(1 for s in spans if s.row == b) for b in range(n_rows)], default=1) or 1,
+            prev_input=prev,
+            cache=st.cache(),
+        )
+
+    def _select(self, l: int, hidden, view: View) -> torch.Tensor:
+        """Kept visual slots of ``view`` at layer ``l``, ``[B, Tv]`` bool."""
+        forced = self.session.forced
+        cand = view.image & view.valid
+        if forced is not None and l in forced:
+            kept = torch.zeros_like(cand)
+            for b, idx in enumerate(forced[l]):
+                kept[b] = torch.isin(view.src[b], idx.to(view.src.device)) & cand[b]
+            return kept
+        targets = self.keep_targets(l)
+        G = max((len(t) for t in targets), default=0) or 1
+        keep = torch.tensor([t + [0] * (G - len(t)) for t in targets], dtype=torch.long)
+        return self.plan.scorer.select(self._context(l, hidden, view), keep.to(view.src.device))
+
+    # --- prefill --------------------------------------------------------------------------------------
+    def _set_layer_kwargs(self, kwargs, hidden, view: View, cache, l: int) -> None:
+        st = self.state
+        spec = self.specs[l]
+        key = (id(view), spec.mask_key)
+        hit = st.prefill_masks.get(key)
+        if hit is None or hit[0] is not view:
+            hit = (view, self._prefill_mask(spec, hidden, view, cache, l))
+            st.prefill_masks[key] = hit
+        kwargs["attention_mask"] = hit[1]
+        kwargs["position_ids"] = None if self.flash or st.layer_pos_none else view.pos
+        kwargs["position_embeddings"] = self.tables(view, spec.rotary, hidden)
+        for name in spec.token_inputs:  # per-token inputs laid out like the prefill sequence
+            x = kwargs.get(name)
+            if isinstance(x, torch.Tensor) and x.shape[1] == st.prefill_len:
+                kwargs[name] = gather_rows(x.expand(st.batch_size, *x.shape[1:]), view.src, 0)
+
+    def _prefill_mask(self, spec: LayerSpec, hidden, view: View, cache, l: int):
+        st = self.state
+        if spec.mask == "recurrent":
+            _, tok = self.counts(view)
+            padded = any(t != view.length for t in tok)
+            return layer_mask(self.config, spec, hidden, view.valid.long() if padded else None, cache, l)
+        blocks = None
+        if spec.blocks and st.blocks is not None:
+            blocks = gather_rows(st.blocks, view.src, -1).masked_fill(~view.valid, -1)
+        pos = view.pos if spec.mask == "sliding" else None
+        return layer_mask(self.config, spec, hidden, view.mask2d(), cache, l, blocks=blocks, q_pos=pos, kv_pos=pos)
+
+    def prefill(self, l: int, args, kwargs):
+        st = self.state
+        plan = self.plan
+        spec = self.specs[l]
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if spec.rotary not in st.base_tables and "position_embeddings" in kwargs:
+            # the model passes every layer its type's table for the whole prefill sequence
+            cos, sin = kwargs["position_embeddings"]
+            st.base_tables[spec.rotary] = (cos.expand(st.batch_size, -1, -1), sin.expand(st.batch_size, -1, -1))
+        if l == 0:
+            st.cache_ref = weakref.ref(cache) if cache is not None else None
+            st.base = self._base_view(kwargs, hidden)
+            st.current = st.base
+            st.view_counts[id(st.base)] = (st.base, list(st.stats.visual_input), list(st.stats.prefill_tokens[0]))
+        view = st.current
+        touched = view is not st.base
+        select = l in self.selection and not self._nothing_dropped(l, view)
+
+        if select:
+            kept = self._select(l, hidden, view)
+            st.selections[l] = [view.src[b][kept[b]] for b in range(st.batch_size)]
+            src, valid = compact_rows(view.valid & (~view.image | kept))
+            if plan.mode == "drop":
+                hidden = gather_rows(hidden, src, 0)
+                view = self._derive_view(view, src, valid)
+                st.current = view
+                touched = True
+            else:
+                st.skip_pending[l] = (hidden, src, valid)
+                self._save_prev(l, hidden, view)
+                sub_hidden = gather_rows(hidden, src, 0)
+                sub = self._derive_view(view, src, valid)
+                self._set_layer_kwargs(kwargs, sub_hidden, sub, cache, l)
+                st.layer_src[l] = sub.src  # output-capturing hooks see the routed subset
+                self._record(l, sub)
+                self._remember_decode(l, sub)
+                return (sub_hidden, *args[1:]), kwargs
+
+        if touched:
+            self._set_layer_kwargs(kwargs, hidden, view, cache, l)
+            st.layer_src[l] = view.src
+            self._remember_decode(l, view)
+        self._save_prev(l, hidden, view)
+        self._record(l, view)
+        return (hidden, *args[1:]), kwargs
+
+    def _save_prev(self, l: int, hidden, view: View) -> None:
+        if l in self.prev_needed:
+            rank = self.specs[l].rank_with
+            rank = l if rank is None else rank
+            cos, sin = self.tables(view, self.specs[rank].rotary, hidden)
+            self.state.saved_inputs[l] = (hidden, view, cos, sin, rank)
+
+    def _record(self, l: int, view: View) -> None:
+        stats = self.state.stats
+        vis, tok = self.counts(view)
+        stats.prefill_visual[l] = list(vis)
+        stats.prefill_tokens[l] = list(tok)
+
+    def _remember_decode(self, l: int, view: View) -> None:
+        """Record what layer ``l`` needs at decode (attention layers only: a recurrent state needs nothing).
+
+        Layers with equal keys get the same decode mask and rotary tables at every step: a view's padding is
+        on the left, so its length and per-row valid counts fix its 2D mask and the layers seeing it hold
+        equally long caches; ``shift`` fixes the positions; the mask kind and rotary key complete it.
+        """
+        spec = self.specs[l]
+        if not spec.attention:
+            return
+        st = self.state
+        st.layer_prefix[l] = (view.valid, view.shift, view.pos)
+        _, tok = self.counts(view)
+        all_valid = all(t == view.length for t in tok)
+        shift = None if view.shift is None else id(view.shift)
+        st.decode_key[l] = (view.length, tuple(tok), shift, all_valid, spec.mask_key, spec.rotary)
+
+    # --- decode ---------------------------------------------------------------------------------------
+    def decode(self, l: int, args, kwargs):
+        """Decode step at a shortened layer: the mask (and, in compact mode, positions and rotary tables)
+        of its decode key, built by the first layer of the key at this step and reused by the others."""
+        st = self.state
+        key = st.decode_key.get(l)
+        if key is None:
+            return None
+        built = st.step_built.get(key)
+        if built is None:
+            built = self._build_decode(l, key, args, kwargs)
+            st.step_built[key] = built
+        mask, pos, pe = built
+        kwargs["attention_mask"] = mask
+        if pe is not None:
+            kwargs["position_embeddings"] = pe
+            kwargs["position_ids"] = pos
+        if self.flash:
+            kwargs["position_ids"] = None
+        return args, kwargs
+
+    def _build_decode(self, l: int, key: tuple, args, kwargs) -> tuple:
+        """``(4D mask or None, positions [B, q] or None, (cos, sin) or None)`` for layer ``l`` at this step."""
+        st = self.state
+        spec = self.specs[l]
+        prefix, shift, prefix_pos = st.layer_prefix[l]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        pos = None
+        if shift is not None or spec.mask == "sliding":
+            pos = kwargs["position_ids"].expand(st.batch_size, -1)
+            if shift is not None:
+                pos = pos - shift.unsqueeze(1)
+        q_pos = kv_pos = None
+        if spec.mask == "sliding":
+            # decode tokens follow each other: the i-th column after the prefix sits at q_pos - (n - 1 - i)
+            n = st.decode_tail.shape[1]
+            back = torch.arange(n - 1, -1, -1, device=pos.device)
+            q_pos, kv_pos = pos, torch.cat([prefix_pos, pos[:, -1:] - back], dim=1)
+        if key[3] and st.decode_tail_all and spec.mask != "sliding":
+            # no padding anywhere: the same mask the model would build from an all-ones 2D mask
+            mask = layer_mask(self.config, spec, hidden, None, cache, l)
+        else:
+            # padding is known to exist (host counts, or a tail that is not all ones): the causal-skip
+            # check could only fail, and it would read the mask on the host
+            mask2d = torch.cat([prefix.long(), st.decode_tail.long()], dim=1)
+            mask = layer_mask(
+                self.config, spec, hidden, mask2d, cache, l, allow_skip=False, q_pos=q_pos, kv_pos=kv_pos
+            )
+        if shift is None:
+            return mask, None, None
+        return mask, pos, self.adapter.rotary(hidden, pos, spec.rotary)
+
+
+def item_counts(sizes: list[int], n_text: int, share: float) -> list[int]:
+    """Tokens each budget item of a row keeps at ``share``; a row without text keeps at least one."""
+    out = [keep_count(int(n), share) for n in sizes]
+    if n_text == 0 and sizes and sum(out) == 0 and sum(sizes) > 0:
+        first = next(i for i, n in enumerate(sizes) if n > 0)
+        out[first] = 1  # no row may become empty
+    return out

@@ -1,0 +1,188 @@
+"""The pre-LLM prompt rewrite: placeholder runs resized to each image's new count, rows re-padded on the
+left, mask and positions rewritten, and the decode-time map back from the caller's layout.
+
+Used by :class:`vtc.engine.prellm.PreLLMStage`; model knowledge (pad id, per-token inputs, position rules)
+comes from the adapter.
+
+Shape names: ``B`` batch rows, ``T`` caller prompt length, ``Tn`` rewritten length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vtc.engine.ops import gather_rows
+from vtc.engine.types import ImageSpan
+
+
+@dataclass
+class DecodeMap:
+    """What decode steps need of a prefill rewrite."""
+
+    orig_len: int
+    new_len: int
+    prefix: torch.Tensor  # [B, Tn] bool
+    mask_none: bool
+    shift: torch.Tensor  # [B] long
+
+
+def place_runs(
+    name: str, ids: torch.Tensor, orig_tokens: list[int], tid: int, modality: str = "image"
+) -> list[tuple[int, int]]:
+    """``(row, start)`` of each image's (video's) placeholder run, in the order of the features."""
+    is_img = ids == tid
+    n_ph = int(is_img.sum())
+    n_feat = sum(orig_tokens)
+    hint = (
+        f"the prompt has {n_ph} {modality} placeholder tokens but the {len(orig_tokens)} {modality}s give "
+        f"{n_feat} features ({orig_tokens[0]} per {modality})"
+    )
+    if n_ph > n_feat and n_ph % n_feat == 0:
+        hint += (
+            "; generate seems to have repeated the prompts (num_beams or num_return_sequences > 1), which "
+            f"{name} does not support: repeat the inputs yourself instead"
+        )
+    else:
+        hint += (
+            f"; the processor must expand each <{modality}> to {orig_tokens[0]} placeholder tokens"
+        )
+    if n_ph != n_feat:
+        raise ValueError(f"{name}: {hint}")
+    out = []
+    k = 0
+    for b in range(ids.shape[0]):
+        pos = is_img[b].nonzero().squeeze(1).tolist()
+        j = 0
+        while j < len(pos):
+            if k >= len(orig_tokens):
+                raise ValueError(f"{name}: {hint}")
+            n = orig_tokens[k]
+            run = pos[j : j + n]
+            if len(run) < n or run[-1] - run[0] != n - 1:
+                raise ValueError(
+                    f"{name}: {modality} {k}'s placeholders are not one contiguous run in row {b}; {hint}"
+                )
+            out.append((b, run[0]))
+            j += n
+            k += 1
+    return out
+
+
+def rewrite_prompt(name: str, adapter, kwargs, ids, placement, orig_tokens, new_tokens, grids, dests, tokens):
+    """Resize each placeholder run, re-pad rows on the left, rewrite mask and positions; remember the caller's
+    position of every new slot (kept patches at their own cell, other image tokens at the run's first slots).
+
+    Returns ``(decode map or None, spans or None, caller [B, Tn] or None)``: the map and spans are None when
+    every image kept its count (the prompt is not rewritten).
+    """
+    B, T = ids.shape
+    dev = ids.device
+    am = kwargs.get("attention_mask")
+    if am is not None and am.dim() != 2:
+        raise ValueError(f"{name} needs a 2D padding mask [B, T]; got a {am.dim()}D attention_mask")
+    if list(new_tokens) == list(orig_tokens):
+        # every image keeps its count: the prompt stays exactly as given (no re-padding, a true no-op when the
+        # embeddings are the unpatched ones); only tokens standing for other cells need a caller map
+        caller = None
+        for i, (b, s0) in enumerate(placement):
+            d = dests[i].to(dev)
+            if not bool((d == torch.arange(new_tokens[i], device=dev)).all()):
+                if caller is None:
+                    caller = torch.arange(T, device=dev).repeat(B, 1)
+                caller[b, s0 : s0 + new_tokens[i]] = s0 + d
+        return None, None, caller
+    pad = adapter.pad_token_id
+    valid = am.bool() if am is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
+    by_row: list[list[int]] = [[] for _ in range(B)]
+    for i, (b, _) in enumerate(placement):
+        by_row[b].append(i)
+    contents, masks, starts, srcs = [], [], [], []
+    for b in range(B):
+        nz = valid[b].nonzero()
+        first = int(nz[0]) if len(nz) else T
+        # the first image may start before `first` only with a broken mask; keep it whole
+        first = min([first] + [placement[i][1] for i in by_row[b]])
+        pieces, mpieces, dpieces, st = [], [], [], []
+        cur, length = first, 0
+        for i in by_row[b]:
+            s0 = placement[i][1]
+            pieces.append(ids[b, cur:s0])
+            mpieces.append(valid[b, cur:s0])
+            dpieces.append(torch.arange(cur, s0, device=dev))
+            length += s0 - cur
+            st.append(length)
+            pieces.append(torch.full((new_tokens[i],), tokens[i], dtype=ids.dtype, device=dev))
+            mpieces.append(torch.ones(new_tokens[i], dtype=torch.bool, device=dev))
+            dpieces.append(s0 + dests[i].to(dev))
+            length += new_tokens[i]
+            cur = s0 + orig_tokens[i]
+        pieces.append(ids[b, cur:])
+        mpieces.append(valid[b, cur:])
+        dpieces.append(torch.arange(cur, T, device=dev))
+        srcs.append(torch.cat(dpieces))
+        contents.append(torch.cat(pieces))
+        masks.append(torch.cat(mpieces))
+        starts.append(st)
+    Tn = max(len(c) for c in contents)
+    new_ids = torch.full((B, Tn), pad, dtype=ids.dtype, device=dev)
+    new_valid = torch.zeros(B, Tn, dtype=torch.bool, device=dev)
+    spans = []
+    caller = torch.full((B, Tn), -1, dtype=torch.long, device=dev)
+    for b in range(B):
+        off = Tn - len(contents[b])
+        caller[b, off:] = srcs[b]
+        new_ids[b, off:] = contents[b]
+        new_valid[b, off:] = masks[b]
+        for i, st in zip(by_row[b], starts[b]):
+            spans.append(ImageSpan(b, off + st, new_tokens[i], tuple(grids[i])))
+    mask_none = bool(new_valid.all())
+    caller = caller.masked_fill(~new_valid, -1)
+    kwargs["input_ids"] = new_ids
+    if mask_none:
+        kwargs["attention_mask"] = None
+    else:
+        kwargs["attention_mask"] = new_valid.to(am.dtype if am is not None else torch.long)
+    for name in adapter.token_inputs:  # per-token inputs follow the ids (mm_token_type_ids ...)
+        x = kwargs.get(name)
+        if isinstance(x, torch.Tensor) and x.shape[:2] == (B, T):
+            kwargs[name] = gather_rows(x, caller, 0)
+    adapter.prellm_positions(kwargs, ids, am, caller, new_valid)
+    shift = valid.sum(1) - new_valid.sum(1)
+    return DecodeMap(orig_len=T, new_len=Tn, prefix=new_valid, mask_none=mask_none, shift=shift), spans, caller
+
+
+def decode_mask(name: str, adapter, mp: DecodeMap, kwargs: dict) -> None:
+    """Map the caller's padding mask (original prompt length) onto the rewritten layout; shift positions."""
+    am = kwargs.get("attention_mask")
+    ids = kwargs.get("input_ids")
+    q = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
+    B = mp.prefix.shape[0]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    past0 = cache.get_seq_length(0) if cache is not None else mp.new_len
+    steps = past0 - mp.new_len + q  # tokens after the prompt, this one included
+    original_space = True
+    if am is not None:
+        if am.dim() != 2:
+            raise ValueError(f"{name} needs a 2D padding mask at decode; got {am.dim()}D")
+        width = am.shape[1]
+        if width == mp.orig_len + steps:
+            tail = am[:, mp.orig_len :].bool()
+        elif width == mp.new_len + steps:  # a hand-written loop already in the compressed layout
+            tail = am[:, mp.new_len :].bool()
+            original_space = False
+        else:
+            raise ValueError(
+                f"{name}: attention_mask has {width} columns at decode; expected {mp.orig_len + steps} (the "
+                f"original prompt of {mp.orig_len} plus {steps} new tokens) or {mp.new_len + steps} (compressed "
+                "layout)"
+            )
+    else:
+        tail = torch.ones(B, steps, dtype=torch.bool, device=mp.prefix.device)
+    full = torch.cat([mp.prefix, tail.to(mp.prefix.device)], dim=1)
+    if mp.mask_none and bool(full.all()):
+        kwargs["attention_mask"] = None
+    else:
+        kwargs["attention_mask"] = full.to(am.dtype if am is not None else torch.long)
+    adapter.prellm_decode_positions(kwargs, mp.shift, full, q, original_space)
