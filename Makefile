@@ -48,6 +48,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check vtc kernels eval tests
 	$(VENV)/bin/ruff format --check vtc kernels eval tests
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(VENV)/bin/vtc bench --cpu --threads 1

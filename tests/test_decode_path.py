@@ -12,10 +12,11 @@ import torch
 from conftest import make_inputs, make_model
 from method_specs import METHOD_SPECS, spec_ids
 from refs import generate
+from transformers.masking_utils import create_causal_mask
 
 import vtc
-from vtc.engine import session as session_mod
-from vtc.engine.session import Session
+from vtc.engine import masks as masks_mod
+from vtc.engine.layers import LayerSurgery
 
 STEPS = 4
 VTC_DIR = str(Path(vtc.__file__).resolve().parent)
@@ -26,7 +27,7 @@ def _per_layer_decode(self, l, args, kwargs):
     st = self.state
     if l not in st.layer_prefix:
         return None
-    prefix, shift = st.layer_prefix[l]
+    prefix, shift, _ = st.layer_prefix[l]
     hidden = args[0] if args else kwargs["hidden_states"]
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     tail = st.decode_tail
@@ -34,7 +35,14 @@ def _per_layer_decode(self, l, args, kwargs):
         mask2d = None
     else:
         mask2d = torch.cat([prefix.long(), tail.long()], dim=1)
-    kwargs["attention_mask"] = self._mask(hidden, mask2d, cache, l)
+    kwargs["attention_mask"] = create_causal_mask(
+        config=self.adapter.text_config,
+        inputs_embeds=hidden,
+        attention_mask=mask2d,
+        cache=cache,
+        position_ids=None,
+        layer_idx=l,
+    )
     if shift is not None:
         pos = kwargs["position_ids"].expand(st.batch_size, -1) - shift.unsqueeze(1)
         kwargs["position_embeddings"] = self.adapter.rotary_emb(hidden, pos)
@@ -54,7 +62,7 @@ def test_decode_equals_the_per_layer_path(attn, case, spec, monkeypatch):
         seq, logits, _ = generate(model, inputs, STEPS)
         sel = dict(h.session.state.selections)
     with monkeypatch.context() as m:
-        m.setattr(Session, "_layer_decode", _per_layer_decode)
+        m.setattr(LayerSurgery, "decode", _per_layer_decode)
         with vtc.apply(model, spec["method"], **spec["kwargs"]) as h:
             h.session.forced = sel
             seq_ref, logits_ref, _ = generate(model, inputs, STEPS)
@@ -76,7 +84,7 @@ def test_one_mask_per_step_per_decode_key(method, kwargs, keys, case, monkeypatc
     model = make_model("eager")
     inputs = make_inputs(case)
     calls = {"decode": 0}
-    real = session_mod.create_causal_mask
+    real = masks_mod.create_causal_mask
     holder = {}
 
     def counting(*a, **k):
@@ -85,7 +93,7 @@ def test_one_mask_per_step_per_decode_key(method, kwargs, keys, case, monkeypatc
             calls["decode"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(session_mod, "create_causal_mask", counting)
+    monkeypatch.setattr(masks_mod, "create_causal_mask", counting)
     with vtc.apply(model, method, **kwargs) as h:
         holder["h"] = h
         generate(model, inputs, STEPS)
@@ -165,7 +173,7 @@ def test_keep_all_skips_ranking_and_equals_the_full_machinery(spec, case, monkey
         assert ranked == []
         assert h.session.state.layer_prefix == {}  # no layer needs decode work
         shortcut_sel = {l: [t.clone() for t in v] for l, v in h.session.state.selections.items()}
-        h.session._always_select = True
+        h.always_select = True
         seq_full, logits_full, _ = generate(model, inputs, STEPS)
         assert len(ranked) == len(h.session.state.selections) > 0
         full_sel = h.session.state.selections

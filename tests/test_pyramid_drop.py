@@ -9,8 +9,8 @@ from conftest import GRID, IMAGE_TOKEN, make_inputs, make_model
 from refs import per_image_topk, positions_like_generate
 
 import vtc
-from vtc.engine.state import View
-from vtc.scorers import LastQueryAttention, ScoreContext
+from vtc.engine.types import ScoreContext, View
+from vtc.scorers import LastQueryAttention
 
 
 @pytest.mark.parametrize("case", ["b1_img1", "b3_pad", "b3_mixed"])
@@ -38,10 +38,9 @@ def test_first_boundary_scores_equal_eager_output_attentions(case, kv_heads):
         valid=valid,
         image=ids == IMAGE_TOKEN,
         pos=pos,
-        cos=cos,
-        sin=sin,
+        tables={None: (cos, sin)},
     )
-    ctx = ScoreContext(layer_idx=k, hidden=h, view=view, adapter=adapter, state=None)
+    ctx = ScoreContext(layer_idx=k, hidden=h, view=view, adapter=adapter)
     for precision in ("model", "fp32"):
         scores = LastQueryAttention(source="next", precision=precision).score(ctx)
         assert (scores - ref).abs().max().item() <= 1e-5

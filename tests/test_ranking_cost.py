@@ -36,7 +36,7 @@ def test_fastv_cached_keys_equal_a_fresh_projection(attn, case, dtype, monkeypat
         adapter = h.session.adapter
         assert len(seen) == 1
         ctx, scores = seen[0]
-        hidden, view = ctx.prev_input
+        hidden, view, _, _, _ = ctx.prev_input
         cached = adapter.cached_keys(out.past_key_values, 2, view.length)
         assert cached is not None  # the cheap path was taken
         q_old, k_old = adapter.project_qk(2, hidden, view.cos, view.sin)

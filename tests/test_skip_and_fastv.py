@@ -107,8 +107,8 @@ def test_fastv_ranking_equals_eager_attention_of_layer_k_minus_1(case):
 
 
 def test_fastv_scores_equal_eager_row_within_1e5():
-    from vtc.engine.state import View
-    from vtc.scorers import LastQueryAttention, ScoreContext
+    from vtc.engine.types import ScoreContext, View
+    from vtc.scorers import LastQueryAttention
 
     model = make_model("eager")
     inputs = make_inputs("b3_pad")
@@ -126,9 +126,10 @@ def test_fastv_scores_equal_eager_row_within_1e5():
         valid=valid,
         image=ids == IMAGE_TOKEN,
         pos=pos,
-        cos=cos,
-        sin=sin,
+        tables={None: (cos, sin)},
     )
-    ctx = ScoreContext(K, out.hidden_states[K], view, vtc.get_adapter(model), None, prev_input=(h_prev, view))
+    ctx = ScoreContext(
+        K, out.hidden_states[K], view, vtc.get_adapter(model), prev_input=(h_prev, view, cos, sin, K - 1)
+    )
     s = LastQueryAttention(source="prev", precision="fp32").score(ctx)
     assert (s - out.attentions[K - 1][:, :, -1].mean(1)).abs().max().item() <= 1e-5

@@ -26,7 +26,15 @@ from vtc.engine.stats import CallHistory, CallStats
 from vtc.methods.base import Method
 from vtc.registry import build_dataclass, get_method_class, list_methods, list_scorers
 
-__all__ = ["Handle", "apply", "list_methods", "list_scorers", "list_presets", "load_preset", "resolve_methods"]
+__all__ = [
+    "Handle",
+    "apply",
+    "list_methods",
+    "list_scorers",
+    "list_presets",
+    "load_preset",
+    "resolve_methods",
+]
 
 
 class Handle:

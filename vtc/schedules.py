@@ -24,6 +24,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from vtc.engine.types import keep_count
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -70,13 +72,6 @@ class Schedule:
 
     def is_monotone(self) -> bool:
         return all(b <= a + 1e-12 for a, b in zip(self.shares, self.shares[1:]))
-
-
-def keep_count(n_visual: int, share: float) -> int:
-    """``floor(n_visual * share)`` with a guard against float round-off just below an integer."""
-    x = n_visual * share
-    r = round(x)
-    return int(r) if abs(x - r) < 1e-9 else int(math.floor(x))
 
 
 def _check_layers(layers: Sequence[int], num_layers: int, what: str) -> None:

@@ -11,10 +11,9 @@ Shape names: ``B`` batch, ``T`` sequence, ``D`` hidden, ``H`` query heads, ``Hkv
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
-
-import inspect
 
 import torch
 from torch import nn
@@ -23,7 +22,11 @@ from vtc.engine.types import ImageSpan, LayerSpec
 from vtc.engine.units import ImageInputs, VisionUnits, dest_in_unit
 
 #: transformers' ``layer_types`` entries and what each means to the engine (see :meth:`ModelAdapter.layer_specs`)
-_MASK_OF_LAYER_TYPE = {"full_attention": "causal", "sliding_attention": "sliding", "linear_attention": "recurrent"}
+_MASK_OF_LAYER_TYPE = {
+    "full_attention": "causal",
+    "sliding_attention": "sliding",
+    "linear_attention": "recurrent",
+}
 
 
 class ModelAdapter:
@@ -188,7 +191,9 @@ class ModelAdapter:
         each image block that overlay on shortened views. Default: never."""
         return False
 
-    def rotary(self, hidden: torch.Tensor, pos: torch.Tensor, key: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(
+        self, hidden: torch.Tensor, pos: torch.Tensor, key: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` for positions ``pos`` under rotary key ``key`` (:attr:`LayerSpec.rotary`), as the
         model's own rotary module makes them."""
         if key is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicCache
 
-from vtc.schedules import keep_count
+from vtc.engine.types import keep_count
 
 #: cache implementations that preallocate one length for every layer (vtc needs per-layer lengths)
 _FIXED_LENGTH_CACHES = ("static", "offloaded_static", "hybrid", "sliding_window")

@@ -24,8 +24,7 @@ import torch
 
 from vtc.engine.masks import layer_mask
 from vtc.engine.ops import compact_rows, gather_rows, scatter_rows
-from vtc.engine.types import LayerSpec, ScoreContext, View
-from vtc.schedules import keep_count
+from vtc.engine.types import LayerSpec, ScoreContext, View, keep_count
 
 
 class LayerSurgery:
@@ -204,7 +203,9 @@ class LayerSurgery:
             rank_layer=rank,
             items=None if st.item_index is None else st.item_index.gather(1, src).masked_fill(pad, -1),
             ordinal=st.image_ordinal.gather(1, src).masked_fill(pad, -1),
-            grid_rc=st.grid_rc.gather(1, src.unsqueeze(-1).expand(-1, -1, 2)).masked_fill(pad.unsqueeze(-1), -1),
+            grid_rc=st.grid_rc.gather(1, src.unsqueeze(-1).expand(-1, -1, 2)).masked_fill(
+                pad.unsqueeze(-1), -1
+            ),
             image=st.image_index.gather(1, src).masked_fill(pad, -1),
             max_visual=max(st.stats.visual_input, default=0),
             max_grid=max((max(s.grid) for s in spans), default=1),
@@ -254,7 +255,9 @@ class LayerSurgery:
         if spec.blocks and st.blocks is not None:
             blocks = gather_rows(st.blocks, view.src, -1).masked_fill(~view.valid, -1)
         pos = view.pos if spec.mask == "sliding" else None
-        return layer_mask(self.config, spec, hidden, view.mask2d(), cache, l, blocks=blocks, q_pos=pos, kv_pos=pos)
+        return layer_mask(
+            self.config, spec, hidden, view.mask2d(), cache, l, blocks=blocks, q_pos=pos, kv_pos=pos
+        )
 
     def prefill(self, l: int, args, kwargs):
         st = self.state
@@ -265,12 +268,19 @@ class LayerSurgery:
         if spec.rotary not in st.base_tables and "position_embeddings" in kwargs:
             # the model passes every layer its type's table for the whole prefill sequence
             cos, sin = kwargs["position_embeddings"]
-            st.base_tables[spec.rotary] = (cos.expand(st.batch_size, -1, -1), sin.expand(st.batch_size, -1, -1))
+            st.base_tables[spec.rotary] = (
+                cos.expand(st.batch_size, -1, -1),
+                sin.expand(st.batch_size, -1, -1),
+            )
         if l == 0:
             st.cache_ref = weakref.ref(cache) if cache is not None else None
             st.base = self._base_view(kwargs, hidden)
             st.current = st.base
-            st.view_counts[id(st.base)] = (st.base, list(st.stats.visual_input), list(st.stats.prefill_tokens[0]))
+            st.view_counts[id(st.base)] = (
+                st.base,
+                list(st.stats.visual_input),
+                list(st.stats.prefill_tokens[0]),
+            )
         view = st.current
         touched = view is not st.base
         select = l in self.selection and not self._nothing_dropped(l, view)

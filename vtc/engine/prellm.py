@@ -47,11 +47,9 @@ import copy
 import functools
 import inspect
 import logging
-import math
 import threading
 import types
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -389,7 +387,9 @@ class PreLLMStage(PreLLMComponent):
             by_row[b] = t if t.shape[0] else None
         return [by_row[b] for b, _ in placement]
 
-    def _place(self, ids: torch.Tensor, rec: _Encoded, tid: int, modality: str = "image") -> list[tuple[int, int]]:
+    def _place(
+        self, ids: torch.Tensor, rec: _Encoded, tid: int, modality: str = "image"
+    ) -> list[tuple[int, int]]:
         """``(row, start)`` of each image's (video's) placeholder run, in the order of the features."""
         return place_runs(self.name, ids, rec.orig_tokens, tid, modality)
 

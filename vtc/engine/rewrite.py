@@ -45,9 +45,7 @@ def place_runs(
             f"{name} does not support: repeat the inputs yourself instead"
         )
     else:
-        hint += (
-            f"; the processor must expand each <{modality}> to {orig_tokens[0]} placeholder tokens"
-        )
+        hint += f"; the processor must expand each <{modality}> to {orig_tokens[0]} placeholder tokens"
     if n_ph != n_feat:
         raise ValueError(f"{name}: {hint}")
     out = []
@@ -150,7 +148,11 @@ def rewrite_prompt(name: str, adapter, kwargs, ids, placement, orig_tokens, new_
             kwargs[name] = gather_rows(x, caller, 0)
     adapter.prellm_positions(kwargs, ids, am, caller, new_valid)
     shift = valid.sum(1) - new_valid.sum(1)
-    return DecodeMap(orig_len=T, new_len=Tn, prefix=new_valid, mask_none=mask_none, shift=shift), spans, caller
+    return (
+        DecodeMap(orig_len=T, new_len=Tn, prefix=new_valid, mask_none=mask_none, shift=shift),
+        spans,
+        caller,
+    )
 
 
 def decode_mask(name: str, adapter, mp: DecodeMap, kwargs: dict) -> None:

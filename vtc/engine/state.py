@@ -42,7 +42,9 @@ class CallState:
     decode_tail: torch.Tensor | None = None  # [B, n] bool, mask columns after the prefill at this step
     cache_ref: weakref.ReferenceType | None = None
     # decode bookkeeping: layer -> (prefix valid [B, T_l] bool, shift [B] or None, prefix positions [B, T_l])
-    layer_prefix: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = field(default_factory=dict)
+    layer_prefix: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = field(
+        default_factory=dict
+    )
     # drop mode: the view each layer sees (None: the base view, untouched)
     layer_view: dict[int, View] = field(default_factory=dict)
     # kept visual tokens per boundary: layer -> [B] list of LongTensor (indices into T0)

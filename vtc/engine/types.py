@@ -15,6 +15,7 @@ Shape names: ``B`` batch, ``T0`` prefill length entering the LLM, ``Tv`` view le
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,13 @@ POSITION_POLICIES = ("compact", "original")
 MODES = ("drop", "skip")
 MASK_KINDS = ("causal", "sliding", "recurrent")
 CACHE_KINDS = ("kv", "recurrent", "shared")
+
+
+def keep_count(n_visual: int, share: float) -> int:
+    """``floor(n_visual * share)`` with a guard against float round-off just below an integer."""
+    x = n_visual * share
+    r = round(x)
+    return int(r) if abs(x - r) < 1e-9 else int(math.floor(x))
 
 
 # --- in-decoder methods -------------------------------------------------------------------------------------
@@ -107,7 +115,8 @@ class ScoreContext:
     max_images : int
         Most images (spans) in one row (host int).
     prev_input : tuple or None
-        ``(hidden [B, Tv, D], view, cos, sin)`` of layer ``layer_idx - 1``'s input, when the scorer asked for it.
+        ``(hidden [B, Tv, D], view, cos, sin, rank_layer)`` of layer ``layer_idx - 1``'s input, when the
+        scorer asked for it.
     cache : object or None
         The call's KV cache (scorers may reuse keys a layer just wrote).
     """
@@ -116,18 +125,25 @@ class ScoreContext:
     hidden: torch.Tensor
     view: View
     adapter: object
-    cos: torch.Tensor
-    sin: torch.Tensor
-    rank_layer: int
-    items: torch.Tensor | None
-    ordinal: torch.Tensor
-    grid_rc: torch.Tensor
-    image: torch.Tensor
-    max_visual: int
-    max_grid: int
-    max_images: int
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    rank_layer: int | None = None
+    items: torch.Tensor | None = None
+    ordinal: torch.Tensor | None = None
+    grid_rc: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+    max_visual: int = 0
+    max_grid: int = 1
+    max_images: int = 1
     prev_input: tuple | None = None
     cache: object | None = None
+
+    def __post_init__(self):
+        # a context made by hand (tests, tools): the view's first table, ranked at the layer itself
+        if self.cos is None and self.view.tables:
+            self.cos, self.sin = self.view.cos, self.view.sin
+        if self.rank_layer is None:
+            self.rank_layer = self.layer_idx
 
 
 # --- decoder layers ---------------------------------------------------------------------------------------------
