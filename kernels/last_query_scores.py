@@ -28,7 +28,7 @@ PRECISIONS = ("fp32", "model")
 _OP = "last_query_scores"
 
 
-def _check_inputs(q, k, candidates, key_mask, scale, precision):
+def _check_inputs(q, k, candidates, key_mask, scale, precision, check_range: bool = True):
     """Validate the arguments and return ``(scale, G)`` (``G = H // Hkv`` query heads per kv head)."""
     _backend.check_tensor(q, "q", ndim=3, shape_doc="[B, H, dh]", op=_OP)
     _backend.check_tensor(k, "k", ndim=4, shape_doc="[B, Hkv, T, dh]", op=_OP)
@@ -86,7 +86,7 @@ def _check_inputs(q, k, candidates, key_mask, scale, precision):
             raise ValueError(
                 f"{_OP}: scale must be a finite positive float (default 1/sqrt(dh)), got {scale}."
             )
-    if candidates.numel() > 0:
+    if check_range and candidates.numel() > 0:
         top = int(candidates.max())
         if top >= T:
             raise ValueError(
@@ -371,9 +371,10 @@ def last_query_scores(
     k : torch.Tensor
         ``[B, Hkv, T, dh]`` rotated keys, same dtype as ``q``. ``H`` must be a multiple of ``Hkv``; query
         head ``h`` uses kv head ``h // (H // Hkv)`` (the grouping of Hugging Face ``repeat_kv``).
-    candidates : torch.Tensor
+    candidates : torch.Tensor or None
         ``[B, N]`` integer indices into ``T`` of the tokens to score (e.g. image tokens). Negative
-        entries are padding of ragged rows and score ``0.0``.
+        entries are padding of ragged rows and score ``0.0``. None scores every key (``N = T``; no
+        index check, so no device read).
     key_mask : torch.Tensor, optional
         ``[B, T]`` bool, True for valid keys (left-padded rows start with False). ``None``: all valid.
         Candidates at invalid keys, and every candidate of a row without valid keys, score ``0.0``.
@@ -410,7 +411,10 @@ def last_query_scores(
     >>> last_query_scores(q, k, torch.tensor([[3, 4, -1]])).shape
     torch.Size([1, 3])
     """
-    scale, G = _check_inputs(q, k, candidates, key_mask, scale, precision)
+    every_key = candidates is None
+    if every_key and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and k.dim() == 4:
+        candidates = torch.arange(k.shape[2], device=q.device).expand(q.shape[0], k.shape[2])
+    scale, G = _check_inputs(q, k, candidates, key_mask, scale, precision, check_range=not every_key)
     use_triton = _backend.resolve_backend(backend, [q, k, candidates], op=_OP) == "triton"
     if out is not None or use_triton:
         out = _backend.check_out(out, tuple(candidates.shape), q.device, op=_OP)

@@ -12,7 +12,7 @@ projections there: PyramidDrop projects the last query and all keys with the sel
 ``layers.<K-1>.self_attn.k_proj`` *and* under the active layer ``K``, so layer ``K-1``'s own total is
 unaffected). PyramidDrop's RoPE table for the compacted positions is element-wise (0 counted FLOPs).
 That work is the method's overhead, not the layer's cost that the analytic formula describes, so the
-test measures it separately (a nested counter around ``Session._layer_prefill`` / ``_layer_decode``),
+test measures it separately (a nested counter around ``LayerSurgery.prefill`` / ``decode``),
 checks it against its own formula, and compares the rest. The vision tower, projector, rotary table
 and LM head are outside the layers and excluded by construction.
 """
@@ -51,8 +51,8 @@ def _measure(model, spec, new_tokens: int):
     handle = vtc.apply(model, spec) if spec is not None else None
     try:
         if handle is not None:
-            session = handle.session
-            for name in ("_layer_prefill", "_layer_decode"):
+            session = handle.session.layers  # the decoder-layer hooks call these per layer
+            for name in ("prefill", "decode"):
                 original = getattr(session, name)
 
                 def wrapped(l, args, kwargs, _orig=original):

@@ -23,6 +23,15 @@ class Scorer:
     """Base class. Subclasses are dataclasses whose fields are their hyper-parameters."""
 
     name: ClassVar[str] = "base"
+    #: ``select`` keeps exactly the asked count of each budget item (the engine then reads no count back from
+    #: the device); a subclass that overrides ``select`` must set it again to claim the same
+    exact_counts: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "select" in cls.__dict__ and "exact_counts" not in cls.__dict__:
+            cls.exact_counts = False
+
     #: the engine saves layer ``l-1``'s input for scorers that rank with the previous layer
     needs_prev_input: ClassVar[bool] = False
 
@@ -192,9 +201,7 @@ class LastQueryAttention(Scorer):
 def attention_scores(q, k, key_valid, precision="model", backend="auto") -> torch.Tensor:
     """``[B, T]`` head-mean last-query attention through the fused kernel ``vtc.kernels.last_query_scores``
     (Triton on CUDA under ``auto``, its fp32 PyTorch reference elsewhere)."""
-    B, T = key_valid.shape
-    cand = torch.arange(T, device=q.device).expand(B, T)
-    return last_query_scores(q, k, cand, key_valid.bool(), precision=precision, backend=backend)
+    return last_query_scores(q, k, None, key_valid.bool(), precision=precision, backend=backend)
 
 
 @register_scorer("random")

@@ -653,9 +653,11 @@ def visual_runs(visual: torch.Tensor) -> list[tuple[int, int, int]]:
     (one host read, no loop over tokens)."""
     v = visual.to(torch.int8)
     edge = torch.diff(v, dim=1, prepend=torch.zeros_like(v[:, :1]), append=torch.zeros_like(v[:, :1]))
-    starts = (edge == 1).nonzero().tolist()
-    ends = (edge == -1).nonzero().tolist()
-    return [(b, t, e - t) for (b, t), (_, e) in zip(starts, ends)]
+    idx = edge.nonzero()  # [2R, 2] (row, column) of every run's start and end, row-major
+    found = torch.cat([idx, edge[idx[:, 0], idx[:, 1]].unsqueeze(1).long()], 1).tolist()
+    starts = [(b, t) for b, t, e in found if e == 1]
+    ends = [t for _, t, e in found if e == -1]
+    return [(b, t, e - t) for (b, t), e in zip(starts, ends)]
 
 
 def _heads(attn, which: str, x: torch.Tensor, dh: int) -> torch.Tensor:

@@ -17,8 +17,9 @@ from vtc.engine.stats import CallStats
 from vtc.engine.types import ImageSpan
 
 
-def _span_tables(spans: list[ImageSpan], image: torch.Tensor):
-    """Per-slot tables of the spans: image ordinal, budget item, grid cell; per row the size of each item."""
+def _span_tables(spans: list[ImageSpan], image: torch.Tensor, n_vis_rows: list[int]):
+    """Per-slot tables of the spans: image ordinal, budget item, grid cell; per row the size of each item
+    (``n_vis_rows``: visual slots per row, host ints)."""
     B, T0 = image.shape
     dev = image.device
     image_index = torch.full((B, T0), -1, dtype=torch.long, device=dev)
@@ -47,13 +48,12 @@ def _span_tables(spans: list[ImageSpan], image: torch.Tensor):
             grid_rc[s.row, sl, 0] = idx // gw
             grid_rc[s.row, sl, 1] = idx % gw
     # a visual slot outside every span (a broken prompt) is its own item: it is never silently lost
-    n_vis_rows = image.sum(1).tolist()
     for b in range(B):
         missing = n_vis_rows[b] - sum(item_sizes[b])
         if missing:
             item_index[b] = torch.where(image[b] & (item_index[b] < 0), len(item_sizes[b]), item_index[b])
             item_sizes[b].append(missing)
-    return image_index, item_index, grid_rc, item_sizes, n_vis_rows
+    return image_index, item_index, grid_rc, item_sizes
 
 
 def begin_prefill(session, kwargs: dict, caller_ids: torch.Tensor | None = None) -> CallState:
@@ -69,13 +69,13 @@ def begin_prefill(session, kwargs: dict, caller_ids: torch.Tensor | None = None)
         spans = comp.image_spans() or spans
     if spans is None:
         spans = adapter.find_spans(image, kwargs)
-    image_index, item_index, grid_rc, item_sizes, n_vis = _span_tables(spans, image)
+    n_vis, n_valid = torch.stack([image.sum(1), valid.sum(1)]).tolist()  # the call's one count read
+    image_index, item_index, grid_rc, item_sizes = _span_tables(spans, image, n_vis)
     ordinal = torch.where(image, image.long().cumsum(1) - 1, torch.full_like(ids, -1))
     L = adapter.num_layers
     vis_orig = None
     for comp in session.pre_llm:
         vis_orig = comp.visual_original() or vis_orig
-    n_valid = valid.sum(1).tolist()
     stats = CallStats(
         num_layers=L,
         batch_size=B,

@@ -105,7 +105,6 @@ class LayerSurgery:
             pos=pos.expand(B, -1),
             tables=st.base_tables,
             shift=None,
-            mask2d_is_none=st.model_mask_was_none,
         )
 
     def tables(self, view: View, key, hidden) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +143,6 @@ class LayerSurgery:
             image=image,
             pos=pos,
             shift=shift,
-            mask2d_is_none=st.model_mask_was_none and bool(valid.all()),
         )
 
     def counts(self, view: View) -> tuple[list[int], list[int]]:
@@ -178,8 +176,7 @@ class LayerSurgery:
             return False
         if [sum(t) for t in self.keep_targets(l)] != self.counts(view)[0]:
             return False
-        cand = view.image & view.valid
-        st.selections[l] = [view.src[b][cand[b]] for b in range(st.batch_size)]
+        st.selections[l] = kept_src(view, view.image & view.valid, self.counts(view)[0])
         st.saved_inputs.pop(l - 1, None)
         return True
 
@@ -228,6 +225,17 @@ class LayerSurgery:
         keep = torch.tensor([t + [0] * (G - len(t)) for t in targets], dtype=torch.long)
         return self.plan.scorer.select(self._context(l, hidden, view), keep.to(view.src.device))
 
+    def _kept_counts(self, l: int, view: View, kept: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Per-row ``(visual, valid)`` counts after keeping ``kept`` of ``view``: from the host-side targets
+        when the scorer keeps exactly its targets (no device read), else read once from the device."""
+        vis, tok = self.counts(view)
+        forced = self.session.forced
+        if getattr(self.plan.scorer, "exact_counts", False) and not (forced is not None and l in forced):
+            n_vis = [sum(t) for t in self.keep_targets(l)]
+        else:
+            n_vis = (kept & view.valid).sum(1).tolist()
+        return n_vis, [t - v + k for t, v, k in zip(tok, vis, n_vis)]
+
     # --- prefill --------------------------------------------------------------------------------------
     def _set_layer_kwargs(self, kwargs, hidden, view: View, cache, l: int) -> None:
         st = self.state
@@ -246,17 +254,29 @@ class LayerSurgery:
                 kwargs[name] = gather_rows(x.expand(st.batch_size, *x.shape[1:]), view.src, 0)
 
     def _prefill_mask(self, spec: LayerSpec, hidden, view: View, cache, l: int):
+        # host counts say whether the view has padding: a padded view's causal shortcut check could only fail
+        # (and would read the mask on the host); an unpadded one needs no 2D mask at all
         st = self.state
+        _, tok = self.counts(view)
+        padded = any(t != view.length for t in tok)
+        mask2d = view.valid.long() if padded else None
         if spec.mask == "recurrent":
-            _, tok = self.counts(view)
-            padded = any(t != view.length for t in tok)
-            return layer_mask(self.config, spec, hidden, view.valid.long() if padded else None, cache, l)
+            return layer_mask(self.config, spec, hidden, mask2d, cache, l)
         blocks = None
         if spec.blocks and st.blocks is not None:
             blocks = gather_rows(st.blocks, view.src, -1).masked_fill(~view.valid, -1)
         pos = view.pos if spec.mask == "sliding" else None
         return layer_mask(
-            self.config, spec, hidden, view.mask2d(), cache, l, blocks=blocks, q_pos=pos, kv_pos=pos
+            self.config,
+            spec,
+            hidden,
+            mask2d,
+            cache,
+            l,
+            allow_skip=not padded,
+            blocks=blocks,
+            q_pos=pos,
+            kv_pos=pos,
         )
 
     def prefill(self, l: int, args, kwargs):
@@ -287,11 +307,13 @@ class LayerSurgery:
 
         if select:
             kept = self._select(l, hidden, view)
-            st.selections[l] = [view.src[b][kept[b]] for b in range(st.batch_size)]
-            src, valid = compact_rows(view.valid & (~view.image | kept))
+            n_vis, n_valid = self._kept_counts(l, view, kept)
+            st.selections[l] = kept_src(view, kept, n_vis)
+            src, valid = compact_rows(view.valid & (~view.image | kept), max(n_valid, default=0))
             if plan.mode == "drop":
                 hidden = gather_rows(hidden, src, 0)
                 view = self._derive_view(view, src, valid)
+                st.view_counts[id(view)] = (view, n_vis, n_valid)
                 st.current = view
                 touched = True
             else:
@@ -299,6 +321,7 @@ class LayerSurgery:
                 self._save_prev(l, hidden, view)
                 sub_hidden = gather_rows(hidden, src, 0)
                 sub = self._derive_view(view, src, valid)
+                st.view_counts[id(sub)] = (sub, n_vis, n_valid)
                 self._set_layer_kwargs(kwargs, sub_hidden, sub, cache, l)
                 st.layer_src[l] = sub.src  # output-capturing hooks see the routed subset
                 self._record(l, sub)
@@ -395,6 +418,14 @@ class LayerSurgery:
         if shift is None:
             return mask, None, None
         return mask, pos, self.adapter.rotary(hidden, pos, spec.rotary)
+
+
+def kept_src(view: View, kept: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """Per row, the prompt index of each slot of ``view`` in ``kept`` (ascending), cut at the row's host-side
+    count ``counts[b]`` (no device read)."""
+    big = torch.iinfo(torch.long).max
+    order = torch.where(kept, view.src, torch.full_like(view.src, big)).sort(dim=1).values
+    return [order[b, :n] for b, n in enumerate(counts)]
 
 
 def item_counts(sizes: list[int], n_text: int, share: float) -> list[int]:

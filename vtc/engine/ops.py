@@ -8,13 +8,15 @@ from __future__ import annotations
 import torch
 
 
-def compact_rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compact_rows(keep: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded layout of the kept slots of each row, order preserved.
 
     Parameters
     ----------
     keep : torch.Tensor
         ``[B, T]`` bool.
+    width : int, optional
+        The largest kept count of any row when the caller knows it on the host (saves one device read).
 
     Returns
     -------
@@ -26,7 +28,7 @@ def compact_rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     B, T = keep.shape
     counts = keep.sum(1)
-    Tn = int(counts.max().item()) if B else 0
+    Tn = width if width is not None else (int(counts.max().item()) if B else 0)
     pad = Tn - counts  # [B]
     dest = pad.unsqueeze(1) + keep.long().cumsum(1) - 1  # [B, T] destination of each kept slot
     src = torch.full((B, Tn + 1), -1, dtype=torch.long, device=keep.device)
@@ -61,10 +63,12 @@ def scatter_rows(
 
     ``full`` is ``[B, T, D]``, ``part`` is ``[B, Tn, D]``, ``src``/``valid`` are ``[B, Tn]``.
     """
-    out = full.clone()
-    b, j = valid.nonzero(as_tuple=True)
-    out[b, src[b, j]] = part[b, j].to(out.dtype)
-    return out
+    B, T, D = full.shape
+    # padding slots write to a trash column T (no device read to find the valid ones)
+    out = torch.cat([full, full.new_zeros(B, 1, D)], dim=1)
+    idx = torch.where(valid, src, torch.full_like(src, T))
+    out.scatter_(1, idx.unsqueeze(-1).expand(-1, -1, D), part.to(out.dtype))
+    return out[:, :T]
 
 
 def expand_rows(part: torch.Tensor, src: torch.Tensor, T: int, fill=0) -> torch.Tensor:

@@ -298,16 +298,23 @@ class Session:
             out_cache = getattr(output, "cache", None)
             st.cache_ref = weakref.ref(out_cache) if out_cache is not None else None
         stats = st.stats
-        cache = st.cache()
         if st.in_decode:
             stats.decode_steps += 1
             st.decoded_tokens += st.decode_q
+        elif st.prefill_slots is None:
+            # cache lengths are read once, after the prefill: each decode step adds its tokens to every layer
+            cache = st.cache()
+            specs = self.layers.specs
+            st.prefill_slots = (
+                [cache.get_seq_length(l) if spec.attention else None for l, spec in enumerate(specs)]
+                if cache is not None
+                else []
+            )
+        d = st.decoded_tokens
+        stats.cache_len = [[t + d for t in row] for row in stats.prefill_tokens]
+        # recurrent layers keep a state, not positions: 0 slots
+        stats.cache_slots = [0 if s is None else s + d for s in st.prefill_slots]
         L = self.adapter.num_layers
-        stats.cache_len = [
-            [stats.prefill_tokens[l][b] + st.decoded_tokens for b in range(st.batch_size)] for l in range(L)
-        ]
-        if cache is not None:
-            stats.cache_slots = [cache.get_seq_length(l) for l in range(L)]
         if st.active and not st.in_decode:
             return expand_outputs(output, st, L, getattr(self._tls, "labels", None))
         return None

@@ -230,9 +230,6 @@ class View:
     shift : torch.Tensor or None
         ``[B]`` long, amount to subtract from decode positions at layers using this view (compact
         positions); None in ``original`` mode.
-    mask2d_is_none : bool
-        True when no slot is padded and the model had no 2D mask: layers may then take the
-        ``is_causal`` fast path.
     """
 
     src: torch.Tensor
@@ -241,7 +238,6 @@ class View:
     pos: torch.Tensor
     tables: dict = field(default_factory=dict)
     shift: torch.Tensor | None = None
-    mask2d_is_none: bool = False
 
     @property
     def length(self) -> int:
@@ -255,9 +251,6 @@ class View:
     @property
     def sin(self) -> torch.Tensor:
         return next(iter(self.tables.values()))[1]
-
-    def mask2d(self) -> torch.Tensor | None:
-        return None if self.mask2d_is_none else self.valid.long()
 
     def n_image(self) -> torch.Tensor:
         return (self.image & self.valid).sum(1)
