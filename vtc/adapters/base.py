@@ -220,6 +220,12 @@ class ModelAdapter:
         dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         return heads, kv, dh
 
+    def attention_scale(self, layer_idx: int) -> float | None:
+        """The logit scale of layer ``layer_idx``'s attention, for scorers that recompute its softmax; None means
+        ``1 / sqrt(dh)`` (LLaMA-style layers). Models with another scale (Gemma's ``query_pre_attn_scalar``)
+        override this: a head-mean of softmaxes at another temperature can rank tokens differently."""
+        return None
+
     def project_qk(
         self,
         layer_idx: int,
