@@ -243,3 +243,48 @@ def test_reference_is_sensitive(ref_model, what):
     off = {"window": False} if what == "window" else {"blocks": False}
     _, logits_other, _ = reference(ref_model, inputs, [], [], "compact", **off)
     assert (logits_other - logits_ref).abs().max().item() > 1e-3
+
+
+# --- what the adapter accepts and refuses ------------------------------------------------------------------------
+def test_without_token_type_ids_the_layers_stay_causal_and_decode_matches_a_recompute():
+    """A call without ``token_type_ids`` has no image blocks (Gemma builds none): cached decode equals a no-cache
+    recompute with the same kept sets, and the blocks stay off."""
+    from refs import generate, greedy_nocache
+
+    model = fam.make_model("eager")
+    inputs = {k: v for k, v in fam.make_inputs("b3_mixed").items() if k != "token_type_ids"}
+    with vtc.apply(model, "pyramid_drop") as h:
+        seq, logits, _ = generate(model, inputs, 4)
+        assert h.session.state.blocks is None
+        h.session.forced = h.selections
+        seq_ref, logits_ref = greedy_nocache(model, inputs, 4, positions=positions_like_generate)
+    assert torch.equal(seq, seq_ref)
+    assert (logits - logits_ref).abs().max().item() <= 1e-5
+
+
+def test_token_type_ids_that_are_not_the_image_tokens_raise():
+    model = fam.make_model("sdpa")
+    inputs = fam.make_inputs("b1_img1")
+    inputs["token_type_ids"] = inputs["token_type_ids"].roll(1, dims=1)
+    with vtc.apply(model, "pyramid_drop"):
+        with pytest.raises(ValueError, match="token_type_ids marks other tokens than the image tokens"):
+            model(**inputs)
+
+
+@pytest.mark.parametrize("method", ["visionzip", "divprune", "cdpruner", "pool", "dfmr"])
+def test_pre_llm_methods_are_refused_at_apply(method):
+    model = fam.make_model("sdpa")
+    kw = {} if method == "dfmr" else {"ratio": 0.5}
+    with pytest.raises(ValueError, match=rf"{method} \(a pre-LLM method\) is not supported on Gemma 3"):
+        vtc.apply(model, method, **kw)
+    assert getattr(model, "_vtc_session", None) is None
+    assert "get_image_features" not in model.model.__dict__
+
+
+def test_bidirectional_text_config_is_refused():
+    from transformers import Gemma3ForConditionalGeneration
+
+    cfg = fam.make_config()
+    cfg.text_config.use_bidirectional_attention = True
+    with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
+        vtc.apply(Gemma3ForConditionalGeneration(cfg), "pyramid_drop")

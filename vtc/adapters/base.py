@@ -502,6 +502,10 @@ class ModelAdapter:
     #: names of ``[B, T]`` per-token inputs of the trunk that a prompt rewrite must resize like ``input_ids``
     token_inputs: tuple[str, ...] = ()
 
+    def check_prellm(self, what: str) -> None:
+        """Raise a clear ``ValueError`` when this model's tower cannot serve pre-LLM method ``what`` (called at
+        ``apply``, before any hook is attached). Default: every pre-LLM method is served."""
+
     def feature_entries(self) -> list[tuple[str, str, str, int]]:
         """The trunk's feature entry points the pre-LLM stage patches: ``(modality, method name, pixel keyword,
         placeholder token id)`` each; images only by default (video models add ``get_video_features``)."""

@@ -16,7 +16,7 @@ What Gemma 3 changes for the engine, and where it is said:
 
 Budgets: every image is one item of ``mm_tokens_per_image`` tokens on a square grid. Pan-and-scan crops reach
 the model as further images, each in its own run (the processor keeps ``num_crops`` out of the model inputs),
-so each crop is its own budget item. Pre-LLM methods are not supported yet (:meth:`vision_units` says why).
+so each crop is its own budget item. Pre-LLM methods are refused at ``apply`` (:meth:`check_prellm` says why).
 """
 
 from __future__ import annotations
@@ -108,11 +108,10 @@ class Gemma3Adapter(ModelAdapter):
         """Gemma's logit scale ``query_pre_attn_scalar ** -0.5`` (what its attention layers use)."""
         return float(self._attn(layer_idx).scaling)
 
-    def vision_units(
-        self, pixel_values, with_attention=False, what="this method", modality="image", **params
-    ):
+    def check_prellm(self, what: str) -> None:
         raise ValueError(
-            f"{what} (a pre-LLM method) is not supported on Gemma 3 yet: its SigLIP tower feeds a 4x4 average "
-            "pool before the projector (Gemma3MultiModalProjector), which vtc's pre-LLM stage does not model. Use "
-            "an in-decoder method (pyramid_drop, fastv, progressive, dart, random, uniform, schedule)."
+            f"{what} (a pre-LLM method) is not supported on Gemma 3 yet: its SigLIP patches are average-pooled "
+            "(4x4 on the released checkpoints) inside Gemma3MultiModalProjector before projection, which vtc's pre-LLM stage does not model, and "
+            "Gemma3Config has no vision_feature_layer. Use an in-decoder method (pyramid_drop, fastv, progressive, "
+            "dart, random, uniform, schedule)."
         )
