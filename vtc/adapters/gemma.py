@@ -11,7 +11,9 @@ What Gemma 3 changes for the engine, and where it is said:
   (one per span) are Gemma's; after a drop a block holds the kept tokens of its image;
 * attention logits are scaled by ``query_pre_attn_scalar ** -0.5``, not ``head_dim ** -0.5`` (they differ on
   gemma-3-27b: 168 vs 128): :meth:`attention_scale` gives the ranking scorers the model's own scale; the
-  per-head ``q_norm``/``k_norm`` are applied by the base projections;
+  per-head ``q_norm``/``k_norm`` are applied by the base projections. The ranking reads every kept token, also
+  at a sliding layer whose window hides some of them from the last token (the window is 1024 on the released
+  checkpoints: a prompt with one image fits in it);
 * 1-D RoPE: ``compact`` and ``original`` positions both apply.
 
 Budgets: every image is one item of ``mm_tokens_per_image`` tokens on a square grid. Pan-and-scan crops reach
