@@ -12,7 +12,8 @@ tokens, and builds each layer's mask in Python loops from what the model defines
   (renumbered kept tokens under ``compact``, original positions under ``original``);
 
 and each layer type's rotary table from its own ``rope_theta``. The window (8) is shorter than every prompt
-and than one image (16 tokens).
+and than one image (16 tokens). (Gemma's eager attention, which the layers call, takes its softmax in float32
+even in a float64 copy; everything else here is float64.)
 """
 
 from __future__ import annotations
@@ -74,8 +75,9 @@ def _blocks(ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _keep(ref, l, h, valid, pos, image, block, share, scale=None):
-    """Per row, the slots of the current sequence that the reference keeps at boundary ``l``."""
+def _keep(ref, l, h, valid, pos, image, img_id, share, scale=None):
+    """Per row, the slots of the current sequence that the reference keeps at boundary ``l`` (each image,
+    ``img_id``, keeps the top ``floor(16 * share)`` of its own tokens)."""
     cfg = ref.config.text_config
     layer = ref.model.language_model.layers[l]
     attn = layer.self_attn
@@ -93,8 +95,8 @@ def _keep(ref, l, h, valid, pos, image, block, share, scale=None):
     keep = valid.clone()
     keep &= ~image
     for b in range(B):
-        for blk in range(int(block[b].max()) + 1):
-            slots = ((block[b] == blk) & image[b]).nonzero().squeeze(1)
+        for i in range(int(img_id[b].max()) + 1):
+            slots = ((img_id[b] == i) & image[b]).nonzero().squeeze(1)
             n = math.floor(fam.PER_IMAGE * share + 1e-9)
             keep[b, slots[score[b, slots].topk(n).indices]] = True
     return keep
@@ -109,7 +111,8 @@ def reference(ref, inputs, layers, shares, positions, window=True, blocks=True, 
     valid = inputs.get("attention_mask", torch.ones_like(ids)).bool()
     pos = positions_like_generate(valid.long())
     image = (ids == fam.IMG) & valid
-    block = _blocks(ids) if blocks else torch.full(ids.shape, -1)
+    img_id = _blocks(ids)  # image ordinal of each slot: the budget items and, unless blocks=False, the blocks
+    block = img_id if blocks else torch.full(ids.shape, -1)
     src = torch.arange(T0).expand(B, T0)
     trunk = ref.model
     with torch.no_grad():
@@ -121,17 +124,7 @@ def reference(ref, inputs, layers, shares, positions, window=True, blocks=True, 
         cfg = ref.config.text_config
         for l, layer in enumerate(trunk.language_model.layers):
             if l in layers:
-                keep = _keep(
-                    ref,
-                    l,
-                    h,
-                    valid,
-                    pos,
-                    image,
-                    _blocks(ids).gather(1, src.clamp(min=0)).masked_fill(src < 0, -1),
-                    shares[layers.index(l)],
-                    scale,
-                )
+                keep = _keep(ref, l, h, valid, pos, image, img_id, shares[layers.index(l)], scale)
                 n = int(keep.sum(1).max())
                 idx = torch.full((B, n), -1, dtype=torch.long)
                 for b in range(B):
@@ -144,6 +137,7 @@ def reference(ref, inputs, layers, shares, positions, window=True, blocks=True, 
                 src = torch.where(new_valid, src.gather(1, g), -1)
                 image = image.gather(1, g) & new_valid
                 block = torch.where(new_valid, block.gather(1, g), -1)
+                img_id = torch.where(new_valid, img_id.gather(1, g), -1)
                 if positions == "original":
                     pos = torch.where(new_valid, pos.gather(1, g), 1)
                 else:
