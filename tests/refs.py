@@ -80,9 +80,14 @@ def greedy_nocache(model, inputs: dict, steps: int = 4, layer_masks=None, positi
     return ids, torch.stack(logits)
 
 
-def dropped_masks(selections: dict, inputs: dict, image_token, num_layers: int):
+def dropped_masks(selections: dict, inputs: dict, image_token, num_layers: int, windows=None, blocks=None):
     """Allowed-attention function of a full-length run where the visual tokens that a drop-mode run
-    removed are masked out as keys from their boundary layer on (original positions)."""
+    removed are masked out as keys from their boundary layer on (original positions).
+
+    ``windows``: optional per-layer sliding window (None: full attention): a query sees keys less than ``W``
+    positions back. ``blocks``: optional ``[B, T0]`` image-block id of each prompt slot (-1: none): slots of
+    one block also see each other bidirectionally (Gemma 3), before the window is applied, as the model does.
+    """
     ids = inputs["input_ids"]
     B, T0 = ids.shape
     valid0 = (
@@ -113,7 +118,16 @@ def dropped_masks(selections: dict, inputs: dict, image_token, num_layers: int):
         drop = torch.zeros(B, T, dtype=torch.bool)
         drop[:, :T0] = dropped_at[l]
         causal = torch.ones(T, T, dtype=torch.bool).tril()
-        a = causal[None] & valid[:, None, :] & ~drop[:, None, :]
+        a = causal[None].expand(B, T, T)
+        if blocks is not None:
+            blk = torch.full((B, T), -1, dtype=torch.long)
+            blk[:, :T0] = blocks
+            a = a | ((blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] >= 0))
+        W = None if windows is None else windows[l]
+        if W is not None:
+            idx = torch.arange(T)
+            a = a & (idx[:, None] - idx[None, :] < W)[None]  # left padding: slot distance = position distance
+        a = a & valid[:, None, :] & ~drop[:, None, :]
         a |= torch.eye(T, dtype=torch.bool)[None]  # every query sees itself: no fully-masked rows
         return a[:, None]
 

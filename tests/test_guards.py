@@ -113,6 +113,7 @@ def test_unsupported_model_raises_listing_types():
     )
     supported = re.escape(str(vtc.supported_model_types()))
     assert "'llava'" in supported and "'llava_next'" in supported and "'qwen2_5_vl'" in supported
+    assert "'gemma3'" in supported
     with pytest.raises(ValueError, match=rf"model_type='llama'.*Supported model types: {supported}"):
         vtc.apply(m, "pyramid_drop")
 

@@ -126,6 +126,16 @@ def _expected_counts(n0: int, share: float) -> int:
     return int(math.floor(n0 * share + 1e-9))
 
 
+def _cache_slots(layer) -> int:
+    """Slots a cache layer has received; a sliding-window layer (``DynamicSlidingWindowLayer``) holds only the
+    last ``window - 1`` of them, which is checked here."""
+    held = layer.keys.shape[-2]
+    if getattr(layer, "is_sliding", False):
+        assert held == min(layer.cumulative_length, layer.sliding_window - 1)
+        return layer.cumulative_length
+    return held
+
+
 def test_counts_and_cache_lengths_follow_the_schedule(model, family, case, spec):
     inputs = family.make_inputs(case)
     ids = inputs["input_ids"]
@@ -153,7 +163,7 @@ def test_counts_and_cache_lengths_follow_the_schedule(model, family, case, spec)
             assert st.cache_len[l][b] == want_vis + n_text[b] + STEPS - 1
     cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
     for l in range(len(shares)):
-        slots = cache.layers[l].keys.shape[-2]
+        slots = _cache_slots(cache.layers[l])
         assert slots == st.cache_slots[l]
         # slots = longest row (plus its left padding at the first layers) + decoded tokens
         if l == 0:
@@ -176,7 +186,10 @@ def test_original_positions_equal_masking_reference(model, family, case):
         with vtc.apply(model, spec["method"], **kwargs) as h:
             seq, logits, _ = generate(model, inputs, STEPS)
             sel = {l: v for l, v in h.session.state.selections.items()}
-        allowed = dropped_masks(sel, inputs, family.VISUAL_TOKENS, model.config.text_config.num_hidden_layers)
+        extra = family.mask_reference(inputs) if hasattr(family, "mask_reference") else {}
+        allowed = dropped_masks(
+            sel, inputs, family.VISUAL_TOKENS, model.config.text_config.num_hidden_layers, **extra
+        )
         seq_ref, logits_ref = greedy_nocache(model, inputs, STEPS, layer_masks=allowed, **family.NOCACHE)
         assert torch.equal(seq, seq_ref), spec["id"]
         assert (logits - logits_ref).abs().max().item() <= 1e-5, spec["id"]

@@ -195,13 +195,15 @@ class LastQueryAttention(Scorer):
                 # a fresh projection is laid out [B, T, Hkv, dh] in memory; the same layout keeps the
                 # score kernel's summation order, hence the scores, bit for bit (a copy, no matmul)
                 k = k.transpose(1, 2).contiguous().transpose(1, 2)
-        return attention_scores(q, k, view.valid, precision=self.precision, backend=self.backend)
+        scale = ctx.adapter.attention_scale(layer)
+        return attention_scores(q, k, view.valid, precision=self.precision, backend=self.backend, scale=scale)
 
 
-def attention_scores(q, k, key_valid, precision="model", backend="auto") -> torch.Tensor:
+def attention_scores(q, k, key_valid, precision="model", backend="auto", scale=None) -> torch.Tensor:
     """``[B, T]`` head-mean last-query attention through the fused kernel ``vtc.kernels.last_query_scores``
-    (Triton on CUDA under ``auto``, its fp32 PyTorch reference elsewhere)."""
-    return last_query_scores(q, k, None, key_valid.bool(), precision=precision, backend=backend)
+    (Triton on CUDA under ``auto``, its fp32 PyTorch reference elsewhere); ``scale``: the logit scale (None:
+    ``1 / sqrt(dh)``)."""
+    return last_query_scores(q, k, None, key_valid.bool(), scale=scale, precision=precision, backend=backend)
 
 
 @register_scorer("random")

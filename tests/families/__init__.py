@@ -15,6 +15,9 @@ A family module (one per model type or group of types) provides:
 * ``VISUAL_TOKENS`` : tuple[int, ...], the placeholder ids of visual slots;
 * ``NOCACHE`` : dict of keyword arguments for :func:`refs.greedy_nocache` (how a no-cache recompute
   feeds positions and grows per-token inputs such as ``mm_token_type_ids``);
+* ``mask_reference(inputs) -> dict``: optional extra arguments of :func:`refs.dropped_masks` for models whose
+  layers are not all plain causal (``windows`` per layer, bidirectional image ``blocks``), written from the
+  model's definition, not from vtc;
 * ``METHOD_KWARGS`` : optional dict ``spec id -> kwargs override`` (e.g. ``positions="original"`` where the
   model has no ``compact`` positions), and ``SKIP_SPECS`` : optional set of spec ids with the reason in a
   comment (none expected).
@@ -33,6 +36,7 @@ FAMILY_MODULES = [
     "qwen2_vl",
     "qwen2_5_vl",
     "qwen3_vl",
+    "gemma3",
 ]
 
 

@@ -5,13 +5,21 @@ from __future__ import annotations
 from torch import nn
 
 from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
+from vtc.adapters.gemma import Gemma3Adapter
 from vtc.adapters.llava import LlavaAdapter
 from vtc.adapters.llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
 from vtc.adapters.qwen_vl import QwenVLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     t: cls
-    for cls in (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, LlavaNextVideoAdapter, QwenVLAdapter)
+    for cls in (
+        LlavaAdapter,
+        LlavaNextAdapter,
+        LlavaOnevisionAdapter,
+        LlavaNextVideoAdapter,
+        QwenVLAdapter,
+        Gemma3Adapter,
+    )
     for t in cls.model_types
 }
 
@@ -42,6 +50,7 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
 __all__ = [
     "ADAPTERS",
     "ConfigOnlyAdapter",
+    "Gemma3Adapter",
     "ModelAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",

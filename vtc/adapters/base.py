@@ -220,6 +220,12 @@ class ModelAdapter:
         dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         return heads, kv, dh
 
+    def attention_scale(self, layer_idx: int) -> float | None:
+        """The logit scale of layer ``layer_idx``'s attention, for scorers that recompute its softmax; None means
+        ``1 / sqrt(dh)`` (LLaMA-style layers). Models with another scale (Gemma's ``query_pre_attn_scalar``)
+        override this: a head-mean of softmaxes at another temperature can rank tokens differently."""
+        return None
+
     def project_qk(
         self,
         layer_idx: int,
@@ -495,6 +501,10 @@ class ModelAdapter:
     # --- pre-LLM stage hooks (vtc.engine.prellm) -------------------------------------------------------------
     #: names of ``[B, T]`` per-token inputs of the trunk that a prompt rewrite must resize like ``input_ids``
     token_inputs: tuple[str, ...] = ()
+
+    def check_prellm(self, what: str) -> None:
+        """Raise a clear ``ValueError`` when this model's tower cannot serve pre-LLM method ``what`` (called at
+        ``apply``, before any hook is attached). Default: every pre-LLM method is served."""
 
     def feature_entries(self) -> list[tuple[str, str, str, int]]:
         """The trunk's feature entry points the pre-LLM stage patches: ``(modality, method name, pixel keyword,

@@ -401,10 +401,11 @@ class LayerSurgery:
                 pos = pos - shift.unsqueeze(1)
         q_pos = kv_pos = None
         if spec.mask == "sliding":
-            # decode tokens follow each other: the i-th column after the prefix sits at q_pos - (n - 1 - i)
+            # decode tokens follow each other: the i-th column after the prefix sits at pos - (n - 1 - i); the mask
+            # functions get queries and keys by absolute cache index, so both read this one table
             n = st.decode_tail.shape[1]
             back = torch.arange(n - 1, -1, -1, device=pos.device)
-            q_pos, kv_pos = pos, torch.cat([prefix_pos, pos[:, -1:] - back], dim=1)
+            q_pos = kv_pos = torch.cat([prefix_pos, pos[:, -1:] - back], dim=1)
         if key[3] and st.decode_tail_all and spec.mask != "sliding":
             # no padding anywhere: the same mask the model would build from an all-ones 2D mask
             mask = layer_mask(self.config, spec, hidden, None, cache, l)

@@ -24,8 +24,9 @@ from vtc.engine.types import LayerSpec
 
 
 def _window_by_positions(q_pos: torch.Tensor, kv_pos: torch.Tensor, window: int):
-    """Mask function: key within ``window`` positions of the query (positions are ``[B, Tq]`` and
-    ``[B, Tk]`` indexed by query and absolute key index)."""
+    """Mask function: key within ``window`` positions of the query (``q_pos`` and ``kv_pos`` are indexed by
+    absolute cache index, as transformers calls mask functions: at prefill the query index is its slot, at
+    decode it is past the cached keys)."""
 
     def inner(batch_idx, head_idx, q_idx, kv_idx):
         return q_pos[batch_idx, q_idx] - kv_pos[batch_idx, kv_idx] < window
@@ -62,7 +63,8 @@ def layer_mask(
     blocks : torch.Tensor or None
         ``[B, Tk]`` image-block id of each key/query slot (-1: not in a block), prefill only.
     q_pos, kv_pos : torch.Tensor or None
-        ``[B, Tq]`` / ``[B, Tk]`` rotary positions, for ``sliding`` layers.
+        Rotary positions by absolute cache index (``[B, Tq]`` / ``[B, Tk]`` at prefill; at decode both are the
+        ``[B, Tk]`` table covering the queries too), for ``sliding`` layers.
     """
     if spec.mask == "recurrent":
         if mask2d is None or hidden.shape[1] == 1:

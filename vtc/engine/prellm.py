@@ -144,6 +144,7 @@ class PreLLMStage(PreLLMComponent):
         self.adapter = adapter
         self.grid = tuple(adapter.grid_of_image())
         self.name = getattr(method, "name", type(method).__name__)
+        adapter.check_prellm(self.name)
         check = getattr(method, "check", None)
         if check is not None:
             check(adapter)
