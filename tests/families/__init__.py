@@ -33,6 +33,7 @@ FAMILY_MODULES = [
     "qwen2_vl",
     "qwen2_5_vl",
     "qwen3_vl",
+    "qwen3_5",
 ]
 
 

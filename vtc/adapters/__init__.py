@@ -7,11 +7,19 @@ from torch import nn
 from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
 from vtc.adapters.llava import LlavaAdapter
 from vtc.adapters.llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
+from vtc.adapters.qwen3_5 import Qwen3_5Adapter
 from vtc.adapters.qwen_vl import QwenVLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
     t: cls
-    for cls in (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, LlavaNextVideoAdapter, QwenVLAdapter)
+    for cls in (
+        LlavaAdapter,
+        LlavaNextAdapter,
+        LlavaOnevisionAdapter,
+        LlavaNextVideoAdapter,
+        QwenVLAdapter,
+        Qwen3_5Adapter,
+    )
     for t in cls.model_types
 }
 
@@ -48,6 +56,7 @@ __all__ = [
     "LlavaNextVideoAdapter",
     "LlavaOnevisionAdapter",
     "QwenVLAdapter",
+    "Qwen3_5Adapter",
     "get_adapter",
     "supported_model_types",
 ]

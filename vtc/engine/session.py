@@ -307,7 +307,11 @@ class Session:
             [stats.prefill_tokens[l][b] + st.decoded_tokens for b in range(st.batch_size)] for l in range(L)
         ]
         if cache is not None:
-            stats.cache_slots = [cache.get_seq_length(l) for l in range(L)]
+            # a recurrent layer holds a fixed-size state and no KV slots (transformers refuses its length)
+            specs = self.layers.specs
+            stats.cache_slots = [
+                0 if specs[l].cache == "recurrent" else cache.get_seq_length(l) for l in range(L)
+            ]
         if st.active and not st.in_decode:
             return expand_outputs(output, st, L, getattr(self._tls, "labels", None))
         return None
