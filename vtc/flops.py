@@ -366,7 +366,8 @@ class ModelDims:
         Raises
         ------
         ValueError
-            A required size is missing, or ``image_size`` is given for a model with fixed crops.
+            A required size is missing, ``image_size`` is given for a model with fixed crops, or the decoder has
+            linear-attention layers (their FLOPs are not modelled).
 
         Notes
         -----
@@ -377,6 +378,13 @@ class ModelDims:
         get = _getter(config)
         text = get("text_config")
         text_get = _getter(text) if text is not None else get
+        linear = sorted({t for t in (text_get("layer_types") or []) if t == "linear_attention"})
+        if linear:
+            raise ValueError(
+                f"{get('model_type')!r} has linear-attention (recurrent) decoder layers, whose FLOPs vtc does not "
+                "model yet (every layer would be counted as attention). Use an avg_tokens / avg_share target or "
+                "explicit ratios instead of a flops_share target."
+            )
         d = _required(text_get, "hidden_size")
         H = _required(text_get, "num_attention_heads")
         dims: dict[str, Any] = dict(

@@ -34,6 +34,7 @@ FAMILY_MODULES = [
     "qwen2_5_vl",
     "qwen3_vl",
     "qwen3_5",
+    "qwen3_5_moe",
 ]
 
 
