@@ -20,7 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import vtc
 from vtc.engine.prellm import last_prellm_call
 
-KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 STEPS = 3
 _MODELS: dict = {}
 

@@ -262,6 +262,7 @@ def test_gated_query_projection_matches_the_models_attention():
     specs = adapter.layer_specs()
     assert [s.mask for s in specs] == ["recurrent"] * 3 + ["causal"] + ["recurrent"] * 2
     assert [s.rank_with for s in specs] == [3, 3, 3, None, 3, 3]
+    assert adapter.visual_injections() == []  # no DeepStack in Qwen3.5's text model
 
 
 @pytest.mark.parametrize("kind", ["qwen3_5", "qwen3_5_moe"])
