@@ -378,12 +378,11 @@ class ModelDims:
         get = _getter(config)
         text = get("text_config")
         text_get = _getter(text) if text is not None else get
-        linear = sorted({t for t in (text_get("layer_types") or []) if t == "linear_attention"})
-        if linear:
+        if "linear_attention" in (text_get("layer_types") or []):
             raise ValueError(
                 f"{get('model_type')!r} has linear-attention (recurrent) decoder layers, whose FLOPs vtc does not "
-                "model yet (every layer would be counted as attention). Use an avg_tokens / avg_share target or "
-                "explicit ratios instead of a flops_share target."
+                "model yet (every layer would be counted as attention): FLOPs reports and flops_share targets are "
+                "not available for it. Set a schedule with an avg_tokens / avg_share target or explicit ratios."
             )
         d = _required(text_get, "hidden_size")
         H = _required(text_get, "num_attention_heads")
