@@ -20,11 +20,16 @@ def positions_like_generate(mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(mask == 0, 1)
 
 
-def greedy_nocache(model, inputs: dict, steps: int = 4, layer_masks=None, positions=None, grow=()):
+def greedy_nocache(
+    model, inputs: dict, steps: int = 4, layer_masks=None, positions=None, grow=(), recurrent=()
+):
     """Greedy decoding that recomputes the whole sequence at every step, without any cache.
 
     ``layer_masks``: optional callable ``(layer_idx, T) -> [B, 1, T, T] bool`` giving the allowed
     attention of each layer (a masking reference); installed as temporary pre-hooks.
+    ``recurrent``: indices of linear-attention layers (no attention to mask): under ``layer_masks`` each of
+    them is run again, row by row, on the tokens it keeps (``layer_masks.keep(l, T) -> [B, T] bool``) alone,
+    and those tokens' outputs replace the full scan's, so a removed token is absent from the scan.
     ``positions``: callable ``mask [B, T] -> position_ids`` as ``generate`` makes them (default: 1-D
     positions from the padding mask); ``False``: let the model compute them (M-RoPE models).
     ``grow``: names of ``[B, T]`` inputs that get one zero column per generated token
@@ -53,8 +58,36 @@ def greedy_nocache(model, inputs: dict, steps: int = 4, layer_masks=None, positi
 
             return hook
 
+        busy = []
+
+        def rescan(l):
+            def hook(mod, args, kwargs, output):
+                if busy:  # the hook's own call below
+                    return None
+                x = args[0] if args else kwargs["hidden_states"]
+                cos, sin = kwargs["position_embeddings"]
+                keep = layer_masks.keep(l, x.shape[1])
+                out = output.clone()
+                busy.append(True)
+                try:
+                    for b in range(x.shape[0]):
+                        idx = keep[b].nonzero().squeeze(1)
+                        pe = (
+                            cos.expand(x.shape[0], -1, -1)[b : b + 1, idx],
+                            sin.expand(x.shape[0], -1, -1)[b : b + 1, idx],
+                        )
+                        out[b, idx] = mod(x[b : b + 1, idx], position_embeddings=pe, attention_mask=None)[0]
+                finally:
+                    busy.clear()
+                return out
+
+            return hook
+
         handles = [
-            layer.register_forward_pre_hook(make(l), with_kwargs=True) for l, layer in enumerate(layers)
+            layer.register_forward_hook(rescan(l), with_kwargs=True)
+            if l in recurrent
+            else layer.register_forward_pre_hook(make(l), with_kwargs=True)
+            for l, layer in enumerate(layers)
         ]
     try:
         with torch.no_grad():
@@ -131,6 +164,13 @@ def dropped_masks(selections: dict, inputs: dict, image_token, num_layers: int, 
         a |= torch.eye(T, dtype=torch.bool)[None]  # every query sees itself: no fully-masked rows
         return a[:, None]
 
+    def keep(l: int, T: int) -> torch.Tensor:
+        """``[B, T]`` the tokens layer ``l`` still holds (not padding, not removed)."""
+        valid = torch.ones(B, T, dtype=torch.bool)
+        valid[:, :T0] = valid0 & ~dropped_at[l]
+        return valid
+
+    allowed.keep = keep
     return allowed
 
 

@@ -122,6 +122,12 @@ def test_removal_restores_the_model(model, family, case, spec):
     assert snapshot_hooks(model) == hooks0
 
 
+def _recurrent_layers(model) -> set[int]:
+    """Decoder layers without attention (linear attention), read from the model's own config."""
+    types = getattr(model.config.text_config, "layer_types", None) or []
+    return {l for l, t in enumerate(types) if t == "linear_attention"}
+
+
 def _expected_counts(n0: int, share: float) -> int:
     return int(math.floor(n0 * share + 1e-9))
 
@@ -162,11 +168,19 @@ def test_counts_and_cache_lengths_follow_the_schedule(model, family, case, spec)
             # after generate: the prefill tokens plus every generated token but the last
             assert st.cache_len[l][b] == want_vis + n_text[b] + STEPS - 1
     cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
+    recurrent = _recurrent_layers(model)
+    kv_layers = [l for l in range(len(shares)) if l not in recurrent]
     for l in range(len(shares)):
+        if l in recurrent:  # a linear-attention layer holds one state per row and no KV slots
+            assert st.cache_slots[l] == 0
+            assert cache.layers[l].recurrent_states[0].shape[0] == B
+            assert getattr(cache.layers[l], "keys", None) is None
+            continue
         slots = _cache_slots(cache.layers[l])
         assert slots == st.cache_slots[l]
         # slots = longest row (plus its left padding at the first layers) + decoded tokens
-        if l == 0:
+        untouched = l == kv_layers[0] and all(s == 1.0 for s in shares[: l + 1])
+        if l == 0 or untouched:
             assert slots == ids.shape[1] + STEPS - 1
         else:
             assert slots >= max(st.cache_len[l])
@@ -190,7 +204,9 @@ def test_original_positions_equal_masking_reference(model, family, case):
         allowed = dropped_masks(
             sel, inputs, family.VISUAL_TOKENS, model.config.text_config.num_hidden_layers, **extra
         )
-        seq_ref, logits_ref = greedy_nocache(model, inputs, STEPS, layer_masks=allowed, **family.NOCACHE)
+        seq_ref, logits_ref = greedy_nocache(
+            model, inputs, STEPS, layer_masks=allowed, recurrent=_recurrent_layers(model), **family.NOCACHE
+        )
         assert torch.equal(seq, seq_ref), spec["id"]
         assert (logits - logits_ref).abs().max().item() <= 1e-5, spec["id"]
     assert checked >= 4

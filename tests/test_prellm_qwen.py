@@ -1,4 +1,4 @@
-"""Pre-LLM methods on Qwen2-VL, Qwen2.5-VL and Qwen3-VL (DeepStack on).
+"""Pre-LLM methods on Qwen2-VL, Qwen2.5-VL, Qwen3-VL (DeepStack on) and Qwen3.5 (hybrid decoder).
 
 * hooked ``generate`` equals (bit-exact) plain ``generate`` fed, by hand, the prompt with each image's placeholder run
   resized to its reduced count, the reduced embeddings (and DeepStack features) as ``mm_encoder_outputs`` and
@@ -20,7 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import vtc
 from vtc.engine.prellm import last_prellm_call
 
-KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 STEPS = 3
 _MODELS: dict = {}
 

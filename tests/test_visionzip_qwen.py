@@ -1,4 +1,4 @@
-"""VisionZip on Qwen2-VL, Qwen2.5-VL and Qwen3-VL.
+"""VisionZip on Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5.
 
 * the attention each merged token receives (and its key) equals a plain float64 loop over images, frames and
   heads written here from the captured input of the tower's last full-attention block (its own norm1, qkv,
@@ -115,7 +115,7 @@ def _frames(grid_thw):
 CASES = [("image", "b3_mixed"), ("video", "b2_video")]
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 @pytest.mark.parametrize("attn,chunk", [("sdpa", None), ("eager", None), ("sdpa", 50)])
 def test_merged_token_attention_equals_float64_loop(kind, attn, chunk, monkeypatch):
     """``chunk``: a few queries per softmax chunk, so a frame's queries span several chunks."""
@@ -199,7 +199,7 @@ def _check_reduced_and_generate(kind, spec, case="b3_mixed"):
     assert torch.equal(logits, torch.stack(ref.logits))
 
 
-@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_5"])
 @pytest.mark.parametrize("contextual", [2, 0])
 def test_dominant_are_reference_topk_and_generate_equals_hand_inputs(kind, contextual):
     _check_reduced_and_generate(kind, {"tokens": 6, "contextual": contextual})
@@ -222,6 +222,7 @@ def test_qwen3_vl_deepstack_follows_dominant_tokens_and_contextual_raises():
         ("qwen2_5_vl", {"tokens": 6, "contextual": 2}),
         ("qwen2_5_vl", {"ratio": 0.5}),
         ("qwen3_vl", {"tokens": 6, "contextual": 0}),
+        ("qwen3_5", {"tokens": 6, "contextual": 2}),
     ],
 )
 def test_batch_equals_rows_alone(kind, spec):

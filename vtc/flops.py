@@ -366,7 +366,8 @@ class ModelDims:
         Raises
         ------
         ValueError
-            A required size is missing, or ``image_size`` is given for a model with fixed crops.
+            A required size is missing, ``image_size`` is given for a model with fixed crops, or the decoder has
+            linear-attention layers (their FLOPs are not modelled).
 
         Notes
         -----
@@ -377,6 +378,12 @@ class ModelDims:
         get = _getter(config)
         text = get("text_config")
         text_get = _getter(text) if text is not None else get
+        if "linear_attention" in (text_get("layer_types") or []):
+            raise ValueError(
+                f"{get('model_type')!r} has linear-attention (recurrent) decoder layers, whose FLOPs vtc does not "
+                "model yet (every layer would be counted as attention): FLOPs reports and flops_share targets are "
+                "not available for it. Set a schedule with an avg_tokens / avg_share target or explicit ratios."
+            )
         d = _required(text_get, "hidden_size")
         H = _required(text_get, "num_attention_heads")
         dims: dict[str, Any] = dict(

@@ -37,6 +37,8 @@ FAMILY_MODULES = [
     "qwen2_5_vl",
     "qwen3_vl",
     "gemma3",
+    "qwen3_5",
+    "qwen3_5_moe",
 ]
 
 

@@ -1,5 +1,6 @@
-"""Tiny in-process Qwen2-VL, Qwen2.5-VL and Qwen3-VL models (DeepStack on) and their prompt cases, shared by
-the ``qwen2_vl``, ``qwen2_5_vl`` and ``qwen3_vl`` family modules.
+"""Tiny in-process Qwen2-VL, Qwen2.5-VL, Qwen3-VL (DeepStack on) and Qwen3.5 (hybrid linear/full attention)
+models and their prompt cases, shared by the ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_5`` and
+``qwen3_5_moe`` family modules.
 
 Every image and video frame has its own grid: patches of 14 px, a 2x2 merger, so a ``(1, h, w)`` grid gives
 ``h*w/4`` placeholders laid out on ``(h/2, w/2)``. Cases:
@@ -20,6 +21,8 @@ IMG, VID, VS, VE = 990, 991, 992, 993
 PATCH, MERGE, TPS = 14, 2, 2
 PIX = 3 * TPS * PATCH * PATCH  # one flattened patch
 N_LAYERS = 6
+#: kinds whose processor writes a timestamp before every video frame
+TIMESTAMPED = ("qwen3_vl", "qwen3_5", "qwen3_5_moe")
 
 CASES = ["b1_img", "b3_mixed", "b2_video"]
 BATCH_CASES = ["b3_mixed", "b2_video"]
@@ -62,6 +65,28 @@ def make_config(kind: str):
             deepstack_visual_indexes=[0, 1, 2],
         )  # fmt: skip
         return tf.Qwen3VLConfig(text_config=dict(_TEXT, head_dim=16), vision_config=vision, **_IDS)
+    if kind in ("qwen3_5", "qwen3_5_moe"):
+        vision = dict(
+            depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=PATCH,
+            spatial_merge_size=MERGE, temporal_patch_size=TPS, num_position_embeddings=64,
+        )  # fmt: skip
+        # the model's own layer rule (full_attention_interval=4): linear x3, full, linear x2; a gated query,
+        # partial rotary (half of head_dim 32 rotates, on the interleaved M-RoPE sections) as in the checkpoints
+        text = dict(
+            _TEXT, head_dim=32, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+            linear_num_key_heads=2, linear_num_value_heads=4,
+            rope_parameters={
+                "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True, "partial_rotary_factor": 0.5,
+            },
+        )  # fmt: skip
+        if kind == "qwen3_5":
+            return tf.Qwen3_5Config(text_config=text, vision_config=vision, **_IDS)
+        moe = dict(
+            moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2
+        )
+        text.pop("intermediate_size")
+        return tf.Qwen3_5MoeConfig(text_config=dict(text, **moe), vision_config=vision, **_IDS)
     raise KeyError(kind)
 
 
@@ -72,9 +97,18 @@ def build_model(kind: str, attn: str, seed: int = 0):
         "qwen2_vl": tf.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
         "qwen3_vl": tf.Qwen3VLForConditionalGeneration,
+        "qwen3_5": tf.Qwen3_5ForConditionalGeneration,
+        "qwen3_5_moe": tf.Qwen3_5MoeForConditionalGeneration,
     }[kind]
     torch.manual_seed(seed)
     m = cls(make_config(kind)).eval()
+    if kind in ("qwen3_5", "qwen3_5_moe"):
+        # per-head q/k RMSNorm gains as a trained checkpoint has them: at their zero init (gain 1 + 0) every
+        # key has the same norm, so a key-norm ranking (DART's pivots) would be a tie broken by rounding noise
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.normal_(0.0, 0.3)
     m.set_attn_implementation(attn)
     m.generation_config.eos_token_id = None
     m.generation_config.pad_token_id = PAD
@@ -110,7 +144,7 @@ def _row_ids(kind: str, row: list[tuple]) -> list[int]:
             _, t, h, w = part
             per = h * w // MERGE**2
             if (
-                kind == "qwen3_vl"
+                kind in TIMESTAMPED
             ):  # one run per frame, a timestamp text before each (as the processor writes)
                 for f in range(t):
                     out += [40 + f, VS] + [VID] * per + [VE]

@@ -8,6 +8,7 @@ from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
 from vtc.adapters.gemma import Gemma3Adapter
 from vtc.adapters.llava import LlavaAdapter
 from vtc.adapters.llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
+from vtc.adapters.qwen3_5 import Qwen3_5Adapter
 from vtc.adapters.qwen_vl import QwenVLAdapter
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
@@ -19,6 +20,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         LlavaNextVideoAdapter,
         QwenVLAdapter,
         Gemma3Adapter,
+        Qwen3_5Adapter,
     )
     for t in cls.model_types
 }
@@ -57,6 +59,7 @@ __all__ = [
     "LlavaNextVideoAdapter",
     "LlavaOnevisionAdapter",
     "QwenVLAdapter",
+    "Qwen3_5Adapter",
     "get_adapter",
     "supported_model_types",
 ]

@@ -226,6 +226,12 @@ class ModelAdapter:
         override this: a head-mean of softmaxes at another temperature can rank tokens differently."""
         return None
 
+    def heads(self, attn: nn.Module, which: str, x: torch.Tensor, dh: int) -> torch.Tensor:
+        """``x`` ``[B, T, D]`` (already normed) through ``attn``'s ``{which}_proj`` (``which`` in ``"q"``, ``"k"``)
+        and, when the model has one, its per-head ``{which}_norm``: ``[B, H, T, dh]`` before the rotary
+        embedding. Adapters of models whose projections hold more than the heads (a gated query) override it."""
+        return _heads(attn, which, x, dh)
+
     def project_qk(
         self,
         layer_idx: int,
@@ -266,8 +272,8 @@ class ModelAdapter:
             rows = torch.arange(B, device=x.device)
             xq = x[rows, query_rows].unsqueeze(1)
             cq, sq = cos[rows, query_rows].unsqueeze(1), sin[rows, query_rows].unsqueeze(1)
-        q = _heads(attn, "q", xq, dh)
-        k = _heads(attn, "k", x, dh)
+        q = self.heads(attn, "q", xq, dh)
+        k = self.heads(attn, "k", x, dh)
         rope = self._rope_fn(layer_idx)
         q, _ = rope(q, q, cq, sq)
         _, k = rope(k, k, cos, sin)
@@ -294,7 +300,7 @@ class ModelAdapter:
         layer = self.layers[layer_idx]
         attn = layer.self_attn
         _, _, dh = self.head_dims()
-        q = _heads(attn, "q", layer.input_layernorm(hidden[:, -1:]), dh)
+        q = self.heads(attn, "q", layer.input_layernorm(hidden[:, -1:]), dh)
         q, _ = self._rope_fn(layer_idx)(q, q, cos[:, -1:], sin[:, -1:])
         return q[:, :, 0]
 
@@ -319,7 +325,7 @@ class ModelAdapter:
         layer = self.layers[layer_idx]
         attn = layer.self_attn
         _, _, dh = self.head_dims()
-        k = _heads(attn, "k", layer.input_layernorm(hidden), dh)
+        k = self.heads(attn, "k", layer.input_layernorm(hidden), dh)
         _, k = self._rope_fn(layer_idx)(k, k, cos, sin)
         return k
 

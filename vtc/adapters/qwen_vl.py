@@ -79,6 +79,10 @@ def _split_frames(feats, frames, ds):
 class QwenVLAdapter(ModelAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     text_model_types = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
+    #: decoder layer types this adapter serves (sliding-window Qwen-VL layers are refused)
+    layer_types_served: tuple[str, ...] = ("full_attention",)
+    #: model types whose processor writes a timestamp before every video frame (each frame is its own run)
+    timestamped_video_types: tuple[str, ...] = ("qwen3_vl",)
 
     #: a nominal image for schedules solved for a token budget: 448x448 pixels
     NOMINAL_PIXELS = 448
@@ -93,7 +97,7 @@ class QwenVLAdapter(ModelAdapter):
             )
         self.check_supported()
         types = getattr(self.text_config, "layer_types", None) or []
-        other = sorted({t for t in types if t != "full_attention"})
+        other = sorted({t for t in types if t not in self.layer_types_served})
         if other:
             raise ValueError(
                 f"vtc supports Qwen-VL language models with full attention in every layer; this one has layer "
@@ -459,7 +463,7 @@ class QwenVLAdapter(ModelAdapter):
             members.append(mem)
         ds = getattr(out, "deepstack_features", None)
         ds = [list(layer) for layer in ds] if ds is not None else None
-        if modality == "video" and self.model.config.model_type == "qwen3_vl":
+        if modality == "video" and self.model.config.model_type in self.timestamped_video_types:
             # Qwen3-VL writes a timestamp before every frame, so each frame is its own placeholder run: the frames
             # are the placed items (the model concatenates the per-item features, so per-frame lists are exact)
             feats, frames, ds = _split_frames(feats, frames, ds)

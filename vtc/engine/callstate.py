@@ -170,10 +170,10 @@ def begin_decode(st: CallState, kwargs: dict, q_len: int) -> None:
         need = any(key[3] for key in st.decode_key.values())
         st.decode_tail_all = bool(st.decode_tail.all()) if need else None
     else:
-        cache = st.cache()
-        past0 = cache.get_seq_length(0)
+        # the columns after the prefill: the tokens decoded so far and this step's (not a cache length: the
+        # first cache layer may be shortened, or a recurrent layer that holds no length)
         st.decode_tail = torch.ones(
-            st.batch_size, past0 - T0 + q_len, dtype=torch.bool, device=st.valid0.device
+            st.batch_size, st.decoded_tokens + q_len, dtype=torch.bool, device=st.valid0.device
         )
         st.decode_tail_all = True
     st.step_built = {}

@@ -405,7 +405,7 @@ class PreLLMStage(PreLLMComponent):
     def decode(self, session, kwargs: dict) -> dict:
         """Map the caller's padding mask (original prompt length) onto the rewritten layout; shift positions."""
         if self._map is not None:
-            decode_mask(self.name, self.adapter, self._map, kwargs)
+            decode_mask(self.name, self.adapter, self._map, kwargs, session.state.decoded_tokens)
         return kwargs
 
     # --- engine queries ---------------------------------------------------------------------------------------

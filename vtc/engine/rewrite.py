@@ -155,15 +155,15 @@ def rewrite_prompt(name: str, adapter, kwargs, ids, placement, orig_tokens, new_
     )
 
 
-def decode_mask(name: str, adapter, mp: DecodeMap, kwargs: dict) -> None:
-    """Map the caller's padding mask (original prompt length) onto the rewritten layout; shift positions."""
+def decode_mask(name: str, adapter, mp: DecodeMap, kwargs: dict, decoded: int) -> None:
+    """Map the caller's padding mask (original prompt length) onto the rewritten layout; shift positions.
+    ``decoded``: tokens fed after the prompt before this step (not a cache length: the first cache layer may
+    be shortened by an in-decoder method, or be a recurrent layer that holds no length)."""
     am = kwargs.get("attention_mask")
     ids = kwargs.get("input_ids")
     q = ids.shape[1] if ids is not None else kwargs["inputs_embeds"].shape[1]
     B = mp.prefix.shape[0]
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    past0 = cache.get_seq_length(0) if cache is not None else mp.new_len
-    steps = past0 - mp.new_len + q  # tokens after the prompt, this one included
+    steps = decoded + q  # tokens after the prompt, this one included
     original_space = True
     if am is not None:
         if am.dim() != 2:

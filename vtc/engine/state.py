@@ -71,7 +71,9 @@ class CallState:
     decode_key: dict[int, tuple] = field(default_factory=dict)
     step_built: dict[tuple, tuple] = field(default_factory=dict)
     prefill_masks: dict[int, tuple[View, object]] = field(default_factory=dict)  # id(view) -> (view, mask)
-    prefill_slots: list | None = None  # [L] cache positions per layer after the prefill (None: recurrent layer)
+    prefill_slots: list | None = (
+        None  # [L] cache positions per layer after the prefill (None: recurrent layer)
+    )
     decode_tail_all: bool | None = None  # host bool: every decode-tail column is valid (None: not needed)
     # rotary key -> the model's own (cos, sin) for the prefill sequence, taken from the first layer of each key
     base_tables: dict = field(default_factory=dict)

@@ -36,7 +36,8 @@ class CallStats:
     cache_len : list[list[int]]
         ``[L][B]`` valid cached tokens per layer and row after the latest step.
     cache_slots : list[int]
-        ``[L]`` cached positions per layer including left padding (the tensor length of the cache).
+        ``[L]`` cached positions per layer including left padding (the tensor length of the cache); 0 for a
+        recurrent layer (linear attention: a fixed-size conv/recurrent state, no KV slots).
     """
 
     num_layers: int

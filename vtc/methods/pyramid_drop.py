@@ -83,9 +83,8 @@ class PyramidDrop(DecoderMethod):
             if self.allow_empty:
                 target["allow_empty"] = True
             spec = {"kind": "stages", "layers": layers, "target": target}
-            sched = parse_schedule(
-                spec, adapter.num_layers, n_visual=adapter.tokens_per_image(), dims=dims_of(adapter)
-            )
+            dims = dims_of(adapter) if "flops_share" in target else None  # sizes weigh flops_share only
+            sched = parse_schedule(spec, adapter.num_layers, n_visual=adapter.tokens_per_image(), dims=dims)
         else:
             sched = stages(adapter.num_layers, layers, self.ratios, self.lam)
         return DecoderPlan(sched, self.scorer_obj, mode="drop", positions=self.positions)

@@ -17,9 +17,11 @@ from vtc.scorers import get_scorer
 
 
 def _plan(method, adapter, schedule_spec, scorer_spec) -> DecoderPlan:
-    sched = parse_schedule(
-        schedule_spec, adapter.num_layers, n_visual=adapter.tokens_per_image(), dims=dims_of(adapter)
-    )
+    # the model's sizes weigh layers for a flops_share target only (read them for nothing else: a model whose
+    # FLOPs dimensions vtc cannot derive still runs every other schedule)
+    target = schedule_spec.get("target") if isinstance(schedule_spec, dict) else None
+    dims = dims_of(adapter) if isinstance(target, dict) and "flops_share" in target else None
+    sched = parse_schedule(schedule_spec, adapter.num_layers, n_visual=adapter.tokens_per_image(), dims=dims)
     return DecoderPlan(sched, get_scorer(scorer_spec), mode=method.mode, positions=method.positions)
 
 
