@@ -122,6 +122,15 @@ def pytest_runtest_makereport(item, call):
     return rep
 
 
+def pytest_sessionfinish(session):
+    """``VTC_TEST_BUILDS=path``: each test process appends how many times it built each shared model (one line)."""
+    path = os.environ.get("VTC_TEST_BUILDS")
+    if path:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(path, "a") as f:
+            f.write(f"{worker} {sorted(model_cache.BUILDS.items(), key=str)}\n")
+
+
 @pytest.fixture(autouse=True)
 def _shared_models_handed_back(request):
     """Every shared model this test was handed must come back as built (hooks removed, weights untouched)."""

@@ -20,8 +20,9 @@ random stream whether the model was built for it or for an earlier test (and in 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Any
 
 import torch
 
@@ -83,7 +84,9 @@ def _modules_state(model) -> tuple:
 def fingerprint(model) -> tuple:
     """Everything a test could leave behind on ``model`` (see the module docstring); cheap (about 1 ms)."""
     cfg = model.config
-    subs = [cfg] + [getattr(cfg, n) for n in ("text_config", "vision_config") if getattr(cfg, n, None) is not None]
+    subs = [cfg] + [
+        getattr(cfg, n) for n in ("text_config", "vision_config") if getattr(cfg, n, None) is not None
+    ]
     gen = getattr(model, "generation_config", None)
     return (
         _modules_state(model),
@@ -127,7 +130,10 @@ def _what_changed(e: _Entry) -> str:
         if a != b:
             fields = ("pre-hooks", "hooks", "backward hooks", "attributes", "training")
             diff = ", ".join(f"{f} {x}->{y}" for f, x, y in zip(fields, a, b) if x != y)
-            added, gone = sorted(set(mod.__dict__) - attrs - {_TF_CAPTURE_MARK}), sorted(attrs - set(mod.__dict__))
+            added, gone = (
+                sorted(set(mod.__dict__) - attrs - {_TF_CAPTURE_MARK}),
+                sorted(attrs - set(mod.__dict__)),
+            )
             diff += f" (added {added})" if added else ""
             diff += f" (removed {gone})" if gone else ""
             parts.append(f"module {name or '<root>'!r}: {diff}")

@@ -16,10 +16,10 @@ import math
 import random
 from contextlib import redirect_stderr, redirect_stdout
 
+import model_cache
 import pytest
 import torch
 import torch.nn.functional as F
-import model_cache
 from conftest import BOS, IMAGE_TOKEN, PAD, make_config
 from refs import generate, greedy_nocache, positions_like_generate, snapshot_hooks
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -41,6 +41,7 @@ G = 8
 STEPS = 4
 THRESH = dict(candidates=[1, 2, 4], thresholds=[0.3, 0.7])
 EXPECT = {"flat": 4, "half": 2, "noise": 1}
+
 
 def _build_dfmr_model(attn, strategy, layer, grid):
     from transformers import LlavaForConditionalGeneration
