@@ -37,8 +37,13 @@ install: venv
 	  PYTHONWARNINGS="ignore:Editable installation" $(VPY) -m pip install --quiet --no-deps --no-build-isolation -e . \
 	  && echo "$(EDITABLE_KEY)" > $(VENV)/.editable; fi
 
+# pytest-xdist: one worker per core (at most 8); the environment above (exported) and TRITON_INTERPRET reach every
+# worker. --dist loadgroup: a module whose tests share a module-scoped fixture runs on one worker (conftest puts it
+# in one xdist group, so the fixture is built once), every other test goes to whichever worker is free; each
+# worker builds a tiny model once (tests/model_cache.py). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 8 ] && n=8; [ $$n -lt 2 ] && n=0; echo $$n)
 test: install
-	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup tests
 
 # one worker process per core (at most 4), 1 torch thread each: separate processes do not oversubscribe
 DEMO_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)

@@ -240,6 +240,7 @@ def _build_classes() -> None:
 
             import vtc
             from vtc.flops import ModelDims
+            from vtc.loading import checkpoint_model_type, model_class
 
             self._label_method, spec = parse_vtc_args(vtc_method, vtc_config)
             try:
@@ -249,14 +250,13 @@ def _build_classes() -> None:
             if self.batch_size_per_gpu < 1:
                 raise ValueError(f"{MODEL_ID}: batch_size must be >= 1, got {batch_size!r}")
 
-            cfg_path = Path(str(pretrained)) / "config.json"
-            if cfg_path.is_file():
-                model_type = json.loads(cfg_path.read_text()).get("model_type")
-                if model_type not in vtc.supported_model_types():
-                    raise ValueError(
-                        f"{MODEL_ID}: unsupported model {pretrained!r} (model_type={model_type!r}); vtc supports "
-                        f"{vtc.supported_model_types()}"
-                    )
+            # the model type picks the adapter and, through its `model_classes`, the class that loads it
+            mt = checkpoint_model_type(pretrained)
+            if mt is not None and mt not in vtc.supported_model_types():
+                raise ValueError(
+                    f"{MODEL_ID}: unsupported model {pretrained!r} (model_type={mt!r}); vtc supports "
+                    f"{vtc.supported_model_types()}"
+                )
 
             accelerator = Accelerator()
             distributed = accelerator.num_processes > 1 and device_map == ""
@@ -277,9 +277,6 @@ def _build_classes() -> None:
                 load_kw["device_map"] = load_map
             if attn_implementation:
                 load_kw["attn_implementation"] = attn_implementation
-            from vtc.loading import checkpoint_model_type, model_class
-
-            mt = checkpoint_model_type(pretrained)
             if mt is None:
                 from transformers import AutoConfig
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import model_cache
 import pytest
 import torch
 
@@ -54,7 +55,8 @@ def make_config(num_layers: int = N_LAYERS, kv_heads: int = 2):
     )
 
 
-def make_model(attn: str = "sdpa", seed: int = 0, num_layers: int = N_LAYERS, kv_heads: int = 2):
+def build_model(attn: str = "sdpa", seed: int = 0, num_layers: int = N_LAYERS, kv_heads: int = 2):
+    """A new tiny LLaVA (seeded, eval mode, ``attn`` attention); most tests want the shared :func:`make_model`."""
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -65,18 +67,86 @@ def make_model(attn: str = "sdpa", seed: int = 0, num_layers: int = N_LAYERS, kv
     return m
 
 
-_MODELS: dict = {}
+def _key(attn: str, seed: int, num_layers: int, kv_heads: int) -> tuple:
+    return ("llava", attn, seed, num_layers, kv_heads)
+
+
+def make_model(attn: str = "sdpa", seed: int = 0, num_layers: int = N_LAYERS, kv_heads: int = 2):
+    """The tiny LLaVA of these settings shared by every test of this process (see ``model_cache``): hand it back
+    as it was (hooks removed, weights untouched); a test that changes weights or dtype takes :func:`own_model`."""
+    return model_cache.shared(
+        _key(attn, seed, num_layers, kv_heads), lambda: build_model(attn, seed, num_layers, kv_heads)
+    )
+
+
+def own_model(attn: str = "sdpa", seed: int = 0, num_layers: int = N_LAYERS, kv_heads: int = 2):
+    """A private copy of :func:`make_model`'s model, free to change."""
+    return model_cache.private(
+        _key(attn, seed, num_layers, kv_heads), lambda: build_model(attn, seed, num_layers, kv_heads)
+    )
 
 
 @pytest.fixture(params=["sdpa", "eager"])
 def model(request):
-    key = request.param
-    if key not in _MODELS:
-        _MODELS[key] = make_model(key)
-    m = _MODELS[key]
-    yield m
-    if getattr(m, "_vtc_session", None) is not None:  # a failing test must not leak hooks
-        m._vtc_session.remove()
+    return make_model(request.param)
+
+
+_SHARED_SCOPES = ("module", "class", "package")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n N --dist loadgroup`` (``make test``), the tests of a module that defines a module- or
+    class-scoped fixture form one xdist group: one worker runs them all and builds the fixture once (a module
+    fixture can save a checkpoint, run a demo or a benchmark). Other tests go one by one to the free worker."""
+    for item in items:
+        module = item.getparent(pytest.Module)
+        info = getattr(item, "_fixtureinfo", None)
+        if module is None or info is None:
+            continue
+        shared = any(
+            fd.scope in _SHARED_SCOPES and fd.baseid.startswith(module.nodeid)
+            for defs in info.name2fixturedefs.values()
+            for fd in defs
+        )
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(module.nodeid))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    if rep.failed:
+        item._vtc_failed = True
+        item.getparent(pytest.Module)._vtc_failed = True
+    return rep
+
+
+def pytest_sessionfinish(session):
+    """``VTC_TEST_BUILDS=path``: each test process appends how many times it built each shared model (one line)."""
+    path = os.environ.get("VTC_TEST_BUILDS")
+    if path:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(path, "a") as f:
+            f.write(f"{worker} {sorted(model_cache.BUILDS.items(), key=str)}\n")
+
+
+@pytest.fixture(autouse=True)
+def _shared_models_handed_back(request):
+    """Every shared model this test was handed must come back as built (hooks removed, weights untouched)."""
+    yield
+    problems = model_cache.end_test(passed=not getattr(request.node, "_vtc_failed", False))
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_models_handed_back_by_module(request):
+    """The same at the end of a module, for models its module-scoped fixtures held across tests."""
+    yield
+    problems = model_cache.end_module(passed=not getattr(request.node, "_vtc_failed", False))
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
 
 
 def _row(text_before: list[int], n_images: int, text_after: list[int]) -> list[int]:

@@ -94,7 +94,7 @@ def test_preset_fields_can_be_overridden_by_keyword():
 def test_compact_preset_on_qwen_needs_original_positions():
     from families import _qwen
 
-    model = _qwen.build_model("qwen2_vl", "sdpa")
+    model = _qwen.make_model("qwen2_vl", "sdpa")
     with pytest.raises(ValueError, match="positions='original'"):
         vtc.apply(model, "pdrop_128")
     assert getattr(model, "_vtc_session", None) is None

@@ -9,12 +9,14 @@ measures are far apart (about 0.1, 0.5 and 0.85 on the tiny tower), so threshold
 
 from __future__ import annotations
 
+import copy
 import io
 import itertools
 import math
 import random
 from contextlib import redirect_stderr, redirect_stdout
 
+import model_cache
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,28 +42,26 @@ STEPS = 4
 THRESH = dict(candidates=[1, 2, 4], thresholds=[0.3, 0.7])
 EXPECT = {"flat": 4, "half": 2, "noise": 1}
 
-_MODELS: dict = {}
+
+def _build_dfmr_model(attn, strategy, layer, grid):
+    from transformers import LlavaForConditionalGeneration
+
+    cfg = make_config()
+    cfg.vision_config.image_size = grid * 14
+    cfg.vision_feature_select_strategy = strategy
+    cfg.vision_feature_layer = layer
+    torch.manual_seed(0)
+    m = LlavaForConditionalGeneration(cfg).eval()
+    m.set_attn_implementation(attn)
+    m.generation_config.eos_token_id = None
+    m.generation_config.pad_token_id = PAD
+    return m
 
 
 def dfmr_model(attn="sdpa", strategy="default", layer=-2, grid=G):
-    key = (attn, strategy, str(layer), grid)
-    if key not in _MODELS:
-        from transformers import LlavaForConditionalGeneration
-
-        cfg = make_config()
-        cfg.vision_config.image_size = grid * 14
-        cfg.vision_feature_select_strategy = strategy
-        cfg.vision_feature_layer = layer
-        torch.manual_seed(0)
-        m = LlavaForConditionalGeneration(cfg).eval()
-        m.set_attn_implementation(attn)
-        m.generation_config.eos_token_id = None
-        m.generation_config.pad_token_id = PAD
-        _MODELS[key] = m
-    m = _MODELS[key]
-    if getattr(m, "_vtc_session", None) is not None:  # a failed test must not leak hooks
-        m._vtc_session.remove()
-    return m
+    """The shared tiny LLaVA of these settings (``model_cache``)."""
+    key = ("dfmr", attn, strategy, str(layer), grid)
+    return model_cache.shared(key, lambda: _build_dfmr_model(attn, strategy, layer, grid))
 
 
 def image(kind: str, seed: int = 0, grid: int = G) -> torch.Tensor:
@@ -462,7 +462,7 @@ def saved_model(tmp_path_factory):
     from transformers import CLIPImageProcessor
 
     d = tmp_path_factory.mktemp("tiny_llava")
-    dfmr_model("sdpa").save_pretrained(d)
+    copy.deepcopy(dfmr_model("sdpa")).save_pretrained(d)  # a private copy: save_pretrained edits the config
     CLIPImageProcessor(
         size={"shortest_edge": G * 14}, crop_size={"height": G * 14, "width": G * 14}
     ).save_pretrained(d)

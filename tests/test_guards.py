@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import make_inputs, make_model
+from conftest import make_inputs, make_model, own_model
 
 import vtc
 from vtc.methods import PyramidDrop
@@ -125,7 +125,8 @@ def test_double_apply_raises(model):
 
 
 def test_torch_compile_warns():
-    m = make_model("sdpa")
+    # a private copy: after remove(), vtc leaves `_vtc_session` on the module a torch.compile wrapper wraps
+    m = own_model("sdpa")
     compiled = torch.compile(m)
     with pytest.warns(UserWarning, match="torch.compile"):
         h = vtc.apply(compiled, "pyramid_drop")

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, PAD, build_batch, make_inputs, make_model
+from conftest import IMAGE_TOKEN, PAD, build_batch, make_inputs, make_model, own_model
 from refs import dropped_masks
 
 import vtc
@@ -301,7 +301,7 @@ def test_defect8_keep_all_is_bit_identical_with_shared_padding(model):
 def test_defect9_float64_models(method, kw):
     """Defect 9: float64 models run every method (the PyTorch reference serves float64); keep-all stays
     bit-identical and a drop equals the float64 masked reference."""
-    m = make_model("sdpa").double()
+    m = own_model("sdpa").double()  # a private copy: .double() converts in place
     inputs = make_inputs("b3_pad")
     inputs["pixel_values"] = inputs["pixel_values"].double()
     with vtc.apply(m, method, **kw) as h, torch.no_grad():

@@ -22,14 +22,10 @@ from vtc.engine.prellm import last_prellm_call
 
 KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
 STEPS = 3
-_MODELS: dict = {}
 
 
 def _model(kind: str, attn: str = "sdpa"):
-    key = (kind, attn)
-    if key not in _MODELS:
-        _MODELS[key] = _qwen.build_model(kind, attn)
-    return _MODELS[key]
+    return _qwen.make_model(kind, attn)
 
 
 def _hand_inputs(model, inputs: dict, embeds: list[torch.Tensor], dests: list[torch.Tensor]) -> dict:

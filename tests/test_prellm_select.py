@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, make_config, make_inputs, make_model
+from conftest import IMAGE_TOKEN, make_config, make_inputs, make_model, own_model
 
 import vtc
 from vtc.engine.prellm import last_prellm_call
@@ -349,7 +349,7 @@ def test_visionzip_without_readable_attention_raises():
         with pytest.raises(ValueError, match=match):
             vtc.apply(model, "visionzip", tokens=4)
         assert getattr(model, "_vtc_session", None) is None
-    model = make_model("sdpa")
+    model = own_model("sdpa")  # a private copy: its tower loses its attention modules
     for lyr in model.model.vision_tower.encoder.layers:
         lyr.self_attn = torch.nn.Identity()  # a tower whose attention cannot be read
     with pytest.raises(

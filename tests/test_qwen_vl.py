@@ -21,14 +21,10 @@ import vtc
 
 KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 STEPS = 3
-_MODELS: dict = {}
 
 
 def _model(kind: str, attn: str = "sdpa"):
-    key = (kind, attn)
-    if key not in _MODELS:
-        _MODELS[key] = _qwen.build_model(kind, attn)
-    return _MODELS[key]
+    return _qwen.make_model(kind, attn)
 
 
 def _kept_layout(inputs: dict, selections: dict, layer: int) -> list[torch.Tensor]:

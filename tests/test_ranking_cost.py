@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_inputs, make_model
+from conftest import make_inputs, make_model, own_model
 
 import vtc
 from vtc.scorers import Duplication, LastQueryAttention, attention_scores
@@ -28,7 +28,7 @@ def _capture(monkeypatch, cls):
 @pytest.mark.parametrize("case", ["b1_img2", "b3_pad", "b3_mixed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fastv_cached_keys_equal_a_fresh_projection(attn, case, dtype, monkeypatch):
-    model = make_model(attn).to(dtype)
+    model = own_model(attn).to(dtype)  # a private copy: .to(dtype) converts in place
     inputs = make_inputs(case)
     seen = _capture(monkeypatch, LastQueryAttention)
     with vtc.apply(model, "fastv", k=3, r=0.5) as h, torch.no_grad():

@@ -1,8 +1,8 @@
 """Load a supported Hugging Face checkpoint with the model class its ``config.json`` names.
 
-One place maps ``model_type`` to the ``*ForConditionalGeneration`` class of stock transformers, so the CLI,
-the benchmark and the lmms-eval plugin load LLaVA, LLaVA-NeXT, LLaVA-OneVision, LLaVA-NeXT-Video and the
-Qwen-VL family the same way (``from_pretrained``), and refuse anything else with the list of supported
+The adapters' table (:func:`vtc.adapters.adapter_class`, each adapter's ``model_classes``) maps ``model_type`` to the
+``*ForConditionalGeneration`` class of stock transformers, so the CLI, the benchmark and the lmms-eval plugin load
+every supported family the same way (``from_pretrained``), and refuse anything else with the list of supported
 types.
 """
 
@@ -12,19 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-#: transformers class of each ``model_type`` vtc has an adapter for (names resolved lazily)
-MODEL_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    "llava_next_video": "LlavaNextVideoForConditionalGeneration",
-    "vipllava": "VipLlavaForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "qwen3_vl": "Qwen3VLForConditionalGeneration",
-    "qwen3_5": "Qwen3_5ForConditionalGeneration",
-    "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
-}
+from vtc.adapters import adapter_class
 
 
 def checkpoint_model_type(path: str | Path) -> str | None:
@@ -39,7 +27,7 @@ def checkpoint_model_type(path: str | Path) -> str | None:
 
 
 def model_class(model_type: str | None):
-    """The transformers class that loads ``model_type``.
+    """The transformers class that loads ``model_type`` (its adapter's ``model_classes``).
 
     Raises
     ------
@@ -48,18 +36,13 @@ def model_class(model_type: str | None):
     """
     import transformers
 
-    import vtc
-
-    supported = vtc.supported_model_types()
-    if model_type not in supported or model_type not in MODEL_CLASSES:
-        raise ValueError(f"unsupported model_type={model_type!r}; vtc supports {supported}")
-    return getattr(transformers, MODEL_CLASSES[model_type])
+    return getattr(transformers, adapter_class(model_type).model_classes[model_type])
 
 
 def load_pretrained(path: str | Path, processor: bool = True, **kwargs: Any):
     """``(model, processor)`` of a checkpoint (local folder or hub id), the model in eval mode.
 
-    The class comes from the checkpoint's ``model_type`` (:data:`MODEL_CLASSES`); ``kwargs`` go to
+    The class comes from the checkpoint's ``model_type`` (:func:`model_class`); ``kwargs`` go to
     ``from_pretrained`` (``dtype``, ``device_map``, ``attn_implementation``, ``revision`` ...). The
     processor's tokenizer pads on the left (vtc needs it for batches).
 

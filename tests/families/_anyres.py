@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import model_cache
 import torch
 
 PAD, BOS, EOS = 0, 1, 2
@@ -78,16 +79,15 @@ def finish(model, attn: str):
 
 def family_functions(prompts, build):
     """``make_model, make_inputs, split_rows, item_tokens`` of an AnyRes family module: ``build()`` makes the model
-    (seeded with 0), cached per attention backend; the prompts come from ``prompts`` (a :class:`Prompts`)."""
-    models: dict = {}
+    (seeded with 0), shared per attention backend (``model_cache``); the prompts come from ``prompts`` (a
+    :class:`Prompts`)."""
+
+    def fresh(attn: str):
+        torch.manual_seed(0)
+        return finish(build(), attn)
 
     def make_model(attn: str):
-        if attn not in models:
-            import torch
-
-            torch.manual_seed(0)
-            models[attn] = finish(build(), attn)
-        return models[attn]
+        return model_cache.shared(("anyres", build.__module__, attn), lambda: fresh(attn))
 
     return make_model, prompts.make_inputs, prompts.split_rows, prompts.item_tokens
 

@@ -14,6 +14,7 @@ Every image and video frame has its own grid: patches of 14 px, a 2x2 merger, so
 
 from __future__ import annotations
 
+import model_cache
 import torch
 
 PAD, BOS, EOS = 0, 1, 2
@@ -113,6 +114,11 @@ def build_model(kind: str, attn: str, seed: int = 0):
     m.generation_config.eos_token_id = None
     m.generation_config.pad_token_id = PAD
     return m
+
+
+def make_model(kind: str, attn: str = "sdpa"):
+    """The tiny ``kind`` model shared by every test of this process (``model_cache``): hand it back as it was."""
+    return model_cache.shared(("qwen", kind, attn), lambda: build_model(kind, attn))
 
 
 # a row: list of parts; ("t", [ids]) text, ("img", h, w) an image of h x w patches, ("vid", t, h, w) a video
@@ -261,12 +267,9 @@ class QwenFamily:
 
     def __init__(self, kind: str):
         self.NAME = kind
-        self._models: dict = {}
 
     def make_model(self, attn: str):
-        if attn not in self._models:
-            self._models[attn] = build_model(self.NAME, attn)
-        return self._models[attn]
+        return make_model(self.NAME, attn)
 
     def make_inputs(self, case: str) -> dict:
         return make_inputs(self.NAME, case)

@@ -13,13 +13,9 @@ NOCACHE = {"positions": positions_like_generate}
 METHOD_KWARGS: dict = {}
 SKIP_SPECS: set = set()
 
-_MODELS: dict = {}
-
 
 def make_model(attn: str):
-    if attn not in _MODELS:
-        _MODELS[attn] = conftest.make_model(attn)
-    return _MODELS[attn]
+    return conftest.make_model(attn)
 
 
 def make_inputs(case: str) -> dict:

@@ -1,4 +1,9 @@
-"""Model adapters keyed by ``config.model_type``."""
+"""Model adapters keyed by ``config.model_type``: the one table of the model types vtc serves.
+
+Each adapter class declares its ``model_types``, the transformers class that loads each
+(``model_classes``, read by :mod:`vtc.loading` and the lmms-eval plugin) and how to read its FLOPs sizes from a
+config (``flops_dims``, read by :mod:`vtc.flops`). Nothing outside ``vtc/adapters/`` branches on a model type.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +33,19 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
 
 def supported_model_types() -> list[str]:
     return sorted(ADAPTERS)
+
+
+def adapter_class(model_type: str | None) -> type[ModelAdapter]:
+    """The adapter class that serves ``model_type``.
+
+    Raises
+    ------
+    ValueError
+        ``model_type`` has no adapter; the message lists the supported types.
+    """
+    if model_type not in ADAPTERS:
+        raise ValueError(f"unsupported model_type={model_type!r}; vtc supports {supported_model_types()}")
+    return ADAPTERS[model_type]
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
@@ -60,6 +78,7 @@ __all__ = [
     "LlavaOnevisionAdapter",
     "QwenVLAdapter",
     "Qwen3_5Adapter",
+    "adapter_class",
     "get_adapter",
     "supported_model_types",
 ]

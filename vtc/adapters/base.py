@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ _MASK_OF_LAYER_TYPE = {
     "sliding_attention": "sliding",
     "linear_attention": "recurrent",
 }
+from vtc.adapters.config_fields import Getter
 
 
 class ModelAdapter:
@@ -36,6 +38,32 @@ class ModelAdapter:
     model_types: tuple[str, ...] = ()
     #: ``text_config.model_type`` values whose decoder layers this adapter knows.
     text_model_types: tuple[str, ...] = ()
+    #: the ``transformers`` class (by name) that loads each of :attr:`model_types` (:func:`vtc.loading.model_class`)
+    model_classes: dict[str, str] = {}
+
+    @classmethod
+    def flops_dims(cls, model_type: str, get: Getter, vget: Getter, d: int) -> dict[str, Any]:
+        """The vision side's :class:`vtc.flops.ModelDims` fields read from a config of ``model_type`` (no model).
+
+        :meth:`vtc.flops.ModelDims.from_hf_config` reads the language model's sizes itself and calls this for the
+        tower, projector and token counts.
+
+        Parameters
+        ----------
+        model_type : str
+            One of :attr:`model_types`.
+        get, vget : callable
+            ``key -> value or None`` over the top-level config and its ``vision_config``
+            (:func:`vtc.adapters.config_fields.getter`; a ``PretrainedConfig`` or a ``config.json`` dict).
+        d : int
+            The language model's hidden size.
+
+        Returns
+        -------
+        dict
+            ``ModelDims`` field names and values (empty: the vision side is unknown and not counted).
+        """
+        return {}
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -36,6 +36,7 @@ class Gemma3Adapter(ModelAdapter):
     model_types = ("gemma3",)
     text_model_types = ("gemma3_text",)
     uses_image_blocks = True
+    model_classes = {"gemma3": "Gemma3ForConditionalGeneration"}
     #: resized with ``input_ids`` by a prompt rewrite
     token_inputs = ("token_type_ids",)
 

@@ -2,14 +2,51 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from vtc.adapters.base import ModelAdapter
+from vtc.adapters.config_fields import Getter, required
 
 
 class LlavaAdapter(ModelAdapter):
     model_types = ("llava",)
     text_model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "vicuna")
+    model_classes = {"llava": "LlavaForConditionalGeneration"}
+
+    @classmethod
+    def flops_dims(cls, model_type: str, get: Getter, vget: Getter, d: int) -> dict[str, Any]:
+        """A CLIP/SigLIP tower on fixed square crops of ``image_size`` px (one crop per image here), its two-layer
+        projector into the language model (``d`` wide), and the feature tokens of the select strategy (CLS dropped by
+        ``"default"``; SigLIP has none). Empty when the tower has no ``image_size``/``patch_size``."""
+        crop_px, patch = vget("image_size"), vget("patch_size")
+        if not (crop_px and patch):
+            return {}
+        patches = (crop_px // patch) ** 2
+        has_cls = "siglip" not in str(vget("model_type") or "")
+        strategy = get("vision_feature_select_strategy") or "default"
+        feature_layer = get("vision_feature_layer")
+        n_feature_layers = len(feature_layer) if isinstance(feature_layer, list | tuple) else 1
+        feature_tokens = patches if (strategy == "default" or not has_cls) else patches + 1
+        vd = required(vget, "hidden_size")
+        return dict(
+            vision_layers=required(vget, "num_hidden_layers"),
+            vision_d=vd,
+            vision_m=required(vget, "intermediate_size"),
+            vision_tokens=patches + int(has_cls),
+            vision_patch_dim=(vget("num_channels") or 3) * patch * patch,
+            vision_patch=patch,
+            vision_crop_size=crop_px,
+            vision_cls=int(has_cls),
+            vision_feature_tokens=feature_tokens,
+            vision_crops=1,
+            projector_in=vd * n_feature_layers,
+            projector_hidden=d,
+            projector_out=d,
+            visual_tokens_per_image=feature_tokens,
+            video_tokens_per_frame=0,
+        )
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -27,12 +27,15 @@ The spans' lengths are checked against the placeholder runs of the prompt; a mis
 
 from __future__ import annotations
 
+import importlib
 import math
 import sys
+from typing import Any
 
 import torch
 
 from vtc.adapters.base import visual_runs
+from vtc.adapters.config_fields import Getter
 from vtc.adapters.llava import LlavaAdapter
 from vtc.engine.types import ImageSpan
 from vtc.engine.units import ImageInputs, VisionUnits, dest_in_unit
@@ -45,6 +48,10 @@ class LlavaNextAdapter(LlavaAdapter):
     """``LlavaNextForConditionalGeneration`` / ``LlavaNextModel`` (images only)."""
 
     model_types = ("llava_next",)
+    model_classes = {"llava_next": "LlavaNextForConditionalGeneration"}
+    #: the transformers module whose ``get_anyres_image_grid_shape`` and ``unpad_image`` lay this family's images
+    #: out (:meth:`high_res_grid` without a model)
+    hf_module = "transformers.models.llava_next.modeling_llava_next"
     #: the model's forward needs the processor's ``image_sizes`` (callers must not drop them)
     uses_image_sizes = True
     #: how the model pools a video frame: None (no video), ``"bilinear_half"`` or ``"resampler"``
@@ -88,6 +95,72 @@ class LlavaNextAdapter(LlavaAdapter):
         mod = sys.modules[type(self._base).__module__]
         return mod.get_anyres_image_grid_shape, mod.unpad_image
 
+    # --- layouts without a model (also read by vtc.flops) ---------------------------------------------------
+    @classmethod
+    def high_res_grid(
+        cls, image_size, pinpoints, crop_px: int, side: int, max_crops: int | None = None, helpers=None
+    ) -> tuple[int, int, int, int]:
+        """Crops and high-resolution grid of one image, as ``pack_image_features`` lays it out.
+
+        Parameters
+        ----------
+        image_size : (int, int)
+            ``(height, width)`` of the original image in pixels.
+        pinpoints : list of [int, int]
+            ``image_grid_pinpoints``, ``[height, width]`` canvases in pixels.
+        crop_px, side : int
+            A tower crop's side in pixels (``vision_config.image_size``) and in patches.
+        max_crops : int, optional
+            OneVision's ``anyres_max_N``: a grid larger than ``N`` crops' worth (by more than 10 %) is shrunk
+            (bilinear, as the model does) by ``sqrt(h * w / (N * side**2))``.
+        helpers : (callable, callable), optional
+            ``get_anyres_image_grid_shape`` and ``unpad_image`` (default: those of :attr:`hf_module`).
+
+        Returns
+        -------
+        (int, int, int, int)
+            ``(nh, nw, h, w)``: ``nh x nw`` crops, and the ``h x w`` grid after unpadding (and shrinking); the image
+            has ``side**2 + h * (w + 1)`` tokens (base view, grid rows each ending in a newline token).
+        """
+        if helpers is None:
+            mod = importlib.import_module(cls.hf_module)
+            helpers = mod.get_anyres_image_grid_shape, mod.unpad_image
+        grid_shape, unpad = helpers
+        nh, nw = grid_shape(list(image_size), pinpoints, crop_px)
+        # unpad a stand-in of the stitched grid (an expanded scalar: nothing is allocated)
+        h, w = unpad(torch.zeros(1, 1, 1).expand(1, nh * side, nw * side), list(image_size)).shape[1:]
+        if max_crops is not None:
+            ratio = math.sqrt(h * w / (max_crops * side**2))
+            if ratio > 1.1:
+                h, w = int(h // ratio), int(w // ratio)
+        return int(nh), int(nw), int(h), int(w)
+
+    @classmethod
+    def pooled_video_side(cls, side: int, stride: int | None = None) -> int:
+        """Side of a video frame's grid after the model's pooling: ``ceil(side / 2)`` (OneVision's bilinear
+        half), ``side // spatial_pool_stride`` (NeXT-Video's resampler; stride 2 when not given), or 0 (no
+        video)."""
+        if cls.video_pooling is None:
+            return 0
+        if cls.video_pooling == "bilinear_half":
+            return math.ceil(side / 2)
+        return side // int(stride or 2)
+
+    @classmethod
+    def flops_dims(cls, model_type: str, get: Getter, vget: Getter, d: int) -> dict[str, Any]:
+        """LLaVA's crop tower, with ``1 + most crops of a pinpoint`` crops per image and the pooled frame of a
+        video."""
+        out = super().flops_dims(model_type, get, vget, d)
+        if not out:
+            return out
+        crop_px, side = out["vision_crop_size"], out["vision_crop_size"] // out["vision_patch"]
+        pinpoints = get("image_grid_pinpoints")
+        if pinpoints:
+            crops = 1 + max((h // crop_px) * (w // crop_px) for h, w in pinpoints)
+            out.update(vision_crops=crops, visual_tokens_per_image=crops * out["vision_feature_tokens"])
+        out["video_tokens_per_frame"] = cls.pooled_video_side(side, get("spatial_pool_stride")) ** 2
+        return out
+
     # --- layouts ------------------------------------------------------------------------------------
     def _max_crops(self) -> int | None:
         """OneVision's ``anyres_max_N`` bound on the high-resolution part (None: unbounded)."""
@@ -111,25 +184,20 @@ class LlavaNextAdapter(LlavaAdapter):
         s = self.side
         if not patched:
             return [((s, s), _grid_layout(s, s, newline_at_end=True), s * s + 1)]
-        grid_shape, unpad = self._helpers()
         cfg = self.model.config
-        nh, nw = grid_shape(list(image_size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-        # unpad a stand-in of the stitched grid (an expanded scalar: nothing is allocated)
-        h, w = unpad(torch.zeros(1, 1, 1).expand(1, nh * s, nw * s), list(image_size)).shape[1:]
-        n_max = self._max_crops()
-        if n_max is not None:
-            ratio = math.sqrt(h * w / (n_max * s**2))
-            if ratio > 1.1:
-                h, w = int(h // ratio), int(w // ratio)
+        _, _, h, w = self.high_res_grid(
+            image_size,
+            cfg.image_grid_pinpoints,
+            cfg.vision_config.image_size,
+            s,
+            self._max_crops(),
+            self._helpers(),
+        )
         return [((s, s), None, s * s), ((h, w), _grid_layout(h, w), h * (w + 1))]
 
     def video_parts(self, frames: int) -> list[Part]:
         """One span per frame of a video of ``frames`` frames (the last one holds the trailing newline)."""
-        s = self.side
-        if self.video_pooling == "bilinear_half":
-            g = math.ceil(s / 2)
-        else:
-            g = s // int(self.model.config.spatial_pool_stride)
+        g = self.pooled_video_side(self.side, getattr(self.model.config, "spatial_pool_stride", None))
         parts: list[Part] = [((g, g), None, g * g) for _ in range(frames)]
         if self.video_newline and frames:
             parts[-1] = ((g, g), _grid_layout(g, g, newline_at_end=True), g * g + 1)
@@ -545,19 +613,66 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     ``ceil(s/2)`` per frame with one newline token after the last frame."""
 
     model_types = ("llava_onevision",)
+    model_classes = {"llava_onevision": "LlavaOnevisionForConditionalGeneration"}
+    hf_module = "transformers.models.llava_onevision.modeling_llava_onevision"
     video_pooling = "bilinear_half"
     video_newline = True
 
-    def _max_crops(self) -> int | None:
-        # the forward never passes vision_aspect_ratio on: get_image_features takes the config's
-        value = str(self.model.config.vision_aspect_ratio)
-        n = value.removeprefix("anyres_max_")
+    @staticmethod
+    def anyres_max(value) -> int:
+        """``N`` of ``vision_aspect_ratio="anyres_max_N"``.
+
+        Raises
+        ------
+        ValueError
+            ``value`` is not of that form.
+        """
+        n = str(value).removeprefix("anyres_max_")
         if not n.isdigit():
             raise ValueError(
-                f"llava_onevision: vision_aspect_ratio={value!r} is not of the form 'anyres_max_N' (N a positive "
+                f"llava_onevision: vision_aspect_ratio={str(value)!r} is not of the form 'anyres_max_N' (N a positive "
                 "integer, e.g. 'anyres_max_9'); set it in the model's config."
             )
         return int(n)
+
+    def _max_crops(self) -> int | None:
+        # the forward never passes vision_aspect_ratio on: get_image_features takes the config's
+        return self.anyres_max(self.model.config.vision_aspect_ratio)
+
+    @classmethod
+    def image_layout(
+        cls, image_size, grid: int, crop_px: int, side: int, feature_tokens: int, max_crops: int
+    ) -> tuple[int, int]:
+        """``(crops, tokens)`` of one image of ``image_size`` ``(height, width)`` px on a model whose pinpoints
+        are every ``i x j`` crops, ``1 <= i, j <= grid`` (height-major, as the checkpoints list them): the base
+        view plus the best-fit crops through the tower; ``feature_tokens`` base tokens, then the unpadded,
+        shrunk grid (:meth:`high_res_grid`) with a newline token per row."""
+        pinpoints = [[i * crop_px, j * crop_px] for i in range(1, grid + 1) for j in range(1, grid + 1)]
+        nh, nw, h, w = cls.high_res_grid(image_size, pinpoints, crop_px, side, max_crops)
+        return 1 + nh * nw, feature_tokens + h * (w + 1)
+
+    @classmethod
+    def flops_dims(cls, model_type: str, get: Getter, vget: Getter, d: int) -> dict[str, Any]:
+        """LLaVA-NeXT's, with the typical image a square one on the ``sqrt(N) x sqrt(N)`` crop grid of
+        ``anyres_max_N``: ``1 + N`` crops through the tower, ``P**2 + (sqrt(N) P)(sqrt(N) P + 1)`` tokens
+        (``P`` patches per crop side); with pinpoints that are every ``i x j`` crop grid, the sizes
+        :meth:`image_layout` needs for any other image size."""
+        out = super().flops_dims(model_type, get, vget, d)
+        aspect = get("vision_aspect_ratio")
+        if not out or not (isinstance(aspect, str) and aspect.startswith("anyres_max_")):
+            return out
+        n_max = cls.anyres_max(aspect)
+        g = math.isqrt(n_max)
+        crop_px = out["vision_crop_size"]
+        side = crop_px // out["vision_patch"]
+        out.update(
+            vision_crops=1 + g * g,
+            visual_tokens_per_image=out["vision_feature_tokens"] + g * side * (g * side + 1),
+        )
+        grid = _full_grid(get("image_grid_pinpoints"), crop_px)
+        if grid:
+            out.update(vision_anyres_grid=grid, vision_anyres_max=n_max)
+        return out
 
     def _patched(self, n_images: int, inputs: dict) -> list[bool]:
         per_row = inputs.get("batch_num_images")
@@ -572,7 +687,19 @@ class LlavaNextVideoAdapter(LlavaNextAdapter):
     ``vision_resampler`` (``spatial_pool_stride``) per frame, no newline tokens in videos."""
 
     model_types = ("llava_next_video",)
+    model_classes = {"llava_next_video": "LlavaNextVideoForConditionalGeneration"}
+    hf_module = "transformers.models.llava_next_video.modeling_llava_next_video"
     video_pooling = "resampler"
+
+
+def _full_grid(pinpoints: Any, crop: int) -> int:
+    """``G`` when ``pinpoints`` are exactly every ``(i·crop, j·crop)`` for ``1 ≤ i, j ≤ G``, else 0."""
+    if not pinpoints:
+        return 0
+    got = {(int(h), int(w)) for h, w in pinpoints}
+    g = max(max(h, w) for h, w in got) // crop
+    want = {(i * crop, j * crop) for i in range(1, g + 1) for j in range(1, g + 1)}
+    return g if got == want and len(pinpoints) == len(want) else 0
 
 
 def _grid_layout(h: int, w: int, newline_at_end: bool = False) -> torch.Tensor:

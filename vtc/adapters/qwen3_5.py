@@ -31,6 +31,10 @@ class Qwen3_5Adapter(QwenVLAdapter):
     text_model_types = ("qwen3_5_text", "qwen3_5_moe_text")
     layer_types_served = ("full_attention", "linear_attention")
     timestamped_video_types = ("qwen3_5", "qwen3_5_moe")
+    model_classes = {
+        "qwen3_5": "Qwen3_5ForConditionalGeneration",
+        "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
+    }
 
     def heads(self, attn: nn.Module, which: str, x: torch.Tensor, dh: int) -> torch.Tensor:
         """``[B, H, T, dh]`` query or key heads of a full-attention layer; the query without its gate half."""

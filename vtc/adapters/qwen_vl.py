@@ -42,11 +42,13 @@ What differs from LLaVA, and how the engine is told:
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import torch
 from torch import nn
 
 from vtc.adapters.base import ModelAdapter, visual_runs
+from vtc.adapters.config_fields import Getter, required, square
 from vtc.engine.ops import gather_rows
 from vtc.engine.types import ImageSpan
 from vtc.engine.units import ImageInputs, VisionUnits, dest_in_unit
@@ -83,6 +85,54 @@ class QwenVLAdapter(ModelAdapter):
     layer_types_served: tuple[str, ...] = ("full_attention",)
     #: model types whose processor writes a timestamp before every video frame (each frame is its own run)
     timestamped_video_types: tuple[str, ...] = ("qwen3_vl",)
+    model_classes = {
+        "qwen2_vl": "Qwen2VLForConditionalGeneration",
+        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+        "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    }
+
+    @classmethod
+    def flops_dims(cls, model_type: str, get: Getter, vget: Getter, d: int) -> dict[str, Any]:
+        """The dynamic-resolution tower (``vision_merge > 0``) and its merger(s): Qwen2-VL's ``embed_dim`` wide tower
+        with a GELU MLP of ``mlp_ratio`` and a merger to ``hidden_size``; Qwen2.5-VL's SwiGLU blocks, windowed but for
+        ``fullatt_block_indexes``; Qwen3-VL's ``deepstack_visual_indexes``. The token count follows the image size
+        (:meth:`vtc.flops.ModelDims.with_image_size`)."""
+        if model_type == "qwen2_vl":
+            # Qwen2VLVisionConfig: embed_dim is the tower width, hidden_size the merger's output width
+            vd = required(vget, "embed_dim")
+            vm = vd * (vget("mlp_ratio") or 4)
+            out = required(vget, "hidden_size")
+        else:
+            vd = required(vget, "hidden_size")
+            vm = required(vget, "intermediate_size")
+            out = required(vget, "out_hidden_size")
+        patch = square(required(vget, "patch_size"), "patch_size")
+        temporal = square(vget("temporal_patch_size") or 2, "temporal_patch_size")
+        merge = int(vget("spatial_merge_size") or 2)
+        channels = int(vget("in_channels") or vget("in_chans") or 3)
+        dims: dict[str, Any] = dict(
+            vision_layers=required(vget, "depth"),
+            vision_d=vd,
+            vision_m=vm,
+            vision_patch_dim=channels * temporal * patch * patch,
+            vision_cls=0,
+            vision_crops=1,
+            vision_mlp_matrices=3 if model_type == "qwen2_5_vl" else 2,
+            vision_patch=patch,
+            vision_temporal_patch=temporal,
+            vision_merge=merge,
+            projector_in=vd * merge * merge,
+            projector_hidden=vd * merge * merge,
+            projector_out=out,
+        )
+        if model_type == "qwen2_5_vl":
+            dims.update(
+                vision_window=int(vget("window_size") or 0),
+                vision_full_blocks=tuple(int(i) for i in (vget("fullatt_block_indexes") or ())),
+            )
+        if model_type == "qwen3_vl":
+            dims.update(vision_deepstack=tuple(int(i) for i in (vget("deepstack_visual_indexes") or ())))
+        return dims
 
     #: a nominal image for schedules solved for a token budget: 448x448 pixels
     NOMINAL_PIXELS = 448

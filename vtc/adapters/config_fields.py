@@ -1,0 +1,51 @@
+"""Reading sizes from a model config given as a transformers ``PretrainedConfig`` or as its ``config.json`` dict.
+
+The adapters' ``flops_dims`` readers and :mod:`vtc.flops` share these, so a missing size raises the same
+clear error wherever it is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+#: ``get(key) -> value or None`` over a config object or a dict
+Getter = Callable[[str], Any]
+
+
+def getter(obj: Any) -> Getter:
+    """``get(key)`` for a config object (attribute, None when absent) or a mapping (``dict.get``)."""
+    if isinstance(obj, Mapping):
+        return obj.get
+    return lambda key: getattr(obj, key, None)
+
+
+def required(get: Getter, key: str) -> int:
+    """``int(get(key))``.
+
+    Raises
+    ------
+    ValueError
+        The config has no ``key``.
+    """
+    value = get(key)
+    if value is None:
+        raise ValueError(f"config has no {key!r}; cannot derive model sizes")
+    return int(value)
+
+
+def square(value: Any, key: str) -> int:
+    """A side given as an int or as equal ``[h, w]`` sides.
+
+    Raises
+    ------
+    ValueError
+        The sides differ.
+    """
+    if isinstance(value, list | tuple):
+        if len(set(value)) != 1:
+            raise ValueError(
+                f"vision_config.{key}={list(value)} is not square; only square patches are supported"
+            )
+        value = value[0]
+    return int(value)

@@ -1,0 +1,286 @@
+"""The cost formulas of :mod:`vtc.flops`: per decoder layer (``papers`` and ``full`` conventions), per decode
+step, the vision tower (fixed crops or a dynamic-resolution grid), and one row's prefill and decode.
+
+Shape names: ``L`` decoder layers, ``d`` hidden, ``m`` MLP width, ``n`` tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from vtc.flops.dimensions import ModelDims
+
+#: Conventions accepted by :func:`prefill_flops` and :func:`vtc.flops.from_stats`.
+CONVENTIONS = ("papers", "full")
+#: Attention spans of the ``full`` convention at prefill.
+ATTENTION_SPANS = ("causal", "square")
+
+
+def _check_count(value: float, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite non-negative number, got {value!r}")
+    return value
+
+
+def _check_per_layer(values: Sequence[float], dims: ModelDims, what: str) -> list[float]:
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence):
+        raise TypeError(
+            f"{what} must be a sequence of {dims.L} numbers (one per layer), got {type(values).__name__}"
+        )
+    if len(values) != dims.L:
+        raise ValueError(f"{what} has {len(values)} entries but {dims.name} has L={dims.L} decoder layers")
+    return [_check_count(v, f"{what}[{i}]") for i, v in enumerate(values)]
+
+
+def _check_attention(attention: str) -> None:
+    if attention not in ATTENTION_SPANS:
+        raise ValueError(f"unknown attention span {attention!r}; choose one of {ATTENTION_SPANS}")
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown FLOPs convention {convention!r}; choose one of {CONVENTIONS}")
+
+
+def layer_macs_papers(n: float, dims: ModelDims, ffn_matrices: int = 3) -> float:
+    """Papers' per-layer cost ``4nd² + 2n²d + ffn_matrices·ndm`` in MACs for ``n`` image tokens.
+
+    Parameters
+    ----------
+    n : float
+        Image tokens processed by the layer (a mean is fine).
+    dims : ModelDims
+    ffn_matrices : int, default 3
+        3 for SwiGLU (PyramidDrop's formula); 2 reproduces FastV's original formula.
+    """
+    _check_count(n, "n")
+    d, m = dims.d, dims.m
+    return 4 * n * d * d + 2 * n * n * d + ffn_matrices * n * d * m
+
+
+def _proj_mlp_macs(n: float, dims: ModelDims) -> float:
+    qo = 2 * n * dims.d * dims.H * dims.dh
+    kv = 2 * n * dims.d * dims.Hkv * dims.dh
+    return qo + kv + 3 * n * dims.d * dims.m
+
+
+def layer_macs_full(n: float, dims: ModelDims, attention: str = "causal") -> float:
+    """MACs of one decoder layer at prefill over ``n`` valid tokens (text + visual).
+
+    ``attention="causal"`` counts ``n(n+1)/2`` query-key pairs, ``"square"`` counts ``n²``.
+    Multiply by 2 for FLOPs (:func:`prefill_flops` does).
+    """
+    _check_count(n, "n")
+    _check_attention(attention)
+    pairs = n * (n + 1) / 2 if attention == "causal" else n * n
+    if attention == "causal" and isinstance(n, int):
+        pairs = n * (n + 1) // 2
+    return _proj_mlp_macs(n, dims) + 2 * dims.H * dims.dh * pairs
+
+
+def decode_step_macs_full(cache_len: float, dims: ModelDims) -> float:
+    """MACs of one decoder layer for one decode token when the layer caches ``cache_len`` tokens.
+
+    The new token attends ``cache_len + 1`` keys (the cache plus itself).
+    """
+    _check_count(cache_len, "cache_len")
+    return _proj_mlp_macs(1, dims) + 2 * dims.H * dims.dh * (cache_len + 1)
+
+
+def vision_macs_per_image(
+    dims: ModelDims, crops: float | None = None, grid: tuple[int, int, int] | None = None
+) -> float:
+    """MACs of the vision tower plus projector for one image.
+
+    Fixed-resolution towers (CLIP, SigLIP): ``crops`` crops (default ``dims.vision_crops``), each with
+    the patch embedding, every encoder layer (Q/K/V/O, bidirectional attention over all
+    ``vision_tokens``, a two-matrix GELU MLP) and the two projector matrices over the feature tokens.
+
+    Dynamic-resolution towers (Qwen-VL, ``dims.vision_merge > 0``): see :func:`dynamic_vision_macs`,
+    on ``grid`` (default: the grid of ``dims.vision_image_hw``).
+    """
+    if not dims.has_vision:
+        raise ValueError(
+            f"{dims.name}: vision tower sizes are unknown; set vision_* in ModelDims or the YAML"
+        )
+    if dims.dynamic_resolution:
+        if crops is not None:
+            raise ValueError(
+                f"{dims.name}: crops={crops!r} does not apply to a dynamic-resolution tower; pass grid=(t, h, w) "
+                f"in patches (ModelDims.image_grid(height, width)) instead"
+            )
+        if grid is None:
+            if len(dims.vision_image_hw) != 2:
+                raise ValueError(f"{dims.name}: no typical image size (vision_image_hw); pass grid=(t, h, w)")
+            grid = dims.image_grid(*dims.vision_image_hw)
+        return dynamic_vision_macs(dims, grid)
+    if grid is not None:
+        raise ValueError(f"{dims.name}: grid applies to dynamic-resolution towers only; pass crops instead")
+    crops = dims.vision_crops if crops is None else _check_count(crops, "crops")
+    t, dv, mv = dims.vision_tokens, dims.vision_d, dims.vision_m
+    embed = (t - dims.vision_cls) * dims.vision_patch_dim * dv
+    layer = 4 * t * dv * dv + 2 * t * t * dv + dims.vision_mlp_matrices * t * dv * mv
+    projector = dims.vision_feature_tokens * (
+        dims.projector_in * dims.projector_hidden + dims.projector_hidden * dims.projector_out
+    )
+    return crops * (embed + dims.vision_layers * layer + projector)
+
+
+def window_sizes(dims: ModelDims, h: int, w: int) -> list[int]:
+    """Patches in each attention window of one frame of ``h × w`` patches (windowed blocks).
+
+    The windows tile the **merged** grid ``(h/merge) × (w/merge)`` from its top-left corner in squares
+    of ``window / (merge · patch)`` merged tokens per side (4 for Qwen2.5-VL: 112 px = 8 × 8 patches);
+    the last row and column of windows are cut short when the grid is not a multiple. This is how
+    ``transformers`` builds ``cu_window_seqlens`` (``get_vision_window_index``).
+    """
+    side = dims.vision_window // (dims.vision_merge * dims.vision_patch)
+    hm, wm = h // dims.vision_merge, w // dims.vision_merge
+    rows = [side] * (hm // side) + ([hm % side] if hm % side else [])
+    cols = [side] * (wm // side) + ([wm % side] if wm % side else [])
+    unit = dims.vision_merge**2
+    return [r * c * unit for r in rows for c in cols]
+
+
+def dynamic_vision_macs(dims: ModelDims, grid: tuple[int, int, int]) -> float:
+    """MACs of a Qwen-VL vision tower and its merger(s) for one image or video of ``grid`` patches.
+
+    Parameters
+    ----------
+    dims : ModelDims
+        A dynamic-resolution model (``vision_merge > 0``).
+    grid : (int, int, int)
+        ``(t, h, w)``: temporal patches, patch rows, patch columns (``image_grid_thw``; 448 × 448 px at
+        patch 14 is ``(1, 32, 32)``). ``h`` and ``w`` must be multiples of ``vision_merge``.
+
+    Notes
+    -----
+    With ``n = t·h·w`` patches, tower width ``dv`` and MLP width ``mv``:
+
+    * patch embedding (a Conv3d over ``temporal_patch × patch × patch`` pixels): ``n · patch_dim · dv``;
+    * per block: ``4·n·dv²`` (fused QKV and the output projection) + ``k·n·dv·mv`` (``k = 2`` for
+      fc1/fc2, 3 for SwiGLU) + attention ``2·s²·dv`` summed over the attention segments ``s``: each
+      frame (``h·w`` patches, the tower never attends across temporal patches) in full-attention
+      blocks, each window of :func:`window_sizes` in windowed blocks (Qwen2.5-VL: every block not in
+      ``vision_full_blocks``);
+    * the merger MLP on ``n / merge²`` merged tokens: ``in·hidden + hidden·out`` each; Qwen3-VL runs one
+      more merger of the same shape per DeepStack block.
+
+    Norms, rotary and learned position embeddings, activations and biases are not counted.
+    """
+    if not dims.dynamic_resolution:
+        raise ValueError(
+            f"{dims.name}: dynamic_vision_macs needs a dynamic-resolution tower (vision_merge > 0)"
+        )
+    if isinstance(grid, str | bytes) or not isinstance(grid, Sequence) or len(grid) != 3:
+        raise ValueError(f"grid must be (t, h, w) in patches, got {grid!r}")
+    t, h, w = grid
+    for what, value in (("t", t), ("h", h), ("w", w)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"grid {what} must be a positive int, got {value!r}")
+    if h % dims.vision_merge or w % dims.vision_merge:
+        raise ValueError(
+            f"grid (t, h, w)={tuple(grid)}: h and w must be multiples of spatial_merge_size {dims.vision_merge}"
+        )
+    dv, mv = dims.vision_d, dims.vision_m
+    n = t * h * w
+    frame = h * w
+    embed = n * dims.vision_patch_dim * dv
+    dense = 4 * n * dv * dv + dims.vision_mlp_matrices * n * dv * mv
+    full_attn = t * 2 * frame * frame * dv
+    windowed = dims.vision_window > 0
+    window_attn = t * sum(2 * s * s * dv for s in window_sizes(dims, h, w)) if windowed else full_attn
+    blocks = 0
+    for i in range(dims.vision_layers):
+        full = not windowed or i in dims.vision_full_blocks
+        blocks += dense + (full_attn if full else window_attn)
+    merged = n // dims.vision_merge**2
+    merger = merged * (dims.projector_in * dims.projector_hidden + dims.projector_hidden * dims.projector_out)
+    return embed + blocks + (1 + len(dims.vision_deepstack)) * merger
+
+
+# --------------------------------------------------------------------------------------------------
+# Sequence-level functions (one row)
+# --------------------------------------------------------------------------------------------------
+def prefill_flops(
+    dims: ModelDims,
+    tokens_per_layer: Sequence[float],
+    convention: str = "full",
+    attention: str = "causal",
+    ffn_matrices: int = 3,
+) -> float:
+    """Prefill cost of one row, summed over layers, in the convention's unit.
+
+    Parameters
+    ----------
+    dims : ModelDims
+    tokens_per_layer : sequence of float, ``[L]``
+        ``"papers"``: image tokens per layer. ``"full"``: valid tokens (text + visual) per layer.
+    convention : {"full", "papers"}
+        ``"full"`` returns FLOPs (2 × MACs); ``"papers"`` returns MACs.
+    attention : {"causal", "square"}
+        Only for ``"full"``.
+    ffn_matrices : int, default 3
+        Only for ``"papers"``.
+    """
+    _check_convention(convention)
+    counts = _check_per_layer(tokens_per_layer, dims, "tokens_per_layer")
+    if convention == "papers":
+        return sum(layer_macs_papers(n, dims, ffn_matrices) for n in counts)
+    return 2 * sum(layer_macs_full(n, dims, attention) for n in counts)
+
+
+def decode_flops(
+    dims: ModelDims,
+    cache_len_per_layer: Sequence[float],
+    steps: int,
+    end_cache_len_per_layer: Sequence[float] | None = None,
+) -> float:
+    """FLOPs (2 × MACs, ``full`` convention) of ``steps`` decode steps of one row.
+
+    Parameters
+    ----------
+    cache_len_per_layer : sequence of float, ``[L]``
+        Tokens each layer caches when decoding starts (after the prefill).
+    steps : int
+        Decode forward calls; step ``s`` (0-based) attends ``cache + s + 1`` keys at each layer.
+    end_cache_len_per_layer : sequence of float, ``[L]``, optional
+        Cache length after the last step. When it is not ``start + steps`` (a method that evicts
+        while decoding) the cache is assumed to change linearly between the two.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    start = _check_per_layer(cache_len_per_layer, dims, "cache_len_per_layer")
+    end = None
+    if end_cache_len_per_layer is not None:
+        end = _check_per_layer(end_cache_len_per_layer, dims, "end_cache_len_per_layer")
+    return 2 * sum(
+        _decode_layer_macs(dims, start[i], None if end is None else end[i], steps) for i in range(dims.L)
+    )
+
+
+def _decode_layer_macs(dims: ModelDims, c0: float, c1: float | None, steps: int) -> float:
+    if steps == 0:
+        return 0
+    if c1 is None:
+        c1 = c0 + steps
+    # keys attended summed over steps: sum_s (c0 + (c1 - c0)(s + 1) / steps) = steps·c0 + (c1 - c0)(steps + 1)/2,
+    # exact (= steps·c0 + steps(steps+1)/2) when the cache grows by one per step.
+    grow = c1 - c0
+    if grow == steps and isinstance(c0, int):
+        keys = steps * c0 + steps * (steps + 1) // 2
+    else:
+        keys = steps * c0 + grow * (steps + 1) / 2
+    return steps * _proj_mlp_macs(1, dims) + 2 * dims.H * dims.dh * keys
+
+
+def papers_tflops_for_schedule(
+    dims: ModelDims, visual_per_layer: Sequence[float], ffn_matrices: int = 3
+) -> float:
+    """Papers' "TFLOPs" (tera-MACs) of a per-layer image-token schedule, e.g. ``[576]*8 + [288]*8 + …``."""
+    return prefill_flops(dims, visual_per_layer, "papers", ffn_matrices=ffn_matrices) / 1e12

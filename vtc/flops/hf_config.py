@@ -1,0 +1,63 @@
+"""Model sizes from a transformers config or its ``config.json`` dict: the language model's sizes are read here,
+the vision side by the adapter that serves the config's ``model_type`` (its ``flops_dims``; the adapters are the one
+table of model types, :mod:`vtc.adapters`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vtc.adapters import ADAPTERS, supported_model_types
+from vtc.adapters.config_fields import getter, required
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from vtc.flops.dimensions import ModelDims
+
+#: Default typical image of a dynamic-resolution model, in merged tokens per side (36 x 36 = 1296).
+DEFAULT_MERGED_SIDE = 36
+
+
+def dims_from_hf_config(
+    cls: type[ModelDims], config: Any, name: str | None = None, image_size: tuple[int, int] | None = None
+) -> ModelDims:
+    """:meth:`ModelDims.from_hf_config <vtc.flops.ModelDims.from_hf_config>` (``cls`` is the class to build)."""
+    get = getter(config)
+    text = get("text_config")
+    text_get = getter(text) if text is not None else get
+    if "linear_attention" in (text_get("layer_types") or []):
+        raise ValueError(
+            f"{get('model_type')!r} has linear-attention (recurrent) decoder layers, whose FLOPs vtc does not "
+            "model yet (every layer would be counted as attention): FLOPs reports and flops_share targets are "
+            "not available for it. Set a schedule with an avg_tokens / avg_share target or explicit ratios."
+        )
+    d = required(text_get, "hidden_size")
+    H = required(text_get, "num_attention_heads")
+    dims: dict[str, Any] = dict(
+        d=d,
+        m=required(text_get, "intermediate_size"),
+        L=required(text_get, "num_hidden_layers"),
+        H=H,
+        Hkv=text_get("num_key_value_heads") or H,
+        dh=text_get("head_dim") or d // H,
+        vocab=text_get("vocab_size") or 0,
+    )
+    label = name or get("_name_or_path") or get("name_or_path") or get("model_type") or "custom"
+    model_type = get("model_type")
+    vision = get("vision_config")
+    if vision is not None:
+        if model_type not in ADAPTERS:
+            raise ValueError(
+                f"{label}: model_type={model_type!r} has no vtc adapter, so the sizes of its vision side cannot be "
+                f"read from its config; vtc supports {supported_model_types()}. Pass its text_config alone for the "
+                "language model, or describe the model in a YAML (ModelDims.from_yaml)"
+            )
+        dims.update(ADAPTERS[model_type].flops_dims(model_type, get, getter(vision), d))
+    out = cls(name=str(label), **dims)
+    if image_size is None and out.dynamic_resolution:
+        image_size = (DEFAULT_MERGED_SIDE * out.vision_pixels_per_token,) * 2
+    elif image_size is not None and not out.any_resolution:
+        raise ValueError(
+            f"image_size applies to models whose token count follows the image (dynamic-resolution towers such as "
+            f"Qwen-VL, or LLaVA-OneVision's anyres_max_N), not {label} (model_type={model_type!r}, fixed crops); "
+            "leave it out"
+        )
+    return out if image_size is None else out.with_image_size(*image_size)
