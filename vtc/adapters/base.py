@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vtc.adapters.config_fields import Getter
 from vtc.engine.types import ImageSpan, LayerSpec
 from vtc.engine.units import ImageInputs, VisionUnits, dest_in_unit
 
@@ -28,7 +29,6 @@ _MASK_OF_LAYER_TYPE = {
     "sliding_attention": "sliding",
     "linear_attention": "recurrent",
 }
-from vtc.adapters.config_fields import Getter
 
 
 class ModelAdapter:
