@@ -132,6 +132,9 @@ class ModelAdapter:
         drop the features land on the kept visual tokens only. Empty for models without such injections."""
         return []
 
+    #: position policies an in-decoder method may use on this model (``positions="auto"`` picks from these)
+    positions_policies: tuple[str, ...] = ("compact", "original")
+
     def check_positions(self, positions: str) -> None:
         """Raise when this model cannot use the ``positions`` policy of an in-decoder method (1-D RoPE models
         take both ``compact`` and ``original``)."""

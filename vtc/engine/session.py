@@ -43,7 +43,7 @@ from transformers.masking_utils import create_causal_mask
 from vtc.engine.ops import compact_rows, expand_rows, gather_rows, scatter_rows
 from vtc.engine.state import CallState, ImageSpan, View
 from vtc.engine.stats import CallHistory, CallStats
-from vtc.schedules import Schedule, keep_count
+from vtc.schedules import Schedule, keep_at_least_one, keep_count
 from vtc.scorers import ScoreContext, Scorer
 
 POSITION_POLICIES = ("compact", "original")
@@ -186,6 +186,16 @@ class _Injection:
         return self.original(memo.get(id(self.owner), self.owner))
 
 
+def _images_per_row(spans, B: int) -> list[int]:
+    """``[B]`` images (and videos / frames) per row: spans of one budget item (an AnyRes image's base view and
+    crops, the frames of a video budgeted per video) count once."""
+    keys = {(s.row, ("item", s.item) if s.item is not None else ("span", i)) for i, s in enumerate(spans)}
+    out = [0] * B
+    for row, _ in keys:
+        out[row] += 1
+    return out
+
+
 class Session:
     """All hooks of one :func:`vtc.apply` call; see the module docstring."""
 
@@ -304,7 +314,13 @@ class Session:
         self._patched.clear()
         for comp in reversed(self.pre_llm):
             comp.detach(self)
-        for mod in (self.model, self.adapter.base_model):
+        # a torch.compile wrapper forwards attribute writes to the module it wraps (_orig_mod): clear it there
+        inner = getattr(self.model, "_orig_mod", None)
+        for mod in (
+            self.model,
+            self.adapter.base_model,
+            *([inner] if isinstance(inner, torch.nn.Module) else []),
+        ):
             if mod.__dict__.get("_vtc_session") is self:
                 del mod._vtc_session
         self.state = None
@@ -490,7 +506,7 @@ class Session:
         stats = CallStats(
             num_layers=L,
             batch_size=B,
-            num_images=[sum(1 for s in spans if s.row == b) for b in range(B)],
+            num_images=_images_per_row(spans, B),
             visual_original=list(n_vis),
             visual_input=list(n_vis),
             prefill_visual=[list(n_vis) for _ in range(L)],
@@ -653,7 +669,7 @@ class Session:
         stats = CallStats(
             num_layers=L,
             batch_size=B,
-            num_images=[sum(1 for s in spans if s.row == b) for b in range(B)],
+            num_images=_images_per_row(spans, B),
             visual_original=list(vis_orig) if vis_orig is not None else n_vis.tolist(),
             visual_input=n_vis.tolist(),
             # layers no hook records (no in-decoder method) see every token entering the LLM
@@ -770,17 +786,20 @@ class Session:
         """Visual tokens kept at layer ``l`` per row and budget item (host ints; no device read).
 
         Each item (an image, a frame or a video, see :class:`ImageSpan`) keeps ``floor(N_item * share)`` of
-        the ``N_item`` tokens it entered the LLM with; a row without text keeps at least one token.
+        the ``N_item`` tokens it entered the LLM with, at least one while ``share > 0`` (unless the schedule
+        has ``allow_empty``); a row without text keeps at least one token.
         """
         share = self.plan.schedule.shares[l]
+        empty_ok = self.plan.schedule.allow_empty
         st = self.state
         if st.n_text0 is None:
             st.n_text0 = [t - v for t, v in zip(st.stats.prefill_tokens[0], st.stats.visual_input)]
-        return [self._item_counts(sizes, t, share) for sizes, t in zip(st.item_sizes, st.n_text0)]
+        return [self._item_counts(sizes, t, share, empty_ok) for sizes, t in zip(st.item_sizes, st.n_text0)]
 
     @staticmethod
-    def _item_counts(sizes: list[int], n_text: int, share: float) -> list[int]:
-        out = [keep_count(int(n), share) for n in sizes]
+    def _item_counts(sizes: list[int], n_text: int, share: float, allow_empty: bool = False) -> list[int]:
+        # at-least-one rule (vtc.schedules): no item falls to 0 tokens at a layer of share > 0
+        out = [keep_at_least_one(int(n), share, allow_empty) for n in sizes]
         if n_text == 0 and sizes and sum(out) == 0 and sum(sizes) > 0:
             first = next(i for i, n in enumerate(sizes) if n > 0)
             out[first] = 1  # no row may become empty
