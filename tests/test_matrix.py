@@ -123,7 +123,9 @@ def test_removal_restores_the_model(model, family, case, spec):
 
 
 def _expected_counts(n0: int, share: float) -> int:
-    return int(math.floor(n0 * share + 1e-9))
+    """floor(n0 * share), at least one token of an image at a layer of share above 0 (the at-least-one rule)."""
+    k = int(math.floor(n0 * share + 1e-9))
+    return max(k, 1) if share > 0 and n0 > 0 else k
 
 
 def test_counts_and_cache_lengths_follow_the_schedule(model, family, case, spec):
