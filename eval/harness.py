@@ -38,6 +38,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from vtc.cli import MODEL_TYPES_HELP
 from vtc.eval.threads import add_threads_arg, apply_threads
 
 logger = logging.getLogger(__name__)
@@ -69,11 +70,13 @@ def _parse_limit(text: str | None):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vtc eval",
-        description="Run lmms-eval in-process on a LLaVA checkpoint for several vtc methods and tasks; writes one "
-        "results JSON per method (with the 'vtc' block) and the report.",
+        description=f"Run lmms-eval in-process on {MODEL_TYPES_HELP} for several vtc methods and tasks; writes "
+        "one results JSON per method (with the 'vtc' block) and the report.",
     )
     p.add_argument(
-        "--model", required=True, help="local Hugging Face LLaVA checkpoint folder (or hub id if cached)"
+        "--model",
+        required=True,
+        help=f"local Hugging Face checkpoint folder (or hub id if cached): {MODEL_TYPES_HELP}",
     )
     p.add_argument(
         "--methods",
