@@ -263,3 +263,105 @@ def test_num_images_counts_images(family):
         with vtc.apply(model, method) as h, torch.no_grad():
             model(**inputs)
             assert h.stats.num_images == want, (method, h.stats.num_images, want)
+
+
+# --- help texts, report -----------------------------------------------------------------------------------------
+def test_help_texts_name_every_supported_type():
+    from vtc.cli import MODEL_TYPES, MODEL_TYPES_HELP
+    from vtc.eval import harness
+
+    assert sorted(MODEL_TYPES) == vtc.supported_model_types()
+    text = harness.build_parser().format_help()
+    assert "LLaVA checkpoint" not in text
+    for t in vtc.supported_model_types():
+        assert t in MODEL_TYPES_HELP and t in " ".join(text.split()), t
+
+
+DEMO_METHODS = [
+    "pyramid_drop", "fastv", "prd_drop", "prd_skip", "random", "uniform", "oracle", "dfmr", "dfmr+pyramid_drop",
+    "visionzip", "divprune", "cdpruner", "pool",
+]  # fmt: skip
+
+
+def _plot_rows(load: float | None = None):
+    rows = [
+        dict(model="tiny", model_key="tiny", method="none", label="none", reference=True, scores={"qa": 0.98},
+             relative_performance_pct=100.0, ci={}, tflops_papers=3e-4, prefill_ms=10.0, decode_ms=1.0,
+             load_avg=load, cpus=2)
+    ]  # fmt: skip
+    for i, m in enumerate(DEMO_METHODS):
+        for b, share in enumerate((0.5, 0.25)):
+            rows.append(
+                dict(model="tiny", model_key="tiny", method=m, label=f"{m} {share}", reference=False,
+                     scores={"qa": 0.9 - 0.01 * i - 0.1 * b}, relative_performance_pct=90.0 - i - 10 * b, ci={},
+                     tflops_papers=3e-4 * share, prefill_ms=10.0 * share, decode_ms=1.0, load_avg=load, cpus=2)
+            )  # fmt: skip
+    return rows
+
+
+def _captured_plot(monkeypatch, tmp_path, rows, x):
+    import matplotlib.pyplot as plt
+
+    from vtc.eval import report
+
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    report._write_plot(rows, tmp_path / "p.png", "0", "c", "now", x)
+    assert (tmp_path / "p.png").stat().st_size > 0
+    (fig,) = figs
+    return fig.axes[0]
+
+
+def test_pareto_plot_has_a_colour_per_method_a_marker_per_family_and_readable_units(monkeypatch, tmp_path):
+    """The demo's 13 methods: 13 distinct colours, one marker per family (4 families), a legend entry per
+    method plus the reference (no text labels on the points), and the x axis in MFLOPs (3e-4 TFLOPs = 300 M)."""
+    from vtc.eval.report import FAMILY_MARKERS, method_family
+
+    ax = _captured_plot(monkeypatch, tmp_path, _plot_rows(), "flops")
+    handles, labels = ax.get_legend_handles_labels()
+    # an errorbar's legend handle is its container; its first line carries the colour and marker
+    lines = {lab.split(" (")[0]: getattr(h, "lines", [h])[0] for h, lab in zip(handles, labels)}
+    assert set(lines) == set(DEMO_METHODS) | {"none"}
+    colours = [lines[m].get_color() for m in DEMO_METHODS]
+    assert len(set(colours)) == len(DEMO_METHODS)
+    for m in DEMO_METHODS:
+        assert lines[m].get_marker() == FAMILY_MARKERS[method_family(m)], m
+    families = {method_family(m) for m in DEMO_METHODS}
+    assert len(families) == 4 and len({FAMILY_MARKERS[f] for f in families}) == 4
+    assert len(ax.texts) == 0 and len(ax.get_legend().get_texts()) == len(DEMO_METHODS) + 1
+    assert ax.get_xlabel().startswith("MFLOPs per sample")
+    assert max(lines["none"].get_xdata()) == pytest.approx(300.0)
+
+
+def test_noisy_timings_are_flagged_in_the_report_and_the_latency_plot(monkeypatch, tmp_path):
+    from vtc.eval.report import noisy_timings
+
+    assert noisy_timings(_plot_rows(load=1.5)) == ""
+    warning = noisy_timings(_plot_rows(load=5.0))
+    assert warning.startswith("27 of 27 timed runs ran with the load average above the cores available (up to 5.0 on 2")
+    ax = _captured_plot(monkeypatch, tmp_path, _plot_rows(load=5.0), "latency")
+    assert any("noisy timings" in t.get_text() for t in ax.texts)
+    ax = _captured_plot(monkeypatch, tmp_path, _plot_rows(load=1.0), "latency")
+    assert not any("noisy timings" in t.get_text() for t in ax.texts)
+
+
+def test_timed_calls_record_the_load_average():
+    import os
+
+    from vtc.engine.stats import CallStats
+    from vtc.eval.results import TaskAccumulator, TaskStats
+    from vtc.flops import ModelDims
+
+    acc = TaskAccumulator(ModelDims.from_yaml("llava-1.5-7b"))
+    stats = CallStats(num_layers=32, batch_size=1, num_images=[1], visual_original=[576], visual_input=[576],
+                      prefill_visual=[[576]] * 32, prefill_tokens=[[600]] * 32)  # fmt: skip
+    before = os.getloadavg()[0]
+    acc.add(stats, prefill_ms=10.0)
+    after = os.getloadavg()[0]
+    res = acc.result()
+    assert min(before, after) - 0.5 <= res.load_avg <= max(before, after) + 0.5
+    assert res.cpus == len(os.sched_getaffinity(0))
+    assert TaskStats.from_dict(res.to_dict()) == res
+    untimed = TaskAccumulator(ModelDims.from_yaml("llava-1.5-7b"))
+    untimed.add(stats)
+    assert untimed.result().load_avg is None
