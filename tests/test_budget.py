@@ -338,7 +338,9 @@ def test_noisy_timings_are_flagged_in_the_report_and_the_latency_plot(monkeypatc
 
     assert noisy_timings(_plot_rows(load=1.5)) == ""
     warning = noisy_timings(_plot_rows(load=5.0))
-    assert warning.startswith("27 of 27 timed runs ran with the load average above the cores available (up to 5.0 on 2")
+    assert warning.startswith(
+        "27 of 27 timed runs ran with the load average above the cores available (up to 5.0 on 2"
+    )
     ax = _captured_plot(monkeypatch, tmp_path, _plot_rows(load=5.0), "latency")
     assert any("noisy timings" in t.get_text() for t in ax.texts)
     ax = _captured_plot(monkeypatch, tmp_path, _plot_rows(load=1.0), "latency")
@@ -365,3 +367,30 @@ def test_timed_calls_record_the_load_average():
     untimed = TaskAccumulator(ModelDims.from_yaml("llava-1.5-7b"))
     untimed.add(stats)
     assert untimed.result().load_avg is None
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"kind": "stages", "layers": [2, 10, 20]},
+        {"kind": "single", "k": 2},
+        {"kind": "shifted_cosine", "floor": 0.1},
+        {"kind": "shifted_cosine", "free": "floor"},
+    ],
+)
+def test_share_targets_are_solved_on_the_shares(spec):
+    """avg_share without n_visual: the shares average the target (1e-6) for every family, and the schedule is
+    the same whatever n_visual the caller passes (no image size enters); below the family's lowest share
+    it raises BudgetUnreachable with that lowest share."""
+    from vtc.schedules import parse_schedule
+
+    free = spec.pop("free", None)
+    for share in (0.7, 0.6) if free else (0.6, 1 / 3, 2 / 9):  # the floor's reach ends at 0.51 (dense top)
+        target = {"avg_share": share, **({"free": free} if free else {})}
+        a = parse_schedule({**spec, "target": target}, 32, n_visual=16)
+        b = parse_schedule({**spec, "target": target}, 32, n_visual=2880)
+        assert a == b and abs(a.mean_share() - share) <= 1e-6, (spec, share)
+        assert all(c >= 1 for c in a.kept(16)) and not a.allow_empty
+    with pytest.raises(BudgetUnreachable) as err:
+        parse_schedule({**spec, "target": {"avg_share": 0.01, **({"free": free} if free else {})}}, 32)
+    assert 0.01 < err.value.lowest < 1 and f"{err.value.lowest:.4g}" in str(err.value)

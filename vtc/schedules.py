@@ -468,18 +468,20 @@ def _solve_share(kind, num_layers, build, target, lo, hi, allow_empty) -> tuple[
             "every layer).",
             lowest=floor_share,
         )
-    degenerate = target <= floor_share + 1e-6
-    if degenerate and not allow_empty:
-        # the family reaches the target only in the limit where its free parameter keeps nothing
-        at = next(l for l, s in enumerate(build(lo).shares) if s < 1e-3)
+    at_floor = target <= floor_share + 1e-6
+    # at its lowest the family may empty layers (stages' lam -> 0, single's kept share -> 0): reaching the
+    # target only there measures cutting the image off, not the method
+    empties = [l for l, s in enumerate(build(lo).shares) if s < 1e-3]
+    if at_floor and empties and not allow_empty:
         raise BudgetUnreachable(
             f"the {kind} schedule solved for an average share of {target:.4g} keeps 0 visual tokens from layer "
-            f"{at} on: at L={num_layers} layers the layers before its first boundary alone hold an average share "
-            f"of {floor_share:.4g}, the lowest this schedule reaches. Ask for a share above {floor_share:.4g} "
-            "(or earlier boundaries), or pass allow_empty=True if an empty layer is what you want.",
+            f"{empties[0]} on: at L={num_layers} layers the layers before its first boundary alone hold an "
+            f"average share of {floor_share:.4g}, the lowest this schedule reaches. Ask for a share above "
+            f"{floor_share:.4g} (or earlier boundaries), or pass allow_empty=True if an empty layer is what you "
+            "want.",
             lowest=floor_share,
         )
-    x = lo if degenerate else _bisect(metric, target, lo, hi)
+    x = lo if at_floor else _bisect(metric, target, lo, hi)
     sched = build(x)
     sched = Schedule(sched.shares, sched.boundaries, allow_empty=bool(allow_empty))
     return sched, (1.0 - x if kind == "single" else x)
