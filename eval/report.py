@@ -770,11 +770,12 @@ _FAMILY_OF = {
     **dict.fromkeys(("visionzip", "divprune", "cdpruner"), "selection before the LLM"),
     **dict.fromkeys(("pool", "dfmr", "dfmr+pyramid_drop"), "pooling before the LLM"),
 }
-#: 20 colours far apart from each other (no two methods of one plot share one up to 20 methods)
+#: 20 colours far apart from each other, strongest on white first (no two methods of one plot share one up to
+#: 20 methods; black is the reference's)
 DISTINCT_COLOURS = (
-    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
-    "#4d4d4d", "#000080", "#808000", "#ff1493", "#00ced1", "#8b0000", "#006400", "#daa520", "#4b0082",
-    "#a0522d", "#7fff00",
+    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324", "#469990",
+    "#800000", "#000075", "#808000", "#a9a9a9", "#bfef45", "#ffe119", "#fabed4", "#dcbeff", "#aaffc3",
+    "#ffd8b1", "#e6beff",
 )  # fmt: skip
 
 
@@ -847,6 +848,10 @@ def _write_plot(
             dict.fromkeys(r["method"] for r in group if not r["reference"]),
             key=lambda m: (list(FAMILY_MARKERS).index(method_family(m)), methods.index(m)),
         )
+        rank: dict[str, int] = {}  # position of each method within its family
+        for method in order:
+            fam = method_family(method)
+            rank[method] = sum(method_family(m) == fam for m in order[: order.index(method)])
         for method in order:
             points = sorted(
                 (r for r in group if r["method"] == method and not r["reference"]),
@@ -858,7 +863,8 @@ def _write_plot(
                 [y(r) for r in points],
                 yerr=[[e[0] for e in errs], [e[1] for e in errs]],
                 marker=FAMILY_MARKERS[method_family(method)],
-                markersize=6,
+                # later methods of a family get smaller markers, drawn on top: equal points stay visible, nested
+                markersize=max(3.5, 8.0 - 1.5 * rank[method]),
                 color=colour[method],
                 capsize=2,
                 linewidth=1.2,
