@@ -194,7 +194,16 @@ def test_eval_expands_seeds_and_names_position_policies(caplog):
         ("random_pdrop_default", 2),
     ]
     assert [run[2][0].seed for run in specs[2:]] == [0, 1, 2]
-    assert _position_policies(specs) == {"pdrop_default": "compact", "random_pdrop_default": "original"}
+    # positions: auto resolves per model type: PyramidDrop's official compact on LLaVA, original on Qwen-VL
+    assert _position_policies(specs, "llava") == {
+        "pdrop_default": "compact",
+        "random_pdrop_default": "original",
+    }
+    assert _position_policies(specs, "qwen2_5_vl") == {
+        "pdrop_default": "original",
+        "random_pdrop_default": "original",
+    }
+    assert _position_policies(specs) == {"pdrop_default": "auto", "random_pdrop_default": "original"}
     with pytest.raises(ValueError, match="--seeds must be a whole number >= 1"):
         expand_seeds([], 0)
 
