@@ -229,6 +229,18 @@ def test_first_readme_snippet_runs_unchanged_on_every_type():
         assert getattr(model, "_vtc_session", None) is None, name
 
 
+def test_readme_shipped_model_example_runs():
+    """The README's second block (the shipped tiny model, offline) runs as written; pdrop_128 averages the
+    hand-solved schedule's tokens, within one of 2/9 x 144 = 32."""
+    block = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[1]
+    assert "vtc.load_example()" in block
+    scope: dict = {}
+    exec(compile(block, "README.md block 1", "exec"), scope)  # noqa: S102 - the README's own code
+    per_layer = [layer[0] for layer in scope["handle"].stats.prefill_visual]
+    assert sum(per_layer) / 8 == pytest.approx(_hand_in_decoder("pdrop_128", 8, 144), abs=1e-9)
+    assert abs(sum(per_layer) / 8 - 32) <= 1 and per_layer[0] == 144
+
+
 def test_every_readme_python_block_compiles():
     for i, block in enumerate(re.findall(r"```python\n(.*?)```", README.read_text(), re.S)):
         compile(block, f"README.md block {i}", "exec")
