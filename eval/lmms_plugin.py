@@ -246,7 +246,9 @@ def _build_classes() -> None:
                 try:
                     n = int(threads)
                 except (TypeError, ValueError) as err:
-                    raise ValueError(f"{MODEL_ID}: threads must be a positive integer, got {threads!r}") from err
+                    raise ValueError(
+                        f"{MODEL_ID}: threads must be a positive integer, got {threads!r}"
+                    ) from err
                 apply_threads(n)
             from accelerate import Accelerator
             from transformers import AutoProcessor

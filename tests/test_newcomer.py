@@ -110,7 +110,9 @@ def test_same_preset_same_shares_on_8_and_32_layers(family, tokens):
     shapes = [(32, 576), (16, 144), (8, 16), (8, 144), (8, 576)]
     if tokens == 64:
         for L, n in shapes[2:]:
-            with pytest.raises(S.BudgetUnreachable, match=r"averages a share of 0.1111 at L=8 layers.*share of 0.125"):
+            with pytest.raises(
+                S.BudgetUnreachable, match=r"averages a share of 0.1111 at L=8 layers.*share of 0.125"
+            ):
                 _preset_schedule(f"{family}_{tokens}", L, n, allow_empty=True)
         shapes = shapes[:2]
     by_depth = {}
