@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from vtc.cli import MODEL_TYPES_HELP
 from vtc.engine.stats import CallStats
 
 IMAGE_TOKEN = 32000
@@ -284,7 +285,7 @@ def cpu_inputs(model, batch: int = 1, text_tokens: int = 40, seed: int = 1) -> d
 
 
 def load_checkpoint(path: str, device: str, dtype: torch.dtype, attn: str | None):
-    """``(model, processor)`` of a local LLaVA checkpoint folder, with clear errors for others."""
+    """``(model, processor)`` of a local checkpoint folder of a supported type, with clear errors for others."""
     import vtc
 
     p = Path(path)
@@ -704,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument(
         "--cpu", action="store_true", help="benchmark a mid-size random LLaVA built in-process, on the CPU"
     )
-    src.add_argument("--model", help="local Hugging Face LLaVA checkpoint folder")
+    src.add_argument("--model", help=f"local Hugging Face checkpoint folder: {MODEL_TYPES_HELP}")
     p.add_argument(
         "--method",
         nargs="+",

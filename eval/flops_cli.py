@@ -259,7 +259,7 @@ def schedule_counts(spec: Any, dims, visual_tokens: int, pre_llm_count_given: bo
     except ValueError as err:
         raise SpecError(f"{decoder[0].name} on {dims.name} (L={dims.L}): {err}") from err
     # in skip mode a routed layer processes only its selected tokens: the schedule gives that count too
-    return plan.schedule.counts(visual_tokens)
+    return plan.schedule.kept(visual_tokens)
 
 
 def _stats_for(dims, visual: list[int], text: int, new_tokens: int):

@@ -38,6 +38,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from vtc.cli import MODEL_TYPES_HELP
 from vtc.eval.threads import add_threads_arg, apply_threads
 
 logger = logging.getLogger(__name__)
@@ -69,11 +70,13 @@ def _parse_limit(text: str | None):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vtc eval",
-        description="Run lmms-eval in-process on a LLaVA checkpoint for several vtc methods and tasks; writes one "
-        "results JSON per method (with the 'vtc' block) and the report.",
+        description=f"Run lmms-eval in-process on {MODEL_TYPES_HELP} for several vtc methods and tasks; writes "
+        "one results JSON per method (with the 'vtc' block) and the report.",
     )
     p.add_argument(
-        "--model", required=True, help="local Hugging Face LLaVA checkpoint folder (or hub id if cached)"
+        "--model",
+        required=True,
+        help=f"local Hugging Face checkpoint folder (or hub id if cached): {MODEL_TYPES_HELP}",
     )
     p.add_argument(
         "--methods",
@@ -148,19 +151,27 @@ def expand_seeds(specs: list[tuple], seeds: int) -> list[tuple]:
     return out
 
 
-def _position_policies(specs: list[tuple]) -> dict[str, str]:
-    """``method -> position policy`` of the in-decoder methods among ``specs``."""
-    import vtc
+def _position_policies(specs: list[tuple], model_type: str | None = None) -> dict[str, str]:
+    """``method -> position policy`` of the in-decoder methods among ``specs``, ``auto`` resolved for the
+    model's type (:func:`vtc.methods.base.resolve_positions`; unresolved when the type is unknown)."""
+    import types
 
+    import vtc
+    from vtc.adapters import ADAPTERS
+
+    cls = ADAPTERS.get(model_type)
+    model = types.SimpleNamespace(positions_policies=cls.positions_policies) if cls is not None else None
     found = {}
     for method, _label, spec, _seed in specs:
         for m in vtc.resolve_methods(spec) if spec is not None else []:
             if m.kind == "decoder" and isinstance(getattr(m, "positions", None), str):
-                found[str(method)] = m.positions
+                found[str(method)] = m.resolved_positions(model) if model is not None else m.positions
     return found
 
 
-def _check_model(model: str) -> None:
+def _check_model(model: str) -> str | None:
+    """Raise for a local folder that is not a checkpoint of a supported type; its ``model_type`` (None for a
+    Hub name)."""
     import vtc
 
     path = Path(model)
@@ -177,6 +188,8 @@ def _check_model(model: str) -> None:
             raise ValueError(
                 f"unsupported model {model!r}: model_type={model_type!r}; vtc supports {vtc.supported_model_types()}"
             )
+        return model_type
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1:
             raise SpecError(f"--batch-size must be >= 1, got {args.batch_size}")
         specs = expand_seeds([(m, *parse_vtc_args(m, None)) for m in args.methods], args.seeds)
-        _check_model(args.model)
+        model_type = _check_model(args.model)
         apply_threads(args.threads)
         for inc in args.include_path:
             if not Path(inc).is_dir():
@@ -196,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, ValueError) as err:
         print(f"vtc eval: error: {err}", file=sys.stderr)
         return 2
-    policies = _position_policies(specs)
+    policies = _position_policies(specs, model_type)
     if len(set(policies.values())) > 1:
         logger.warning(
             "the in-decoder methods use different position policies (%s): differences between them measure the "

@@ -1,4 +1,6 @@
-"""lmms-eval model ``vtc_llava_hf``: a Hugging Face LLaVA checkpoint with any vtc method applied.
+"""lmms-eval model ``vtc_llava_hf``: a Hugging Face checkpoint of any supported type (LLaVA, LLaVA-NeXT,
+LLaVA-OneVision, LLaVA-NeXT-Video, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) with any vtc method applied; model arg
+``threads=N`` sets torch's CPU threads (as ``OMP_NUM_THREADS=N``).
 
 Registration
 ------------
@@ -226,15 +228,28 @@ def _build_classes() -> None:
             vtc_config: Any = None,
             vtc_include_vision: bool = False,
             keep_model_after_eval: bool = False,
+            threads: int | str | None = None,
             **kwargs,
         ) -> None:
             super().__init__()
             if kwargs:
                 raise ValueError(
                     f"{MODEL_ID}: unknown model_args {sorted(kwargs)}; vtc options are vtc_method, vtc_config, "
-                    "vtc_include_vision (plus pretrained, revision, device, dtype, batch_size, attn_implementation, "
-                    "device_map, chat_template, use_cache, trust_remote_code)"
+                    "vtc_include_vision, threads (plus pretrained, revision, device, dtype, batch_size, "
+                    "attn_implementation, device_map, chat_template, use_cache, trust_remote_code)"
                 )
+            if threads is not None and str(threads).strip() != "":
+                # torch's CPU threads of this process (as OMP_NUM_THREADS=N would set them at start); on a
+                # loaded machine fewer threads than cores run faster (`vtc eval --threads` does the same)
+                from vtc.eval.threads import apply_threads
+
+                try:
+                    n = int(threads)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(
+                        f"{MODEL_ID}: threads must be a positive integer, got {threads!r}"
+                    ) from err
+                apply_threads(n)
             from accelerate import Accelerator
             from transformers import AutoProcessor
 

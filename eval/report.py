@@ -61,7 +61,15 @@ logger = logging.getLogger(__name__)
 
 RESULTS_PATTERN = "*_results.json"
 MD_NAME, CSV_NAME, PNG_NAME, JSON_NAME = "report.md", "report.csv", "pareto.png", "report.json"
-_STAT_FIELDS = ("avg_visual_tokens", "tflops_papers", "tflops_full", "prefill_ms", "decode_ms", "kv_mb")
+_STAT_FIELDS = (
+    "avg_visual_tokens",
+    "tflops_papers",
+    "tflops_full",
+    "prefill_ms",
+    "decode_ms",
+    "kv_mb",
+    "load_avg",
+)
 _MEAN_FIELDS = (*_STAT_FIELDS, "n_calls", "n_rows")
 
 
@@ -213,6 +221,7 @@ def _merge_task(rows: Sequence[ResultRow]) -> ResultRow:
     for name in ("n_calls", "n_rows"):
         if fields[name] is not None:
             fields[name] = int(round(fields[name]))
+    fields["cpus"] = max((r.cpus for r in rows if r.cpus), default=None)
     layers = [r.avg_visual_tokens_per_layer for r in rows if r.avg_visual_tokens_per_layer]
     per_layer = [sum(c) / len(c) for c in zip(*layers)] if layers else None
     metrics = {m: _mean(r.metrics.get(m) for r in rows) for m in rows[0].metrics}
@@ -358,6 +367,7 @@ def build_rows(runs: Sequence[Run], n_boot: int = st.N_BOOT, seed: int = 0) -> l
                 "tokens_per_layer": per_layer,
                 "budget": budget,
                 **{name: run.stat(name) for name in _STAT_FIELDS},
+                "cpus": max((r.cpus for r in run.tasks.values() if r.cpus), default=None),
                 "rows_per_call": None,
                 "n_calls": sum(r.n_calls or 0 for r in run.tasks.values()) if run.has_vtc else None,
                 "scores": scores,
@@ -464,6 +474,7 @@ MD_COLUMNS = (
     "FLOPs share (full)",
     "prefill ms",
     "decode ms",
+    "load / cores",
     "rows/call",
     "KV MB",
 )
@@ -481,6 +492,35 @@ def format_tokens_per_layer(values: Sequence[float] | None) -> str:
         else:
             parts.append([text, 1])
     return " ".join(t if n == 1 else f"{t}×{n}" for t, n in parts)
+
+
+def _fmt_load(r: Mapping) -> str:
+    if r.get("load_avg") is None:
+        return "–"
+    return f"{r['load_avg']:.1f} / {r['cpus']}" if r.get("cpus") else f"{r['load_avg']:.1f}"
+
+
+def noisy_timings(rows: Sequence[Mapping]) -> str:
+    """A sentence naming the timed runs whose machine was loaded beyond its cores (the 1-min load average
+    recorded with their latency above the cores available), or ``""`` when none was."""
+    loaded = [
+        r
+        for r in rows
+        if r.get("prefill_ms") is not None
+        and r.get("load_avg") is not None
+        and r.get("cpus")
+        and r["load_avg"] > r["cpus"]
+    ]
+    if not loaded:
+        return ""
+    worst = max(loaded, key=lambda r: r["load_avg"] / r["cpus"])
+    return (
+        f"{len(loaded)} of {sum(r.get('prefill_ms') is not None for r in rows)} timed runs ran with the load "
+        f"average above the cores available (up to {worst['load_avg']:.1f} on {worst['cpus']}, "
+        f"{worst['label']}): their prefill / decode ms measure the other jobs as much as the method. Rerun on a "
+        "quiet machine (or with --threads 1 and fewer workers) before comparing latencies; `vtc bench` "
+        "interleaves variants for speed claims."
+    )
 
 
 def _fmt_p(p: float) -> str:
@@ -588,6 +628,7 @@ def _markdown(rows: Sequence[dict], runs_root: Path, version: str, commit: str, 
                 _fmt(r["flops_share_full_pct"], ".1f", "%"),
                 _fmt(r["prefill_ms"], ".1f"),
                 _fmt(r["decode_ms"], ".1f"),
+                _fmt_load(r),
                 _fmt(r["rows_per_call"], ".3g"),
                 _fmt(r["kv_mb"], ".3g"),
                 ", ".join(str(s) for s in r["seeds"]) or "–",
@@ -596,6 +637,9 @@ def _markdown(rows: Sequence[dict], runs_root: Path, version: str, commit: str, 
                 cells += [_score_cell(r, t), _fmt_ci(r["ci"].get(t)), _fmt_test(r["vs_reference"].get(t))]
             cells.append(_fmt(r["relative_performance_pct"], ".1f", "%"))
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        noisy = noisy_timings(group)
+        if noisy:
+            lines += ["", f"**Warning: noisy timings.** {noisy}"]
         chains = _budget_chains(group, tasks)
         if chains:
             lines += [
@@ -652,6 +696,8 @@ CSV_FIXED = (
     "flops_share_full_pct",
     "prefill_ms",
     "decode_ms",
+    "load_avg",
+    "cpus",
     "rows_per_call",
     "kv_mb",
     "n_calls",
@@ -707,6 +753,54 @@ def _x_value(r: Mapping, x: str) -> float | None:
     return r["prefill_ms"] + (r["decode_ms"] or 0.0)
 
 
+#: method families of the Pareto plot: one marker each (every method has its own colour)
+FAMILY_MARKERS = {
+    "attention ranking (in-decoder)": "o",
+    "baseline selection (in-decoder)": "s",
+    "selection before the LLM": "^",
+    "pooling before the LLM": "D",
+    "other": "v",
+}
+_FAMILY_OF = {
+    **dict.fromkeys(
+        ("pyramid_drop", "fastv", "prd_drop", "prd_skip", "progressive", "dart", "schedule"),
+        "attention ranking (in-decoder)",
+    ),
+    **dict.fromkeys(("random", "uniform", "oracle"), "baseline selection (in-decoder)"),
+    **dict.fromkeys(("visionzip", "divprune", "cdpruner"), "selection before the LLM"),
+    **dict.fromkeys(("pool", "dfmr", "dfmr+pyramid_drop"), "pooling before the LLM"),
+}
+#: 20 colours far apart from each other, strongest on white first (no two methods of one plot share one up to
+#: 20 methods; black is the reference's)
+DISTINCT_COLOURS = (
+    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324", "#469990",
+    "#800000", "#000075", "#808000", "#a9a9a9", "#bfef45", "#ffe119", "#fabed4", "#dcbeff", "#aaffc3",
+    "#ffd8b1", "#e6beff",
+)  # fmt: skip
+
+
+def method_family(method: str) -> str:
+    """The plot family of a run's method label (:data:`FAMILY_MARKERS`); registered methods not listed there
+    by their kind (before the LLM or in the decoder)."""
+    if method in _FAMILY_OF:
+        return _FAMILY_OF[method]
+    try:
+        from vtc.registry import get_method_class
+
+        kind = get_method_class(method).kind
+    except (KeyError, ValueError):
+        return "other"
+    return "selection before the LLM" if kind == "pre_llm" else "attention ranking (in-decoder)"
+
+
+def flops_unit(max_tera: float) -> tuple[float, str]:
+    """``(scale, prefix)`` that writes values given in tera with 1 to 3 digits before the point."""
+    for scale, prefix in ((1.0, "T"), (1e3, "G"), (1e6, "M"), (1e9, "k")):
+        if max_tera * scale >= 1.0:
+            return scale, prefix
+    return 1e12, ""
+
+
 def _write_plot(
     rows: Sequence[dict], path: Path, version: str, commit: str, stamp: str, x: str = "flops"
 ) -> None:
@@ -716,11 +810,19 @@ def _write_plot(
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model_key"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6.4 * len(models), 4.8), squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in rows if not r["reference"]))
+    colour = {m: DISTINCT_COLOURS[i % len(DISTINCT_COLOURS)] for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(1, len(models), figsize=(8.6 * len(models), 5.2), squeeze=False)
     for ax, key in zip(axes[0], models):
         group = [r for r in rows if r["model_key"] == key and _x_value(r, x) is not None and r["scores"]]
         common = set.intersection(*(set(r["scores"]) for r in group)) if group else set()
         relative = bool(group) and all(r["relative_performance_pct"] is not None for r in group)
+        scale, prefix = 1.0, ""
+        if x == "flops":
+            scale, prefix = flops_unit(max((_x_value(r, x) for r in group), default=1.0))
+
+        def xv(r, scale=scale):
+            return _x_value(r, x) * scale
 
         def y(r, relative=relative, common=common):
             if relative:
@@ -742,32 +844,35 @@ def _write_plot(
             hi = sum((r["ci"][t][1] - r["scores"][t]) * scale[t] for t in tasks) / len(tasks)
             return (max(lo, 0.0), max(hi, 0.0))
 
-        for method in dict.fromkeys(r["method"] for r in group if not r["reference"]):
+        order = sorted(
+            dict.fromkeys(r["method"] for r in group if not r["reference"]),
+            key=lambda m: (list(FAMILY_MARKERS).index(method_family(m)), methods.index(m)),
+        )
+        rank: dict[str, int] = {}  # position of each method within its family
+        for method in order:
+            fam = method_family(method)
+            rank[method] = sum(method_family(m) == fam for m in order[: order.index(method)])
+        for method in order:
             points = sorted(
                 (r for r in group if r["method"] == method and not r["reference"]),
                 key=lambda r: _x_value(r, x),
             )
             errs = [yerr(r) for r in points]
             ax.errorbar(
-                [_x_value(r, x) for r in points],
+                [xv(r) for r in points],
                 [y(r) for r in points],
                 yerr=[[e[0] for e in errs], [e[1] for e in errs]],
-                marker="o",
+                marker=FAMILY_MARKERS[method_family(method)],
+                # later methods of a family get smaller markers, drawn on top: equal points stay visible, nested
+                markersize=max(3.5, 8.0 - 1.5 * rank[method]),
+                color=colour[method],
                 capsize=2,
-                label=method,
+                linewidth=1.2,
+                label=f"{method} ({method_family(method).split(' (')[0]})",
             )
-            for r in points:
-                if r["preset"]:
-                    ax.annotate(
-                        r["preset"][:24],
-                        (_x_value(r, x), y(r)),
-                        fontsize=6,
-                        textcoords="offset points",
-                        xytext=(3, 3),
-                    )
         for r in (r for r in group if r["reference"]):
             ax.plot(
-                [_x_value(r, x)],
+                [xv(r)],
                 [y(r)],
                 marker="*",
                 markersize=16,
@@ -779,10 +884,21 @@ def _write_plot(
         ax.set_title(title, fontsize=10)
         if x == "flops":
             ax.set_xlabel(
-                "TFLOPs per sample (papers convention: tera-MACs, image tokens, prefill)", fontsize=8
+                f"{prefix}FLOPs per sample (papers' convention: {prefix}-MACs of the image tokens at prefill)",
+                fontsize=8,
             )
         else:
             ax.set_xlabel("prefill + decode ms per generate call (measured)", fontsize=8)
+            noisy = noisy_timings(group)
+            if noisy:
+                ax.text(
+                    0.01,
+                    0.01,
+                    "noisy timings: load above the cores during some runs (see report.md)",
+                    transform=ax.transAxes,
+                    fontsize=7,
+                    color="#b00000",
+                )
         if relative:
             ax.set_ylabel("mean task score, % of the reference (score / reference score)", fontsize=8)
         else:
@@ -790,7 +906,9 @@ def _write_plot(
             ax.set_ylabel(f"mean task score ({what})", fontsize=8)
         ax.grid(True, alpha=0.3)
         if group:
-            ax.legend(fontsize=7)
+            ax.legend(
+                fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False
+            )
         else:
             ax.text(
                 0.5,

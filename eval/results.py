@@ -22,7 +22,9 @@ lmms-eval writes ``<output_path>/<model>/<date>_results.json`` with, among other
           "decode_ms": float | null,   # per generate call: end of the prefill to the last forward
           "kv_mb": float | null,   # KV cache per sample after the last step, MiB
           "n_calls": int,
-          "n_rows": int            # samples (rows summed over calls); optional
+          "n_rows": int,           # samples (rows summed over calls); optional
+          "load_avg": float | null,  # 1-min load average while the timed calls ran (mean of samples)
+          "cpus": int | null         # cores available to the process then (load above it: noisy timings)
         }
       }
     }
@@ -94,7 +96,25 @@ _TASK_FIELDS = (
     "kv_mb",
     "n_calls",
     "n_rows",
+    "load_avg",
+    "cpus",
 )
+
+
+def machine_load() -> tuple[float | None, int | None]:
+    """``(1-minute load average, cores available to this process)``, None where the platform has no load
+    average; timings taken while the load is above the cores are noisy (the report warns)."""
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count()
+    return load, cpus
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,6 +133,8 @@ class TaskStats:
     n_calls: int = 0
     n_rows: int | None = None
     decode_ms: float | None = None
+    load_avg: float | None = None
+    cpus: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -168,6 +190,8 @@ class TaskAccumulator:
         self._kv_rows = 0
         self._ms: list[float] = []
         self._decode_ms: list[float] = []
+        self._load: list[float] = []
+        self._cpus: int | None = None
 
     def add(
         self,
@@ -177,7 +201,8 @@ class TaskAccumulator:
         decode_ms: float | None = None,
     ) -> None:
         """Add one call. ``prefill_ms``/``decode_ms``: the call's prefill and decode time (ms, whole batch);
-        ``kv_mb`` its per-row cache size (MiB)."""
+        ``kv_mb`` its per-row cache size (MiB). A timed call samples the machine's load average
+        (:func:`machine_load`)."""
         from vtc.flops import from_stats, kv_cache_bytes
 
         B = stats.batch_size
@@ -203,6 +228,9 @@ class TaskAccumulator:
             self._kv_rows += B
         if prefill_ms is not None:
             self._ms.append(float(prefill_ms))
+            load, self._cpus = machine_load()
+            if load is not None:
+                self._load.append(load)
         if decode_ms is not None:
             self._decode_ms.append(float(decode_ms))
         self.n_calls += 1
@@ -223,6 +251,8 @@ class TaskAccumulator:
             n_calls=self.n_calls,
             n_rows=self.n_rows,
             decode_ms=sum(self._decode_ms) / len(self._decode_ms) if self._decode_ms else None,
+            load_avg=sum(self._load) / len(self._load) if self._load else None,
+            cpus=self._cpus,
         )
 
 
@@ -321,6 +351,8 @@ class ResultRow:
     n_calls: int | None = None
     n_rows: int | None = None
     decode_ms: float | None = None
+    load_avg: float | None = None
+    cpus: int | None = None
     samples: dict[str, float] | None = None  # question id -> score of the primary metric
     vtc_version: str = "unknown"
     git_commit: str = "unknown"

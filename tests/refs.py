@@ -176,13 +176,16 @@ def dropped_masks(selections: dict, inputs: dict, image_token, num_layers: int, 
 
 def per_image_topk(scores: torch.Tensor, cand: torch.Tensor, per_image: int, share: float) -> set[int]:
     """Reference per-image budget: the top ``floor(per_image * share)`` of each image's ``per_image``
-    candidate positions (``cand``, ascending; images are consecutive chunks), by ``scores`` ``[T]``."""
+    candidate positions (``cand``, ascending; images are consecutive chunks), by ``scores`` ``[T]``; at least
+    one per image while ``share > 0`` (the at-least-one rule)."""
     import math
 
     out: set[int] = set()
     for i in range(0, cand.numel(), per_image):
         img = cand[i : i + per_image]
         kk = int(math.floor(img.numel() * share + 1e-9))
+        if share > 0 and img.numel():
+            kk = max(kk, 1)
         if kk:
             out |= set(img[scores[img].topk(kk).indices].tolist())
     return out

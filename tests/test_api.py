@@ -82,7 +82,7 @@ def test_preset_fields_can_be_overridden_by_keyword():
 
     data = yaml.safe_load((presets_dir() / "pdrop_128.yaml").read_text())
     (m,) = vtc.resolve_methods("pdrop_128", positions="original")
-    assert m.positions == "original" and data["positions"] == "compact"
+    assert m.positions == "original" and data["positions"] == "auto"
     for key in ("layer_shares", "target", "precision", "backend"):
         assert getattr(m, key) == data[key], key
     with pytest.raises(ValueError, match="several methods"):
@@ -91,12 +91,20 @@ def test_preset_fields_can_be_overridden_by_keyword():
         vtc.resolve_methods("pdrop_128", not_a_field=1)
 
 
-def test_compact_preset_on_qwen_needs_original_positions():
+def test_auto_positions_are_original_on_qwen_and_official_elsewhere():
+    """pdrop_128 (positions: auto) runs on Qwen-VL with original positions and on LLaVA with PyramidDrop's
+    official compact ones; an explicit compact on Qwen-VL still raises, naming the fix."""
     from families import _qwen
 
     model = _qwen.make_model("qwen2_vl", "sdpa")
     with pytest.raises(ValueError, match="positions='original'"):
-        vtc.apply(model, "pdrop_128")
+        vtc.apply(model, "pdrop_128", positions="compact")
     assert getattr(model, "_vtc_session", None) is None
+    with vtc.apply(model, "pdrop_128") as h:
+        assert h.session.plan.positions == "original"
     with vtc.apply(model, "pdrop_128", positions="original") as h:
+        assert h.session.plan.positions == "original"
+    with vtc.apply(make_model("sdpa"), "pdrop_128") as h:
+        assert h.session.plan.positions == "compact"
+    with vtc.apply(make_model("sdpa"), "fastv") as h:
         assert h.session.plan.positions == "original"

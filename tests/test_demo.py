@@ -194,7 +194,16 @@ def test_eval_expands_seeds_and_names_position_policies(caplog):
         ("random_pdrop_default", 2),
     ]
     assert [run[2][0].seed for run in specs[2:]] == [0, 1, 2]
-    assert _position_policies(specs) == {"pdrop_default": "compact", "random_pdrop_default": "original"}
+    # positions: auto resolves per model type: PyramidDrop's official compact on LLaVA, original on Qwen-VL
+    assert _position_policies(specs, "llava") == {
+        "pdrop_default": "compact",
+        "random_pdrop_default": "original",
+    }
+    assert _position_policies(specs, "qwen2_5_vl") == {
+        "pdrop_default": "original",
+        "random_pdrop_default": "original",
+    }
+    assert _position_policies(specs) == {"pdrop_default": "auto", "random_pdrop_default": "original"}
     with pytest.raises(ValueError, match="--seeds must be a whole number >= 1"):
         expand_seeds([], 0)
 
@@ -285,7 +294,7 @@ def test_demo_with_two_workers_gives_the_serial_answers(ckpt, tmp_path):
     assert len(one) == 2 * len(serial) and one == two  # per-question answers and scores, file by file
     answers = {k: [r["filtered_resps"] for r in v] for k, v in one.items() if k.endswith(".jsonl")}
     assert len(set(map(tuple, answers.values()))) > 1  # the runs answer differently: the check has teeth
-    timed = ("prefill_ms", "decode_ms", "date", "files")
+    timed = ("prefill_ms", "decode_ms", "load_avg", "cpus", "date", "files")  # measurements of the machine
     rows = [
         [
             {k: v for k, v in r.items() if k not in timed}

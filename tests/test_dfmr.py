@@ -405,8 +405,10 @@ def test_dfmr_then_pyramid_drop_cached_equals_nocache_and_counts(attn, case):
     n_pooled = call.total_tokens
     assert stats.visual_input == n_pooled
     for l, share in enumerate(shares):
-        for b, n in enumerate(n_pooled):
-            assert stats.prefill_visual[l][b] == keep_count(n, share), (l, b)
+        for b, per_image in enumerate(call.tokens):
+            # each pooled image is its own budget: floor(n_i * share), at least one token (at-least-one rule)
+            want = sum(max(1, keep_count(n, share)) for n in per_image)
+            assert stats.prefill_visual[l][b] == want, (l, b)
     assert min(shares) < 1.0
 
 
@@ -440,7 +442,8 @@ def test_composition_from_one_yaml_preset(tmp_path):
     for name in ("dfmr_default", "dfmr_pdrop"):  # the shipped presets run
         with vtc.apply(model, name) as h:
             generate(model, inputs, 2)
-            assert last_call(h).budgets == [288, 144, None]
+            # budget_factor 2: each image brings the tokens of factor-2 pooling of its 8x8 grid (4x4 = 16)
+            assert last_call(h).budgets == [2 * 16, 16, None]
 
 
 # --- calibration -------------------------------------------------------------------------------------------------

@@ -127,7 +127,9 @@ def _recurrent_layers(model) -> set[int]:
 
 
 def _expected_counts(n0: int, share: float) -> int:
-    return int(math.floor(n0 * share + 1e-9))
+    """floor(n0 * share), at least one token of an image at a layer of share above 0 (the at-least-one rule)."""
+    k = int(math.floor(n0 * share + 1e-9))
+    return max(k, 1) if share > 0 and n0 > 0 else k
 
 
 def _cache_slots(layer) -> int:

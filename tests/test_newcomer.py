@@ -63,16 +63,35 @@ def test_layers_from_depth_shares_by_hand():
         S.parse_schedule({"kind": "stages", "layers": [2], "layer_shares": [0.5]}, 32)
 
 
+def _hand_stage_shares(L: int, layers: list[int], share: float) -> list[float]:
+    """Stage shares ``lam**s`` whose mean over ``L`` layers is ``share``, lam by a plain bisection (float64)."""
+
+    def shares(lam):
+        return [1.0 if l < layers[0] else lam ** sum(l >= b for b in layers) for l in range(L)]
+
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(shares(mid)) / L < share else (lo, mid)
+    return shares((lo + hi) / 2)
+
+
 @pytest.mark.parametrize("family", ["pdrop", "random", "uniform"])
 @pytest.mark.parametrize("tokens", [64, 128, 192])
 def test_preset_resolves_to_llava15_numbers_at_32_layers(family, tokens):
-    """At 32 layers and 576 tokens the share-based preset is the old hard-coded one, token for token."""
+    """At 32 layers and 576 tokens the share preset keeps the LLaVA-1.5 budget: its shares average exactly
+    tokens/576 (solved on the shares, no image size), its counts are floor(576 * share) of a hand bisection,
+    within one token of the old schedule solved on 576-token integer counts at every layer, and average the
+    papers' 192 / 128 / 64 within one token."""
     got = _preset_schedule(f"{family}_{tokens}", 32, 576)
     old = S.parse_schedule(
         {"kind": "stages", "layers": [2, 10, 20], "target": {"avg_tokens": tokens, "n_visual": 576}}, 32
     )
     assert got.boundaries == (2, 10, 20)
-    assert got.counts(576) == old.counts(576)
+    assert got.mean_share() == pytest.approx(tokens / 576, abs=1e-9)
+    hand = _hand_stage_shares(32, [2, 10, 20], tokens / 576)
+    assert got.counts(576) == [math.floor(576 * s + 1e-9) for s in hand]
+    assert max(abs(a - b) for a, b in zip(got.counts(576), old.counts(576))) <= 1
     assert abs(got.mean_tokens(576) - tokens) <= 1.0
     # and by hand: dense before layer 2, then three non-increasing plateaus
     c = got.counts(576)
@@ -84,30 +103,31 @@ def test_preset_resolves_to_llava15_numbers_at_32_layers(family, tokens):
 @pytest.mark.parametrize("tokens", [64, 128, 192])
 def test_same_preset_same_shares_on_8_and_32_layers(family, tokens):
     """One preset on an 8-layer model (16 or 144 tokens / image, as the tiny models) and on a 32-layer one
-    (576): the same shares of depth and of visual tokens. The 64-token preset keeps 1/9 of the tokens on
-    average, less than the 1/8 that layer 0 alone holds at L=8: there it needs 16 layers, and on 8 it says so."""
+    (576): the same shares of depth and of visual tokens, whatever the image size (the schedule is solved on
+    the shares). The 64-token preset keeps 1/9 of the tokens on average, less than the 1/8 that layer 0 alone
+    holds at L=8: there it needs 16 layers, and on 8 it says so, naming that limit."""
     share = tokens / 576
     shapes = [(32, 576), (16, 144), (8, 16), (8, 144), (8, 576)]
     if tokens == 64:
         for L, n in shapes[2:]:
             with pytest.raises(
-                ValueError, match=rf"cannot meet target .* at L=8 layers and {n} visual tokens"
+                S.BudgetUnreachable, match=r"averages a share of 0.1111 at L=8 layers.*share of 0.125"
             ):
                 _preset_schedule(f"{family}_{tokens}", L, n, allow_empty=True)
         shapes = shapes[:2]
+    by_depth = {}
     for L, n in shapes:
-        # the shares hold on every shape; a shape where they leave a layer with 0 visual tokens (few
-        # tokens per image) is refused unless allow_empty (issue 11, defect 10), exactly there
-        sched = _preset_schedule(f"{family}_{tokens}", L, n, allow_empty=True)
+        sched = _preset_schedule(f"{family}_{tokens}", L, n)
         # stage starts at the same shares of depth
         assert list(sched.boundaries) == [math.ceil(f * L) for f in DEPTH_SHARES]
         # the same average share of visual tokens, within the one-token rounding of that model
         assert abs(sched.mean_tokens(n) / n - share) <= 1.0 / n + 1e-12, (L, n)
-        if min(sched.counts(n)) == 0:
-            with pytest.raises(ValueError, match=rf"keeps 0 of {n} visual tokens"):
-                _preset_schedule(f"{family}_{tokens}", L, n)
-        else:
-            assert _preset_schedule(f"{family}_{tokens}", L, n).counts(n) == sched.counts(n)
+        # the image size does not enter: one schedule per depth
+        assert by_depth.setdefault(L, sched.shares) == sched.shares, (L, n)
+        # where floor(n * share) is 0 the engine keeps one token of the image (the at-least-one rule)
+        assert sched.kept(n) == [max(1, c) for c in sched.counts(n)], (L, n)
+        assert not sched.allow_empty
+        assert _preset_schedule(f"{family}_{tokens}", L, n, allow_empty=True).kept(n) == sched.counts(n)
 
 
 def test_share_preset_runs_on_the_8_layer_tiny_model():

@@ -12,10 +12,14 @@ NEW = ("visionzip", "divprune", "cdpruner", "pool")
 
 
 def test_presets_resolve_to_their_counts():
+    from vtc.configs import SUFFIX_SHARES
+
     for name in NEW:
         for n in (192, 128, 64):
             (m,) = vtc.resolve_methods(f"{name}_{n}")
-            assert m.name == name and m.tokens == n and m.tokens_per_image(576) == n
+            # a share of every image: the LLaVA-1.5 count at 576 tokens, a third of it at 144 (the tiny model)
+            assert m.name == name and m.tokens is None and m.ratio == SUFFIX_SHARES[str(n)] == n / 576
+            assert m.tokens_per_image(576) == n and m.tokens_per_image(144) == n // 4
     assert {f"{m}_{n}" for m in NEW for n in (192, 128, 64)} <= set(vtc.list_presets())
 
 

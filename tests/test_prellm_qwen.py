@@ -230,12 +230,21 @@ def test_keep_all_is_bit_identical_and_removal_restores(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_unsupported_pre_llm_raise_clearly(kind):
+def test_count_above_a_small_image_keeps_it_whole(kind):
+    """A fixed count above an image's tokens (64 > 24) keeps that image whole, says so once and counts it,
+    instead of failing the run: the result equals the unpatched model's, bit for bit."""
     model = _model(kind)
     inputs = _qwen.make_inputs(kind, "b1_img")
-    with vtc.apply(model, "pool", tokens=64):  # above the image's 24 tokens
-        with pytest.raises(ValueError, match="tokens=64 is above the 24"):
-            generate(model, inputs, 1)
+    seq0, logits0, _ = generate(model, inputs, 2)
+    for name in ("pool", "divprune"):
+        method = vtc.Pool(tokens=64) if name == "pool" else vtc.DivPrune(tokens=64)
+        with pytest.warns(
+            UserWarning, match=f"{name} tokens=64: an image of 24 visual tokens arrived.*kept whole"
+        ):
+            with vtc.apply(model, method) as h:
+                seq, logits, _ = generate(model, inputs, 2)
+        assert method.kept_whole == 1 and h.stats.visual_input == [24]
+        assert torch.equal(seq, seq0) and torch.equal(logits, logits0), name
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -205,8 +205,20 @@ def test_pool_grid_and_windows_equal_float64_loop():
         (24, 24), (12, 16), (8, 16), (8, 8), (6, 6), (1, 1),
     ]  # fmt: skip
     assert pool_grid((4, 8), 8) == (2, 4)
-    with pytest.raises(ValueError, match="131 tokens cannot be laid out.*inside the 24x24"):
-        pool_grid((24, 24), 131)
+    # no exact layout: the nearest count, then the closest aspect (131 -> 132 = 11x12, not 130 = 10x13)
+    assert pool_grid((24, 24), 131) == (11, 12) and pool_grid((4, 4), 13) == (3, 4)
+    # every count on a few grids against a brute-force search over all a x b inside the grid (float64 logs)
+    for h, w in [(24, 24), (7, 9), (4, 8), (3, 11)]:
+        for k in range(1, h * w + 1):
+            brute = min(
+                ((a, b) for a in range(1, h + 1) for b in range(1, w + 1)),
+                key=lambda p: (
+                    abs(p[0] * p[1] - k),
+                    round(abs(math.log(p[0] / p[1]) - math.log(h / w)), 12),
+                    p[0],
+                ),
+            )
+            assert pool_grid((h, w), k) == brute, (h, w, k)
     import torch.nn.functional as F
 
     maps = torch.randn(2, 7, 9, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -361,9 +373,22 @@ def test_visionzip_without_readable_attention_raises():
         vtc.apply(make_model("sdpa"), "visionzip", tokens=6, contextual=6)
 
 
-def test_pool_count_without_a_grid_raises():
-    with pytest.raises(ValueError, match="13 tokens cannot be laid out"):
-        vtc.apply(make_model("sdpa"), "pool", tokens=13)
+def test_pool_count_without_a_grid_keeps_the_nearest_layout():
+    """A count with no a x b layout in the 4x4 grid keeps the nearest one (13 -> 3x4 = 12), warns once and
+    records it; the kept tokens are the 3x4 average pool of the unpatched model's own features."""
+    model = make_model("sdpa")
+    inputs = make_inputs("b1_img1")
+    with pytest.warns(
+        UserWarning, match="pool tokens=13: 13 tokens have no a x b layout.*kept the nearest, 3x4 = 12"
+    ):
+        with vtc.apply(model, "pool", tokens=13) as h, torch.no_grad():
+            model(**inputs)
+            assert h.stats.visual_input == [12]
+    with vtc.apply(model, "pool", tokens=12) as h12, torch.no_grad():
+        out12 = model(**inputs).logits
+        assert h12.stats.visual_input == [12]
+    with pytest.warns(UserWarning), vtc.apply(model, "pool", tokens=13), torch.no_grad():
+        assert torch.equal(model(**inputs).logits, out12)
 
 
 def test_dfmr_budget_that_cannot_compress_says_so(caplog):

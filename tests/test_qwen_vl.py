@@ -199,7 +199,7 @@ def test_compact_positions_are_rejected(kind):
     model = _model(kind)
     hooks0 = snapshot_hooks(model)
     with pytest.raises(ValueError, match="positions='original'"):
-        vtc.apply(model, "pyramid_drop")  # compact by default
+        vtc.apply(model, "pyramid_drop", positions="compact")  # asked for explicitly (the default auto runs)
     with pytest.raises(ValueError, match="M-RoPE"):
         vtc.apply(model, "schedule", positions="compact", schedule={"kind": "stages"})
     assert snapshot_hooks(model) == hooks0

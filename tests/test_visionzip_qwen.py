@@ -205,14 +205,21 @@ def test_dominant_are_reference_topk_and_generate_equals_hand_inputs(kind, conte
     _check_reduced_and_generate(kind, {"tokens": 6, "contextual": contextual})
 
 
-def test_qwen3_vl_deepstack_follows_dominant_tokens_and_contextual_raises():
+def test_qwen3_vl_deepstack_follows_dominant_tokens_and_contextual_is_refused_at_apply():
     _check_reduced_and_generate("qwen3_vl", {"tokens": 6, "contextual": 0})
     model = _model("qwen3_vl")
     inputs = _qwen.make_inputs("qwen3_vl", "b1_img")
-    with vtc.apply(model, "visionzip", tokens=6, contextual=2):
-        with pytest.raises(NotImplementedError, match="DeepStack.*visionzip with contextual=0"):
-            generate(model, inputs, 1)
+    # contextual tokens have no DeepStack features: refused at apply, before any call
+    with pytest.raises(ValueError, match="visionzip contextual=2 on qwen3_vl.*DeepStack.*contextual=0"):
+        vtc.apply(model, "visionzip", tokens=6, contextual=2)
     assert getattr(model, "_vtc_session", None) is None
+    # unset, contextual means 0 on this model: the same tokens and logits as an explicit contextual=0
+    with vtc.apply(model, "visionzip", tokens=6, contextual=0):
+        seq0, logits0, _ = generate(model, inputs, 2)
+    with vtc.apply(model, "visionzip", tokens=6) as h:
+        seq1, logits1, _ = generate(model, inputs, 2)
+        assert h.stats.visual_input == [6]
+    assert torch.equal(seq0, seq1) and torch.equal(logits0, logits1)
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from vtc.engine.session import HookTiming, Session
 from vtc.engine.stats import CallHistory, CallStats
 from vtc.methods.base import Method
 from vtc.registry import build_dataclass, get_method_class, list_methods, list_scorers
+from vtc.schedules import BudgetUnreachable
 
 __all__ = [
     "Handle",
@@ -215,6 +216,32 @@ def resolve_methods(method: Any, _origin: str | None = None, **kwargs) -> list[M
     raise TypeError(f"method must be a Method, name, preset path, dict or list; got {type(method).__name__}")
 
 
+def _preset_that_fits(method: Any, lowest: float) -> str | None:
+    """For a suffixed preset name whose share a model cannot reach (``pdrop_64``), a sentence naming the preset
+    of the same family with the smallest share at or above ``lowest`` (configs/__init__.py), or saying none
+    does; None when ``method`` is not such a preset."""
+    from vtc.configs import SUFFIX_SHARES
+
+    if not isinstance(method, str) or "_" not in method:
+        return None
+    prefix, suffix = method.rsplit("_", 1)
+    if suffix not in SUFFIX_SHARES:
+        return None
+    fits = sorted(
+        (share, f"{prefix}_{s}")
+        for s, share in SUFFIX_SHARES.items()
+        if share >= lowest - 1e-9 and f"{prefix}_{s}" in list_presets()
+    )
+    if fits:
+        share, name = fits[0]
+        return f"Preset {method!r} keeps {SUFFIX_SHARES[suffix]:.4g} of each image; on this model use {name!r} ({share:.4g})."
+    return (
+        f"Preset {method!r} keeps {SUFFIX_SHARES[suffix]:.4g} of each image and no {prefix}_* preset reaches the "
+        f"model's lowest share {lowest:.4g}; use a pre-LLM preset with the same suffix (e.g. "
+        f"'divprune_{suffix}'), which keeps its share at every layer."
+    )
+
+
 def apply(model, method: Any, **kwargs) -> Handle:
     """Attach compression hooks to ``model`` (in place, reversibly) and return a :class:`Handle`.
 
@@ -246,7 +273,15 @@ def apply(model, method: Any, **kwargs) -> Handle:
         )
     if len(pre) > 1:
         raise ValueError(f"at most one pre-LLM method per apply, got {[m.name for m in pre]}")
-    plan = decoder[0].plan(adapter) if decoder else None
+    try:
+        plan = decoder[0].plan(adapter) if decoder else None
+    except BudgetUnreachable as err:
+        hint = _preset_that_fits(method, err.lowest)
+        if hint is None:
+            raise
+        raise BudgetUnreachable(
+            f"{type(model).__name__} ({adapter.num_layers} decoder layers): {err} {hint}", err.lowest
+        ) from err
     session = Session(model, adapter, plan, [m.component(adapter) for m in pre])
     session.attach()
     return Handle(session, methods)

@@ -9,6 +9,19 @@ import argparse
 import importlib
 import sys
 
+#: the model types vtc supports, for help texts (kept without importing torch; a test checks it against
+#: ``vtc.supported_model_types()``)
+MODEL_TYPES = (
+    "llava",
+    "llava_next",
+    "llava_next_video",
+    "llava_onevision",
+    "qwen2_5_vl",
+    "qwen2_vl",
+    "qwen3_vl",
+)
+MODEL_TYPES_HELP = "a checkpoint of a supported type (" + ", ".join(MODEL_TYPES) + ")"
+
 SUBCOMMANDS = {
     "demo": ("vtc.eval.demo", "Run the main job on the embedded default model and write the report to out/."),
     "flops": (
@@ -32,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, doc) in SUBCOMMANDS.items():
             print(f"  {name:<10} {doc}")
         print("\nRun `vtc <command> --help` for the options of one command (or `python -m vtc ...`).")
-        print(f"lmms-eval tasks shipped with vtc (vtc_synthetic, vtc_offline): --include_path {tasks_path()}")
+        print(f"Models: {MODEL_TYPES_HELP}.")
+        print(
+            "lmms-eval tasks shipped with vtc (vtc_synthetic, vtc_synthetic_mc, vtc_offline): "
+            f"--include_path {tasks_path()}"
+        )
         return 0
     if argv[0] == "--version":
         import vtc

@@ -5,7 +5,16 @@ share of a row's original visual tokens that layer ``l`` processes, and at which
 runs (the *boundaries*). Every in-decoder method is a schedule, a scorer and a mode (``drop`` or
 ``skip``); see :mod:`vtc.methods`.
 
-Token counts are ``floor(N0 * share)`` per row, as PyramidDrop's and p-MoD's code do (``int()``).
+Token counts are ``floor(N0 * share)`` per image, as PyramidDrop's and p-MoD's code do (``int()``), with
+the **at-least-one rule**: a layer whose share is above 0 keeps at least one token of every image
+(:meth:`Schedule.kept`), so a small image never silently falls to 0 tokens; only a schedule built with
+``allow_empty=True`` (or a share of exactly 0) keeps none.
+
+Budgets as shares need no image size: a target ``{"avg_share": x}`` is solved so that the *shares* average
+``x`` over the layers, so every image keeps ``floor(N * share)`` of its own ``N`` tokens at each layer and
+averages ``x * N`` within one token, whatever its size (a Qwen-VL call with a 1008x1008 and a 224x224 image
+budgets each on its own). ``{"avg_share": x, "n_visual": N}`` solves on the integer counts of an
+``N``-token image instead (exact counts for one fixed size, e.g. the demo's 144-token images).
 
 Builders
 --------
@@ -24,7 +33,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from vtc.engine.types import keep_count
+from vtc.engine.types import keep_at_least_one, keep_count
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,8 @@ class Schedule:
 
     shares: tuple[float, ...]
     boundaries: tuple[int, ...]
+    #: keep 0 tokens of an image where ``floor(N * share)`` is 0 (no at-least-one rule; see :meth:`kept`)
+    allow_empty: bool = False
 
     def __post_init__(self):
         L = len(self.shares)
@@ -61,6 +72,12 @@ class Schedule:
     def counts(self, n_visual: int) -> list[int]:
         """Visual tokens processed per layer for a row with ``n_visual`` tokens, ``[L]``."""
         return [keep_count(n_visual, s) for s in self.shares]
+
+    def kept(self, n_visual: int) -> list[int]:
+        """Visual tokens an image of ``n_visual`` tokens keeps per layer, ``[L]``, as the engine applies it:
+        :meth:`counts` with the at-least-one rule (a layer of share above 0 keeps at least one token unless
+        the schedule has ``allow_empty``)."""
+        return [keep_at_least_one(n_visual, s, self.allow_empty) for s in self.shares]
 
     def mean_tokens(self, n_visual: int) -> float:
         """Average visual tokens over layers (the papers' "average tokens")."""
@@ -294,6 +311,7 @@ def solve(
     *,
     avg_tokens: float | None = None,
     flops_share: float | None = None,
+    avg_share: float | None = None,
     dims=None,
     n_text: int = 0,
     free: str | None = None,
@@ -310,7 +328,12 @@ def solve(
     num_layers, n_visual : int
         ``L`` and the visual tokens per row before compression (576 for LLaVA-1.5).
     avg_tokens : float, optional
-        Target average visual tokens over layers (the papers' 192 / 128 / 64).
+        Target average visual tokens over layers (the papers' 192 / 128 / 64), on the integer counts of an
+        ``n_visual``-token image.
+    avg_share : float, optional
+        Target average *share* over layers, in ``(0, 1]``: solved on the shares themselves, so it holds for an
+        image of any size (``n_visual`` is not used; pass 0). A target reached only where some layer's share
+        tends to 0 is refused unless ``allow_empty`` (the schedule then keeps 0 tokens there).
     flops_share : float, optional
         Target share of LLM prefill FLOPs in the papers' convention (image tokens, MACs); needs ``dims``
         (a :class:`vtc.flops.ModelDims`). ``n_text`` adds text tokens to ``n`` (0 = image tokens only).
@@ -325,9 +348,9 @@ def solve(
     (Schedule, float)
         The schedule and the parameter value found. The realized target is met within one token.
     """
-    if (avg_tokens is None) == (flops_share is None):
-        raise ValueError("give exactly one of avg_tokens or flops_share")
-    if n_visual < 1:
+    if sum(t is not None for t in (avg_tokens, flops_share, avg_share)) != 1:
+        raise ValueError("give exactly one of avg_tokens, avg_share or flops_share")
+    if n_visual < 1 and avg_share is None:
         raise ValueError(f"n_visual={n_visual} must be >= 1")
 
     if kind == "stages":
@@ -359,6 +382,8 @@ def solve(
             f"unknown schedule family {kind!r}; choose from 'stages', 'shifted_cosine', 'single'"
         )
 
+    if avg_share is not None:
+        return _solve_share(kind, num_layers, build, avg_share, lo, hi, allow_empty)
     if avg_tokens is not None:
         if not (0 < avg_tokens <= n_visual):
             raise ValueError(f"avg_tokens={avg_tokens} is outside (0, {n_visual}]")
@@ -389,6 +414,62 @@ def solve(
             f"{sched.mean_tokens(n_visual):.2f}); the integer counts jump there, adjust the target"
         )
     check_not_empty(sched, n_visual, allow_empty, what=f"the {kind} schedule solved for this target")
+    if allow_empty:
+        sched = Schedule(sched.shares, sched.boundaries, allow_empty=True)
+    return sched, (1.0 - x if kind == "single" else x)
+
+
+class BudgetUnreachable(ValueError):
+    """A share target a schedule family cannot reach on a model of this depth.
+
+    Attributes
+    ----------
+    lowest : float
+        The smallest average share the family reaches there without emptying a layer (the layers before
+        its first boundary keep every token).
+    """
+
+    def __init__(self, message: str, lowest: float):
+        super().__init__(message)
+        self.lowest = lowest
+
+
+def _solve_share(kind, num_layers, build, target, lo, hi, allow_empty) -> tuple[Schedule, float]:
+    """Solve the free parameter ``x`` of ``build`` so the mean share over layers is ``target`` (no image size)."""
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not (0 < target <= 1):
+        raise ValueError(f"avg_share={target!r} is outside (0, 1]; 1 keeps every token")
+
+    def metric(x):
+        return build(x).mean_share()
+
+    floor_share, top = metric(lo), metric(hi)
+    if target > top + 1e-9:
+        raise ValueError(f"target share {target:.4g} is above what this schedule family reaches: {top:.4g}")
+    if target < floor_share - 1e-6:
+        raise BudgetUnreachable(
+            f"no {kind} schedule averages a share of {target:.4g} at L={num_layers} layers: the layers before its "
+            f"first boundary alone hold an average share of {floor_share:.4g} (layer 0 always keeps every visual "
+            f"token), the lowest this schedule reaches on this model. Ask for a share of at least "
+            f"{floor_share:.4g}, move the first boundary earlier, or use a pre-LLM method (it keeps its share at "
+            "every layer).",
+            lowest=floor_share,
+        )
+    at_floor = target <= floor_share + 1e-6
+    # at its lowest the family may empty layers (stages' lam -> 0, single's kept share -> 0): reaching the
+    # target only there measures cutting the image off, not the method
+    empties = [l for l, s in enumerate(build(lo).shares) if s < 1e-3]
+    if at_floor and empties and not allow_empty:
+        raise BudgetUnreachable(
+            f"the {kind} schedule solved for an average share of {target:.4g} keeps 0 visual tokens from layer "
+            f"{empties[0]} on: at L={num_layers} layers the layers before its first boundary alone hold an "
+            f"average share of {floor_share:.4g}, the lowest this schedule reaches. Ask for a share above "
+            f"{floor_share:.4g} (or earlier boundaries), or pass allow_empty=True if an empty layer is what you "
+            "want.",
+            lowest=floor_share,
+        )
+    x = lo if at_floor else _bisect(metric, target, lo, hi)
+    sched = build(x)
+    sched = Schedule(sched.shares, sched.boundaries, allow_empty=bool(allow_empty))
     return sched, (1.0 - x if kind == "single" else x)
 
 
@@ -433,8 +514,10 @@ def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None
     spec : Schedule, list of float, or dict
         A dict has ``kind`` (one of ``SCHEDULE_KINDS``) plus that builder's parameters (``stages`` also
         takes ``layer_shares``, its boundaries as shares of depth; see :func:`layers_from_depth_shares`), and optionally
-        ``target``: ``{"avg_tokens": 192, "n_visual": 576}``, ``{"avg_share": 0.333}`` or
-        ``{"flops_share": 0.5}`` to solve the family's free parameter for that cost (a solved schedule
+        ``target``: ``{"avg_tokens": 192, "n_visual": 576}``, ``{"avg_share": 0.333}`` (a share of every
+        image, solved on the shares: no image size needed; with ``"n_visual"`` it is solved on that image's
+        integer counts instead) or ``{"flops_share": 0.5}`` (at ``n_visual``, the adapter's typical image) to
+        solve the family's free parameter for that cost (a solved schedule
         that leaves a layer with 0 visual tokens is refused unless the target has ``"allow_empty": True``). A list is a
         per-layer share list (``explicit``).
     num_layers : int
@@ -501,14 +584,17 @@ def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None
                     )
             elif key != "free":
                 _check_numeric("schedule target", key, value)
+        share_mode = "avg_share" in t and "n_visual" not in t
         nv = int(t.pop("n_visual", n_visual or 0))
-        if nv < 1:
+        if share_mode:
+            nv = 0
+        elif nv < 1:
             raise ValueError(
                 "target needs n_visual (visual tokens per row), e.g. {'avg_tokens': 192, 'n_visual': 576}"
             )
-        if "avg_share" in t:
+        if "avg_share" in t and not share_mode:
             t["avg_tokens"] = t.pop("avg_share") * nv
-        bad = sorted(set(t) - {"avg_tokens", "flops_share", "n_text", "free", "allow_empty"})
+        bad = sorted(set(t) - {"avg_tokens", "avg_share", "flops_share", "n_text", "free", "allow_empty"})
         if bad:
             raise ValueError(
                 f"unknown target keys {bad}; use avg_tokens, avg_share or flops_share (and n_visual, n_text, "
@@ -525,6 +611,8 @@ def parse_schedule(spec, num_layers: int, n_visual: int | None = None, dims=None
             raise ValueError("a stages target solves lam; do not also give explicit ratios")
         try:
             sched, _ = solve(kind, num_layers, nv, dims=dims, **t, **spec)
+        except BudgetUnreachable:
+            raise
         except ValueError as err:
             raise ValueError(
                 f"{kind} schedule {spec} cannot meet target {target} at L={num_layers} layers and {nv} visual "

@@ -61,8 +61,9 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     if model_type not in ADAPTERS:
         raise ValueError(
             f"vtc does not support model_type={model_type!r} ({type(model).__name__}). "
-            f"Supported model types: {supported_model_types()}. Pass a LLaVA checkpoint "
-            "(e.g. llava-hf/llava-1.5-7b-hf loaded with LlavaForConditionalGeneration)."
+            f"Supported model types: {supported_model_types()}. Pass a checkpoint of one of them loaded with its "
+            "transformers class (e.g. llava-hf/llava-1.5-7b-hf with LlavaForConditionalGeneration, "
+            "Qwen/Qwen2.5-VL-7B-Instruct with Qwen2_5_VLForConditionalGeneration)."
         )
     return ADAPTERS[model_type](model)
 

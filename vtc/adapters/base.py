@@ -228,6 +228,9 @@ class ModelAdapter:
             return self.rotary_emb(hidden, pos)
         return self.rotary_emb(hidden, pos, key)
 
+    #: position policies an in-decoder method may use on this model (``positions="auto"`` picks from these)
+    positions_policies: tuple[str, ...] = ("compact", "original")
+
     def check_positions(self, positions: str) -> None:
         """Raise when this model cannot use the ``positions`` policy of an in-decoder method (1-D RoPE models
         take both ``compact`` and ``original``)."""

@@ -199,6 +199,9 @@ class QwenVLAdapter(ModelAdapter):
         return self._base
 
     # --- positions --------------------------------------------------------------------------------------
+    #: M-RoPE positions are 3-D: only ``original`` (``positions="auto"`` resolves to it)
+    positions_policies: tuple[str, ...] = ("original",)
+
     def check_positions(self, positions: str) -> None:
         """Only ``original`` positions: kept tokens keep their own ``(t, h, w)`` M-RoPE positions.
 

@@ -17,6 +17,16 @@ from vtc.engine.stats import CallStats
 from vtc.engine.types import ImageSpan
 
 
+def images_per_row(spans: list[ImageSpan], B: int) -> list[int]:
+    """``[B]`` images (and videos / frames) per row: spans of one budget item (an AnyRes image's base view and
+    crops, the frames of a video budgeted per video) count once."""
+    keys = {(s.row, ("item", s.item) if s.item is not None else ("span", i)) for i, s in enumerate(spans)}
+    out = [0] * B
+    for row, _ in keys:
+        out[row] += 1
+    return out
+
+
 def _span_tables(spans: list[ImageSpan], image: torch.Tensor, n_vis_rows: list[int]):
     """Per-slot tables of the spans: image ordinal, budget item, grid cell; per row the size of each item
     (``n_vis_rows``: visual slots per row, host ints)."""
@@ -79,7 +89,7 @@ def begin_prefill(session, kwargs: dict, caller_ids: torch.Tensor | None = None)
     stats = CallStats(
         num_layers=L,
         batch_size=B,
-        num_images=[sum(1 for s in spans if s.row == b) for b in range(B)],
+        num_images=images_per_row(spans, B),
         visual_original=list(vis_orig) if vis_orig is not None else list(n_vis),
         visual_input=list(n_vis),
         # layers no hook records (no in-decoder method) see every token entering the LLM
@@ -133,7 +143,7 @@ def begin_passthrough(session, kwargs: dict) -> CallState:
     stats = CallStats(
         num_layers=L,
         batch_size=B,
-        num_images=[sum(1 for s in spans if s.row == b) for b in range(B)],
+        num_images=images_per_row(spans, B),
         visual_original=list(n_vis),
         visual_input=list(n_vis),
         prefill_visual=[list(n_vis) for _ in range(L)],

@@ -24,7 +24,7 @@ import torch
 
 from vtc.engine.masks import layer_mask
 from vtc.engine.ops import compact_rows, gather_rows, scatter_rows
-from vtc.engine.types import LayerSpec, ScoreContext, View, keep_count
+from vtc.engine.types import LayerSpec, ScoreContext, View, keep_at_least_one
 
 
 class LayerSurgery:
@@ -160,13 +160,15 @@ class LayerSurgery:
         """Visual tokens kept at layer ``l`` per row and budget item (host ints; no device read).
 
         Each item (an image, a frame or a video, see :class:`ImageSpan`) keeps ``floor(N_item * share)`` of
-        the ``N_item`` tokens it entered the LLM with; a row without text keeps at least one token.
+        the ``N_item`` tokens it entered the LLM with, at least one while ``share > 0`` (unless the schedule
+        has ``allow_empty``); a row without text keeps at least one token.
         """
         share = self.plan.schedule.shares[l]
+        empty_ok = getattr(self.plan.schedule, "allow_empty", False)
         st = self.state
         if st.n_text0 is None:
             st.n_text0 = [t - v for t, v in zip(st.stats.prefill_tokens[0], st.stats.visual_input)]
-        return [item_counts(sizes, t, share) for sizes, t in zip(st.item_sizes, st.n_text0)]
+        return [item_counts(sizes, t, share, empty_ok) for sizes, t in zip(st.item_sizes, st.n_text0)]
 
     def _nothing_dropped(self, l: int, view: View) -> bool:
         """True when the selection at ``l`` would keep every visual token of ``view`` (decided on the host)."""
@@ -429,9 +431,10 @@ def kept_src(view: View, kept: torch.Tensor, counts: list[int]) -> list[torch.Te
     return [order[b, :n] for b, n in enumerate(counts)]
 
 
-def item_counts(sizes: list[int], n_text: int, share: float) -> list[int]:
-    """Tokens each budget item of a row keeps at ``share``; a row without text keeps at least one."""
-    out = [keep_count(int(n), share) for n in sizes]
+def item_counts(sizes: list[int], n_text: int, share: float, allow_empty: bool = False) -> list[int]:
+    """Tokens each budget item of a row keeps at ``share`` (the at-least-one rule, :mod:`vtc.schedules`); a row
+    without text keeps at least one."""
+    out = [keep_at_least_one(int(n), share, allow_empty) for n in sizes]
     if n_text == 0 and sizes and sum(out) == 0 and sum(sizes) > 0:
         first = next(i for i, n in enumerate(sizes) if n > 0)
         out[first] = 1  # no row may become empty

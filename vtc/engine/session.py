@@ -51,6 +51,16 @@ class HookTiming:
     decode_s: float = 0.0
 
 
+def _images_per_row(spans, B: int) -> list[int]:
+    """``[B]`` images (and videos / frames) per row: spans of one budget item (an AnyRes image's base view and
+    crops, the frames of a video budgeted per video) count once."""
+    keys = {(s.row, ("item", s.item) if s.item is not None else ("span", i)) for i, s in enumerate(spans)}
+    out = [0] * B
+    for row, _ in keys:
+        out[row] += 1
+    return out
+
+
 class Session:
     """All hooks of one :func:`vtc.apply` call; see the module docstring."""
 
@@ -203,7 +213,13 @@ class Session:
         self._patched.clear()
         for comp in reversed(self.pre_llm):
             comp.detach(self)
-        for mod in (self.model, self.adapter.base_model):
+        # a torch.compile wrapper forwards attribute writes to the module it wraps (_orig_mod): clear it there
+        inner = getattr(self.model, "_orig_mod", None)
+        for mod in (
+            self.model,
+            self.adapter.base_model,
+            *([inner] if isinstance(inner, torch.nn.Module) else []),
+        ):
             if mod.__dict__.get("_vtc_session") is self:
                 del mod._vtc_session
         self.state = None

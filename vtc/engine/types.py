@@ -33,6 +33,15 @@ def keep_count(n_visual: int, share: float) -> int:
     return int(r) if abs(x - r) < 1e-9 else int(math.floor(x))
 
 
+def keep_at_least_one(n_visual: int, share: float, allow_empty: bool = False) -> int:
+    """``floor(n_visual * share)``, raised to 1 when that is 0 while ``share > 0`` and the image has tokens
+    (the at-least-one rule, :mod:`vtc.schedules`), unless ``allow_empty``."""
+    k = keep_count(n_visual, share)
+    if k == 0 and share > 0.0 and n_visual > 0 and not allow_empty:
+        return 1
+    return k
+
+
 # --- in-decoder methods -------------------------------------------------------------------------------------
 @dataclass
 class DecoderPlan:

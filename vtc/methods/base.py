@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, ClassVar
 
 from vtc.engine.prellm import PreLLMStage
@@ -44,6 +45,12 @@ class Method:
 
 class DecoderMethod(Method):
     kind: ClassVar[str] = "decoder"
+    #: the policy the method's paper / code uses; ``positions="auto"`` picks it where the model has it
+    official_positions: ClassVar[str] = "original"
+
+    def resolved_positions(self, adapter) -> str:
+        """``self.positions`` on ``adapter``'s model, ``auto`` resolved (:func:`resolve_positions`)."""
+        return resolve_positions(getattr(self, "positions", "auto"), adapter, self.official_positions)
 
     def plan(self, adapter) -> DecoderPlan:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -90,9 +97,13 @@ class CountedPreLLMMethod(PreLLMMethod):
     Parameters
     ----------
     tokens : int or None
-        Tokens kept per image (``1 .. N``).
+        Tokens kept per image (``1 .. N``). An image (or unit) of ``N <= tokens`` tokens arriving in a call
+        (a small image on a variable-resolution model) is kept whole: a warning says so once per method
+        instance and :attr:`kept_whole` counts such images; the run goes on (a count above the model's
+        typical grid is refused at apply instead, see :meth:`check`).
     ratio : float or None
-        Share kept instead, in ``(0, 1]``: ``max(1, round(ratio * N))``.
+        Share kept instead, in ``(0, 1]``: ``max(1, round(ratio * N))``; the shipped ``*_192/_128/_64``
+        presets are the shares 1/3, 2/9, 1/9.
     """
 
     tokens: int | None = None
@@ -100,14 +111,52 @@ class CountedPreLLMMethod(PreLLMMethod):
 
     def __post_init__(self):
         check_tokens_ratio(self.name, self.tokens, self.ratio)
+        #: images (units) kept whole because they had no more tokens than ``tokens`` (over every call)
+        self.kept_whole = 0
 
     def count(self, n_patches: int) -> int:
-        """Tokens kept of an image of ``n_patches``; raises if ``tokens`` is above ``n_patches``."""
+        """Tokens kept of an image of ``n_patches`` in a call: ``tokens`` (all of them when ``n_patches`` is
+        not above it; recorded in :attr:`kept_whole`, warned once) or ``max(1, round(ratio * n_patches))``."""
+        if self.tokens is not None and self.tokens > n_patches:
+            self.kept_whole = getattr(self, "kept_whole", 0) + 1
+            if not getattr(self, "_warned_whole", False):
+                self._warned_whole = True
+                warnings.warn(
+                    f"{self.name} tokens={self.tokens}: an image of {n_patches} visual tokens arrived, no more than "
+                    f"the count, so it is kept whole (counted in {type(self).__name__}.kept_whole; said once). Use "
+                    f"ratio= for a share of every image.",
+                    stacklevel=2,
+                )
+            return n_patches
         return resolve_count(self.tokens, self.ratio, n_patches, self.name)
 
     def check(self, adapter) -> None:
+        """Refuse a ``tokens`` count above the patches of the model's typical image (:meth:`grid_of_image`):
+        on a fixed-grid model no image could be compressed."""
         h, w = adapter.grid_of_image()
-        self.count(h * w)
+        self.typical_count(h * w)
+
+    def typical_count(self, n_patches: int) -> int:
+        """Tokens kept of the model's typical image of ``n_patches`` (apply-time checks); raises for a
+        ``tokens`` count above it."""
+        return resolve_count(self.tokens, self.ratio, n_patches, self.name)
+
+
+#: the ``positions`` values of in-decoder methods; ``auto`` resolves per model (:func:`resolve_positions`)
+POSITIONS = ("auto", "compact", "original")
+
+
+def resolve_positions(positions: str, adapter, official: str) -> str:
+    """The position policy a method runs with on ``adapter``'s model.
+
+    ``"auto"`` (every method's default) gives the method's ``official`` policy where the model supports it
+    (``compact`` for PyramidDrop on 1-D RoPE models), else ``"original"`` (the only policy of M-RoPE models,
+    Qwen-VL); an explicit ``"compact"`` / ``"original"`` is kept (and checked by the adapter at apply).
+    """
+    if positions != "auto":
+        return positions
+    supported = getattr(adapter, "positions_policies", ("compact", "original"))
+    return official if official in supported else "original"
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -8,9 +8,10 @@ the attention of the last instruction token, computed with that layer's own ``in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from vtc.engine.types import DecoderPlan
-from vtc.methods.base import DecoderMethod, check_choice
+from vtc.methods.base import POSITIONS, DecoderMethod, check_choice
 from vtc.registry import register_method
 from vtc.schedules import dims_of, layers_from_depth_shares, parse_schedule, stages
 from vtc.scorers import LastQueryAttention
@@ -34,8 +35,9 @@ class PyramidDrop(DecoderMethod):
         Share of the original visual tokens kept from each boundary on. Default ``lam**s``.
     lam : float
         Lambda, the kept share per stage, used when ``ratios`` is None. Default 0.5 (576→288→144→72).
-    positions : {"compact", "original"}
-        ``compact`` renumbers RoPE positions after a drop, as the official code does.
+    positions : {"auto", "compact", "original"}
+        ``compact`` renumbers RoPE positions after a drop, as the official code does; ``original`` keeps
+        them. ``auto`` (default): ``compact`` where the model has it, ``original`` on M-RoPE models (Qwen-VL).
     precision : {"model", "fp32"}
         ``model`` follows the official precision path (logits in model dtype, fp32 softmax, head mean
         in model dtype); ``fp32`` computes the ranking in fp32.
@@ -43,25 +45,27 @@ class PyramidDrop(DecoderMethod):
         Kernel backend of the ranking.
     target : dict or None
         Solve ``lam`` for a cost instead of giving it: ``{"avg_tokens": 128, "n_visual": 576}``,
-        ``{"avg_share": 0.222}`` or ``{"flops_share": 0.5}`` (see :func:`vtc.schedules.parse_schedule`);
-        ``flops_share`` weighs layers with the model's own sizes.
+        ``{"avg_share": 0.222}`` (a share of every image, whatever its size) or ``{"flops_share": 0.5}`` (see
+        :func:`vtc.schedules.parse_schedule`); ``flops_share`` weighs layers with the model's own sizes.
     allow_empty : bool
         With ``target``: accept a solved schedule that keeps 0 visual tokens at some layer (refused by
         default).
     """
 
+    official_positions: ClassVar[str] = "compact"
+
     layers: list[int] | None = None
     layer_shares: list[float] | None = None
     ratios: list[float] | None = None
     lam: float = 0.5
-    positions: str = "compact"
+    positions: str = "auto"
     precision: str = "model"
     backend: str = "auto"
     target: dict | None = None
     allow_empty: bool = False
 
     def __post_init__(self):
-        check_choice("positions", self.positions, ("compact", "original"))
+        check_choice("positions", self.positions, POSITIONS)
         if self.layers is not None and self.layer_shares is not None:
             raise ValueError(
                 f"give either layers={self.layers} or layer_shares={self.layer_shares} (shares of depth), not both"
@@ -87,4 +91,4 @@ class PyramidDrop(DecoderMethod):
             sched = parse_schedule(spec, adapter.num_layers, n_visual=adapter.tokens_per_image(), dims=dims)
         else:
             sched = stages(adapter.num_layers, layers, self.ratios, self.lam)
-        return DecoderPlan(sched, self.scorer_obj, mode="drop", positions=self.positions)
+        return DecoderPlan(sched, self.scorer_obj, mode="drop", positions=self.resolved_positions(adapter))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vtc.engine.types import DecoderPlan
-from vtc.methods.base import DecoderMethod, check_choice
+from vtc.methods.base import POSITIONS, DecoderMethod, check_choice
 from vtc.registry import register_method
 from vtc.schedules import SCHEDULE_KINDS, dims_of, parse_schedule
 from vtc.scorers import get_scorer
@@ -22,7 +22,8 @@ def _plan(method, adapter, schedule_spec, scorer_spec) -> DecoderPlan:
     target = schedule_spec.get("target") if isinstance(schedule_spec, dict) else None
     dims = dims_of(adapter) if isinstance(target, dict) and "flops_share" in target else None
     sched = parse_schedule(schedule_spec, adapter.num_layers, n_visual=adapter.tokens_per_image(), dims=dims)
-    return DecoderPlan(sched, get_scorer(scorer_spec), mode=method.mode, positions=method.positions)
+    positions = method.resolved_positions(adapter)
+    return DecoderPlan(sched, get_scorer(scorer_spec), mode=method.mode, positions=positions)
 
 
 def _check_schedule_spec(spec) -> None:
@@ -42,13 +43,14 @@ class ScheduleMethod(DecoderMethod):
     scorer : str or dict
         A registered scorer name or ``{"name": ..., **fields}``.
     mode : {"drop", "skip"}
-    positions : {"original", "compact"}
+    positions : {"auto", "original", "compact"}
+        ``auto`` (default) is ``original``.
     """
 
     schedule: Any = field(default_factory=lambda: {"kind": "stages"})
     scorer: Any = "last_query_attention"
     mode: str = "drop"
-    positions: str = "original"
+    positions: str = "auto"
 
     def __post_init__(self):
         _check_mode_positions(self)
@@ -77,8 +79,8 @@ class Progressive(DecoderMethod):
     scorer : str or dict
         Ranking at each routed layer; default the layer's own last-query attention (``source="next"``),
         standing in for p-MoD's trained router.
-    positions : {"original", "compact"}
-        p-MoD keeps original positions; ``compact`` is allowed in drop mode only.
+    positions : {"auto", "original", "compact"}
+        p-MoD keeps original positions (``auto``, the default); ``compact`` is allowed in drop mode only.
     """
 
     dense_above: float = 0.85
@@ -86,7 +88,7 @@ class Progressive(DecoderMethod):
     shift: float = 0.5
     mode: str = "skip"
     scorer: Any = "last_query_attention"
-    positions: str = "original"
+    positions: str = "auto"
 
     def __post_init__(self):
         _check_mode_positions(self)
@@ -108,7 +110,7 @@ class Progressive(DecoderMethod):
 
 def _check_mode_positions(method) -> None:
     check_choice("mode", method.mode, ("drop", "skip"))
-    check_choice("positions", method.positions, ("compact", "original"))
+    check_choice("positions", method.positions, POSITIONS)
 
 
 @register_method("random")
@@ -119,7 +121,7 @@ class RandomDrop(DecoderMethod):
     schedule: Any = field(default_factory=lambda: {"kind": "stages"})
     seed: int = 0
     mode: str = "drop"
-    positions: str = "original"
+    positions: str = "auto"
 
     def __post_init__(self):
         _check_mode_positions(self)
@@ -152,18 +154,19 @@ class Dart(DecoderMethod):
         (keep 0.222, i.e. 128 of 576).
     pivot_image, pivot_text : int
         Pivots per row.
-    positions : {"original", "compact"}
+    positions : {"auto", "original", "compact"}
+        ``auto`` (default) is ``original``.
     """
 
     k: int = 2
     keep: float = 0.222
     pivot_image: int = 4
     pivot_text: int = 4
-    positions: str = "original"
+    positions: str = "auto"
     backend: str = "auto"
 
     def __post_init__(self):
-        check_choice("positions", self.positions, ("compact", "original"))
+        check_choice("positions", self.positions, POSITIONS)
         if not (0.0 < self.keep <= 1.0):
             raise ValueError(f"keep={self.keep!r} is outside (0, 1]")
         get_scorer({"name": "duplication", "pivot_image": self.pivot_image, "pivot_text": self.pivot_text})

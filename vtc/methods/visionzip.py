@@ -111,7 +111,9 @@ class VisionZip(CountedPreLLMMethod):
     ratio : float or None
         Share kept instead, in ``(0, 1]``: ``max(1, round(ratio * N))``. Exactly one of the two.
     contextual : int or None
-        Contextual tokens; default ``round(tokens * 10 / 64)`` (the paper's 54 + 10 at 64).
+        Contextual tokens; default ``round(tokens * 10 / 64)`` (the paper's 54 + 10 at 64), or 0 on a model
+        that adds per-visual-token features inside the decoder (Qwen3-VL's DeepStack: a merged token has
+        none), where a count above 0 raises at ``vtc.apply``.
     """
 
     contextual: int | None = None
@@ -128,12 +130,24 @@ class VisionZip(CountedPreLLMMethod):
 
     def check(self, adapter) -> None:
         h, w = adapter.grid_of_image()
-        split_budget(self.count(h * w), self.contextual)
+        visual_features = bool(getattr(adapter, "visual_injections", list)())
+        if visual_features and self.contextual:
+            raise ValueError(
+                f"visionzip contextual={self.contextual} on {adapter.model.config.model_type}: the model adds "
+                "features per visual token inside the decoder (DeepStack) and a merged contextual token has none. "
+                "Pass contextual=0 (or leave it unset: 0 on this model)."
+            )
+        #: the contextual count an unset ``contextual`` means on this model (0 with per-token decoder features)
+        self._contextual_default = 0 if visual_features else None
+        split_budget(self.typical_count(h * w), self._contextual())
         adapter.check_vision_attention("visionzip")
+
+    def _contextual(self) -> int | None:
+        return self.contextual if self.contextual is not None else getattr(self, "_contextual_default", None)
 
     def reduce(self, inputs: ImageInputs) -> Reduction:
         k = self.count(inputs.num_patches)
-        dominant, contextual = split_budget(k, self.contextual)
+        dominant, contextual = split_budget(k, self._contextual())
         if k == inputs.num_patches:
             return Reduction(list(inputs.projected()))
         x, dom = visionzip_select(inputs.attention, inputs.keys, inputs.features, dominant, contextual)
