@@ -245,6 +245,46 @@ def dest_in_unit(cells: torch.Tensor | None, k: int, cls: int, dev) -> torch.Ten
     return torch.arange(k, device=dev)
 
 
+def placed_spans(row: int, start: int, dest: torch.Tensor, templates: list, parts: list, item: int) -> list:
+    """The :class:`ImageSpan` s of one reduced item placed at ``start`` of ``row``.
+
+    ``templates`` are the spans the unpatched model lays the item out as (relative offsets, from the adapter's
+    :meth:`~vtc.adapters.ModelAdapter.placed_parts`), ``dest`` ``[k]`` the offset each placed token stands for.
+    Each token belongs to the template its ``dest`` falls in and takes that slot's cell (a kept patch its own
+    cell, a newline its ``(-1, -1)``, merged tokens the first slots' cells); a unit pooled to an ``a x b`` grid
+    lies on that grid. An item that keeps its layout gets exactly its templates back, so its spans (and budget
+    items) do not depend on whether other images of the batch were reduced. ``item`` numbers the item's shared
+    budget (templates with ``item`` None are budgets of their own, e.g. Qwen-VL video frames).
+    """
+    dev = dest.device
+    starts = torch.tensor([t.start for t in templates[1:]], dtype=torch.long, device=dev)
+    part = torch.bucketize(dest, starts, right=True)  # [k] template of each token
+    counts = torch.bincount(part, minlength=len(templates)).tolist()
+    if sum(counts) and bool((part[1:] < part[:-1]).any()):  # pragma: no cover - an adapter bug
+        raise RuntimeError("vtc: an adapter placed an item's tokens out of its parts' order")
+    out, pos = [], 0
+    for t, c, unit in zip(
+        templates, counts, parts if len(parts) == len(templates) else [None] * len(templates)
+    ):
+        if c == 0:
+            continue
+        it = None if t.item is None else item
+        g = None if unit is None or unit.cells is not None or unit.grid is None else tuple(unit.grid)
+        if g is not None and g[0] * g[1] + unit.cls == c:  # a pooled grid: its own row-major cells
+            out.append(ImageSpan(row, start + pos, c, g, None, t.kind, it))
+        else:
+            rel = dest[pos : pos + c] - t.start
+            if t.layout is not None:
+                layout = t.layout.to(dev)[rel]
+            elif c == t.length:
+                layout = None  # every slot in place (row-major)
+            else:
+                layout = torch.stack([rel // t.grid[1], rel % t.grid[1]], 1)
+            out.append(ImageSpan(row, start + pos, c, tuple(t.grid), layout, t.kind, it))
+        pos += c
+    return out
+
+
 @dataclass
 class PreLLMCall:
     """What a pre-LLM method did in one prefill, per batch row (images in prompt order).
@@ -577,8 +617,11 @@ class PreLLMStage(PreLLMComponent):
         parts = [recs[m].parts[i] for _, _, m, i in items]
         dests = [recs[m].dests[i] for _, _, m, i in items]
         tokens = [token_of[m] for _, _, m, _ in items]
-        grids = [self._image_grid(p, k) for p, k in zip(parts, new_tokens)]
-        self._rewrite(kwargs, ids, placement, orig_tokens, new_tokens, grids, dests, tokens)
+        # what the unpatched model lays each item out as (grids, newline slots, budget items), for the new spans
+        layouts = [
+            (self.adapter.placed_parts(recs[m].units, i), parts[j]) for j, (_, _, m, i) in enumerate(items)
+        ]
+        self._rewrite(kwargs, ids, placement, orig_tokens, new_tokens, layouts, dests, tokens)
         rows: list[list[int]] = [[] for _ in range(B)]
         for j, (b, _, _, _) in enumerate(items):
             rows[b].append(j)
@@ -620,13 +663,6 @@ class PreLLMStage(PreLLMComponent):
             groups, units.members, units.orig_tokens, copy.copy(units.output), units.parts, units.extra
         )
         return self._assemble(units, [self._checked(self.reduce(g), g) for g in groups])
-
-    @staticmethod
-    def _image_grid(parts: list[ImagePart], k: int) -> tuple[int, int]:
-        """The grid a reduced image's ``k`` tokens lie on (its unit's grid when it has one unit)."""
-        if len(parts) == 1 and parts[0].grid is not None:
-            return tuple(parts[0].grid)
-        return (1, k)
 
     def _text(self, kwargs, ids, placement) -> list[torch.Tensor | None]:
         """``[M, D]`` input embeddings of the valid non-image tokens of each image's row."""
@@ -682,7 +718,7 @@ class PreLLMStage(PreLLMComponent):
                 k += 1
         return out
 
-    def _rewrite(self, kwargs, ids, placement, orig_tokens, new_tokens, grids, dests, tokens) -> None:
+    def _rewrite(self, kwargs, ids, placement, orig_tokens, new_tokens, layouts, dests, tokens) -> None:
         """Resize each placeholder run, re-pad rows on the left, rewrite mask and positions; remember the caller's
         position of every new slot (kept patches at their own cell, other image tokens at the run's first slots)."""
         B, T = ids.shape
@@ -745,7 +781,7 @@ class PreLLMStage(PreLLMComponent):
             new_ids[b, off:] = contents[b]
             new_valid[b, off:] = masks[b]
             for i, st in zip(by_row[b], starts[b]):
-                spans.append(ImageSpan(b, off + st, new_tokens[i], tuple(grids[i])))
+                spans += placed_spans(b, off + st, dests[i].to(dev), *layouts[i], item=i)
         mask_none = bool(new_valid.all())
         caller = caller.masked_fill(~new_valid, -1)
         kwargs["input_ids"] = new_ids

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import types
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -270,6 +271,15 @@ class Session:
                 if self.plan.mode == "skip" and l in self._selection:
                     self._hook(layer, self._make_skip_post(l), pre=False)
         for owner, name in self.adapter.visual_injections():
+            cur = owner.__dict__.get(name)
+            if (
+                isinstance(cur, types.MethodType)
+                and cur.__self__ is owner
+                and cur.__func__ is getattr(type(owner), name)
+            ):
+                delattr(
+                    owner, name
+                )  # left by a deep copy of a hooked model (_Injection.__deepcopy__): the class method
             if name in owner.__dict__:
                 raise RuntimeError(
                     f"{type(owner).__name__}.{name} is already patched on this instance; remove the other patch first"
@@ -423,7 +433,14 @@ class Session:
                 "pixel_values) instead of precomputed embeddings."
             )
         am = kwargs.get("attention_mask")
-        if am is not None and am.dim() != 2:
+        if am is not None and not isinstance(am, torch.Tensor):
+            # generate() hands the trunk prepared masks (a dict per attention kind) with a static cache
+            out.append(
+                f"vtc needs a 2D padding mask tensor [B, T]; got attention_mask of type {type(am).__name__} (masks "
+                "prepared by generate for a static cache, or by hand). Pass the tokenizer's 2D attention_mask and "
+                "use the default DynamicCache (no cache_implementation='static')."
+            )
+        elif am is not None and am.dim() != 2:
             out.append(f"vtc needs a 2D padding mask [B, T]; got a {am.dim()}D attention_mask")
         elif am is not None and not bool((am[:, 1:] >= am[:, :-1]).all()):
             out.append(
@@ -454,7 +471,7 @@ class Session:
             return self.can_compress()
         am = kwargs.get("attention_mask")
         image = self.adapter.visual_mask(ids)
-        if am is not None and am.dim() == 2:
+        if isinstance(am, torch.Tensor) and am.dim() == 2:
             valid = am.bool()
             image = image & valid
             n_all = valid.sum(1).tolist()
@@ -476,7 +493,7 @@ class Session:
         am = kwargs.get("attention_mask")
         valid = (
             am.bool()
-            if am is not None and am.dim() == 2
+            if isinstance(am, torch.Tensor) and am.dim() == 2
             else torch.ones(B, T, dtype=torch.bool, device=x.device)
         )
         if ids is not None:

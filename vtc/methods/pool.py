@@ -55,12 +55,28 @@ class Pool(CountedPreLLMMethod):
     """
 
     def check(self, adapter) -> None:
-        h, w = adapter.grid_of_image()
-        pool_grid((h, w), self.count(h * w))
+        """A fixed ``tokens`` count is checked against the adapter's grid (every image's grid, or the largest one:
+        a count with no layout there has none on a smaller grid); a ``ratio`` is checked per image at the call,
+        against the image's own grid."""
+        if self.tokens is not None:
+            h, w = adapter.grid_of_image()
+            pool_grid((h, w), self.count(h * w))
 
     def reduce(self, inputs: ImageInputs) -> Reduction:
         k = self.count(inputs.num_patches)
-        g = pool_grid(inputs.grid, k)
+        try:
+            g = pool_grid(inputs.grid, k)
+        except ValueError as e:
+            if self.ratio is None:
+                raise
+            h, w = inputs.grid
+            n = h * w
+            near = [m for m in range(max(1, k - 8), min(n, k + 8) + 1) if _pairs(m, h, w)]
+            raise ValueError(
+                f"pool ratio={self.ratio} keeps {k} of the {n} tokens of this image's {h}x{w} grid, which cannot be "
+                f"laid out as an a x b grid inside it; ratios that work on this image: "
+                f"{[round(m / n, 6) for m in near]} ({near} tokens)"
+            ) from e
         if g == tuple(inputs.grid):
             return Reduction(list(inputs.projected()), grids=[g] * inputs.n)
         x = F.adaptive_avg_pool2d(inputs.maps().permute(0, 3, 1, 2), g).flatten(2).transpose(1, 2)

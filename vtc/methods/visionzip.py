@@ -135,7 +135,12 @@ class VisionZip(CountedPreLLMMethod):
         k = self.count(inputs.num_patches)
         dominant, contextual = split_budget(k, self.contextual)
         if k == inputs.num_patches:
-            return Reduction(list(inputs.projected()))
+            # every patch in its own cell on the unit's grid: the adapter lays the unit out as the model does
+            # (an AnyRes grid keeps its newline after every row)
+            cells = torch.arange(k, device=inputs.selected.device)
+            return Reduction(
+                list(inputs.projected()), grids=[tuple(inputs.grid)] * inputs.n, cells=[cells] * inputs.n
+            )
         x, dom = visionzip_select(inputs.attention, inputs.keys, inputs.features, dominant, contextual)
         info = [{"dominant": dominant, "contextual": contextual} for _ in range(inputs.n)]
         # without contextual tokens every token is one kept patch: say which (its own slot, DeepStack features)
