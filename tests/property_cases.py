@@ -268,6 +268,12 @@ def documented(exc: BaseException) -> bool:
 
 # --- invariants -----------------------------------------------------------------------------------------------
 def _clean(model) -> bool:
+    """No vtc hook, instance patch or session left on ``model``."""
+    from vtc.engine.session import _Hook
+
+    for mod in model.modules():
+        if any(isinstance(f, _Hook) for f in (*mod._forward_pre_hooks.values(), *mod._forward_hooks.values())):
+            return False
     base = model.model
     patched = [n for n in ("get_image_features", "get_video_features") if n in base.__dict__]
     lm = getattr(base, "language_model", None)
@@ -282,8 +288,8 @@ def check_case(case: Case) -> dict[str, tuple[str, str]]:
     model = fam.make_model(case.attn)
     res: dict[str, tuple[str, str]] = {}
     inputs, alone, items = build(case)
-    hooks0 = snapshot_hooks(model)
     seq0, logits0, _ = generate(model, inputs, STEPS)
+    hooks0 = snapshot_hooks(model)  # after a first call: transformers installs its output-recording hooks lazily
     spec = methods(case)
     if not spec:
         return {k: ("n/a", "no method") for k in INVARIANTS}

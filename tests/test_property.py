@@ -18,7 +18,6 @@ import time
 from collections import Counter
 
 import property_cases as pc
-import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
