@@ -272,7 +272,9 @@ def _clean(model) -> bool:
     from vtc.engine.session import _Hook
 
     for mod in model.modules():
-        if any(isinstance(f, _Hook) for f in (*mod._forward_pre_hooks.values(), *mod._forward_hooks.values())):
+        if any(
+            isinstance(f, _Hook) for f in (*mod._forward_pre_hooks.values(), *mod._forward_hooks.values())
+        ):
             return False
     base = model.model
     patched = [n for n in ("get_image_features", "get_video_features") if n in base.__dict__]
@@ -289,7 +291,9 @@ def check_case(case: Case) -> dict[str, tuple[str, str]]:
     res: dict[str, tuple[str, str]] = {}
     inputs, alone, items = build(case)
     seq0, logits0, _ = generate(model, inputs, STEPS)
-    hooks0 = snapshot_hooks(model)  # after a first call: transformers installs its output-recording hooks lazily
+    hooks0 = snapshot_hooks(
+        model
+    )  # after a first call: transformers installs its output-recording hooks lazily
     spec = methods(case)
     if not spec:
         return {k: ("n/a", "no method") for k in INVARIANTS}
@@ -355,11 +359,29 @@ def _batch_rows(model, case, seq, logits, inputs, alone, stats) -> tuple[str, st
 
 
 def _cached_nocache(model, h, fam, seq, logits, inputs, selections) -> tuple[str, str]:
+    """The recompute replays the prefill's selections and, for methods that read the prompt's text (CDPruner), reduces
+    the images with the prompt's text only (as the cached call does once at prefill), not with the generated tokens
+    the recompute's longer sequence holds."""
+    from vtc.engine.prellm import PreLLMStage
+
+    T = inputs["input_ids"].shape[1]
+    stages = [c for c in h.session.pre_llm if isinstance(c, PreLLMStage)]
+    for comp in stages:
+
+        def prompt_text(kwargs, ids, placement, _orig=comp._text):
+            am = kwargs.get("attention_mask")
+            return _orig(
+                dict(kwargs, attention_mask=None if am is None else am[:, :T]), ids[:, :T], placement
+            )
+
+        comp._text = prompt_text
     h.session.forced = selections
     try:
         seq_ref, logits_ref = greedy_nocache(model, inputs, STEPS, **fam.NOCACHE)
     finally:
         h.session.forced = None
+        for comp in stages:
+            del comp._text
     if not torch.equal(seq, seq_ref):
         return "fail", "tokens differ from the no-cache recompute"
     d = (logits - logits_ref).abs().max().item()
@@ -368,7 +390,6 @@ def _cached_nocache(model, h, fam, seq, logits, inputs, selections) -> tuple[str
 
 def _counts(case, h, stats, call, items, inputs) -> tuple[str, str]:
     """Per-layer visual tokens against the hand counts of the inputs (and of the pre-LLM method's documented count)."""
-    B = len(items)
     orig = [sum(r) for r in items]
     if stats.visual_original != orig:
         return "fail", f"visual_original {stats.visual_original} != hand count {orig}"
@@ -376,20 +397,24 @@ def _counts(case, h, stats, call, items, inputs) -> tuple[str, str]:
         placed = [list(r) for r in call.tokens]
         if stats.visual_input != [sum(r) for r in placed]:
             return "fail", f"visual_input {stats.visual_input} != placed {placed}"
+        budget_items = placed
         fixed = case.pre["method"] in ("divprune", "cdpruner", "visionzip", "pool")
-        if (
-            fixed
-            and case.family in {"llava"} | QWEN
-            and not any(k == "vid" for r in case.rows for k, _ in r[1])
+        if fixed and case.family in {"llava"} | QWEN:
+            # one unit per image (Qwen-VL: per image and per video frame, the budget items): max(1, round(ratio * N))
+            budget_items = [[max(1, min(n, round(case.pre["ratio"] * n))) for n in r] for r in items]
+            if any(
+                (p != w) if len(p) == len(w) else (sum(p) != sum(w)) for p, w in zip(placed, budget_items)
+            ):  # per image (per video: its frames' sum, Qwen2/2.5-VL place a video as one item)
+                return (
+                    "fail",
+                    f"placed {placed} != max(1, round(ratio * N)) per image / frame = {budget_items}",
+                )
+        elif case.family in ("qwen2_vl", "qwen2_5_vl") and any(
+            k == "vid" for r in case.rows for k, _ in r[1]
         ):
-            for b in range(B):  # one unit per image: max(1, round(ratio * N)) of its N tokens
-                want = [max(1, min(n, round(case.pre["ratio"] * n))) for n in items[b]]
-                if placed[b] != want:
-                    return "fail", f"row {b}: placed {placed[b]} != max(1, round(ratio * N)) = {want}"
-        if case.family in ("qwen2_vl", "qwen2_5_vl") and any(k == "vid" for r in case.rows for k, _ in r[1]):
-            budget_items = None  # a placed video holds frames budgeted one by one: no per-frame hand count
-        else:
-            budget_items = placed
+            budget_items = (
+                None  # a placed video holds frames budgeted one by one; DFMR's per-frame counts vary
+            )
     else:
         if stats.visual_input != orig:
             return "fail", f"visual_input {stats.visual_input} != {orig} without a pre-LLM method"

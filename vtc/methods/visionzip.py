@@ -133,14 +133,16 @@ class VisionZip(CountedPreLLMMethod):
 
     def reduce(self, inputs: ImageInputs) -> Reduction:
         k = self.count(inputs.num_patches)
-        dominant, contextual = split_budget(k, self.contextual)
-        if k == inputs.num_patches:
+        if (
+            k == inputs.num_patches
+        ):  # keep-all: no split to make (a 1-token grid keeps its token whatever contextual)
             # every patch in its own cell on the unit's grid: the adapter lays the unit out as the model does
             # (an AnyRes grid keeps its newline after every row)
             cells = torch.arange(k, device=inputs.selected.device)
             return Reduction(
                 list(inputs.projected()), grids=[tuple(inputs.grid)] * inputs.n, cells=[cells] * inputs.n
             )
+        dominant, contextual = split_budget(k, self.contextual)
         x, dom = visionzip_select(inputs.attention, inputs.keys, inputs.features, dominant, contextual)
         info = [{"dominant": dominant, "contextual": contextual} for _ in range(inputs.n)]
         # without contextual tokens every token is one kept patch: say which (its own slot, DeepStack features)
