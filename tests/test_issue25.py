@@ -264,3 +264,17 @@ def test_7_pool_ratio_is_checked_against_the_image_at_the_call(kind):
     for r in suggested:  # every suggestion is accepted by the constructor and laid out on this image
         with vtc.apply(model, "pool", ratio=r):
             generate(model, inputs, 1)
+
+
+# --- found by the property test ------------------------------------------------------------------------------
+def test_property_visionzip_keep_all_with_contextual_tokens_on_a_one_token_frame():
+    """A Qwen-VL video frame of 2x2 patches is one merged token: ``ratio=1.0`` keeps it whatever ``contextual`` is
+    (it raised "contextual=1 must be in [0, tokens - 1] = [0, 0]" although nothing is split at keep-all)."""
+    kind = "qwen2_vl"
+    model = FAMILIES[kind].make_model("eager")
+    rows = [[("t", [1, 478]), ("t", [107])], [("t", [1, 520]), ("vid", 1, 2, 2), ("t", [225, 76, 478])]]
+    inputs = _qwen._batch(kind, rows, 2)
+    seq0, logits0, _ = generate(model, inputs, STEPS)
+    with vtc.apply(model, "visionzip", ratio=1.0, contextual=1):
+        seq1, logits1, _ = generate(model, inputs, STEPS)
+    assert torch.equal(seq0, seq1) and torch.equal(logits0, logits1)

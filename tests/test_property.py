@@ -4,8 +4,9 @@ of random sizes and video rows; the invariants are in ``tests/property_cases.py`
 Two profiles:
 
 * ``small`` (default, runs in ``make test``): a seeded, derandomized draw of a few dozen cases;
-* ``long``: ``VTC_PROPERTY_PROFILE=long VTC_PROPERTY_CASES=5000 VTC_PROPERTY_SEED=1
-  VTC_PROPERTY_REPORT=out/property.json pytest -q -p no:cacheprovider tests/test_property.py``; every case is
+* ``long``: ``make property`` (``CASES=5000 SEED=1``), i.e. ``VTC_PROPERTY_PROFILE=long VTC_PROPERTY_CASES=5000
+  VTC_PROPERTY_SEED=1 VTC_PROPERTY_REPORT=out/property.json pytest -q -p no:cacheprovider tests/test_property.py``
+  (about 1-2 s a case on one loaded core; shards with different seeds can run side by side); every case is
   checked, outcomes are counted per family and invariant (and written to the report), failures are listed with
   the case that reproduces them (``property_cases.check_case(Case(...))``) and fail the test at the end.
 """
