@@ -278,3 +278,33 @@ def test_property_visionzip_keep_all_with_contextual_tokens_on_a_one_token_frame
     with vtc.apply(model, "visionzip", ratio=1.0, contextual=1):
         seq1, logits1, _ = generate(model, inputs, STEPS)
     assert torch.equal(seq0, seq1) and torch.equal(logits0, logits1)
+
+
+def test_documented_errors_name_the_limit_and_a_setting_that_works():
+    """The errors the property test counts as documented name the limit and a setting the constructor accepts and
+    the same image then runs with: VisionZip's contextual count on a small image, Qwen3-VL's contextual tokens."""
+    import re
+
+    model = FAMILIES["qwen2_vl"].make_model("sdpa")
+    inputs = _qwen._batch(
+        "qwen2_vl", [[("t", [1, 5]), ("img", 2, 4), ("t", [7])]], 1, pad_mask=False
+    )  # 2 tokens
+    with vtc.apply(
+        model, "visionzip", ratio=0.5, contextual=1
+    ):  # keeps 1 token: no room for a contextual one
+        with pytest.raises(ValueError, match=r"contextual=1 must be in \[0, tokens - 1\] = \[0, 0\]") as e:
+            generate(model, inputs, 1)
+    fix = int(re.search(r"use contextual=(\d+)", str(e.value)).group(1))
+    with vtc.apply(model, "visionzip", ratio=0.5, contextual=fix) as h:
+        generate(model, inputs, 1)
+        assert last_prellm_call(h).tokens == [[1]]
+    q3 = FAMILIES["qwen3_vl"].make_model("sdpa")
+    inputs = _qwen.make_inputs("qwen3_vl", "b1_img")
+    with vtc.apply(
+        q3, "visionzip", ratio=0.5
+    ):  # contextual tokens are merged: no DeepStack features for them
+        with pytest.raises(NotImplementedError, match=r"visionzip with contextual=0") as e:
+            generate(q3, inputs, 1)
+    with vtc.apply(q3, "visionzip", ratio=0.5, contextual=0) as h:
+        generate(q3, inputs, 1)
+        assert last_prellm_call(h).tokens == [[12]]

@@ -44,7 +44,8 @@ def split_budget(k: int, contextual: int | None) -> tuple[int, int]:
     c = round(k * 10 / 64) if contextual is None else contextual
     if not 0 <= c < k:
         raise ValueError(
-            f"visionzip contextual={c} must be in [0, tokens - 1] = [0, {k - 1}]; lower it or raise tokens"
+            f"visionzip contextual={c} must be in [0, tokens - 1] = [0, {k - 1}] for {k} kept tokens; use "
+            f"contextual={max(0, k - 1)} or less (contextual=0: dominant tokens only) or keep more tokens"
         )
     return k - c, c
 
