@@ -277,9 +277,8 @@ class Session:
                 and cur.__self__ is owner
                 and cur.__func__ is getattr(type(owner), name)
             ):
-                delattr(
-                    owner, name
-                )  # left by a deep copy of a hooked model (_Injection.__deepcopy__): the class method
+                # the plain class method a deep copy of a hooked model holds (_Injection.__deepcopy__)
+                delattr(owner, name)
             if name in owner.__dict__:
                 raise RuntimeError(
                     f"{type(owner).__name__}.{name} is already patched on this instance; remove the other patch first"
