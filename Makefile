@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: venv install test demo lint bench wheel-test clean-venv
+.PHONY: venv install test demo lint bench wheel-test clean-venv property
 
 # The lock hash is in the venv path, so an existing venv always matches the lock: no mtime check
 # (a fresh clone has a newer lock file mtime than the venv and would rebuild it for nothing).
@@ -49,6 +49,13 @@ test: install
 DEMO_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 demo: install
 	$(VENV)/bin/vtc demo --out out --workers $(DEMO_WORKERS)
+
+# the long profile of the property-based test (tests/test_property.py); `make test` runs its seeded small profile
+CASES ?= 5000
+SEED ?= 1
+property: install
+	VTC_PROPERTY_PROFILE=long VTC_PROPERTY_CASES=$(CASES) VTC_PROPERTY_SEED=$(SEED) VTC_PROPERTY_REPORT=out/property.json \
+	  OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_property.py
 
 lint: install
 	$(VENV)/bin/ruff check vtc kernels eval tests

@@ -647,7 +647,8 @@ def test_record_and_math_of_the_docstring_example():
 
 def test_measure_on_a_grid_the_window_does_not_divide_uses_the_full_top_left_windows():
     """Unpadded AnyRes grids (odd sides): the measure is the mean over the full p x p windows from the top-left,
-    computed by hand here; a grid smaller than one window raises naming the largest usable p."""
+    computed by hand here; a grid narrower than one window (a 1 x 7 grid) is measured on 1 x p windows (issue 25:
+    it used to raise suggesting p=1, which the constructor refuses)."""
     x = torch.randn(2, 5, 7, 3, dtype=torch.float64)
     m = vtc.DFMR(p=2)
     got = m.measure(x.float())
@@ -657,5 +658,12 @@ def test_measure_on_a_grid_the_window_does_not_divide_uses_the_full_top_left_win
             win = x[b, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].reshape(4, 3)
             stds.append(torch.stack([win[:, c].std(unbiased=False) for c in range(3)]).mean())
         assert abs(float(got[b]) - float(torch.stack(stds).mean())) < 1e-5
-    with pytest.raises(ValueError, match=r"p=2 is larger than this image's 1x7 feature grid.*p <= 1"):
-        m.measure(torch.randn(1, 1, 7, 3))
+    y = torch.randn(1, 1, 7, 3, dtype=torch.float64)
+    want = torch.stack(
+        [
+            torch.stack([y[0, 0, 2 * j : 2 * j + 2, c].std(unbiased=False) for c in range(3)]).mean()
+            for j in range(3)
+        ]
+    ).mean()
+    assert abs(float(m.measure(y.float())[0]) - float(want)) < 1e-5
+    assert float(m.measure(torch.randn(1, 1, 1, 3))[0]) == 0.0  # one token: no spread

@@ -283,7 +283,10 @@ class Duplication(Scorer):
     """DART's criterion (Wen et al., EMNLP 2025): keep the visual tokens least duplicated by a few pivots.
 
     Pivots are the tokens with the largest key norm at the selection layer: ``pivot_image`` visual
-    tokens and ``pivot_text`` text tokens per row. A visual token's score is minus its largest cosine
+    tokens and ``pivot_text`` text tokens per row. Norms are compared at 10 significant bits (relative
+    ``~1e-3``) and ties go to the earlier token of the row, so a row's pivots do not depend on its batch
+    (Qwen3-VL's per-head key norm leaves all key norms within ``~1e-5``: its pivots are the first tokens).
+    A visual token's score is minus its largest cosine
     similarity (on the layer's input hidden states) to any pivot; visual pivots are always kept.
     No attention map is needed, so it runs under sdpa and FlashAttention.
 
@@ -312,6 +315,10 @@ class Duplication(Scorer):
         B, Tv, D = h.shape
         k = ctx.adapter.project_k(ctx.rank_layer, h, ctx.cos, ctx.sin)  # [B, Hkv, Tv, dh]
         knorm = k.float().transpose(1, 2).reshape(B, Tv, -1).norm(dim=-1)  # [B, Tv]
+        # norms equal to 10 significant bits are ties, won by the earlier slot: a row's pivots do not depend on the
+        # float noise of its batch (Qwen3-VL's per-head key norm leaves every key norm within ~1e-5 of the others)
+        mant, expo = torch.frexp(knorm)
+        knorm = torch.ldexp(torch.round(mant * 1024) / 1024, expo)
         img = view.image & view.valid
         txt = ~view.image & view.valid
         pivots_idx = []
@@ -319,8 +326,10 @@ class Duplication(Scorer):
             if n == 0:
                 continue
             s = knorm.masked_fill(~cand, float("-inf"))
-            top = s.topk(min(n, Tv), dim=1)
-            idx = torch.where(torch.isfinite(top.values), top.indices, torch.full_like(top.indices, -1))
+            # a stable sort, not topk: ties go to the earlier slot of the row
+            top = torch.sort(s, dim=1, descending=True, stable=True)
+            vals, inds = top.values[:, : min(n, Tv)], top.indices[:, : min(n, Tv)]
+            idx = torch.where(torch.isfinite(vals), inds, torch.full_like(inds, -1))
             pivots_idx.append(idx)
         pidx = torch.cat(pivots_idx, dim=1)  # [B, P], -1 where a row has fewer candidates
         first = pidx.max(dim=1, keepdim=True).values.clamp(min=0)

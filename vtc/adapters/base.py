@@ -621,6 +621,13 @@ class ModelAdapter:
         p = parts[0]
         return p.embeds, dest_in_unit(p.cells, p.embeds.shape[0], p.cls, p.embeds.device)
 
+    def placed_parts(self, units, image: int) -> list:
+        """How the unpatched model lays image ``image`` of a feature call out in its placeholder run: one
+        :class:`~vtc.engine.state.ImageSpan` per unit (``row`` -1, ``start`` the offset in the run), as
+        :meth:`find_spans` would give them; the pre-LLM stage maps a reduced image's tokens onto them. Default:
+        one span on the fixed grid."""
+        return [ImageSpan(-1, 0, units.orig_tokens[image], tuple(self.grid_of_image()))]
+
     def finish_features(self, units, embeds: list[torch.Tensor], parts: list) -> object:
         """The feature call's output carrying the per-image ``embeds`` (``pooler_output``, one ``[k_i, D]`` per
         image); adapters with other per-token features (DeepStack) reduce those here too."""

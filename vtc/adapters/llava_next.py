@@ -595,6 +595,24 @@ class LlavaNextAdapter(LlavaAdapter):
             grid = torch.cat([e1, nl[None]])
         return torch.cat([e0, grid]), torch.cat([d0, s * s + torch.arange(grid.shape[0], device=dev)])
 
+    def placed_parts(self, units, image: int) -> list:
+        """An image's base view and high-resolution part (with its newline slots), or a video's frames, as
+        :meth:`find_spans` lays them out (one budget item)."""
+        if "frame" in units.extra:
+            parts, kind = self.video_parts(units.parts[image]), "video"
+        else:
+            s, hw = self.side, units.extra["hw"][image]
+            if hw is None:
+                parts = [((s, s), _grid_layout(s, s, newline_at_end=True), s * s + 1)]
+            else:
+                parts = [((s, s), None, s * s), (tuple(hw), _grid_layout(*hw), hw[0] * (hw[1] + 1))]
+            kind = "image"
+        out, off = [], 0
+        for grid, layout, n in parts:
+            out.append(ImageSpan(-1, off, n, grid, layout, kind, 0))
+            off += n
+        return out
+
     def finish_features(self, units, embeds: list[torch.Tensor], parts: list) -> object:
         """Per-image embeddings as ``pooler_output``; OneVision's video features as a tensor, as its forward
         flattens the first two dims: ``[n_videos, k, D]``, or ``[1, sum k, D]`` when videos keep different counts."""

@@ -527,7 +527,7 @@ class QwenVLAdapter(ModelAdapter):
                 )
             }
             members = [[(item[pair], 0) for pair in mem] for mem in members]
-        extra = {"frames": frames, "deepstack": ds}
+        extra = {"frames": frames, "deepstack": ds, "kind": modality}
         return VisionUnits(
             groups, members, [f.shape[0] for f in feats], out, [t for t, _, _ in frames], extra
         )
@@ -541,6 +541,12 @@ class QwenVLAdapter(ModelAdapter):
             embeds.append(p.embeds)
             dests.append(dest_in_unit(p.cells, p.embeds.shape[0], p.cls, p.embeds.device) + f * h * w)
         return torch.cat(embeds), torch.cat(dests)
+
+    def placed_parts(self, units, image: int) -> list:
+        """One span per frame on its merged grid, each its own budget item (as :meth:`find_spans`)."""
+        t, h, w = units.extra["frames"][image]
+        kind = units.extra.get("kind", "image")
+        return [ImageSpan(-1, f * h * w, h * w, (h, w), None, kind) for f in range(t)]
 
     def finish_features(self, units, embeds: list[torch.Tensor], parts: list) -> object:
         """Per-image embeddings, and (Qwen3-VL) the DeepStack features reduced like the embeddings: a kept patch

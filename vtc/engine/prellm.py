@@ -324,8 +324,11 @@ class PreLLMStage(PreLLMComponent):
         parts = [recs[m].parts[i] for _, _, m, i in items]
         dests = [recs[m].dests[i] for _, _, m, i in items]
         tokens = [token_of[m] for _, _, m, _ in items]
-        grids = [self._image_grid(p, k) for p, k in zip(parts, new_tokens)]
-        self._rewrite(kwargs, ids, placement, orig_tokens, new_tokens, grids, dests, tokens)
+        # what the unpatched model lays each item out as (grids, newline slots, budget items), for the new spans
+        layouts = [
+            (self.adapter.placed_parts(recs[m].units, i), parts[j]) for j, (_, _, m, i) in enumerate(items)
+        ]
+        self._rewrite(kwargs, ids, placement, orig_tokens, new_tokens, layouts, dests, tokens)
         rows: list[list[int]] = [[] for _ in range(B)]
         for j, (b, _, _, _) in enumerate(items):
             rows[b].append(j)
@@ -368,13 +371,6 @@ class PreLLMStage(PreLLMComponent):
         )
         return self._assemble(units, [self._checked(self.reduce(g), g) for g in groups])
 
-    @staticmethod
-    def _image_grid(parts: list[ImagePart], k: int) -> tuple[int, int]:
-        """The grid a reduced image's ``k`` tokens lie on (its unit's grid when it has one unit)."""
-        if len(parts) == 1 and parts[0].grid is not None:
-            return tuple(parts[0].grid)
-        return (1, k)
-
     def _text(self, kwargs, ids, placement) -> list[torch.Tensor | None]:
         """``[M, D]`` input embeddings of the valid non-image tokens of each image's row."""
         am = kwargs.get("attention_mask")
@@ -394,11 +390,12 @@ class PreLLMStage(PreLLMComponent):
         """``(row, start)`` of each image's (video's) placeholder run, in the order of the features."""
         return place_runs(self.name, ids, rec.orig_tokens, tid, modality)
 
-    def _rewrite(self, kwargs, ids, placement, orig_tokens, new_tokens, grids, dests, tokens) -> None:
+    def _rewrite(self, kwargs, ids, placement, orig_tokens, new_tokens, layouts, dests, tokens) -> None:
         """Resize each placeholder run, re-pad rows on the left, rewrite mask and positions (see
-        :func:`vtc.engine.rewrite.rewrite_prompt`)."""
+        :func:`vtc.engine.rewrite.rewrite_prompt`); ``layouts``: per item, the spans the unpatched model lays it
+        out as and its units' results."""
         self._map, self._spans, self._caller = rewrite_prompt(
-            self.name, self.adapter, kwargs, ids, placement, orig_tokens, new_tokens, grids, dests, tokens
+            self.name, self.adapter, kwargs, ids, placement, orig_tokens, new_tokens, layouts, dests, tokens
         )
 
     # --- decode -------------------------------------------------------------------------------------------------

@@ -28,6 +28,46 @@ class DecodeMap:
     shift: torch.Tensor  # [B] long
 
 
+def placed_spans(row: int, start: int, dest: torch.Tensor, templates: list, parts: list, item: int) -> list:
+    """The :class:`ImageSpan` s of one reduced item placed at ``start`` of ``row``.
+
+    ``templates`` are the spans the unpatched model lays the item out as (relative offsets, from the adapter's
+    :meth:`~vtc.adapters.ModelAdapter.placed_parts`), ``dest`` ``[k]`` the offset each placed token stands for.
+    Each token belongs to the template its ``dest`` falls in and takes that slot's cell (a kept patch its own
+    cell, a newline its ``(-1, -1)``, merged tokens the first slots' cells); a unit pooled to an ``a x b`` grid
+    lies on that grid. An item that keeps its layout gets exactly its templates back, so its spans (and budget
+    items) do not depend on whether other images of the batch were reduced. ``item`` numbers the item's shared
+    budget (templates with ``item`` None are budgets of their own, e.g. Qwen-VL video frames).
+    """
+    dev = dest.device
+    starts = torch.tensor([t.start for t in templates[1:]], dtype=torch.long, device=dev)
+    part = torch.bucketize(dest, starts, right=True)  # [k] template of each token
+    counts = torch.bincount(part, minlength=len(templates)).tolist()
+    if sum(counts) and bool((part[1:] < part[:-1]).any()):  # pragma: no cover - an adapter bug
+        raise RuntimeError("vtc: an adapter placed an item's tokens out of its parts' order")
+    out, pos = [], 0
+    for t, c, unit in zip(
+        templates, counts, parts if len(parts) == len(templates) else [None] * len(templates)
+    ):
+        if c == 0:
+            continue
+        it = None if t.item is None else item
+        g = None if unit is None or unit.cells is not None or unit.grid is None else tuple(unit.grid)
+        if g is not None and g[0] * g[1] + unit.cls == c:  # a pooled grid: its own row-major cells
+            out.append(ImageSpan(row, start + pos, c, g, None, t.kind, it))
+        else:
+            rel = dest[pos : pos + c] - t.start
+            if t.layout is not None:
+                layout = t.layout.to(dev)[rel]
+            elif c == t.length:
+                layout = None  # every slot in place (row-major)
+            else:
+                layout = torch.stack([rel // t.grid[1], rel % t.grid[1]], 1)
+            out.append(ImageSpan(row, start + pos, c, tuple(t.grid), layout, t.kind, it))
+        pos += c
+    return out
+
+
 def place_runs(
     name: str, ids: torch.Tensor, orig_tokens: list[int], tid: int, modality: str = "image"
 ) -> list[tuple[int, int]]:
@@ -68,7 +108,9 @@ def place_runs(
     return out
 
 
-def rewrite_prompt(name: str, adapter, kwargs, ids, placement, orig_tokens, new_tokens, grids, dests, tokens):
+def rewrite_prompt(
+    name: str, adapter, kwargs, ids, placement, orig_tokens, new_tokens, layouts, dests, tokens
+):
     """Resize each placeholder run, re-pad rows on the left, rewrite mask and positions; remember the caller's
     position of every new slot (kept patches at their own cell, other image tokens at the run's first slots).
 
@@ -134,7 +176,7 @@ def rewrite_prompt(name: str, adapter, kwargs, ids, placement, orig_tokens, new_
         new_ids[b, off:] = contents[b]
         new_valid[b, off:] = masks[b]
         for i, st in zip(by_row[b], starts[b]):
-            spans.append(ImageSpan(b, off + st, new_tokens[i], tuple(grids[i])))
+            spans += placed_spans(b, off + st, dests[i].to(dev), *layouts[i], item=i)
     mask_none = bool(new_valid.all())
     caller = caller.masked_fill(~new_valid, -1)
     kwargs["input_ids"] = new_ids

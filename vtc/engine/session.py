@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import threading
 import time
+import types
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -162,6 +163,14 @@ class Session:
                 if self.plan.mode == "skip" and l in self.layers.selection:
                     self._hook(layer, self.layers.make_skip_post(l), pre=False)
         for owner, name in self.adapter.visual_injections():
+            cur = owner.__dict__.get(name)
+            if (
+                isinstance(cur, types.MethodType)
+                and cur.__self__ is owner
+                and cur.__func__ is getattr(type(owner), name)
+            ):
+                # the plain class method a deep copy of a hooked model holds (_Injection.__deepcopy__)
+                delattr(owner, name)
             if name in owner.__dict__:
                 raise RuntimeError(
                     f"{type(owner).__name__}.{name} is already patched on this instance; remove the other patch first"

@@ -354,21 +354,18 @@ class DFMR(PreLLMMethod):
 
         The ``p x p`` windows tile the map from its top-left corner; on a grid ``p`` does not divide (an unpadded
         LLaVA-NeXT grid, a shrunk OneVision grid) the partial windows at the bottom and right edges are left out
-        of the measure (the pooling itself still covers the whole grid).
-
-        Raises
-        ------
-        ValueError
-            The map is smaller than one window (``h < p`` or ``w < p``).
+        of the measure (the pooling itself still covers the whole grid). A grid narrower or shorter than ``p``
+        (a 1 x 2 Qwen-VL grid) is measured on ``min(p, h) x min(p, w)`` windows (a 1 x 1 grid measures 0).
         """
         h, w = maps.shape[1], maps.shape[2]
         p = self.p
+        if h < p or w < p:
+            ph, pw = min(p, h), min(p, w)
+            x = maps[:, : h - h % ph, : w - w % pw].float()
+            n, D = x.shape[0], x.shape[-1]
+            x = x.reshape(n, h // ph, ph, w // pw, pw, D).permute(0, 1, 3, 2, 4, 5).reshape(n, -1, ph * pw, D)
+            return x.std(dim=2, correction=0).mean(dim=(1, 2))
         if h % p or w % p:
-            if h < p or w < p:
-                raise ValueError(
-                    f"DFMR p={p} is larger than this image's {h}x{w} feature grid: no full window to measure; use "
-                    f"p <= {min(h, w)} (e.g. DFMR(p={max(1, min(h, w))}))"
-                )
             maps = maps[:, : h - h % p, : w - w % p]
         if _window_std_kernel is not None:
             return _window_std_kernel(maps, self.p, backend=self.backend)[1]

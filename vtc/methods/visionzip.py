@@ -44,7 +44,8 @@ def split_budget(k: int, contextual: int | None) -> tuple[int, int]:
     c = round(k * 10 / 64) if contextual is None else contextual
     if not 0 <= c < k:
         raise ValueError(
-            f"visionzip contextual={c} must be in [0, tokens - 1] = [0, {k - 1}]; lower it or raise tokens"
+            f"visionzip contextual={c} must be in [0, tokens - 1] = [0, {k - 1}] for {k} kept tokens; use "
+            f"contextual={max(0, k - 1)} or less (contextual=0: dominant tokens only) or keep more tokens"
         )
     return k - c, c
 
@@ -147,9 +148,16 @@ class VisionZip(CountedPreLLMMethod):
 
     def reduce(self, inputs: ImageInputs) -> Reduction:
         k = self.count(inputs.num_patches)
+        if (
+            k == inputs.num_patches
+        ):  # keep-all: no split to make (a 1-token grid keeps its token whatever contextual)
+            # every patch in its own cell on the unit's grid: the adapter lays the unit out as the model does
+            # (an AnyRes grid keeps its newline after every row)
+            cells = torch.arange(k, device=inputs.selected.device)
+            return Reduction(
+                list(inputs.projected()), grids=[tuple(inputs.grid)] * inputs.n, cells=[cells] * inputs.n
+            )
         dominant, contextual = split_budget(k, self._contextual())
-        if k == inputs.num_patches:
-            return Reduction(list(inputs.projected()))
         x, dom = visionzip_select(inputs.attention, inputs.keys, inputs.features, dominant, contextual)
         info = [{"dominant": dominant, "contextual": contextual} for _ in range(inputs.n)]
         # without contextual tokens every token is one kept patch: say which (its own slot, DeepStack features)
