@@ -1,4 +1,4 @@
-"""The shared matrix of the pre-LLM family (dfmr, visionzip, divprune, cdpruner, pool), on sdpa and eager:
+"""The shared matrix of the pre-LLM family (dfmr, visionzip, divprune, cdpruner, pool, scope), on sdpa and eager:
 
 * hooked ``generate`` equals plain ``generate`` fed the same reduced embeddings by hand (bit-exact);
 * a batch of 3 left-padded rows with 2/1/0 images equals each row alone;
@@ -28,6 +28,7 @@ SPECS = {
     "divprune": lambda: vtc.DivPrune(tokens=5),
     "cdpruner": lambda: vtc.CDPruner(tokens=5),
     "pool": lambda: vtc.Pool(tokens=8),
+    "scope": lambda: vtc.Scope(tokens=5),
 }
 
 
@@ -198,6 +199,7 @@ def test_keeping_every_token_is_bit_identical_to_unpatched(model, case):
         vtc.CDPruner(ratio=1.0),
         vtc.VisionZip(tokens=16),
         vtc.Pool(tokens=16),
+        vtc.Scope(ratio=1.0),
     ):
         with vtc.apply(model, m) as h:
             seq1, logits1, _ = generate(model, inputs, STEPS)

@@ -1,4 +1,4 @@
-"""Pre-LLM methods (dfmr, visionzip, divprune, cdpruner, pool) on LLaVA-NeXT images (and NeXT-Video's images):
+"""Pre-LLM methods (dfmr, visionzip, divprune, cdpruner, pool, scope) on LLaVA-NeXT images (and NeXT-Video's images):
 each image is two units (base view, unpadded high-resolution grid), reduced on its own grid, and put back with
 the model's newline tokens.
 
@@ -33,6 +33,7 @@ SPECS = {
     "divprune": lambda: vtc.DivPrune(ratio=0.5),
     "cdpruner": lambda: vtc.CDPruner(ratio=0.4),
     "pool": lambda: vtc.Pool(ratio=0.25),
+    "scope": lambda: vtc.Scope(ratio=0.5),
 }
 FAMS = {"llava_next": NEXT, "llava_next_video": NEXT_VIDEO}
 
@@ -132,7 +133,7 @@ def test_next_video_frames_generate_equals_plain_generate_on_hand_reduced_inputs
         assert (logits[:, b] - logits_b[:, 0]).abs().max().item() <= 1e-4, b
 
 
-@pytest.mark.parametrize("name", ["divprune", "cdpruner"])
+@pytest.mark.parametrize("name", ["divprune", "cdpruner", "scope"])
 def test_selection_places_the_models_own_features_with_their_newlines(name):
     model = NEXT.make_model("sdpa")
     inputs = NEXT.make_inputs("b3_mixed")
@@ -208,7 +209,12 @@ def test_keep_all_is_the_unpatched_call_and_a_base_sized_count_still_reduces():
     model = NEXT.make_model("sdpa")
     inputs = NEXT.make_inputs("b3_sizes")
     seq0, logits0, _ = generate(model, inputs, STEPS)
-    for m in (vtc.DivPrune(ratio=1.0), vtc.Pool(ratio=1.0), vtc.DFMR(mode="fixed", factor=1)):
+    for m in (
+        vtc.DivPrune(ratio=1.0),
+        vtc.Pool(ratio=1.0),
+        vtc.DFMR(mode="fixed", factor=1),
+        vtc.Scope(ratio=1.0),
+    ):
         with vtc.apply(model, m):
             seq, logits, _ = generate(model, inputs, STEPS)
         assert torch.equal(seq0, seq) and torch.equal(logits0, logits), m

@@ -115,7 +115,7 @@ def _reduced(model, h, inputs: dict):
     return out, [e for *_, e, _ in order], [d for *_, d in order]
 
 
-SPECS = [("pool", {"tokens": 4}), ("divprune", {"ratio": 0.5})]
+SPECS = [("pool", {"tokens": 4}), ("divprune", {"ratio": 0.5}), ("scope", {"ratio": 0.5})]
 
 
 def _cases(kind):
@@ -221,9 +221,10 @@ def test_keep_all_is_bit_identical_and_removal_restores(kind):
     for case in _cases(kind):
         inputs = _qwen.make_inputs(kind, case)
         seq0, logits0, _ = generate(model, inputs, STEPS)
-        with vtc.apply(model, "divprune", ratio=1.0):
-            seq1, logits1, _ = generate(model, inputs, STEPS)
-        assert torch.equal(seq0, seq1) and torch.equal(logits0, logits1), case
+        for name in ("divprune", "scope"):
+            with vtc.apply(model, name, ratio=1.0):
+                seq1, logits1, _ = generate(model, inputs, STEPS)
+            assert torch.equal(seq0, seq1) and torch.equal(logits0, logits1), (case, name)
         with vtc.apply(model, "pool", tokens=4):
             generate(model, inputs, STEPS)
         seq2, logits2, _ = generate(model, inputs, STEPS)

@@ -38,6 +38,7 @@ _LAZY = {
     "PyramidDrop": "vtc.methods",
     "RandomDrop": "vtc.methods",
     "ScheduleMethod": "vtc.methods",
+    "Scope": "vtc.methods",
     "UniformDrop": "vtc.methods",
     "VisionZip": "vtc.methods",
     "list_methods": "vtc.registry",
@@ -63,6 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         PyramidDrop,
         RandomDrop,
         ScheduleMethod,
+        Scope,
         UniformDrop,
         VisionZip,
     )
@@ -145,4 +147,5 @@ __all__ = [
     "DivPrune",
     "CDPruner",
     "Pool",
+    "Scope",
 ]

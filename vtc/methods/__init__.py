@@ -7,6 +7,7 @@ from vtc.methods.divprune import DivPrune
 from vtc.methods.fastv import FastV
 from vtc.methods.pool import Pool
 from vtc.methods.pyramid_drop import PyramidDrop
+from vtc.methods.scope import Scope
 from vtc.methods.schedule import Dart, Progressive, RandomDrop, ScheduleMethod, UniformDrop
 from vtc.methods.visionzip import VisionZip
 
@@ -26,4 +27,5 @@ __all__ = [
     "DivPrune",
     "CDPruner",
     "Pool",
+    "Scope",
 ]
