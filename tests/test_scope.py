@@ -101,7 +101,9 @@ def test_hooked_scope_on_llava_follows_the_loop_on_the_towers_own_attention():
     with torch.no_grad():
         out = model.model.vision_tower(pv, output_hidden_states=True, output_attentions=True)
         plain = list(model.model.get_image_features(pixel_values=pv).pooler_output)
-    sal = out.attentions[-2][:, :, 0, 1:].double().sum(1)  # official: CLS row at the feature layer, heads summed
+    sal = (
+        out.attentions[-2][:, :, 0, 1:].double().sum(1)
+    )  # official: CLS row at the feature layer, heads summed
     feats = out.hidden_states[-2][:, 1:]
     with vtc.apply(model, "scope", tokens=5) as h, torch.no_grad():
         seen = model.model.get_image_features(pixel_values=pv).pooler_output

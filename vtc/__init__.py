@@ -31,6 +31,7 @@ _LAZY = {
     "DivPrune": "vtc.methods",
     "DecoderMethod": "vtc.methods",
     "FastV": "vtc.methods",
+    "LearnedSelector": "vtc.methods",
     "Method": "vtc.methods",
     "Pool": "vtc.methods",
     "PreLLMMethod": "vtc.methods",
@@ -57,6 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         DecoderMethod,
         DivPrune,
         FastV,
+        LearnedSelector,
         Method,
         Pool,
         PreLLMMethod,
@@ -148,4 +150,5 @@ __all__ = [
     "CDPruner",
     "Pool",
     "Scope",
+    "LearnedSelector",
 ]

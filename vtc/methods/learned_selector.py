@@ -14,7 +14,7 @@ The scorer is trained against the frozen model's own answer loss with a relaxed 
 (:mod:`vtc.eval.train_selector`) and stored as a Hugging Face artefact (``save_pretrained`` /
 ``from_pretrained``: ``config.json`` + ``model.safetensors``); ``path`` names that folder. A scorer fits a
 model whose LLM hidden size equals its ``input_dim``; another raises at ``vtc.apply``. The one trained for
-the shipped tiny LLaVA is ``vtc/eval/assets/tiny_selector`` (:data:`TINY_SELECTOR`).
+the shipped tiny LLaVA is ``vtc.eval.train_selector.TINY_SELECTOR`` (``vtc/eval/assets/tiny_selector``).
 """
 
 from __future__ import annotations
@@ -30,9 +30,6 @@ from transformers import PretrainedConfig, PreTrainedModel
 from vtc.engine.prellm import ImageInputs, Reduction
 from vtc.methods.base import CountedPreLLMMethod
 from vtc.registry import register_method
-
-#: The selector trained for the shipped tiny LLaVA (``python -m vtc.eval.train_selector``).
-TINY_SELECTOR = Path(__file__).resolve().parents[1] / "eval" / "assets" / "tiny_selector"
 
 
 class SelectorConfig(PretrainedConfig):
@@ -108,7 +105,7 @@ class TokenScorer(PreTrainedModel):
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """``[n, k]`` ascending indices of the ``k`` largest of ``scores`` ``[n, N]`` per row (ties: first index)."""
-    return scores.sort(-1, descending=True, stable=True).indices[:, :k].sort(-1).values
+    return scores.sort(dim=-1, descending=True, stable=True).indices[:, :k].sort(-1).values
 
 
 @register_method("learned_selector")
@@ -123,11 +120,12 @@ class LearnedSelector(CountedPreLLMMethod):
     ratio : float or None
         Share kept instead, in ``(0, 1]``: ``max(1, round(ratio * N))``. Exactly one of the two.
     path : str
-        Folder of a saved :class:`TokenScorer` (``save_pretrained``), e.g. :data:`TINY_SELECTOR`.
+        Folder of a saved :class:`TokenScorer` (``save_pretrained``), e.g. the shipped tiny LLaVA's
+        ``vtc.eval.train_selector.TINY_SELECTOR``.
 
     Examples
     --------
-    >>> from vtc.methods.learned_selector import TINY_SELECTOR
+    >>> from vtc.eval.train_selector import TINY_SELECTOR
     >>> vtc.apply(model, "learned_selector", ratio=0.25, path=str(TINY_SELECTOR))  # doctest: +SKIP
     """
 
@@ -139,7 +137,7 @@ class LearnedSelector(CountedPreLLMMethod):
             self.path = os.fspath(self.path)
         hint = (
             "pass path=DIR, a folder written by TokenScorer.save_pretrained (train one with `vtc train-selector`; "
-            f"the shipped tiny LLaVA's is {TINY_SELECTOR})"
+            "the shipped tiny LLaVA's is vtc.eval.train_selector.TINY_SELECTOR)"
         )
         if not isinstance(self.path, str) or not self.path:
             raise ValueError(f"learned_selector path={self.path!r}: {hint}")
