@@ -119,7 +119,7 @@ def train(args) -> tuple[TokenScorer, dict]:
     scorer.train()
     opt = torch.optim.AdamW(scorer.parameters(), lr=args.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed)
-    held = encode(processor, [S.make_sample("train", 10**6 + i) for i in range(args.batch * 2)])
+    held = encode(processor, [S.make_sample("train", 10**6 + i) for i in range(32)])
     ks = [max(1, round(r * N)) for r in args.ratios]
 
     def held_loss() -> dict:
@@ -146,7 +146,12 @@ def train(args) -> tuple[TokenScorer, dict]:
         log["steps"].append(float(loss.detach()))
         if step % 25 == 0 or step == args.steps - 1:
             logger.info(
-                "step %d  k=%d  T=%.3f  loss %.4f  (%.0f s)", step, k, temp, float(loss), time.time() - t0
+                "step %d  k=%d  T=%.3f  loss %.4f  (%.0f s)",
+                step,
+                k,
+                temp,
+                log["steps"][-1],
+                time.time() - t0,
             )
     log["hard_loss_after"] = held_loss()
     log["train_seconds"] = round(time.time() - t0, 1)
@@ -243,13 +248,13 @@ def parse_args(argv=None):
     p.add_argument("--compare", action="store_true", help="compare with DivPrune, CDPruner, VisionZip, SCOPE")
     p.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS), help="budgets (shares kept)")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--hidden", type=int, default=64, help="scorer width")
     p.add_argument("--layers", type=int, default=1, help="token-mixing blocks of the scorer")
     p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--t-start", type=float, default=1.0, help="initial temperature of the soft mask")
-    p.add_argument("--t-end", type=float, default=0.05, help="final temperature of the soft mask")
+    p.add_argument("--t-start", type=float, default=0.5, help="initial temperature of the soft mask")
+    p.add_argument("--t-end", type=float, default=0.02, help="final temperature of the soft mask")
     p.add_argument("--noise", type=float, default=0.5, help="scale of the Gumbel noise on the scores")
     p.add_argument("--n-test", type=int, default=None, help="test questions (default: all 800)")
     p.add_argument("--seed", type=int, default=0)

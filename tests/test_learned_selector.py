@@ -184,3 +184,16 @@ def test_train_selector_command_trains_saves_and_compares(tmp_path):
     assert set(res["runs"]["learned_selector@0.25"]["vs"]) == {"divprune", "cdpruner", "visionzip", "scope"}
     table = (out / "comparison.md").read_text()
     assert "| 25% (36) |" in table and "p=" in table
+
+
+def test_the_shipped_selector_fits_the_shipped_model():
+    from vtc.eval.train_selector import TINY_SELECTOR
+
+    net = TokenScorer.from_pretrained(TINY_SELECTOR, local_files_only=True)
+    model, processor = vtc.load_example()
+    assert net.config.input_dim == model.config.text_config.hidden_size
+    samples = S.make_split("test", 8)
+    ((_, inputs),) = S.encode_batches(processor, samples, 8)
+    with vtc.apply(model, "learned_selector", ratio=0.25, path=str(TINY_SELECTOR)) as h, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        assert last_prellm_call(h).tokens == [[36]] * 8

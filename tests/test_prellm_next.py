@@ -1,5 +1,5 @@
-"""Pre-LLM methods (dfmr, visionzip, divprune, cdpruner, pool, scope, learned_selector) on LLaVA-NeXT images (and NeXT-Video's images):
-each image is two units (base view, unpadded high-resolution grid), reduced on its own grid, and put back with
+"""Pre-LLM methods (dfmr, visionzip, divprune, cdpruner, pool, scope, learned_selector) on LLaVA-NeXT images
+(and NeXT-Video's images): each image is two units (base view, unpadded high-resolution grid), reduced on its own grid, and put back with
 the model's newline tokens.
 
 * hooked ``generate`` equals plain ``generate`` fed the same reduced embeddings by hand (bit-exact);
