@@ -17,8 +17,9 @@ eager attention). ``m`` near 1 leaves a token as it is, ``m`` near 0 hides it fr
 dropping does (its position ids stay the original ones, unlike the compacted prompt at inference). ``T`` is
 annealed geometrically from ``--t-start`` to ``--t-end``, so the relaxation ends close to the hard top-k; the
 budget ``k`` cycles through ``--ratios`` so one scorer serves every budget. The loss is the cross-entropy of
-the answer word at the prompt's last token (how the model answers). The loss of the *hard* top-k on a fixed
-held-out batch of train-stream questions is logged before and after training.
+the answer word at the prompt's last token (how the model answers). The loss of the *hard* top-k on
+``2 * --batch`` fixed held-out train-stream questions (indices from 10**6, past every training batch) is
+logged before and after training in ``training_log.json``.
 
 Comparison: the unpatched model and, at each budget (``tokens = round(share * N)`` per image), the selector,
 DivPrune, CDPruner, VisionZip and SCOPE on the 800 test questions, accuracy with its 95 % bootstrap interval,
@@ -119,7 +120,7 @@ def train(args) -> tuple[TokenScorer, dict]:
     scorer.train()
     opt = torch.optim.AdamW(scorer.parameters(), lr=args.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed)
-    held = encode(processor, [S.make_sample("train", 10**6 + i) for i in range(32)])
+    held = encode(processor, [S.make_sample("train", 10**6 + i) for i in range(2 * args.batch)])
     ks = [max(1, round(r * N)) for r in args.ratios]
 
     def held_loss() -> dict:
