@@ -16,8 +16,8 @@ Fair by construction:
   layer with no visual token, and DFMR budgets that pool to the same size as a larger one are not run,
   and the output says so;
 * stochastic methods (``random``) run with several seeds (default 3); the report shows mean ± sd;
-* pre-LLM methods ``visionzip``, ``divprune``, ``cdpruner`` and ``pool`` run at the same budgets when they
-  are registered;
+* pre-LLM methods ``visionzip``, ``divprune``, ``cdpruner``, ``pool`` and ``scope`` run at the same budgets
+  when they are registered;
 * an ``oracle`` row (synthetic suite only): it keeps the patches of the objects the generator placed, then
   an even spread, on the ``uniform`` schedule -- information no real method has, meant as headroom. It is
   an upper bound for questions about one object (existence, attribute, relative position), not for
@@ -62,7 +62,7 @@ POSITIONS = "original"
 #: Seeds of stochastic methods.
 SEEDS = 3
 #: Pre-LLM methods run at every budget when registered (``tokens=`` visual tokens kept per image).
-PRE_LLM_OPTIONAL = ("visionzip", "divprune", "cdpruner", "pool")
+PRE_LLM_OPTIONAL = ("visionzip", "divprune", "cdpruner", "pool", "scope")
 
 
 @dataclass

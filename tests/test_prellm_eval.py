@@ -8,7 +8,7 @@ import pytest
 import vtc
 from vtc.eval import bench
 
-NEW = ("visionzip", "divprune", "cdpruner", "pool")
+NEW = ("visionzip", "divprune", "cdpruner", "pool", "scope")
 
 
 def test_presets_resolve_to_their_counts():

@@ -1,4 +1,5 @@
-"""The shared matrix of the pre-LLM family (dfmr, visionzip, divprune, cdpruner, pool), on sdpa and eager:
+"""The shared matrix of the pre-LLM family (dfmr, visionzip, divprune, cdpruner, pool, scope,
+learned_selector), on sdpa and eager:
 
 * hooked ``generate`` equals plain ``generate`` fed the same reduced embeddings by hand (bit-exact);
 * a batch of 3 left-padded rows with 2/1/0 images equals each row alone;
@@ -14,6 +15,7 @@ import pytest
 import torch
 from conftest import BOS, IMAGE_TOKEN, PAD, make_inputs, row_specs, split_rows
 from refs import generate, positions_like_generate, snapshot_hooks
+from selector_helpers import selector_dir
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtc
@@ -28,6 +30,8 @@ SPECS = {
     "divprune": lambda: vtc.DivPrune(tokens=5),
     "cdpruner": lambda: vtc.CDPruner(tokens=5),
     "pool": lambda: vtc.Pool(tokens=8),
+    "scope": lambda: vtc.Scope(tokens=5),
+    "learned_selector": lambda: vtc.LearnedSelector(tokens=5, path=selector_dir()),
 }
 
 
@@ -199,6 +203,8 @@ def test_keeping_every_token_is_bit_identical_to_unpatched(model, case):
         vtc.CDPruner(ratio=1.0),
         vtc.VisionZip(tokens=16),
         vtc.Pool(tokens=16),
+        vtc.Scope(ratio=1.0),
+        vtc.LearnedSelector(tokens=16, path=selector_dir()),
     ):
         with vtc.apply(model, m) as h:
             seq1, logits1, _ = generate(model, inputs, STEPS)

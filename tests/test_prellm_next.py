@@ -1,5 +1,5 @@
-"""Pre-LLM methods (dfmr, visionzip, divprune, cdpruner, pool) on LLaVA-NeXT images (and NeXT-Video's images):
-each image is two units (base view, unpadded high-resolution grid), reduced on its own grid, and put back with
+"""Pre-LLM methods (dfmr, visionzip, divprune, cdpruner, pool, scope, learned_selector) on LLaVA-NeXT images
+(and NeXT-Video's images): each image is two units (base view, unpadded high-resolution grid), reduced on its own grid, and put back with
 the model's newline tokens.
 
 * hooked ``generate`` equals plain ``generate`` fed the same reduced embeddings by hand (bit-exact);
@@ -21,6 +21,7 @@ from families import llava_next_video as NEXT_VIDEO
 from families import llava_onevision as OV
 from families._anyres import BOS, IMAGE, PAD, VIDEO
 from refs import generate, snapshot_hooks
+from selector_helpers import selector_dir
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtc
@@ -33,6 +34,8 @@ SPECS = {
     "divprune": lambda: vtc.DivPrune(ratio=0.5),
     "cdpruner": lambda: vtc.CDPruner(ratio=0.4),
     "pool": lambda: vtc.Pool(ratio=0.25),
+    "scope": lambda: vtc.Scope(ratio=0.5),
+    "learned_selector": lambda: vtc.LearnedSelector(ratio=0.5, path=selector_dir()),
 }
 FAMS = {"llava_next": NEXT, "llava_next_video": NEXT_VIDEO}
 
@@ -132,7 +135,7 @@ def test_next_video_frames_generate_equals_plain_generate_on_hand_reduced_inputs
         assert (logits[:, b] - logits_b[:, 0]).abs().max().item() <= 1e-4, b
 
 
-@pytest.mark.parametrize("name", ["divprune", "cdpruner"])
+@pytest.mark.parametrize("name", ["divprune", "cdpruner", "scope", "learned_selector"])
 def test_selection_places_the_models_own_features_with_their_newlines(name):
     model = NEXT.make_model("sdpa")
     inputs = NEXT.make_inputs("b3_mixed")
@@ -208,7 +211,13 @@ def test_keep_all_is_the_unpatched_call_and_a_base_sized_count_still_reduces():
     model = NEXT.make_model("sdpa")
     inputs = NEXT.make_inputs("b3_sizes")
     seq0, logits0, _ = generate(model, inputs, STEPS)
-    for m in (vtc.DivPrune(ratio=1.0), vtc.Pool(ratio=1.0), vtc.DFMR(mode="fixed", factor=1)):
+    for m in (
+        vtc.DivPrune(ratio=1.0),
+        vtc.Pool(ratio=1.0),
+        vtc.DFMR(mode="fixed", factor=1),
+        vtc.Scope(ratio=1.0),
+        vtc.LearnedSelector(ratio=1.0, path=selector_dir()),
+    ):
         with vtc.apply(model, m):
             seq, logits, _ = generate(model, inputs, STEPS)
         assert torch.equal(seq0, seq) and torch.equal(logits0, logits), m

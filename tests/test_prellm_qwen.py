@@ -15,6 +15,7 @@ import pytest
 import torch
 from families import _qwen
 from refs import generate, snapshot_hooks
+from selector_helpers import selector_dir
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtc
@@ -111,7 +112,12 @@ def _reduced(model, h, inputs: dict):
     return out, [e for *_, e, _ in order], [d for *_, d in order]
 
 
-SPECS = [("pool", {"tokens": 4}), ("divprune", {"ratio": 0.5})]
+SPECS = [
+    ("pool", {"tokens": 4}),
+    ("divprune", {"ratio": 0.5}),
+    ("scope", {"ratio": 0.5}),
+    ("learned_selector", {"ratio": 0.5, "path": selector_dir()}),
+]
 
 
 def _cases(kind):
@@ -217,9 +223,10 @@ def test_keep_all_is_bit_identical_and_removal_restores(kind):
     for case in _cases(kind):
         inputs = _qwen.make_inputs(kind, case)
         seq0, logits0, _ = generate(model, inputs, STEPS)
-        with vtc.apply(model, "divprune", ratio=1.0):
-            seq1, logits1, _ = generate(model, inputs, STEPS)
-        assert torch.equal(seq0, seq1) and torch.equal(logits0, logits1), case
+        for name, kw in (("divprune", {}), ("scope", {}), ("learned_selector", {"path": selector_dir()})):
+            with vtc.apply(model, name, ratio=1.0, **kw):
+                seq1, logits1, _ = generate(model, inputs, STEPS)
+            assert torch.equal(seq0, seq1) and torch.equal(logits0, logits1), (case, name)
         with vtc.apply(model, "pool", tokens=4):
             generate(model, inputs, STEPS)
         seq2, logits2, _ = generate(model, inputs, STEPS)

@@ -307,7 +307,7 @@ def _llava15_grid_model():
     return m
 
 
-@pytest.mark.parametrize("name", ["divprune", "visionzip", "cdpruner", "pool"])
+@pytest.mark.parametrize("name", ["divprune", "visionzip", "cdpruner", "pool", "scope"])
 def test_exactly_64_tokens_per_image_on_a_24x24_grid_any_batch(name):
     model = _llava15_grid_model()
     g = torch.Generator().manual_seed(0)
@@ -334,7 +334,7 @@ def test_exactly_64_tokens_per_image_on_a_24x24_grid_any_batch(name):
 
 
 # --- errors -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cls", [vtc.DivPrune, vtc.VisionZip, vtc.CDPruner, vtc.Pool])
+@pytest.mark.parametrize("cls", [vtc.DivPrune, vtc.VisionZip, vtc.CDPruner, vtc.Pool, vtc.Scope])
 def test_bad_tokens_or_ratio_raise(cls):
     name = cls.name
     with pytest.raises(ValueError, match=f"{name} tokens=0: give an int >= 1"):

@@ -31,6 +31,7 @@ _LAZY = {
     "DivPrune": "vtc.methods",
     "DecoderMethod": "vtc.methods",
     "FastV": "vtc.methods",
+    "LearnedSelector": "vtc.methods",
     "Method": "vtc.methods",
     "Pool": "vtc.methods",
     "PreLLMMethod": "vtc.methods",
@@ -38,6 +39,7 @@ _LAZY = {
     "PyramidDrop": "vtc.methods",
     "RandomDrop": "vtc.methods",
     "ScheduleMethod": "vtc.methods",
+    "Scope": "vtc.methods",
     "UniformDrop": "vtc.methods",
     "VisionZip": "vtc.methods",
     "list_methods": "vtc.api",
@@ -56,6 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         DecoderMethod,
         DivPrune,
         FastV,
+        LearnedSelector,
         Method,
         Pool,
         PreLLMMethod,
@@ -63,6 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         PyramidDrop,
         RandomDrop,
         ScheduleMethod,
+        Scope,
         UniformDrop,
         VisionZip,
     )
@@ -145,4 +149,6 @@ __all__ = [
     "DivPrune",
     "CDPruner",
     "Pool",
+    "Scope",
+    "LearnedSelector",
 ]
