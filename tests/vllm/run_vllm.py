@@ -56,6 +56,7 @@ def run(checkpoint: str, names: list[str]) -> dict:
                     "tokens": list(c.token_ids),
                     "top": {str(t): lp.logprob for t, lp in c.logprobs[0].items()},
                     "prompt_tokens": len(r.prompt_token_ids),
+                    "text": c.text,
                 }
             )
         out[name] = rows
