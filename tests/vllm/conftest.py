@@ -7,6 +7,7 @@ The engines start once per session (30-70 s each on a CPU): :func:`vllm_runs` ru
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -23,11 +24,10 @@ if str(HERE) not in sys.path:  # prompts.py, run by both sides
 
 
 def have_vllm() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the real vLLM is installed (this folder, on sys.path through ``tests/``, is a namespace package
+    named ``vllm`` too: it has no ``__init__.py`` and so no origin)."""
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None
 
 
 def pytest_collection_modifyitems(config, items):
@@ -59,7 +59,9 @@ def run_json(cmd: list[str], out: Path, env: dict, timeout: int = 1500) -> dict:
     with log.open("w") as f:
         p = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=HERE)
     if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}); last output:\n{log.read_text()[-4000:]}")
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({p.returncode}); last output:\n{log.read_text()[-4000:]}"
+        )
     return json.loads(out.read_text())
 
 
@@ -68,13 +70,17 @@ def vllm_runs(tmp_path_factory) -> dict:
     from prompts import METHODS
 
     out = tmp_path_factory.mktemp("vllm") / "vllm.json"
-    return run_json([sys.executable, "-m", "run_vllm", str(CHECKPOINT), str(out), *METHODS], out, engine_env())
+    return run_json(
+        [sys.executable, "-m", "run_vllm", str(CHECKPOINT), str(out), *METHODS], out, engine_env()
+    )
 
 
 @pytest.fixture(scope="session")
 def reference_runs(tmp_path_factory) -> dict:
     py = os.environ.get("VTC_REF_PYTHON")
     if not py:
-        pytest.skip("VTC_REF_PYTHON (the project venv's python, transformers>=5.20) is not set; run `make test-vllm`")
+        pytest.skip(
+            "VTC_REF_PYTHON (the project venv's python, transformers>=5.20) is not set; run `make test-vllm`"
+        )
     out = tmp_path_factory.mktemp("ref") / "ref.json"
     return run_json([py, "-m", "reference", str(CHECKPOINT), str(out)], out, engine_env())

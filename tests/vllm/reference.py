@@ -22,7 +22,9 @@ import vtc
 
 def run(checkpoint: str) -> dict:
     processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True)
-    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, local_files_only=True, dtype=torch.float32)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        checkpoint, local_files_only=True, dtype=torch.float32
+    )
     model.eval()
     eos = model.generation_config.eos_token_id
     out = {}

@@ -35,10 +35,9 @@ def test_placeholders_per_image_are_the_methods_count(name, vllm_runs):
         assert s["prompt_tokens"] - g["prompt_tokens"] == images * (GRID - KEPT[name])
 
 
-def test_methods_change_the_answers_somewhere(reference_runs):
-    """The configurations are not all the stock model in disguise (the equality above would then be vacuous)."""
-    stock = [r["tokens"] for r in reference_runs["stock"]]
+def test_each_method_changes_the_reference_model(reference_runs):
+    """No configuration is the stock model in disguise (the equality above would then test nothing of it)."""
+    stock = reference_runs["stock"]
     for name in METHODS:
         if name != "stock":
-            assert any(r["logprobs"] != s["logprobs"] for r, s in zip(reference_runs[name], reference_runs["stock"]))
-    assert stock
+            assert any(r["logprobs"] != s["logprobs"] for r, s in zip(reference_runs[name], stock)), name

@@ -22,7 +22,9 @@ def test_stock_vllm_without_plugin_equals_plugin_without_method(tmp_path, vllm_r
     assert sum(a != b for a, b in zip(weights, renamed)) > 0  # the shipped names are the transformers-5 ones
     save_file(renamed, ckpt / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "stock.json"
-    got = run_json([sys.executable, "-m", "run_vllm", str(ckpt), str(out), "stock"], out, engine_env(VLLM_PLUGINS=""))
+    got = run_json(
+        [sys.executable, "-m", "run_vllm", str(ckpt), str(out), "stock"], out, engine_env(VLLM_PLUGINS="")
+    )
     plugin = vllm_runs["stock"]
     assert [r["tokens"] for r in got["stock"]] == [r["tokens"] for r in plugin]
     assert [r["top"] for r in got["stock"]] == [r["top"] for r in plugin]
@@ -37,7 +39,9 @@ LLAVA_CLASS = (
 
 def test_plugin_registers_only_when_enabled():
     def llava_class(**env):
-        p = subprocess.run([sys.executable, "-c", LLAVA_CLASS], env=engine_env(**env), capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, "-c", LLAVA_CLASS], env=engine_env(**env), capture_output=True, text=True
+        )
         assert p.returncode == 0, p.stderr[-2000:]
         return p.stdout.split()[-1]
 

@@ -102,8 +102,12 @@ def reduce_images(
     h, w = grid
     cls = selected.shape[1] - h * w
     if cls not in (0, 1):
-        raise ValueError(f"vtc expected {h}x{w}={h * w} patch features per image (+1 CLS), got {selected.shape[1]}")
-    inputs = ImageInputs(selected=selected, cls=cls, grid=grid, project=project, attention=attention, keys=keys)
+        raise ValueError(
+            f"vtc expected {h}x{w}={h * w} patch features per image (+1 CLS), got {selected.shape[1]}"
+        )
+    inputs = ImageInputs(
+        selected=selected, cls=cls, grid=grid, project=project, attention=attention, keys=keys
+    )
     embeds = method.reduce(inputs).embeds
     bad = [tuple(e.shape) for e in embeds if e.shape[0] != expected]
     if bad:

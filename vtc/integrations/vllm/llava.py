@@ -68,7 +68,9 @@ def _build_processor(info, dummy_inputs):
     return _build_llava_or_pixtral_hf_processor(info, dummy_inputs)
 
 
-@MULTIMODAL_REGISTRY.register_processor(_build_processor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder)
+@MULTIMODAL_REGISTRY.register_processor(
+    _build_processor, info=_build_info, dummy_inputs=LlavaDummyInputsBuilder
+)
 class VtcLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """vLLM's LLaVA whose image encoder runs the vtc method of ``hf_config.vtc`` (module docstring)."""
 
