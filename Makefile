@@ -42,8 +42,10 @@ install: venv
 # in one xdist group, so the fixture is built once), every other test goes to whichever worker is free; each
 # worker builds a tiny model once (tests/model_cache.py). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 8 ] && n=8; [ $$n -lt 2 ] && n=0; echo $$n)
+# tests/vllm runs under `make test-vllm` (its own venv; its conftest would shadow tests/conftest.py here)
 test: install
-	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup tests
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup \
+		--ignore=tests/vllm tests
 
 # one worker process per core (at most 4), 1 torch thread each: separate processes do not oversubscribe
 DEMO_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)

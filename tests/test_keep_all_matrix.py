@@ -10,6 +10,7 @@ import torch
 from families import load_families
 from method_specs import METHOD_SPECS
 from refs import generate
+from selector_helpers import selector_dir
 
 import vtc
 from vtc.registry import list_methods
@@ -23,6 +24,8 @@ PRE_LLM_KEEP_ALL = {
     "divprune": {"ratio": 1.0},
     "cdpruner": {"ratio": 1.0},
     "pool": {"ratio": 1.0},
+    "scope": {"ratio": 1.0},
+    "learned_selector": {"ratio": 1.0},  # path: a seeded scorer of the family's hidden size (keep_all_specs)
 }
 EXTRA_KEEP_ALL = {  # registered in-decoder methods the shared matrix runs only through `schedule`
     "progressive": [{"floor": 1.0, "dense_above": 1.0, "mode": m} for m in ("skip", "drop")],
@@ -39,8 +42,11 @@ def keep_all_specs(family) -> list[tuple[str, list]]:
     for name, variants in EXTRA_KEEP_ALL.items():
         out += [(f"{name}-{v['mode']}", [{"method": name, **v}]) for v in variants]
     for name, kw in PRE_LLM_KEEP_ALL.items():
+        if name == "learned_selector":
+            kw = {**kw, "path": selector_dir(family.make_model("sdpa").config.get_text_config().hidden_size)}
         out.append((name, [{"method": name, **kw}]))
-    out.append(("divprune+uniform", [out[-2][1][0], next(m for i, m in out if i == "uniform")[0]]))
+    divprune = next(ms[0] for i, ms in out if i == "divprune")
+    out.append(("divprune+uniform", [divprune, next(m for i, m in out if i == "uniform")[0]]))
     return out
 
 
@@ -55,7 +61,12 @@ def test_keep_all_is_bit_identical_to_the_unpatched_model(name):
     fam = FAMILIES[name]
     model = fam.make_model("sdpa")
     ref = {case: generate(model, fam.make_inputs(case), STEPS)[:2] for case in fam.CASES}
+    refused = getattr(fam, "PRE_LLM_REFUSED", None)  # a family whose pre-LLM methods raise a documented error
     for sid, methods in keep_all_specs(fam):
+        if refused and any(vtc.resolve_methods(m)[0].kind == "pre_llm" for m in methods):
+            with pytest.raises(ValueError, match=refused):
+                vtc.apply(model, methods)
+            continue
         with vtc.apply(model, methods) as h:
             for case in fam.CASES:
                 seq, logits, _ = generate(model, fam.make_inputs(case), STEPS)

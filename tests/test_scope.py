@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_inputs, make_model
+from conftest import make_inputs, make_model, own_model
 from families import _qwen
 from test_prellm_select import _cos, tied, with_duplicates
 
@@ -139,11 +139,17 @@ def test_hooked_scope_on_qwen_follows_the_loop_on_merged_tokens(kind):
 
 
 def test_presets_mirror_the_fields():
+    # suffix presets are shares of each image (configs/__init__.py): _192 / _128 / _64 keep n of 576
     for n in (64, 128, 192):
         (m,) = vtc.resolve_methods(f"scope_{n}")
-        assert isinstance(m, vtc.Scope) and m.tokens == n and m.ratio is None and m.alpha == 1.0
+        assert (
+            isinstance(m, vtc.Scope)
+            and m.tokens is None
+            and m.ratio == pytest.approx(n / 576)
+            and m.alpha == 1.0
+        )
         assert m.tokens_per_image(576) == n
-        assert m.to_dict() == {"method": "scope", "tokens": n, "ratio": None, "alpha": 1.0}
+        assert m.to_dict() == {"method": "scope", "tokens": None, "ratio": m.ratio, "alpha": 1.0}
 
 
 def test_bad_settings_raise_clearly():
@@ -154,7 +160,7 @@ def test_bad_settings_raise_clearly():
         vtc.Scope(tokens=4, alpha="1")
     with pytest.raises(ValueError, match="exactly one of tokens"):
         vtc.Scope()
-    model = make_model("sdpa")
+    model = own_model("sdpa")  # a private copy: its tower is broken below
     with pytest.raises(ValueError, match="scope tokens=17 is above the 16 patch tokens"):
         vtc.apply(model, "scope", tokens=17)
     for lyr in model.model.vision_tower.encoder.layers:

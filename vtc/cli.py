@@ -12,12 +12,15 @@ import sys
 #: the model types vtc supports, for help texts (kept without importing torch; a test checks it against
 #: ``vtc.supported_model_types()``)
 MODEL_TYPES = (
+    "gemma3",
     "llava",
     "llava_next",
     "llava_next_video",
     "llava_onevision",
     "qwen2_5_vl",
     "qwen2_vl",
+    "qwen3_5",
+    "qwen3_5_moe",
     "qwen3_vl",
 )
 MODEL_TYPES_HELP = "a checkpoint of a supported type (" + ", ".join(MODEL_TYPES) + ")"
