@@ -1,4 +1,4 @@
-"""``vtc`` command line: demo, flops, bench, eval, report, calibrate.
+"""``vtc`` command line: demo, flops, bench, eval, report, calibrate, finetune.
 
 Each subcommand lives in its own module and is imported only when used, so ``vtc --help`` is fast.
 """
@@ -22,6 +22,10 @@ SUBCOMMANDS = {
     "eval": ("vtc.eval.harness", "Run lmms-eval in-process for a model, methods/presets and tasks."),
     "report": ("vtc.eval.report", "Turn results JSONs into a Markdown table, a CSV and a Pareto plot."),
     "calibrate": ("vtc.eval.calibrate", "Propose DFMR thresholds from a folder of images."),
+    "finetune": (
+        "vtc.eval.finetune",
+        "LoRA-fine-tune the embedded tiny LLaVA with a method on; accuracy before/after with paired tests.",
+    ),
 }
 
 

@@ -41,6 +41,7 @@ import torch
 from transformers.masking_utils import create_causal_mask
 
 from vtc.engine.ops import compact_rows, expand_rows, gather_rows, scatter_rows
+from vtc.engine.replay import ReplayStore
 from vtc.engine.state import CallState, ImageSpan, View
 from vtc.engine.stats import CallHistory, CallStats
 from vtc.schedules import Schedule, keep_count
@@ -203,9 +204,12 @@ class Session:
         self._patched: list[tuple[object, str]] = []  # (module, attribute) instance patches (_Injection)
         self._attached = False
         self._warned_compile = False
+        self._warned_items = False
         #: rank and re-derive views at every selection even when nothing would be dropped (tests use this
         #: to run the whole machinery in keep-all configurations)
         self._always_select = False
+        #: what each layer's hook did at prefills with gradients, for checkpointed recomputes (vtc.engine.replay)
+        self._replay = ReplayStore()
         L = adapter.num_layers
         if plan is not None:
             if plan.schedule.num_layers != L:
@@ -307,6 +311,7 @@ class Session:
         for mod in (self.model, self.adapter.base_model):
             if mod.__dict__.get("_vtc_session") is self:
                 del mod._vtc_session
+        self._replay.clear()
         self.state = None
         self._attached = False
 
@@ -334,6 +339,8 @@ class Session:
     def _outer_pre(self, module, args, kwargs):
         self._tls.labels = None
         labels = kwargs.get("labels")
+        # transformers' Trainer divides the loss by the labelled tokens it counted before the call
+        self._tls.items_given = kwargs.get("num_items_in_batch") is not None
         if isinstance(labels, torch.Tensor):
             # a private copy: dropped positions are set to -100 once the prefill knows them
             labels = labels.clone()
@@ -591,6 +598,8 @@ class Session:
             covered.scatter_(1, torch.where(final_c >= 0, final_c, torch.full_like(final_c, T)), True)
             # a dropped token has no output: no loss on predicting it, none on what it would have predicted
             dropped = st.caller_image & ~covered[:, :T]
+            if getattr(self._tls, "items_given", False) and not self._warned_items:
+                self._warn_counted_labels(labels, dropped)
             labels.masked_fill_(dropped, -100)
             labels[:, 1:].masked_fill_(dropped[:, :-1], -100)
         if new_last is None:
@@ -599,6 +608,20 @@ class Session:
             return (new_last, *output[1:])
         output.last_hidden_state = new_last
         return output
+
+    def _warn_counted_labels(self, labels: torch.Tensor, dropped: torch.Tensor) -> None:
+        """Warn (once) when labels the caller counted in ``num_items_in_batch`` lose their loss to a drop."""
+        lost = dropped.clone()
+        lost[:, 1:] |= dropped[:, :-1]
+        if bool(((labels != -100) & lost).any()):
+            self._warned_items = True
+            warnings.warn(
+                "vtc: labelled positions on dropped visual tokens (or right after one) carry no loss, but "
+                "num_items_in_batch (transformers' Trainer) counted them, so the loss is divided by more tokens "
+                "than it sums. Label only text that does not follow an image token directly (e.g. the answer: "
+                "-100 on the prompt), or pass no num_items_in_batch.",
+                stacklevel=2,
+            )
 
     def _begin_prefill(self, kwargs: dict, caller_ids: torch.Tensor | None = None) -> None:
         ids = kwargs.get("input_ids")
@@ -736,8 +759,13 @@ class Session:
 
     def _make_layer_pre(self, l: int):
         def hook(module, args, kwargs):
+            rec = self._replay.find(kwargs, l)
+            if rec is not None:  # activation checkpointing runs this layer again: redo what it did then
+                return self._replay.replay(rec, args, kwargs)
             st = self.state
             if st is None or not st.active:
+                if st is not None and not st.in_decode and torch.is_grad_enabled():
+                    self._replay.add(self._replay.key(kwargs), l, {}, None)
                 return None
             if st.in_decode:
                 return self._layer_decode(l, args, kwargs)
@@ -828,11 +856,17 @@ class Session:
         targets = self._keep_targets(l, view)
         G = max((len(t) for t in targets), default=0) or 1
         keep = torch.tensor([t + [0] * (G - len(t)) for t in targets], dtype=torch.long)
-        return self.plan.scorer.select(ctx, keep.to(view.src.device))
+        # a selection has no gradient: no graph for the ranking (memory in training, and a checkpointed
+        # recompute that replays the selection saves the same tensors as the first run)
+        with torch.no_grad():
+            return self.plan.scorer.select(ctx, keep.to(view.src.device))
 
     def _layer_prefill(self, l: int, args, kwargs):
         st = self.state
         plan = self.plan
+        key = self._replay.key(kwargs) if torch.is_grad_enabled() else None
+        incoming = self._replay.incoming(kwargs) if key is not None else None
+        passed = None  # slots of the input passed on by a drop at this layer
         hidden = args[0] if args else kwargs.pop("hidden_states")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if l == 0:
@@ -856,6 +890,7 @@ class Session:
             keep = view.valid & (~view.image | kept)
             src, valid = compact_rows(keep)
             hidden = gather_rows(hidden, src, 0)
+            passed = src
             view = self._derive_view(view, src, valid, hidden)
             st.current = view
             touched = True
@@ -875,6 +910,7 @@ class Session:
             st.layer_src[l] = sub.src  # output-capturing hooks see the routed subset
             self._record(l, sub)
             st.decode_key[l] = self._decode_key(sub)
+            self._replay.add(key, l, incoming, ((), kwargs), src, valid)
             return (sub_hidden, *args[1:]), kwargs
 
         if touched:
@@ -885,6 +921,7 @@ class Session:
         if l in self._prev_needed:
             st.saved_inputs[l] = (hidden, view)
         self._record(l, view)
+        self._replay.add(key, l, incoming, ((), kwargs), passed)
         return (hidden, *args[1:]), kwargs
 
     def _derive_view(self, view: View, src, valid, hidden) -> View:
@@ -957,6 +994,9 @@ class Session:
 
     def _make_skip_post(self, l: int):
         def hook(module, args, kwargs, output):
+            merged = self._replay.merge_routed(args, output)
+            if merged is not None:  # a checkpointed recompute of this routed layer (vtc.engine.replay)
+                return merged
             st = self.state
             if st is None or st.in_decode or l not in st.skip_pending:
                 return None
