@@ -120,7 +120,8 @@ def method_specs(methods, budgets, num_layers: int, n_visual: int) -> dict[tuple
     skipped: list[str] = []
     runs = method_grid(num_layers, n_visual, share, seeds=1, skipped=skipped)
     specs = {(r.label, r.budget): r.spec for r in runs if r.budget is not None and not r.oracle}
-    known = sorted({r.label for r in runs if r.budget is not None and not r.oracle})
+    every = method_grid(num_layers, n_visual, [0.5], seeds=1)  # every label runs at 50 %
+    known = sorted({r.label for r in [*runs, *every] if r.budget is not None and not r.oracle})
     out = {}
     for m in methods:
         if m not in known:
@@ -331,9 +332,8 @@ def run_finetune(cfg: FinetuneConfig, out_dir: str | Path = "out/finetune") -> d
     if 1.0 in budgets:
         before[1.0] = evaluate_budgets(model, processor, batches, "unpatched", specs, [1.0])[1.0]
     for m in cfg.methods:
-        before.update(
-            {(m, b): h for b, h in evaluate_budgets(model, processor, batches, m, specs, budgets).items()}
-        )
+        hits = evaluate_budgets(model, processor, batches, m, specs, [b for b in budgets if b < 1.0])
+        before.update({(m, b): h for b, h in hits.items()})
     del model
     train = S.make_split("train", cfg.steps * cfg.batch_size)
     rows, logs = [], {}

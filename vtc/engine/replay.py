@@ -17,7 +17,8 @@ the tensors a non-reentrant checkpoint saves match one for one).
 
 A call's records are keyed by the rotary table its trunk hands every layer (``position_embeddings[0]``, one
 tensor per call, which the checkpoint keeps alive with the layer's arguments until the backward pass) and are
-dropped with it; nothing is recorded without gradients (inference, ``generate``).
+dropped with it; nothing is recorded without gradients (inference, ``generate``), and a record is replayed only
+inside a backward pass.
 
 Shape names: ``B`` batch, ``Tv`` length of the layer's input, ``Tn`` length it passes on, ``D`` hidden.
 """
@@ -33,6 +34,14 @@ from vtc.engine.ops import gather_rows, scatter_rows
 
 #: keyword arguments of a decoder layer that the prefill hook may set
 LAYER_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
+
+
+def in_backward() -> bool:
+    """True while autograd's engine runs a backward pass, where checkpoints recompute (a forward that meets a
+    rotary table object of an earlier call -- a model caching its tables -- is then a new call, not a
+    recompute). Without torch's graph-task probe every call with gradients counts."""
+    probe = getattr(torch._C, "_current_graph_task_id", None)
+    return probe is None or probe() != -1
 
 
 @dataclass
@@ -74,7 +83,10 @@ class ReplayStore:
         return None
 
     def find(self, kwargs: dict, layer: int) -> LayerRecord | None:
-        """The record of ``layer`` in the call these incoming keyword arguments belong to (a recompute)."""
+        """The record of ``layer`` in the call these incoming keyword arguments belong to, when this is a
+        recompute (gradients on, inside a backward pass); None otherwise."""
+        if not torch.is_grad_enabled() or not in_backward():
+            return None
         k = self.key(kwargs)
         if k is None:
             return None
