@@ -81,7 +81,7 @@ class FinetuneConfig:
     eval_budgets: tuple[float, ...] = EVAL_BUDGETS
     steps: int = 150
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 1e-3
     lora_r: int = 8
     lora_alpha: int = 16
     n_test: int = 800
@@ -101,7 +101,7 @@ class FinetuneConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r}; give a whole number >= 1")
         if not self.lr > 0:
-            raise ValueError(f"lr={self.lr}; give a positive learning rate, e.g. 2e-3")
+            raise ValueError(f"lr={self.lr}; give a positive learning rate, e.g. 1e-3")
         if not self.methods:
             raise ValueError("methods is empty; name at least one, e.g. pyramid_drop")
 
