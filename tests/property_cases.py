@@ -36,7 +36,9 @@ QWEN = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe"}
 VIDEO_FAMILIES = {"llava_onevision", "llava_next_video"} | QWEN
 #: families the random prompt builders below know (Gemma 3, with one image size and no pre-LLM stage, is covered by
 #: the shared matrix and tests/test_gemma3.py, not drawn here)
-FAMILY_NAMES = [f for f in FAMILIES if f in {"llava", "llava_next", "llava_onevision", "llava_next_video"} | QWEN]
+FAMILY_NAMES = [
+    f for f in FAMILIES if f in {"llava", "llava_next", "llava_onevision", "llava_next_video"} | QWEN
+]
 STEPS = 2
 INVARIANTS = ("keep_all", "batch_rows", "cached_nocache", "removal", "counts")
 PRE_LLM = ("dfmr", "visionzip", "divprune", "cdpruner", "pool")

@@ -247,9 +247,10 @@ def apply(model, method: Any, **kwargs) -> Handle:
 
     Parameters
     ----------
-    model : transformers.PreTrainedModel
+    model : transformers.PreTrainedModel or peft.PeftModel
         A supported model (see :func:`vtc.adapters.supported_model_types`), e.g.
-        ``LlavaForConditionalGeneration``.
+        ``LlavaForConditionalGeneration``, in ``eval()`` or ``train()`` mode; or a PEFT wrapper of one
+        (``get_peft_model(model, LoraConfig(...))``), whose inner model gets the hooks.
     method : Method, str, dict, path or list
         See the module docstring.
     **kwargs
@@ -282,6 +283,7 @@ def apply(model, method: Any, **kwargs) -> Handle:
         raise BudgetUnreachable(
             f"{type(model).__name__} ({adapter.num_layers} decoder layers): {err} {hint}", err.lowest
         ) from err
-    session = Session(model, adapter, plan, [m.component(adapter) for m in pre])
+    # hooks go on the transformers model (inside a PEFT wrapper, see vtc.adapters.unwrap_model)
+    session = Session(adapter.model, adapter, plan, [m.component(adapter) for m in pre])
     session.attach()
     return Handle(session, methods)

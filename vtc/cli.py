@@ -1,4 +1,4 @@
-"""``vtc`` command line: demo, flops, bench, eval, report, calibrate, train-selector.
+"""``vtc`` command line: demo, flops, bench, eval, report, calibrate, train-selector, finetune.
 
 Each subcommand lives in its own module and is imported only when used, so ``vtc --help`` is fast.
 """
@@ -41,6 +41,10 @@ SUBCOMMANDS = {
     "train-selector": (
         "vtc.eval.train_selector",
         "Train a learned token selector for a frozen model; compare it with the pre-LLM selections.",
+    ),
+    "finetune": (
+        "vtc.eval.finetune",
+        "LoRA-fine-tune the embedded tiny LLaVA with a method on; accuracy before/after with paired tests.",
     ),
 }
 

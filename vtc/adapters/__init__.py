@@ -7,6 +7,8 @@ config (``flops_dims``, read by :mod:`vtc.flops`). Nothing outside ``vtc/adapter
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
 from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
@@ -48,14 +50,50 @@ def adapter_class(model_type: str | None) -> type[ModelAdapter]:
     return ADAPTERS[model_type]
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a PEFT wrapper, or ``model`` itself.
+
+    A ``PeftModel`` (``get_peft_model``, ``PeftModel.from_pretrained``) holds a tuner (``LoraModel`` ...) that
+    holds the transformers model; LoRA layers replace ``nn.Linear`` modules inside it but leave its trunk, its
+    decoder layers and its ``forward`` path as they are, so vtc hooks the inner model and the wrapper's calls
+    reach them. Without ``peft`` imported no model can be such a wrapper.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A transformers model, a ``peft.PeftModel`` / ``PeftMixedModel``, or a PEFT tuner (``BaseTuner``).
+
+    Returns
+    -------
+    torch.nn.Module
+    """
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return model
+    from peft.tuners.tuners_utils import BaseTuner
+
+    wrappers = tuple(getattr(peft, n) for n in ("PeftModel", "PeftMixedModel") if hasattr(peft, n))
+    while True:
+        if wrappers and isinstance(model, wrappers):
+            model = model.get_base_model()
+        elif isinstance(model, BaseTuner):
+            model = model.model
+        else:
+            return model
+
+
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """Return the adapter for ``model``, keyed by ``model.config.model_type``.
+
+    A PEFT-wrapped model (``PeftModel``) is served through the transformers model inside it
+    (:func:`unwrap_model`); the adapter's ``model`` is that inner model.
 
     Raises
     ------
     ValueError
         If the model type has no adapter; the message lists the supported types.
     """
+    model = unwrap_model(model)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in ADAPTERS:
@@ -82,4 +120,5 @@ __all__ = [
     "adapter_class",
     "get_adapter",
     "supported_model_types",
+    "unwrap_model",
 ]

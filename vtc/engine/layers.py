@@ -23,8 +23,8 @@ import weakref
 import torch
 
 from vtc.engine.masks import layer_mask
-from vtc.engine.ops import compact_rows, gather_rows, scatter_rows
-from vtc.engine.types import LayerSpec, ScoreContext, View, keep_at_least_one
+from vtc.engine.ops import compact_rows, gather_rows, item_counts, kept_src, scatter_rows
+from vtc.engine.types import LayerSpec, ScoreContext, View
 
 
 class LayerSurgery:
@@ -66,9 +66,16 @@ class LayerSurgery:
 
     # --- hooks ----------------------------------------------------------------------------------------
     def make_pre(self, l: int):
+        replay = self.session.replay
+
         def hook(module, args, kwargs):
+            rec = replay.find(kwargs, l)
+            if rec is not None:  # activation checkpointing runs this layer again: redo what it did then
+                return replay.replay(rec, args, kwargs)
             st = self.session.state
             if st is None or not st.active:
+                if st is not None and not st.in_decode and torch.is_grad_enabled():
+                    replay.add(replay.key(kwargs), l, {}, None)
                 return None
             if st.in_decode:
                 return self.decode(l, args, kwargs)
@@ -77,7 +84,12 @@ class LayerSurgery:
         return hook
 
     def make_skip_post(self, l: int):
+        replay = self.session.replay
+
         def hook(module, args, kwargs, output):
+            merged = replay.merge_routed(args, output)
+            if merged is not None:  # a checkpointed recompute of this routed layer (vtc.engine.replay)
+                return merged
             st = self.session.state
             if st is None or st.in_decode or l not in st.skip_pending:
                 return None
@@ -225,7 +237,10 @@ class LayerSurgery:
         targets = self.keep_targets(l)
         G = max((len(t) for t in targets), default=0) or 1
         keep = torch.tensor([t + [0] * (G - len(t)) for t in targets], dtype=torch.long)
-        return self.plan.scorer.select(self._context(l, hidden, view), keep.to(view.src.device))
+        # a selection has no gradient: no graph for the ranking (memory in training, and a checkpointed
+        # recompute that replays the selection saves the same tensors as the first run)
+        with torch.no_grad():
+            return self.plan.scorer.select(self._context(l, hidden, view), keep.to(view.src.device))
 
     def _kept_counts(self, l: int, view: View, kept: torch.Tensor) -> tuple[list[int], list[int]]:
         """Per-row ``(visual, valid)`` counts after keeping ``kept`` of ``view``: from the host-side targets
@@ -285,6 +300,10 @@ class LayerSurgery:
         st = self.state
         plan = self.plan
         spec = self.specs[l]
+        replay = self.session.replay
+        key = replay.key(kwargs) if torch.is_grad_enabled() else None  # recorded for checkpointed recomputes
+        incoming = replay.incoming(kwargs) if key is not None else None
+        passed = None  # slots of the input passed on by a drop at this layer
         hidden = args[0] if args else kwargs.pop("hidden_states")
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if spec.rotary not in st.base_tables and "position_embeddings" in kwargs:
@@ -314,6 +333,7 @@ class LayerSurgery:
             src, valid = compact_rows(view.valid & (~view.image | kept), max(n_valid, default=0))
             if plan.mode == "drop":
                 hidden = gather_rows(hidden, src, 0)
+                passed = src
                 view = self._derive_view(view, src, valid)
                 st.view_counts[id(view)] = (view, n_vis, n_valid)
                 st.current = view
@@ -328,6 +348,7 @@ class LayerSurgery:
                 st.layer_src[l] = sub.src  # output-capturing hooks see the routed subset
                 self._record(l, sub)
                 self._remember_decode(l, sub)
+                replay.add(key, l, incoming, ((), kwargs), src, valid)
                 return (sub_hidden, *args[1:]), kwargs
 
         if touched:
@@ -336,6 +357,7 @@ class LayerSurgery:
             self._remember_decode(l, view)
         self._save_prev(l, hidden, view)
         self._record(l, view)
+        replay.add(key, l, incoming, ((), kwargs), passed)
         return (hidden, *args[1:]), kwargs
 
     def _save_prev(self, l: int, hidden, view: View) -> None:
@@ -421,21 +443,3 @@ class LayerSurgery:
         if shift is None:
             return mask, None, None
         return mask, pos, self.adapter.rotary(hidden, pos, spec.rotary)
-
-
-def kept_src(view: View, kept: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
-    """Per row, the prompt index of each slot of ``view`` in ``kept`` (ascending), cut at the row's host-side
-    count ``counts[b]`` (no device read)."""
-    big = torch.iinfo(torch.long).max
-    order = torch.where(kept, view.src, torch.full_like(view.src, big)).sort(dim=1).values
-    return [order[b, :n] for b, n in enumerate(counts)]
-
-
-def item_counts(sizes: list[int], n_text: int, share: float, allow_empty: bool = False) -> list[int]:
-    """Tokens each budget item of a row keeps at ``share`` (the at-least-one rule, :mod:`vtc.schedules`); a row
-    without text keeps at least one."""
-    out = [keep_at_least_one(int(n), share, allow_empty) for n in sizes]
-    if n_text == 0 and sizes and sum(out) == 0 and sum(sizes) > 0:
-        first = next(i for i, n in enumerate(sizes) if n > 0)
-        out[first] = 1  # no row may become empty
-    return out

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from vtc.engine.types import View, keep_at_least_one
+
 
 def compact_rows(keep: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded layout of the kept slots of each row, order preserved.
@@ -106,3 +108,21 @@ def expand_rows(part: torch.Tensor, src: torch.Tensor, T: int, fill=0) -> torch.
     out = part.new_full((B, T + 1, *rest), fill)
     idx = idx.view(B, Tn, *([1] * len(rest))).expand(part.shape)
     return out.scatter(1, idx, part)[:, :T]
+
+
+def kept_src(view: View, kept: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """Per row, the prompt index of each slot of ``view`` in ``kept`` (ascending), cut at the row's host-side
+    count ``counts[b]`` (no device read)."""
+    big = torch.iinfo(torch.long).max
+    order = torch.where(kept, view.src, torch.full_like(view.src, big)).sort(dim=1).values
+    return [order[b, :n] for b, n in enumerate(counts)]
+
+
+def item_counts(sizes: list[int], n_text: int, share: float, allow_empty: bool = False) -> list[int]:
+    """Tokens each budget item of a row keeps at ``share`` (the at-least-one rule, :mod:`vtc.schedules`); a row
+    without text keeps at least one."""
+    out = [keep_at_least_one(int(n), share, allow_empty) for n in sizes]
+    if n_text == 0 and sizes and sum(out) == 0 and sum(sizes) > 0:
+        first = next(i for i, n in enumerate(sizes) if n > 0)
+        out[first] = 1  # no row may become empty
+    return out

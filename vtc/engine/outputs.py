@@ -31,8 +31,9 @@ def _expand(x, src_c: torch.Tensor, T: int):
     return expand_rows(x, src_c, T)
 
 
-def expand_outputs(output, st: CallState, num_layers: int, labels: torch.Tensor | None):
-    """Scatter a prefill's outputs back to the caller's length; mask the labels of dropped tokens in place.
+def expand_outputs(output, st: CallState, num_layers: int, labels: torch.Tensor | None, check_labels=None):
+    """Scatter a prefill's outputs back to the caller's length; mask the labels of dropped tokens in place
+    (``check_labels(labels, dropped)`` first sees them, when given).
 
     Returns the output to hand on, or None when nothing was rewritten (the outputs are already at the
     caller's positions).
@@ -74,6 +75,8 @@ def expand_outputs(output, st: CallState, num_layers: int, labels: torch.Tensor 
         covered = torch.zeros(B, T + 1, dtype=torch.bool, device=labels.device)
         covered.scatter_(1, torch.where(final_c >= 0, final_c, torch.full_like(final_c, T)), True)
         dropped = st.caller_image & ~covered[:, :T]
+        if check_labels is not None:
+            check_labels(labels, dropped)
         labels.masked_fill_(dropped, -100)
         labels[:, 1:].masked_fill_(dropped[:, :-1], -100)
     if new_last is None:

@@ -37,6 +37,7 @@ from vtc.engine import admission, callstate
 from vtc.engine.hooks import Hook, Injection
 from vtc.engine.layers import LayerSurgery
 from vtc.engine.outputs import expand_outputs
+from vtc.engine.replay import ReplayStore
 from vtc.engine.state import CallState
 from vtc.engine.stats import CallHistory, CallStats
 from vtc.engine.types import DecoderPlan, PreLLMComponent
@@ -85,6 +86,9 @@ class Session:
         self._patched: list[tuple[object, str]] = []  # (module, attribute) instance patches (Injection)
         self._attached = False
         self._warned_compile = False
+        self._warned_items = False
+        #: what each layer's hook did at prefills with gradients, for checkpointed recomputes (vtc.engine.replay)
+        self.replay = ReplayStore()
         L = adapter.num_layers
         if plan is not None:
             if plan.schedule.num_layers != L:
@@ -231,6 +235,8 @@ class Session:
         ):
             if mod.__dict__.get("_vtc_session") is self:
                 del mod._vtc_session
+        self._replay.clear()
+        self.replay.clear()
         self.state = None
         self._attached = False
 
@@ -238,6 +244,8 @@ class Session:
     def _outer_pre(self, module, args, kwargs):
         self._tls.labels = None
         labels = kwargs.get("labels")
+        # transformers' Trainer divides the loss by the labelled tokens it counted before the call
+        self._tls.items_given = kwargs.get("num_items_in_batch") is not None
         if isinstance(labels, torch.Tensor):
             # a private copy: dropped positions are set to -100 once the prefill knows them
             labels = labels.clone()
@@ -314,6 +322,22 @@ class Session:
             kwargs.update(comp.decode(self, kwargs))
         self._timed(callstate.begin_decode, decode=True)(st, kwargs, q_len)
 
+    def _warn_counted_labels(self, labels: torch.Tensor, dropped: torch.Tensor) -> None:
+        """Warn (once) when labels the caller counted in ``num_items_in_batch`` lose their loss to a drop."""
+        if self._warned_items:
+            return
+        lost = dropped.clone()
+        lost[:, 1:] |= dropped[:, :-1]
+        if bool(((labels != -100) & lost).any()):
+            self._warned_items = True
+            warnings.warn(
+                "vtc: labelled positions on dropped visual tokens (or right after one) carry no loss, but "
+                "num_items_in_batch (transformers' Trainer) counted them, so the loss is divided by more tokens "
+                "than it sums. Label only text that does not follow an image token directly (e.g. the answer: "
+                "-100 on the prompt), or pass no num_items_in_batch.",
+                stacklevel=2,
+            )
+
     def _top_post(self, module, args, kwargs, output):
         st = self.state
         if st is None:
@@ -341,5 +365,6 @@ class Session:
         stats.cache_slots = [0 if s is None else s + d for s in st.prefill_slots]
         L = self.adapter.num_layers
         if st.active and not st.in_decode:
-            return expand_outputs(output, st, L, getattr(self._tls, "labels", None))
+            check = self._warn_counted_labels if getattr(self._tls, "items_given", False) else None
+            return expand_outputs(output, st, L, getattr(self._tls, "labels", None), check)
         return None
