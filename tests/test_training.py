@@ -17,12 +17,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import BOS, EOS, GRID, IMAGE_TOKEN, PAD, make_model
+from conftest import BOS, EOS, GRID, IMAGE_TOKEN, PAD, own_model
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import vtc
 from vtc.adapters import unwrap_model
-from vtc.engine.session import _Hook
+from vtc.engine.hooks import Hook as _Hook
 from vtc.methods.divprune import divprune_select
 
 N_IMG = GRID * GRID
@@ -63,7 +63,7 @@ def _collate(items: list[dict]) -> dict:
 
 def _lora_model(seed: int = 0, init: bool | str = True):
     torch.manual_seed(seed)
-    base = make_model("sdpa", seed=seed).train()
+    base = own_model("sdpa", seed=seed).train()
     cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA, init_lora_weights=init)
     return get_peft_model(base, cfg)
 
@@ -81,7 +81,7 @@ def test_trainer_lora_gradient_checkpointing(method, tmp_path):
     after removal the model is the never-hooked one bit for bit (adapter active, merged, or unloaded)."""
     from transformers import LlavaForConditionalGeneration, Trainer, TrainingArguments
 
-    make_model("sdpa", seed=0).save_pretrained(tmp_path / "base")
+    own_model("sdpa", seed=0).save_pretrained(tmp_path / "base")
     pm = _lora_model()
     data = _examples()
     h = vtc.apply(pm, SPECS[method])

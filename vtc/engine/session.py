@@ -235,7 +235,6 @@ class Session:
         ):
             if mod.__dict__.get("_vtc_session") is self:
                 del mod._vtc_session
-        self._replay.clear()
         self.replay.clear()
         self.state = None
         self._attached = False
