@@ -615,8 +615,9 @@ def test_removal_restores_the_model(attn):
     model = dfmr_model(attn)
     inputs = make_case("b3_mixed")
     cls_method = type(model.model).get_image_features
-    hooks0 = snapshot_hooks(model)
     seq0, logits0, _ = generate(model, inputs, STEPS)
+    # after a first call: transformers installs its output-recording hooks lazily (not vtc's to remove)
+    hooks0 = snapshot_hooks(model)
     for method in (DFMR(**THRESH), [DFMR(**THRESH), "pyramid_drop"]):
         h = vtc.apply(model, method)
         assert "get_image_features" in model.model.__dict__

@@ -4,12 +4,13 @@ counts on a LLaVA-1.5-shaped grid (24 x 24); clear errors for bad settings."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, make_config, make_inputs, make_model, own_model
+from conftest import GRID, IMAGE_TOKEN, make_config, make_inputs, make_model, own_model
 
 import vtc
 from vtc.engine.prellm import last_prellm_call
@@ -400,3 +401,17 @@ def test_dfmr_budget_that_cannot_compress_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="vtc.methods.dfmr"):
         vtc.apply(model, vtc.DFMR(mode="budget", budget_per_image=8)).remove()
     assert caplog.text == ""
+
+
+def test_pool_tokens_on_grid_is_what_an_image_gets():
+    """What a serving engine reserves per image (``tokens_on_grid``) equals what the hooked model places, also for
+    counts with no exact ``a x b`` layout (7 on the tiny model's 4x4 grid)."""
+    model = make_model("sdpa")
+    inputs = make_inputs("b1_img1")
+    for tokens in (7, 5, 16, 4):
+        method = vtc.Pool(tokens=tokens)
+        with pytest.warns(UserWarning) if tokens in (7, 5) else contextlib.nullcontext():
+            with vtc.apply(model, method) as h, torch.no_grad():
+                model(**inputs)
+                placed = last_prellm_call(h).tokens[0][0]
+        assert placed == method.tokens_on_grid((GRID, GRID)), tokens

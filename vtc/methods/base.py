@@ -130,6 +130,11 @@ class CountedPreLLMMethod(PreLLMMethod):
             return n_patches
         return resolve_count(self.tokens, self.ratio, n_patches, self.name)
 
+    def tokens_on_grid(self, grid: tuple[int, int]) -> int:
+        """Tokens placed for one image of an ``(h, w)`` patch grid (what a serving engine must reserve):
+        :meth:`count` of its ``h * w``; methods that round to a layout (pool) override it."""
+        return self.count(grid[0] * grid[1])
+
     def check(self, adapter) -> None:
         """Refuse a ``tokens`` count above the patches of the model's typical image (:meth:`grid_of_image`):
         on a fixed-grid model no image could be compressed."""

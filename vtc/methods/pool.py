@@ -57,6 +57,11 @@ class Pool(CountedPreLLMMethod):
         of the two.
     """
 
+    def tokens_on_grid(self, grid: tuple[int, int]) -> int:
+        """``a * b`` of the layout an ``(h, w)`` image is pooled to (the count's nearest, module docstring)."""
+        a, b = pool_grid(grid, self.count(grid[0] * grid[1]))
+        return a * b
+
     def reduce(self, inputs: ImageInputs) -> Reduction:
         k = self.count(inputs.num_patches)
         g = pool_grid(inputs.grid, k)

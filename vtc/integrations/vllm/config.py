@@ -65,7 +65,7 @@ def kept_tokens(method: PreLLMMethod, grid: tuple[int, int], cls: int = 0) -> in
         return a * b + cls
     if not isinstance(method, CountedPreLLMMethod):
         raise ValueError(f"vtc method {method.name!r} has no fixed token count per image")
-    return method.count(h * w) + cls
+    return method.tokens_on_grid((h, w)) + cls
 
 
 class TowerShape:
