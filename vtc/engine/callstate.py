@@ -66,6 +66,23 @@ def _span_tables(spans: list[ImageSpan], image: torch.Tensor, n_vis_rows: list[i
     return image_index, item_index, grid_rc, item_sizes
 
 
+def _call_stats(
+    L: int, spans: list[ImageSpan], n_vis: list[int], n_valid: list[int], vis_orig=None
+) -> CallStats:
+    """A call's :class:`CallStats` at the start of its prefill: every layer sees every token entering the LLM
+    until a layer hook records otherwise (``vis_orig``: visual tokens per row before a pre-LLM rewrite)."""
+    B = len(n_vis)
+    return CallStats(
+        num_layers=L,
+        batch_size=B,
+        num_images=images_per_row(spans, B),
+        visual_original=list(vis_orig) if vis_orig is not None else list(n_vis),
+        visual_input=list(n_vis),
+        prefill_visual=[list(n_vis) for _ in range(L)],
+        prefill_tokens=[list(n_valid) for _ in range(L)],
+    )
+
+
 def begin_prefill(session, kwargs: dict, caller_ids: torch.Tensor | None = None) -> CallState:
     """The call state of a prefill the handle compresses (``kwargs``: the trunk's, after pre-LLM rewrites)."""
     adapter = session.adapter
@@ -86,16 +103,7 @@ def begin_prefill(session, kwargs: dict, caller_ids: torch.Tensor | None = None)
     vis_orig = None
     for comp in session.pre_llm:
         vis_orig = comp.visual_original() or vis_orig
-    stats = CallStats(
-        num_layers=L,
-        batch_size=B,
-        num_images=images_per_row(spans, B),
-        visual_original=list(vis_orig) if vis_orig is not None else list(n_vis),
-        visual_input=list(n_vis),
-        # layers no hook records (no in-decoder method) see every token entering the LLM
-        prefill_visual=[list(n_vis) for _ in range(L)],
-        prefill_tokens=[list(n_valid) for _ in range(L)],
-    )
+    stats = _call_stats(L, spans, n_vis, n_valid, vis_orig)
     st = CallState(
         batch_size=B,
         prefill_len=T0,
@@ -138,17 +146,8 @@ def begin_passthrough(session, kwargs: dict) -> CallState:
     else:
         image = torch.zeros(B, T, dtype=torch.bool, device=x.device)
         spans = []
-    L = adapter.num_layers
-    n_vis = image.sum(1).tolist()
-    stats = CallStats(
-        num_layers=L,
-        batch_size=B,
-        num_images=images_per_row(spans, B),
-        visual_original=list(n_vis),
-        visual_input=list(n_vis),
-        prefill_visual=[list(n_vis) for _ in range(L)],
-        prefill_tokens=[valid.sum(1).tolist() for _ in range(L)],
-    )
+    n_vis, n_valid = torch.stack([image.sum(1), valid.sum(1)]).tolist()
+    stats = _call_stats(adapter.num_layers, spans, n_vis, n_valid)
     return CallState(
         batch_size=B,
         prefill_len=T,
