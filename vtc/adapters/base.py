@@ -67,16 +67,18 @@ class ModelAdapter:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        # a ``*ForConditionalGeneration`` holds the multimodal trunk in ``.model``; a bare trunk is itself
+        self._base = model.model if hasattr(model, "lm_head") and hasattr(model, "model") else model
 
     # --- module lookups -------------------------------------------------------------------------
     @property
     def base_model(self) -> nn.Module:
         """The multimodal trunk whose ``forward`` receives ``input_ids`` and image inputs."""
-        raise NotImplementedError
+        return self._base
 
     @property
     def language_model(self) -> nn.Module:
-        raise NotImplementedError
+        return self._base.language_model
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -100,7 +102,7 @@ class ModelAdapter:
 
     @property
     def image_token_id(self) -> int:
-        raise NotImplementedError
+        return int(self.model.config.image_token_id)
 
     @property
     def pad_token_id(self) -> int:

@@ -42,7 +42,6 @@ class Gemma3Adapter(ModelAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self._base = model.model if hasattr(model, "lm_head") and hasattr(model, "model") else model
         if not hasattr(self._base, "language_model") or not hasattr(self._base, "multi_modal_projector"):
             raise ValueError(
                 f"{type(model).__name__} has model_type 'gemma3' but no `language_model`/`multi_modal_projector`; "
@@ -54,18 +53,6 @@ class Gemma3Adapter(ModelAdapter):
                 "vtc does not support Gemma 3 with text_config.use_bidirectional_attention=True (an encoder: every "
                 "token sees every other). Use a causal Gemma 3 checkpoint (e.g. google/gemma-3-4b-it)."
             )
-
-    @property
-    def base_model(self) -> nn.Module:
-        return self._base
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self._base.language_model
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
 
     def tokens_per_image(self) -> int:
         return int(self.model.config.mm_tokens_per_image)

@@ -50,22 +50,12 @@ class LlavaAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        # LlavaForConditionalGeneration holds the trunk in `.model`; LlavaModel is the trunk itself.
-        self._base = model.model if hasattr(model, "lm_head") and hasattr(model, "model") else model
         if not hasattr(self._base, "language_model") or not hasattr(self._base, "vision_tower"):
             raise ValueError(
                 f"{type(model).__name__} has model_type {model.config.model_type!r} but no `language_model`/`vision_tower`; "
                 "vtc expects transformers>=5.20 LlavaForConditionalGeneration or LlavaModel."
             )
         self.check_supported()
-
-    @property
-    def base_model(self) -> nn.Module:
-        return self._base
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self._base.language_model
 
     @property
     def image_token_id(self) -> int:

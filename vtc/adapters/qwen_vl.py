@@ -139,7 +139,6 @@ class QwenVLAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self._base = model.model if hasattr(model, "lm_head") and hasattr(model, "model") else model
         if not hasattr(self._base, "language_model") or not hasattr(self._base, "visual"):
             raise ValueError(
                 f"{type(model).__name__} has model_type {model.config.model_type!r} but no `language_model`/"
@@ -155,18 +154,6 @@ class QwenVLAdapter(ModelAdapter):
             )
 
     # --- module lookups ---------------------------------------------------------------------------------
-    @property
-    def base_model(self) -> nn.Module:
-        return self._base
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self._base.language_model
-
-    @property
-    def image_token_id(self) -> int:
-        return int(self.model.config.image_token_id)
-
     @property
     def video_token_id(self) -> int:
         return int(self.model.config.video_token_id)
