@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import vtc
 from vtc.engine.prellm import last_prellm_call
 
-KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"]
+KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_vl_moe"]
 STEPS = 3
 
 

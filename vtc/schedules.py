@@ -399,10 +399,16 @@ def solve(
             raise ValueError(f"flops_share={flops_share} is outside (0, 1]")
         from vtc.flops import layer_macs_papers
 
-        full = num_layers * layer_macs_papers(n_visual + n_text, dims)
+        if not dims.uniform and num_layers != dims.L:
+            raise ValueError(f"flops_share: the schedule has {num_layers} layers but {dims.name} has L={dims.L}")
+
+        def cost(i: int, n: int) -> float:  # layers weighed by their own kind (linear attention, dense MLP)
+            return layer_macs_papers(n, dims, layer=None if dims.uniform else i)
+
+        full = sum(cost(i, n_visual + n_text) for i in range(num_layers))
 
         def metric(x):
-            return sum(layer_macs_papers(c + n_text, dims) for c in build(x).counts(n_visual)) / full
+            return sum(cost(i, c + n_text) for i, c in enumerate(build(x).counts(n_visual))) / full
 
         target = flops_share
 

@@ -1,6 +1,6 @@
-"""Tiny in-process Qwen2-VL, Qwen2.5-VL, Qwen3-VL (DeepStack on) and Qwen3.5 (hybrid linear/full attention)
-models and their prompt cases, shared by the ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_5`` and
-``qwen3_5_moe`` family modules.
+"""Tiny in-process Qwen2-VL, Qwen2.5-VL, Qwen3-VL (DeepStack on), Qwen3-VL-MoE and Qwen3.5 (hybrid linear/full
+attention) models and their prompt cases, shared by the ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``, ``qwen3_5``,
+``qwen3_5_moe`` and ``qwen3_vl_moe`` family modules.
 
 Every image and video frame has its own grid: patches of 14 px, a 2x2 merger, so a ``(1, h, w)`` grid gives
 ``h*w/4`` placeholders laid out on ``(h/2, w/2)``. Cases:
@@ -23,7 +23,7 @@ PATCH, MERGE, TPS = 14, 2, 2
 PIX = 3 * TPS * PATCH * PATCH  # one flattened patch
 N_LAYERS = 6
 #: kinds whose processor writes a timestamp before every video frame
-TIMESTAMPED = ("qwen3_vl", "qwen3_5", "qwen3_5_moe")
+TIMESTAMPED = ("qwen3_vl", "qwen3_5", "qwen3_5_moe", "qwen3_vl_moe")
 
 CASES = ["b1_img", "b3_mixed", "b2_video"]
 BATCH_CASES = ["b3_mixed", "b2_video"]
@@ -59,13 +59,18 @@ def make_config(kind: str):
             spatial_merge_size=MERGE, temporal_patch_size=TPS, window_size=56, fullatt_block_indexes=[1],
         )  # fmt: skip
         return tf.Qwen2_5_VLConfig(text_config=dict(_TEXT), vision_config=vision, **_IDS)
-    if kind == "qwen3_vl":
+    if kind in ("qwen3_vl", "qwen3_vl_moe"):
         vision = dict(
             depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=PATCH,
             spatial_merge_size=MERGE, temporal_patch_size=TPS, num_position_embeddings=64,
             deepstack_visual_indexes=[0, 1, 2],
         )  # fmt: skip
-        return tf.Qwen3VLConfig(text_config=dict(_TEXT, head_dim=16), vision_config=vision, **_IDS)
+        if kind == "qwen3_vl":
+            return tf.Qwen3VLConfig(text_config=dict(_TEXT, head_dim=16), vision_config=vision, **_IDS)
+        # Qwen3-VL with a sparse MoE MLP (4 experts, 2 per token); layer 1 keeps the dense MLP (mlp_only_layers)
+        moe = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1])
+        text = dict(_TEXT, head_dim=16, **moe)
+        return tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **_IDS)
     if kind in ("qwen3_5", "qwen3_5_moe"):
         vision = dict(
             depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=PATCH,
@@ -100,6 +105,7 @@ def build_model(kind: str, attn: str, seed: int = 0):
         "qwen3_vl": tf.Qwen3VLForConditionalGeneration,
         "qwen3_5": tf.Qwen3_5ForConditionalGeneration,
         "qwen3_5_moe": tf.Qwen3_5MoeForConditionalGeneration,
+        "qwen3_vl_moe": tf.Qwen3VLMoeForConditionalGeneration,
     }[kind]
     torch.manual_seed(seed)
     m = cls(make_config(kind)).eval()

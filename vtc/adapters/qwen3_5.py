@@ -20,10 +20,14 @@ Qwen3.5 keeps Qwen3-VL's tower, merger, M-RoPE and per-frame video timestamps (e
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from vtc.adapters.config_fields import Getter
 from vtc.adapters.qwen_vl import QwenVLAdapter
+from vtc.adapters.text_dims import gated_delta_net_dims, moe_dims, text_getter
 
 
 class Qwen3_5Adapter(QwenVLAdapter):
@@ -35,6 +39,18 @@ class Qwen3_5Adapter(QwenVLAdapter):
         "qwen3_5": "Qwen3_5ForConditionalGeneration",
         "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
     }
+
+    @classmethod
+    def flops_dims(cls, model_type: str, get: Getter, vget: Getter, d: int) -> dict[str, Any]:
+        """Qwen3-VL's tower without DeepStack, and the decoder's own sizes: the gated query of the full-attention
+        layers (``q_proj`` writes ``2·H·dh``), the Gated DeltaNet sizes of the linear layers and, for
+        ``qwen3_5_moe``, the MoE MLP of every layer (routed experts plus a gated shared expert)."""
+        tget = text_getter(get)
+        dims = super().flops_dims(model_type, get, vget, d)
+        dims.update(attn_gate=1, **gated_delta_net_dims(tget))
+        if model_type == "qwen3_5_moe":
+            dims.update(moe_dims(tget, shared=True))
+        return dims
 
     def heads(self, attn: nn.Module, which: str, x: torch.Tensor, dh: int) -> torch.Tensor:
         """``[B, H, T, dh]`` query or key heads of a full-attention layer; the query without its gate half."""

@@ -14,7 +14,13 @@ from vtc.adapters.llava_next import LlavaOnevisionAdapter
 from vtc.flops.hf_config import dims_from_hf_config
 from vtc.flops.yaml_models import dims_from_yaml
 
-_TUPLE_FIELDS = ("vision_full_blocks", "vision_deepstack", "vision_image_hw")
+_TUPLE_FIELDS = (
+    "vision_full_blocks",
+    "vision_deepstack",
+    "vision_image_hw",
+    "moe_dense_layers",
+    "linear_layers",
+)
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,21 @@ class ModelDims:
         ``vision_anyres_max`` crops' worth (9; ``vision_aspect_ratio="anyres_max_9"``). 0: unknown.
     vision_crop_size : int, default 0
         Fixed-resolution towers: side in pixels of one crop (336 for CLIP ViT-L/14-336, 384 for SigLIP).
+    attn_gate : int, default 0
+        1 when an attention layer's query projection also writes a per-head output gate (Qwen3.5: ``q_proj``
+        is ``d -> 2·H·dh``), 0 otherwise.
+    moe_experts, moe_top_k, moe_m, moe_shared_m : int, default 0
+        Mixture-of-experts MLP (0 experts: a dense SwiGLU MLP of width ``m`` in every layer). Each token goes
+        through a router (``d -> moe_experts``), its ``moe_top_k`` experts (SwiGLU of width ``moe_m``) and, when
+        ``moe_shared_m > 0``, a shared expert of that width with a sigmoid gate (``d -> 1``). Only the active
+        experts are counted.
+    moe_dense_layers : tuple of int, default ()
+        In an MoE model, the layers whose MLP is the dense one of width ``m`` (``mlp_only_layers``).
+    linear_layers : tuple of int, default ()
+        Decoder layers that are Gated DeltaNet linear attention (``layer_types == "linear_attention"``) instead
+        of softmax attention; they hold a fixed-size state instead of per-token keys and values.
+    linear_k_heads, linear_v_heads, linear_k_dim, linear_v_dim, linear_conv : int, default 0
+        Gated DeltaNet sizes: key (query) heads, value heads, key and value head dims, causal conv1d kernel.
 
     Examples
     --------
@@ -121,6 +142,18 @@ class ModelDims:
     vision_anyres_grid: int = 0
     vision_anyres_max: int = 0
     vision_crop_size: int = 0
+    attn_gate: int = 0
+    moe_experts: int = 0
+    moe_top_k: int = 0
+    moe_m: int = 0
+    moe_shared_m: int = 0
+    moe_dense_layers: tuple[int, ...] = ()
+    linear_layers: tuple[int, ...] = ()
+    linear_k_heads: int = 0
+    linear_v_heads: int = 0
+    linear_k_dim: int = 0
+    linear_v_dim: int = 0
+    linear_conv: int = 0
 
     def __post_init__(self):
         for f in fields(self):
@@ -137,9 +170,10 @@ class ModelDims:
             if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in value):
                 raise ValueError(f"ModelDims.{key} must hold non-negative ints, got {value!r}")
             object.__setattr__(self, key, value)
-        for key in ("d", "m", "L", "H", "Hkv", "dh"):
+        for key in ("d", "L", "H", "Hkv", "dh"):
             if getattr(self, key) == 0:
                 raise ValueError(f"ModelDims.{key} must be positive, got 0")
+        self._check_decoder_kinds()
         if self.H % self.Hkv:
             raise ValueError(f"ModelDims.H ({self.H}) must be a multiple of Hkv ({self.Hkv})")
         if self.vision_mlp_matrices not in (2, 3):
@@ -169,6 +203,92 @@ class ModelDims:
                     f"({self.vision_merge} x {self.vision_patch} px); use a multiple of "
                     f"{self.vision_merge * self.vision_patch} or 0 (no window attention)"
                 )
+
+    def _check_decoder_kinds(self) -> None:
+        if self.m == 0 and (not self.moe_experts or self.moe_dense_layers):
+            raise ValueError(
+                "ModelDims.m (dense MLP width) must be positive, got 0; only an MoE model without dense layers "
+                "(moe_experts > 0, moe_dense_layers empty) may leave it 0"
+            )
+        if self.attn_gate not in (0, 1):
+            raise ValueError(f"ModelDims.attn_gate must be 0 or 1 (a gated query projection), got {self.attn_gate}")
+        if self.moe_experts:
+            if not (0 < self.moe_top_k <= self.moe_experts) or not self.moe_m:
+                raise ValueError(
+                    f"ModelDims: an MoE model (moe_experts={self.moe_experts}) needs 0 < moe_top_k <= moe_experts "
+                    f"and moe_m > 0, got moe_top_k={self.moe_top_k}, moe_m={self.moe_m}"
+                )
+        elif self.moe_top_k or self.moe_m or self.moe_shared_m or self.moe_dense_layers:
+            raise ValueError("ModelDims: moe_top_k, moe_m, moe_shared_m and moe_dense_layers need moe_experts > 0")
+        for key in ("moe_dense_layers", "linear_layers"):
+            bad = [i for i in getattr(self, key) if i >= self.L]
+            if bad:
+                raise ValueError(f"ModelDims.{key} holds layers {bad} outside 0..{self.L - 1} (L={self.L})")
+        sizes = ("linear_k_heads", "linear_v_heads", "linear_k_dim", "linear_v_dim", "linear_conv")
+        if self.linear_layers and not all(getattr(self, k) for k in sizes):
+            raise ValueError(
+                f"ModelDims: linear_layers {list(self.linear_layers)} need positive {', '.join(sizes)}, got "
+                + ", ".join(f"{k}={getattr(self, k)}" for k in sizes)
+            )
+        if self.linear_layers and self.linear_v_heads % self.linear_k_heads:
+            raise ValueError(
+                f"ModelDims.linear_v_heads ({self.linear_v_heads}) must be a multiple of linear_k_heads "
+                f"({self.linear_k_heads})"
+            )
+
+    # --- per-layer sizes (hybrid and MoE decoders) ----------------------------------------------
+    @property
+    def uniform(self) -> bool:
+        """True when every decoder layer costs the same (no linear-attention layers, no dense layers among MoE)."""
+        return not self.linear_layers and not (self.moe_experts and self.moe_dense_layers)
+
+    def is_linear(self, layer: int) -> bool:
+        """True when decoder layer ``layer`` is a Gated DeltaNet linear-attention layer."""
+        return layer in self.linear_layers
+
+    @property
+    def mlp_active_width(self) -> int:
+        """Width of the SwiGLU matrices one token goes through in an MoE layer (``top_k·moe_m + moe_shared_m``)."""
+        return self.moe_top_k * self.moe_m + self.moe_shared_m
+
+    def mlp_macs_per_token(self, layer: int) -> int:
+        """MACs of layer ``layer``'s MLP for one token: ``3·d·m`` (SwiGLU gate, up, down), or in an MoE layer the
+        router ``d·E``, ``top_k`` experts ``3·d·moe_m`` each and the shared expert ``3·d·moe_shared_m + d`` (its
+        sigmoid gate)."""
+        d = self.d
+        if not self.moe_experts or layer in self.moe_dense_layers:
+            return 3 * d * self.m
+        shared = 3 * d * self.moe_shared_m + d if self.moe_shared_m else 0
+        return d * self.moe_experts + self.moe_top_k * 3 * d * self.moe_m + shared
+
+    def linear_macs_per_token(self) -> int:
+        """MACs of one Gated DeltaNet layer's token mixer for one token, prefill or decode alike.
+
+        With ``Kd = linear_k_heads·linear_k_dim`` and ``Vd = linear_v_heads·linear_v_dim``: the input projections
+        ``d·(2·Kd + Vd)`` (q, k, v) + ``d·Vd`` (the output gate z) + ``2·d·linear_v_heads`` (the decay and
+        write-strength gates a, b), the depthwise causal conv1d over the q, k, v channels ``(2·Kd + Vd)·kernel``,
+        the delta rule on each value head's ``linear_k_dim × linear_v_dim`` state (read ``Sᵀk``, rank-one write
+        ``k ⊗ δ``, output ``Sᵀq``: ``3·dk·dv`` each) and the output projection ``Vd·d``. Norms, the SiLU output
+        gate and the state's element-wise decay are not counted (as norms and activations everywhere).
+        """
+        kd = self.linear_k_heads * self.linear_k_dim
+        vd = self.linear_v_heads * self.linear_v_dim
+        proj = self.d * (2 * kd + vd) + self.d * vd + 2 * self.d * self.linear_v_heads + vd * self.d
+        conv = (2 * kd + vd) * self.linear_conv
+        delta = 3 * self.linear_v_heads * self.linear_k_dim * self.linear_v_dim
+        return proj + conv + delta
+
+    def attention_proj_macs_per_token(self) -> int:
+        """MACs of an attention layer's Q (with its output gate when ``attn_gate``), K, V and O projections."""
+        q = self.d * self.H * self.dh * (1 + self.attn_gate)
+        return q + 2 * self.d * self.Hkv * self.dh + self.H * self.dh * self.d
+
+    def recurrent_state_elements(self) -> tuple[int, int]:
+        """``(conv, recurrent)`` elements one row holds per linear-attention layer: the conv1d's last ``kernel``
+        inputs of the q, k, v channels and the ``linear_v_heads × linear_k_dim × linear_v_dim`` delta-rule state."""
+        kd = self.linear_k_heads * self.linear_k_dim
+        vd = self.linear_v_heads * self.linear_v_dim
+        return (2 * kd + vd) * self.linear_conv, self.linear_v_heads * self.linear_k_dim * self.linear_v_dim
 
     @property
     def dynamic_resolution(self) -> bool:

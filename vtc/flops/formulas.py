@@ -47,7 +47,21 @@ def _check_convention(convention: str) -> None:
         raise ValueError(f"unknown FLOPs convention {convention!r}; choose one of {CONVENTIONS}")
 
 
-def layer_macs_papers(n: float, dims: ModelDims, ffn_matrices: int = 3) -> float:
+def _layer_of(dims: ModelDims, layer: int | None) -> int:
+    """``layer`` checked against ``dims``; None stands for any layer of a model whose layers all cost the same."""
+    if layer is None:
+        if not dims.uniform:
+            raise ValueError(
+                f"{dims.name}: its decoder layers differ in cost (linear-attention layers {list(dims.linear_layers)}, "
+                f"dense MLP layers {list(dims.moe_dense_layers)}); pass layer= (0..{dims.L - 1})"
+            )
+        return 0
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < dims.L:
+        raise ValueError(f"layer must be an int in 0..{dims.L - 1} ({dims.name} has L={dims.L}), got {layer!r}")
+    return layer
+
+
+def layer_macs_papers(n: float, dims: ModelDims, ffn_matrices: int = 3, layer: int | None = None) -> float:
     """Papers' per-layer cost ``4nd² + 2n²d + ffn_matrices·ndm`` in MACs for ``n`` image tokens.
 
     Parameters
@@ -57,39 +71,55 @@ def layer_macs_papers(n: float, dims: ModelDims, ffn_matrices: int = 3) -> float
     dims : ModelDims
     ffn_matrices : int, default 3
         3 for SwiGLU (PyramidDrop's formula); 2 reproduces FastV's original formula.
+    layer : int, optional
+        Decoder layer index; required when layers differ (:attr:`ModelDims.uniform`). In an MoE layer ``m`` is
+        the active width (:attr:`ModelDims.mlp_active_width`); a linear-attention layer costs ``n`` times its
+        per-token mixer (:meth:`ModelDims.linear_macs_per_token`) instead of ``4nd² + 2n²d``.
     """
     _check_count(n, "n")
-    d, m = dims.d, dims.m
-    return 4 * n * d * d + 2 * n * n * d + ffn_matrices * n * d * m
+    layer = _layer_of(dims, layer)
+    d = dims.d
+    m = dims.mlp_active_width if dims.moe_experts and layer not in dims.moe_dense_layers else dims.m
+    mixer = n * dims.linear_macs_per_token() if dims.is_linear(layer) else 4 * n * d * d + 2 * n * n * d
+    return mixer + ffn_matrices * n * d * m
 
 
-def _proj_mlp_macs(n: float, dims: ModelDims) -> float:
-    qo = 2 * n * dims.d * dims.H * dims.dh
-    kv = 2 * n * dims.d * dims.Hkv * dims.dh
-    return qo + kv + 3 * n * dims.d * dims.m
+def _proj_mlp_macs(n: float, dims: ModelDims, layer: int) -> float:
+    if dims.is_linear(layer):
+        return n * (dims.linear_macs_per_token() + dims.mlp_macs_per_token(layer))
+    return n * (dims.attention_proj_macs_per_token() + dims.mlp_macs_per_token(layer))
 
 
-def layer_macs_full(n: float, dims: ModelDims, attention: str = "causal") -> float:
+def _pairs_macs(dims: ModelDims, layer: int, pairs: float) -> float:
+    """Scores and weighted sum over ``pairs`` (query, key) pairs; none in a linear-attention layer."""
+    return 0 if dims.is_linear(layer) else 2 * dims.H * dims.dh * pairs
+
+
+def layer_macs_full(n: float, dims: ModelDims, attention: str = "causal", layer: int | None = None) -> float:
     """MACs of one decoder layer at prefill over ``n`` valid tokens (text + visual).
 
-    ``attention="causal"`` counts ``n(n+1)/2`` query-key pairs, ``"square"`` counts ``n²``.
-    Multiply by 2 for FLOPs (:func:`prefill_flops` does).
+    ``attention="causal"`` counts ``n(n+1)/2`` query-key pairs, ``"square"`` counts ``n²``; a linear-attention
+    layer has none (its cost is linear in ``n``). ``layer`` is required when layers differ
+    (:attr:`ModelDims.uniform`). Multiply by 2 for FLOPs (:func:`prefill_flops` does).
     """
     _check_count(n, "n")
     _check_attention(attention)
+    layer = _layer_of(dims, layer)
     pairs = n * (n + 1) / 2 if attention == "causal" else n * n
     if attention == "causal" and isinstance(n, int):
         pairs = n * (n + 1) // 2
-    return _proj_mlp_macs(n, dims) + 2 * dims.H * dims.dh * pairs
+    return _proj_mlp_macs(n, dims, layer) + _pairs_macs(dims, layer, pairs)
 
 
-def decode_step_macs_full(cache_len: float, dims: ModelDims) -> float:
+def decode_step_macs_full(cache_len: float, dims: ModelDims, layer: int | None = None) -> float:
     """MACs of one decoder layer for one decode token when the layer caches ``cache_len`` tokens.
 
-    The new token attends ``cache_len + 1`` keys (the cache plus itself).
+    The new token attends ``cache_len + 1`` keys (the cache plus itself); a linear-attention layer updates its
+    fixed-size state instead, whatever ``cache_len`` is.
     """
     _check_count(cache_len, "cache_len")
-    return _proj_mlp_macs(1, dims) + 2 * dims.H * dims.dh * (cache_len + 1)
+    layer = _layer_of(dims, layer)
+    return _proj_mlp_macs(1, dims, layer) + _pairs_macs(dims, layer, cache_len + 1)
 
 
 def vision_macs_per_image(
@@ -231,8 +261,8 @@ def prefill_flops(
     _check_convention(convention)
     counts = _check_per_layer(tokens_per_layer, dims, "tokens_per_layer")
     if convention == "papers":
-        return sum(layer_macs_papers(n, dims, ffn_matrices) for n in counts)
-    return 2 * sum(layer_macs_full(n, dims, attention) for n in counts)
+        return sum(layer_macs_papers(n, dims, ffn_matrices, layer=i) for i, n in enumerate(counts))
+    return 2 * sum(layer_macs_full(n, dims, attention, layer=i) for i, n in enumerate(counts))
 
 
 def decode_flops(
@@ -260,13 +290,15 @@ def decode_flops(
     if end_cache_len_per_layer is not None:
         end = _check_per_layer(end_cache_len_per_layer, dims, "end_cache_len_per_layer")
     return 2 * sum(
-        _decode_layer_macs(dims, start[i], None if end is None else end[i], steps) for i in range(dims.L)
+        _decode_layer_macs(dims, start[i], None if end is None else end[i], steps, i) for i in range(dims.L)
     )
 
 
-def _decode_layer_macs(dims: ModelDims, c0: float, c1: float | None, steps: int) -> float:
+def _decode_layer_macs(dims: ModelDims, c0: float, c1: float | None, steps: int, layer: int) -> float:
     if steps == 0:
         return 0
+    if dims.is_linear(layer):  # a fixed-size state: every step costs the same, whatever the context
+        return steps * _proj_mlp_macs(1, dims, layer)
     if c1 is None:
         c1 = c0 + steps
     # keys attended summed over steps: sum_s (c0 + (c1 - c0)(s + 1) / steps) = steps·c0 + (c1 - c0)(steps + 1)/2,
@@ -276,7 +308,7 @@ def _decode_layer_macs(dims: ModelDims, c0: float, c1: float | None, steps: int)
         keys = steps * c0 + steps * (steps + 1) // 2
     else:
         keys = steps * c0 + grow * (steps + 1) / 2
-    return steps * _proj_mlp_macs(1, dims) + 2 * dims.H * dims.dh * keys
+    return steps * _proj_mlp_macs(1, dims, layer) + _pairs_macs(dims, layer, keys)
 
 
 def papers_tflops_for_schedule(

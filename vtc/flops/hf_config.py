@@ -23,26 +23,12 @@ def dims_from_hf_config(
     get = getter(config)
     text = get("text_config")
     text_get = getter(text) if text is not None else get
-    if "linear_attention" in (text_get("layer_types") or []):
-        raise ValueError(
-            f"{get('model_type')!r} has linear-attention (recurrent) decoder layers, whose FLOPs vtc does not "
-            "model yet (every layer would be counted as attention): FLOPs reports and flops_share targets are "
-            "not available for it. Set a schedule with an avg_tokens / avg_share target or explicit ratios."
-        )
     d = required(text_get, "hidden_size")
     H = required(text_get, "num_attention_heads")
-    dims: dict[str, Any] = dict(
-        d=d,
-        m=required(text_get, "intermediate_size"),
-        L=required(text_get, "num_hidden_layers"),
-        H=H,
-        Hkv=text_get("num_key_value_heads") or H,
-        dh=text_get("head_dim") or d // H,
-        vocab=text_get("vocab_size") or 0,
-    )
     label = name or get("_name_or_path") or get("name_or_path") or get("model_type") or "custom"
     model_type = get("model_type")
     vision = get("vision_config")
+    side: dict[str, Any] = {}
     if vision is not None:
         if model_type not in ADAPTERS:
             raise ValueError(
@@ -50,7 +36,28 @@ def dims_from_hf_config(
                 f"read from its config; vtc supports {supported_model_types()}. Pass its text_config alone for the "
                 "language model, or describe the model in a YAML (ModelDims.from_yaml)"
             )
-        dims.update(ADAPTERS[model_type].flops_dims(model_type, get, getter(vision), d))
+        # the tower, and the decoder's sizes beyond the dense ones (MoE, linear attention) the adapter knows
+        side = ADAPTERS[model_type].flops_dims(model_type, get, getter(vision), d)
+    linear = tuple(i for i, t in enumerate(text_get("layer_types") or []) if t == "linear_attention")
+    if linear and "linear_k_heads" not in side:
+        raise ValueError(
+            f"{label}: layers {list(linear)} are linear-attention (recurrent) layers, but no vtc adapter read their "
+            f"sizes (model_type={model_type!r}); pass the full config of a supported model ({supported_model_types()})"
+        )
+    m = text_get("intermediate_size")
+    if m is None and not side.get("moe_experts"):
+        m = required(text_get, "intermediate_size")
+    dims: dict[str, Any] = dict(
+        d=d,
+        m=int(m or 0),
+        L=required(text_get, "num_hidden_layers"),
+        H=H,
+        Hkv=text_get("num_key_value_heads") or H,
+        dh=text_get("head_dim") or d // H,
+        vocab=text_get("vocab_size") or 0,
+        linear_layers=linear,
+    )
+    dims.update(side)
     out = cls(name=str(label), **dims)
     if image_size is None and out.dynamic_resolution:
         image_size = (DEFAULT_MERGED_SIDE * out.vision_pixels_per_token,) * 2

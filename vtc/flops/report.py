@@ -175,14 +175,14 @@ def from_stats(
         pre = dec = 0
         for layer in range(L):
             if convention == "papers":
-                v = layer_macs_papers(counts[layer][b], dims, ffn_matrices)
+                v = layer_macs_papers(counts[layer][b], dims, ffn_matrices, layer=layer)
             else:
-                v = 2 * layer_macs_full(counts[layer][b], dims, attention)
+                v = 2 * layer_macs_full(counts[layer][b], dims, attention, layer=layer)
             per_layer_prefill[layer] += v
             pre += v
             if convention == "full":
                 c1 = None if end is None else end[layer][b]
-                w = 2 * _decode_layer_macs(dims, counts[layer][b], c1, stats.decode_steps)
+                w = 2 * _decode_layer_macs(dims, counts[layer][b], c1, stats.decode_steps, layer)
                 per_layer_decode[layer] += w
                 dec += w
         row_prefill.append(pre)
@@ -239,20 +239,32 @@ def all_conventions(dims: ModelDims, stats: CallStats, **kwargs) -> dict[str, Fl
 
 
 def kv_cache_bytes(
-    dims: ModelDims, stats: CallStats, bytes_per_element: int = 2, include_padding: bool = False
+    dims: ModelDims,
+    stats: CallStats,
+    bytes_per_element: int = 2,
+    include_padding: bool = False,
+    state_bytes_per_element: int = 4,
 ) -> int:
-    """Bytes of K and V held by the cache after the latest step, summed over rows and layers.
+    """Bytes the cache holds after the latest step, summed over rows and layers.
 
-    ``include_padding=False`` counts valid cached tokens (``stats.cache_len``); ``True`` counts the
-    tensor length including left padding (``stats.cache_slots`` × batch).
+    An attention layer holds K and V per cached token: ``include_padding=False`` counts valid cached tokens
+    (``stats.cache_len``); ``True`` counts the tensor length including left padding (``stats.cache_slots`` ×
+    batch). A linear-attention layer (:attr:`ModelDims.linear_layers`) holds, per row, a fixed-size state
+    whatever the row's length: the conv1d's last ``kernel`` inputs (``bytes_per_element``) and the delta-rule
+    state (``state_bytes_per_element``: transformers keeps it in float32).
     """
     per_token = 2 * dims.Hkv * dims.dh * bytes_per_element
+    attention = [layer for layer in range(dims.L) if not dims.is_linear(layer)]
+    conv, rec = dims.recurrent_state_elements() if dims.linear_layers else (0, 0)
+    state = len(dims.linear_layers) * (conv * bytes_per_element + rec * state_bytes_per_element)
     if include_padding:
         if len(stats.cache_slots) != dims.L:
             raise ValueError(f"stats.cache_slots has {len(stats.cache_slots)} layers, expected L={dims.L}")
-        return int(sum(stats.cache_slots) * stats.batch_size * per_token)
+        slots = sum(stats.cache_slots[layer] for layer in attention)
+        return int(slots * stats.batch_size * per_token + stats.batch_size * state)
     cache = _check_matrix(stats.cache_len, dims.L, stats.batch_size, "cache_len")
-    return int(sum(sum(row) for row in cache) * per_token)
+    rows = sum(1 for b in range(stats.batch_size) if any(cache[layer][b] for layer in range(dims.L)))
+    return int(sum(sum(cache[layer]) for layer in attention) * per_token + rows * state)
 
 
 # --------------------------------------------------------------------------------------------------
