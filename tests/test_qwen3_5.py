@@ -263,20 +263,3 @@ def test_gated_query_projection_matches_the_models_attention():
     assert [s.mask for s in specs] == ["recurrent"] * 3 + ["causal"] + ["recurrent"] * 2
     assert [s.rank_with for s in specs] == [3, 3, 3, None, 3, 3]
     assert adapter.visual_injections() == []  # no DeepStack in Qwen3.5's text model
-
-
-@pytest.mark.parametrize("kind", ["qwen3_5", "qwen3_5_moe"])
-def test_flops_share_targets_are_refused_on_linear_attention_layers(kind):
-    """vtc's FLOPs model counts every layer as attention: a flops_share target on a hybrid decoder raises (naming
-    the linear-attention layers and the targets that work) instead of weighing layers wrongly; the other
-    schedules run."""
-    model = _qwen.build_model(kind, "sdpa") if kind != "qwen3_5" else _model("sdpa")
-    for method, kw in (
-        ("pyramid_drop", {"target": {"flops_share": 0.5}, "positions": "original"}),
-        ("random", {"schedule": {"kind": "stages", "target": {"flops_share": 0.5}}}),
-    ):
-        with pytest.raises(ValueError, match="linear-attention .* avg_tokens"):
-            vtc.apply(model, method, **kw)
-        assert getattr(model, "_vtc_session", None) is None
-    with vtc.apply(model, "random", schedule={"kind": "stages", "target": {"avg_share": 0.5}}) as h:
-        assert min(h.session.plan.schedule.shares) < 1.0

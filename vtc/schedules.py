@@ -400,7 +400,9 @@ def solve(
         from vtc.flops import layer_macs_papers
 
         if not dims.uniform and num_layers != dims.L:
-            raise ValueError(f"flops_share: the schedule has {num_layers} layers but {dims.name} has L={dims.L}")
+            raise ValueError(
+                f"flops_share: the schedule has {num_layers} layers but {dims.name} has L={dims.L}"
+            )
 
         def cost(i: int, n: int) -> float:  # layers weighed by their own kind (linear attention, dense MLP)
             return layer_macs_papers(n, dims, layer=None if dims.uniform else i)

@@ -211,7 +211,9 @@ class ModelDims:
                 "(moe_experts > 0, moe_dense_layers empty) may leave it 0"
             )
         if self.attn_gate not in (0, 1):
-            raise ValueError(f"ModelDims.attn_gate must be 0 or 1 (a gated query projection), got {self.attn_gate}")
+            raise ValueError(
+                f"ModelDims.attn_gate must be 0 or 1 (a gated query projection), got {self.attn_gate}"
+            )
         if self.moe_experts:
             if not (0 < self.moe_top_k <= self.moe_experts) or not self.moe_m:
                 raise ValueError(
@@ -219,7 +221,9 @@ class ModelDims:
                     f"and moe_m > 0, got moe_top_k={self.moe_top_k}, moe_m={self.moe_m}"
                 )
         elif self.moe_top_k or self.moe_m or self.moe_shared_m or self.moe_dense_layers:
-            raise ValueError("ModelDims: moe_top_k, moe_m, moe_shared_m and moe_dense_layers need moe_experts > 0")
+            raise ValueError(
+                "ModelDims: moe_top_k, moe_m, moe_shared_m and moe_dense_layers need moe_experts > 0"
+            )
         for key in ("moe_dense_layers", "linear_layers"):
             bad = [i for i in getattr(self, key) if i >= self.L]
             if bad:

@@ -57,7 +57,9 @@ def _layer_of(dims: ModelDims, layer: int | None) -> int:
             )
         return 0
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < dims.L:
-        raise ValueError(f"layer must be an int in 0..{dims.L - 1} ({dims.name} has L={dims.L}), got {layer!r}")
+        raise ValueError(
+            f"layer must be an int in 0..{dims.L - 1} ({dims.name} has L={dims.L}), got {layer!r}"
+        )
     return layer
 
 

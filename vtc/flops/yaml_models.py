@@ -55,16 +55,19 @@ def _from_dict(cls: type[ModelDims], data: dict, source: str) -> ModelDims:
         "num_key_value_heads",
         "head_dim",
         "vocab_size",
+        *_DECODER_KEYS,
     }
     _check_keys(text, text_keys, f"{source}: text")
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+    required = ["hidden_size", "num_hidden_layers", "num_attention_heads"]
+    required += [] if text.get("num_experts") else ["intermediate_size"]
+    for key in required:
         if key not in text:
             raise ValueError(f"model YAML {source!r}: text.{key} is required")
     H = text["num_attention_heads"]
     kw: dict[str, Any] = dict(
         name=str(data.get("name", Path(str(source)).stem)),
         d=text["hidden_size"],
-        m=text["intermediate_size"],
+        m=text.get("intermediate_size", 0),
         L=text["num_hidden_layers"],
         H=H,
         Hkv=text.get("num_key_value_heads", H),
@@ -73,6 +76,7 @@ def _from_dict(cls: type[ModelDims], data: dict, source: str) -> ModelDims:
         visual_tokens_per_image=data.get("visual_tokens_per_image", 0),
         video_tokens_per_frame=data.get("video_tokens_per_frame", 0),
         video_frames=data.get("video_frames", 0),
+        **_decoder_kinds(text, source),
     )
     vision = _section(data, "vision", source)
     if vision and "spatial_merge_size" in vision:
@@ -186,6 +190,73 @@ def _dynamic(cls: type[ModelDims], vision: dict, projector: dict, kw: dict, sour
             f"gives {dims.visual_tokens_per_image} tokens (patch {patch}, merge {merge}); fix one of them"
         )
     return dims
+
+
+#: text keys of hybrid and MoE decoders (transformers' config names)
+_DECODER_KEYS = (
+    "attn_output_gate",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "mlp_only_layers",
+    "layer_types",
+    "full_attention_interval",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+    "linear_conv_kernel_dim",
+)
+
+
+def _decoder_kinds(text: dict, source: str) -> dict[str, Any]:
+    """``ModelDims`` fields of a gated query, an MoE MLP and linear-attention layers, from a YAML ``text`` section.
+
+    Linear layers: ``layer_types`` (one per layer) or ``full_attention_interval`` (Qwen3.5's rule: layer ``i`` is
+    full attention when ``(i + 1) % interval == 0``, linear otherwise).
+    """
+    L = text["num_hidden_layers"]
+    out: dict[str, Any] = {"attn_gate": int(bool(text.get("attn_output_gate", False)))}
+    if text.get("num_experts"):
+        out.update(
+            moe_experts=text["num_experts"],
+            moe_top_k=text.get("num_experts_per_tok", 0),
+            moe_m=text.get("moe_intermediate_size", 0),
+            moe_shared_m=text.get("shared_expert_intermediate_size", 0),
+            moe_dense_layers=tuple(text.get("mlp_only_layers", ())),
+        )
+    types = text.get("layer_types")
+    interval = text.get("full_attention_interval")
+    if types is not None and interval is not None:
+        raise ValueError(
+            f"model YAML {source!r}: give text.layer_types or text.full_attention_interval, not both"
+        )
+    if interval is not None:
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval <= 0:
+            raise ValueError(f"model YAML {source!r}: text.full_attention_interval must be a positive int")
+        types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(L)]
+    if types is not None:
+        if not isinstance(types, list) or len(types) != L:
+            raise ValueError(
+                f"model YAML {source!r}: text.layer_types must list {L} layer types (num_hidden_layers)"
+            )
+        bad = sorted({t for t in types if t not in ("full_attention", "linear_attention")})
+        if bad:
+            raise ValueError(
+                f"model YAML {source!r}: text.layer_types {bad} are not modelled; use full_attention or "
+                "linear_attention"
+            )
+        out["linear_layers"] = tuple(i for i, t in enumerate(types) if t == "linear_attention")
+        if out["linear_layers"]:
+            out.update(
+                linear_k_heads=text.get("linear_num_key_heads", 0),
+                linear_v_heads=text.get("linear_num_value_heads", 0),
+                linear_k_dim=text.get("linear_key_head_dim", 0),
+                linear_v_dim=text.get("linear_value_head_dim", 0),
+                linear_conv=text.get("linear_conv_kernel_dim", 0),
+            )
+    return out
 
 
 def available_models() -> list[str]:
