@@ -201,16 +201,18 @@ def cache_of(output) -> Any:
 
 
 def kv_bytes_per_layer(cache) -> list[int]:
-    """Bytes of K plus V held by each layer of a ``DynamicCache`` (tensor sizes, padding included)."""
+    """Bytes held by each layer of a ``DynamicCache`` (tensor sizes, padding included): K plus V, or a
+    linear-attention layer's conv and recurrent states (Qwen3.5: ``{state_idx: tensor}`` dicts)."""
     if cache is None:
         return []
     out = []
     for layer in getattr(cache, "layers", []):
-        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
         size = 0
-        for t in (k, v):
-            if isinstance(t, torch.Tensor):
-                size += t.numel() * t.element_size()
+        for name in ("keys", "values", "conv_states", "recurrent_states"):
+            held = getattr(layer, name, None)
+            for t in held.values() if isinstance(held, dict) else (held,):
+                if isinstance(t, torch.Tensor):
+                    size += t.numel() * t.element_size()
         out.append(int(size))
     return out
 
