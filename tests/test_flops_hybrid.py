@@ -204,13 +204,18 @@ def test_qwen3_5_4b_by_hand():
 
 
 @pytest.mark.parametrize("kind", ["qwen3_5", "qwen3_5_moe"])
-def test_kv_bytes_equal_the_cache_generate_leaves(kind):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_bytes_equal_the_cache_generate_leaves(kind, dtype):
     """K/V per cached token in the full-attention layers, and per row a constant conv and recurrent state in
-    the linear layers (fp32 model: 4 bytes each), against the tensors of a real cache."""
-    model = _qwen.make_model(kind)
+    the linear layers, against the tensors of a real cache (the recurrent state stays float32 in a bf16 model)."""
+    model = _qwen.make_model(kind) if dtype == torch.float32 else _qwen.build_model(kind, "sdpa").to(dtype)
     dims = ModelDims.from_hf_config(model.config)
+    bpe = torch.tensor([], dtype=dtype).element_size()
     for case in ("b1_img", "b3_mixed"):
         inputs = _qwen.make_inputs(kind, case)
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in inputs:
+                inputs[key] = inputs[key].to(dtype)
         with vtc.apply(model, "pyramid_drop", layers=[1, 3], lam=0.5, positions="original") as h:
             out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
             stats = h.stats
@@ -222,7 +227,9 @@ def test_kv_bytes_equal_the_cache_generate_leaves(kind):
                 for x in tensors.values() if isinstance(tensors, dict) else [tensors]:
                     if isinstance(x, torch.Tensor):
                         real += x.numel() * x.element_size()
-        assert kv_cache_bytes(dims, stats, bytes_per_element=4, include_padding=True) == real, case
+        assert kv_cache_bytes(dims, stats, bytes_per_element=bpe, include_padding=True) == real, case
+        if case == "b1_img":  # one row, no padding: the valid tokens are every slot
+            assert kv_cache_bytes(dims, stats, bytes_per_element=bpe) == real
 
 
 def test_flops_share_target_weighs_linear_layers_by_their_own_cost():
