@@ -34,10 +34,10 @@ STEPS = 3
 _MODELS: dict = {}
 
 
-def _model(attn: str):
-    if attn not in _MODELS:
-        _MODELS[attn] = _qwen.build_model("qwen3_5", attn)
-    return _MODELS[attn]
+def _model(attn: str, kind: str = "qwen3_5"):
+    if (attn, kind) not in _MODELS:
+        _MODELS[attn, kind] = _qwen.build_model(kind, attn)
+    return _MODELS[attn, kind]
 
 
 def _types(model) -> list[str]:
@@ -158,18 +158,22 @@ def _pad(inputs: dict) -> list[int]:
     return (mask.shape[1] - mask.sum(1)).tolist()
 
 
-@pytest.mark.parametrize("attn", ATTNS)
-@pytest.mark.parametrize("case", ["b3_mixed", "b2_video"])
-def test_pyramid_drop_equals_the_hand_written_loop(attn, case):
-    model = _model(attn)
-    inputs = _qwen.make_inputs("qwen3_5", case)
+@pytest.mark.parametrize(
+    "kind, attn, case",
+    [("qwen3_5", a, c) for a in ATTNS for c in ("b3_mixed", "b2_video")]
+    + [("qwen3_5_moe", "sdpa", "b3_mixed")],
+)
+def test_pyramid_drop_equals_the_hand_written_loop(kind, attn, case):
+    """Also on qwen3_5_moe: the loop's layers route the kept tokens through the model's own MoE MLP."""
+    model = _model(attn, kind)
+    inputs = _qwen.make_inputs(kind, case)
     pads = _pad(inputs)
     with torch.no_grad(), vtc.apply(model, "pyramid_drop", layers=LAYERS, lam=LAM, positions="original") as h:
         logits = model(**inputs).logits
         selections = h.session.state.selections
     assert sorted(selections) == LAYERS
     checked = 0
-    for b, (row, items) in enumerate(zip(_qwen.split_rows("qwen3_5", case), _row_items(case))):
+    for b, (row, items) in enumerate(zip(_qwen.split_rows(kind, case), _row_items(case))):
         with torch.no_grad():
             ref, cur, kept = _loop(model, row, items, LAM)
         for l in LAYERS:
@@ -182,14 +186,14 @@ def test_pyramid_drop_equals_the_hand_written_loop(attn, case):
     assert checked >= 2
 
 
-@pytest.mark.parametrize("attn", ATTNS)
-def test_nothing_dropped_is_the_unpatched_model(attn):
-    model = _model(attn)
+@pytest.mark.parametrize("kind, attn", [("qwen3_5", a) for a in ATTNS] + [("qwen3_5_moe", "sdpa")])
+def test_nothing_dropped_is_the_unpatched_model(kind, attn):
+    model = _model(attn, kind)
     case = "b3_mixed"
-    inputs = _qwen.make_inputs("qwen3_5", case)
+    inputs = _qwen.make_inputs(kind, case)
     with torch.no_grad():
         full = model(**inputs).logits
-        for row, items in zip(_qwen.split_rows("qwen3_5", case), _row_items(case)):
+        for row, items in zip(_qwen.split_rows(kind, case), _row_items(case)):
             alone = model(**row).logits[0]
             ref, cur, _ = _loop(model, row, items, 1.0)
             assert cur.numel() == row["input_ids"].shape[1]
