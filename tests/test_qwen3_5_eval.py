@@ -21,9 +21,10 @@ pytest.importorskip("lmms_eval")
 N_LAYERS = 6
 
 
-def make_tiny_qwen3_5_checkpoint(path: Path, seed: int = 0) -> Path:
+def make_tiny_qwen3_5_checkpoint(path: Path, seed: int = 0, kind: str = "qwen3_5") -> Path:
     """Save a random tiny Qwen3.5 (6 layers, 5 of them linear attention; a 56x56 image = 4 visual tokens after
-    the merger) with a word-level tokenizer and a ``Qwen3VLProcessor`` to ``path``."""
+    the merger) with a word-level tokenizer and a ``Qwen3VLProcessor`` to ``path``; ``kind="qwen3_vl_moe"``: a
+    tiny Qwen3-VL-MoE (DeepStack, 4 experts, 2 per token) with the same tokenizer and processor."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import (
@@ -31,6 +32,8 @@ def make_tiny_qwen3_5_checkpoint(path: Path, seed: int = 0) -> Path:
         Qwen2VLImageProcessor,
         Qwen3_5Config,
         Qwen3_5ForConditionalGeneration,
+        Qwen3VLMoeConfig,
+        Qwen3VLMoeForConditionalGeneration,
         Qwen3VLProcessor,
         Qwen3VLVideoProcessor,
     )
@@ -78,25 +81,29 @@ def make_tiny_qwen3_5_checkpoint(path: Path, seed: int = 0) -> Path:
             "partial_rotary_factor": 0.5,
         },
     )
-    cfg = Qwen3_5Config(
-        text_config=text,
-        vision_config=dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            out_hidden_size=64,
-            num_heads=2,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            num_position_embeddings=64,
-        ),  # fmt: skip
+    vision = dict(
+        depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+    )  # fmt: skip
+    ids = dict(
         image_token_id=vocab["<|image_pad|>"],
         video_token_id=vocab["<|video_pad|>"],
         vision_start_token_id=vocab["<|vision_start|>"],
         vision_end_token_id=vocab["<|vision_end|>"],
     )
-    model = Qwen3_5ForConditionalGeneration(cfg).eval()
+    if kind == "qwen3_vl_moe":
+        text = tiny_text(
+            vocab, N_LAYERS, head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        )  # fmt: skip
+        cfg = Qwen3VLMoeConfig(
+            text_config=text, vision_config=dict(vision, deepstack_visual_indexes=[0, 1]), **ids
+        )
+        model = Qwen3VLMoeForConditionalGeneration(cfg).eval()
+    else:
+        model = Qwen3_5ForConditionalGeneration(
+            Qwen3_5Config(text_config=text, vision_config=vision, **ids)
+        ).eval()
     model.generation_config.pad_token_id = vocab["<pad>"]
     model.generation_config.eos_token_id = vocab["</s>"]
     path.mkdir(parents=True, exist_ok=True)
@@ -178,3 +185,26 @@ def test_vtc_bench_on_qwen3_5(qwen3_5_checkpoint, tmp_path):
     assert method["kv_bytes_per_layer"][3] < base["kv_bytes_per_layer"][3]
     for entry in (base, method):
         assert sum(entry["kv_bytes_per_layer"]) == entry["kv_bytes"]
+
+
+def test_vtc_bench_on_qwen3_vl_moe(tmp_path):
+    """A saved tiny Qwen3-VL-MoE loads through its adapter's transformers class and runs ``vtc bench``; the MoE
+    FLOPs (active experts) drop with the method, and every layer from FastV's K=2 on holds fewer K/V."""
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    path = make_tiny_qwen3_5_checkpoint(tmp_path / "tiny-qwen3_vl_moe", kind="qwen3_vl_moe")
+    assert Qwen3VLMoeForConditionalGeneration.from_pretrained(path).config.model_type == "qwen3_vl_moe"
+    env = _env(tmp_path)
+    fastv = _method_yaml(
+        tmp_path, "fastv_orig", {"method": "fastv", "k": 2, "r": 0.5, "positions": "original"}
+    )
+    cmd = [_bin("vtc"), "bench", "--model", str(path), "--method", fastv, "--device", "cpu"]
+    cmd += ["--threads", "1", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--no-progress"]
+    cmd += ["--out", str(tmp_path / "bench.json")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, f"vtc bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    base, method = json.loads((tmp_path / "bench.json").read_text())["variants"]
+    assert 0 < method["tflops_full_prefill"] < base["tflops_full_prefill"]
+    assert method["kv_bytes_per_layer"][:2] == base["kv_bytes_per_layer"][:2]
+    for layer in range(2, N_LAYERS):
+        assert method["kv_bytes_per_layer"][layer] < base["kv_bytes_per_layer"][layer]

@@ -39,6 +39,18 @@ within each frame, or within each 112 px window in Qwen2.5-VL's windowed blocks,
 MLP (once more per DeepStack block in Qwen3-VL). LLaVA-OneVision's AnyRes crops and tokens follow the
 image size too (:func:`anyres_layout`).
 
+Hybrid and MoE decoders are counted layer by layer (``ModelDims.linear_layers``, ``moe_*``; the layer kinds come
+from ``text_config.layer_types``, the sizes from the adapter of the config's ``model_type``). A Gated DeltaNet
+linear-attention layer (Qwen3.5) costs, per token, its input projections (q, k, v, the output gate z, the gates
+a and b), the depthwise causal conv1d over the q, k, v channels, three products with each value head's
+``dk × dv`` state (read, rank-one write, output) and the output projection: linear in the tokens it scans, with
+no (query, key) pairs, and a decode step that costs the same whatever the context
+(:meth:`ModelDims.linear_macs_per_token`). Its cache is a fixed conv and recurrent state per row
+(:func:`kv_cache_bytes`). Qwen3.5's full-attention ``q_proj`` also writes a per-head output gate (``attn_gate``).
+An MoE MLP counts the router and the active experts only (``top_k`` of them, and a shared expert where the model
+has one). In the ``papers`` convention a linear layer's ``4nd² + 2n²d`` is replaced by ``n`` times its mixer and
+an MoE layer's ``m`` is the active width.
+
 Normalisations, softmax, RoPE, activations, biases and embedding look-ups are ignored by both
 conventions; they are element-wise and below 1 % of the total.
 

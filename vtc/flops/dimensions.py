@@ -392,8 +392,9 @@ class ModelDims:
         config : PretrainedConfig or dict
             A ``LlavaConfig`` / ``LlavaNextConfig`` / ``LlavaNextVideoConfig`` / ``LlavaOnevisionConfig``
             (with ``text_config`` and ``vision_config``), a ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig`` /
-            ``Qwen3VLConfig`` (or their ``config.json`` as a dict, text sizes nested or at the top level),
-            or a bare text config such as ``LlamaConfig``.
+            ``Qwen3VLConfig``, ``Qwen3VLMoeConfig``, ``Qwen3_5Config`` / ``Qwen3_5MoeConfig`` (or their
+            ``config.json`` as a dict, text sizes nested or at the top level), or a bare text config such as
+            ``LlamaConfig`` (a bare config with linear-attention layers raises: their sizes are read by the adapter).
         name : str, optional
             Label; defaults to ``config.name_or_path`` or the model type.
         image_size : (int, int), optional
