@@ -39,6 +39,10 @@ from vtc.engine.types import ImageSpan
 from vtc.engine.units import ImageInputs, VisionUnits
 
 
+#: the InternVL processor's default most tiles per image (``max_patches``), a thumbnail added
+MAX_TILES = 12
+
+
 def _side(value) -> int:
     """The first entry of a ``(height, width)`` size, or the size itself."""
     return int(value[0]) if isinstance(value, list | tuple) else int(value)
@@ -52,8 +56,9 @@ class InternVLAdapter(ModelAdapter):
     @classmethod
     def flops_dims(cls, model_type: str, get: Getter, vget: Getter, d: int) -> dict[str, Any]:
         """InternViT on one tile (CLS + ``s*s`` patches), the pixel shuffle (``r*r`` patches -> one token of ``r*r*Dv``
-        channels, no MACs) and the two-layer projector over the ``(s/r)**2`` shuffled tokens. One tile per image
-        (a ``image_size`` px image): the tile count of an image is the processor's (pass ``vision_crops``)."""
+        channels, no MACs) and the two-layer projector over the ``(s/r)**2`` shuffled tokens of every tile. A typical
+        (large) image is the processor's most tiles plus the thumbnail: ``max_dynamic_patch`` when the config has it,
+        else the InternVL processor's default ``max_patches`` of 12, so 13 tiles (3328 tokens at 448 px)."""
         crop_px, patch = vget("image_size"), vget("patch_size")
         if not (crop_px and patch):
             return {}
@@ -62,6 +67,7 @@ class InternVLAdapter(ModelAdapter):
         side = crop_px // patch
         feature_tokens = (side // r) ** 2
         vd = required(vget, "hidden_size")
+        tiles = int(get("max_dynamic_patch") or MAX_TILES) + 1
         return dict(
             vision_layers=required(vget, "num_hidden_layers"),
             vision_d=vd,
@@ -72,11 +78,11 @@ class InternVLAdapter(ModelAdapter):
             vision_crop_size=crop_px,
             vision_cls=1,
             vision_feature_tokens=feature_tokens,
-            vision_crops=1,
+            vision_crops=tiles,
             projector_in=vd * r * r,
             projector_hidden=d,
             projector_out=d,
-            visual_tokens_per_image=feature_tokens,
+            visual_tokens_per_image=tiles * feature_tokens,
             video_tokens_per_frame=feature_tokens,
         )
 
