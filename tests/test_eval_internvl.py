@@ -67,7 +67,9 @@ def make_tiny_internvl_checkpoint(path: Path, seed: int = 0) -> Path:
     tok.chat_template = CHAT_TEMPLATE
     size = {"height": TILE_PX, "width": TILE_PX}
     processor = InternVLProcessor(
-        image_processor=GotOcr2ImageProcessor(size=size, crop_to_patches=True, min_patches=1, max_patches=MAX_TILES),
+        image_processor=GotOcr2ImageProcessor(
+            size=size, crop_to_patches=True, min_patches=1, max_patches=MAX_TILES
+        ),
         tokenizer=tok,
         video_processor=InternVLVideoProcessor(size=size),
         image_seq_length=T,
@@ -118,7 +120,10 @@ def test_reloaded_checkpoint_lays_images_out_as_counted_by_hand(checkpoint):
     assert type(proc).__name__ == "InternVLProcessor"
     sizes = [(30, 64), (40, 36), (90, 28)]  # (h, w): 3, 1 and 4 tiles
     images = [Image.fromarray(np.full((h, w, 3), 60 * i, dtype=np.uint8)) for i, (h, w) in enumerate(sizes)]
-    prompts = ["USER: <image>\nwhat colour is the shape ? ASSISTANT:", "USER: <image> <image>\nhow many ? ASSISTANT:"]
+    prompts = [
+        "USER: <image>\nwhat colour is the shape ? ASSISTANT:",
+        "USER: <image> <image>\nhow many ? ASSISTANT:",
+    ]
     enc = proc(images=images, text=prompts, return_tensors="pt", padding=True)
     hand = [hand_tiles(*s) * T for s in sizes]
     assert enc["pixel_values"].shape[0] == sum(hand) // T
@@ -147,7 +152,15 @@ def test_vtc_eval_runs_on_internvl(checkpoint, tmp_path):
 
 def test_lmms_eval_cli_runs_on_internvl(checkpoint, tmp_path):
     out = tmp_path / "lmms"
-    cmd = [_bin("lmms-eval"), "--model", "vtc_llava_hf", "--tasks", "vtc_offline", "--include_path", str(TASKS)]
+    cmd = [
+        _bin("lmms-eval"),
+        "--model",
+        "vtc_llava_hf",
+        "--tasks",
+        "vtc_offline",
+        "--include_path",
+        str(TASKS),
+    ]
     cmd += ["--limit", "4", "--batch_size", "2", "--verbosity", "WARNING", "--output_path", str(out)]
     cmd += ["--model_args", f"pretrained={checkpoint},vtc_method=fastv_k2_r50,device=cpu,dtype=float32"]
     done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=400, cwd=tmp_path)
@@ -158,13 +171,26 @@ def test_lmms_eval_cli_runs_on_internvl(checkpoint, tmp_path):
     assert "exact_match,none" in data["results"]["vtc_offline"]
     block = data["vtc"]["per_task"]["vtc_offline"]
     # FastV K=2 R=0.5: layers 0-1 see the 16 tokens of each picture, later layers 8
-    assert block["avg_visual_tokens_per_layer"] == [OFFLINE_TOKENS] * 2 + [OFFLINE_TOKENS // 2] * (N_LAYERS - 2)
+    assert block["avg_visual_tokens_per_layer"] == [OFFLINE_TOKENS] * 2 + [OFFLINE_TOKENS // 2] * (
+        N_LAYERS - 2
+    )
 
 
 def test_vtc_bench_runs_on_internvl(checkpoint, tmp_path):
     out = tmp_path / "bench.json"
     cmd = [_bin("vtc"), "bench", "--model", str(checkpoint), "--device", "cpu", "--threads", "1"]
-    cmd += ["--method", "pdrop_default", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--out", str(out)]
+    cmd += [
+        "--method",
+        "pdrop_default",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--new-tokens",
+        "2",
+        "--out",
+        str(out),
+    ]
     cmd += ["--no-progress"]
     done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"

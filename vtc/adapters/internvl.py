@@ -38,7 +38,6 @@ from vtc.adapters.config_fields import Getter, required
 from vtc.engine.types import ImageSpan
 from vtc.engine.units import ImageInputs, VisionUnits
 
-
 #: the InternVL processor's default most tiles per image (``max_patches``), a thumbnail added
 MAX_TILES = 12
 
@@ -203,8 +202,12 @@ class InternVLAdapter(ModelAdapter):
             ``vision_feature_select_strategy`` other than ``"default"`` (the model cannot shuffle a CLS token).
         """
         if modality != "image":
-            raise ValueError(f"internvl has no {modality} feature entry point (video frames arrive as images)")
-        layer, strategy = self.feature_layer_and_strategy(vision_feature_layer, vision_feature_select_strategy)
+            raise ValueError(
+                f"internvl has no {modality} feature entry point (video frames arrive as images)"
+            )
+        layer, strategy = self.feature_layer_and_strategy(
+            vision_feature_layer, vision_feature_select_strategy
+        )
         if strategy != "default":
             raise ValueError(
                 f"{what} on internvl: vision_feature_select_strategy={strategy!r}; the model pixel-shuffles the "
@@ -221,7 +224,9 @@ class InternVLAdapter(ModelAdapter):
         feats = feats[:, 1:]
         n, s = feats.shape[0], self.side
         ratio = float(self.model.config.downsample_ratio)
-        sel = base.pixel_shuffle(feats.reshape(n, s, s, -1), scale_factor=ratio).reshape(n, self.g * self.g, -1)
+        sel = base.pixel_shuffle(feats.reshape(n, s, s, -1), scale_factor=ratio).reshape(
+            n, self.g * self.g, -1
+        )
         attn = keys = None
         if with_attention:
             idx = self.check_vision_attention(what, layer)

@@ -404,7 +404,17 @@ class PreLLMStage(PreLLMComponent):
         :func:`vtc.engine.rewrite.rewrite_prompt`); ``layouts``: per item, the spans the unpatched model lays it
         out as and its units' results."""
         self._map, self._spans, self._caller = rewrite_prompt(
-            self.name, self.adapter, kwargs, ids, placement, orig_tokens, new_tokens, layouts, dests, tokens, budget
+            self.name,
+            self.adapter,
+            kwargs,
+            ids,
+            placement,
+            orig_tokens,
+            new_tokens,
+            layouts,
+            dests,
+            tokens,
+            budget,
         )
 
     # --- decode -------------------------------------------------------------------------------------------------
