@@ -315,6 +315,8 @@ def checkpoint_inputs(model, processor, batch: int = 1) -> dict:
 
     # fixed-size towers (CLIP/SigLIP) take their own size; dynamic-resolution ones (Qwen-VL) a 448-px image
     size = getattr(model.config.vision_config, "image_size", None) or 448
+    if isinstance(size, list | tuple):  # (height, width) configs (InternVL): one square tile
+        size = int(size[0])
     y, x = np.mgrid[0:size, 0:size]
     img = np.stack([x * 255 // size, y * 255 // size, (x + y) * 127 // size], -1).astype("uint8")
     image = Image.fromarray(img)

@@ -23,6 +23,7 @@ MODEL_TYPES = (
     "qwen3_5_moe",
     "qwen3_vl",
     "qwen3_vl_moe",
+    "internvl",
 )
 MODEL_TYPES_HELP = "a checkpoint of a supported type (" + ", ".join(MODEL_TYPES) + ")"
 

@@ -40,6 +40,7 @@ FAMILY_MODULES = [
     "qwen3_5",
     "qwen3_5_moe",
     "qwen3_vl_moe",
+    "internvl",
 ]
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
 from vtc.adapters.gemma import Gemma3Adapter
+from vtc.adapters.internvl import InternVLAdapter
 from vtc.adapters.llava import LlavaAdapter
 from vtc.adapters.llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
 from vtc.adapters.qwen3_5 import Qwen3_5Adapter
@@ -30,6 +31,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         Gemma3Adapter,
         Qwen3_5Adapter,
         Qwen3VLMoeAdapter,
+        InternVLAdapter,
     )
     for t in cls.model_types
 }
@@ -120,6 +122,7 @@ __all__ = [
     "QwenVLAdapter",
     "Qwen3_5Adapter",
     "Qwen3VLMoeAdapter",
+    "InternVLAdapter",
     "adapter_class",
     "get_adapter",
     "supported_model_types",

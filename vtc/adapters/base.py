@@ -627,6 +627,12 @@ class ModelAdapter:
         one span on the fixed grid."""
         return [ImageSpan(-1, 0, units.orig_tokens[image], tuple(self.grid_of_image()))]
 
+    def budget_items(self, placement: list[tuple[int, int]], orig_tokens: list[int]) -> list[int]:
+        """The budget item of each image of a pre-LLM call, given where its placeholder run starts (``(row, start)``
+        in prompt order) and its length: by default every image is its own item; adapters whose feature call sees
+        parts of an image as images (InternVL's tiles) join them here."""
+        return list(range(len(placement)))
+
     def finish_features(self, units, embeds: list[torch.Tensor], parts: list) -> object:
         """The feature call's output carrying the per-image ``embeds`` (``pooler_output``, one ``[k_i, D]`` per
         image); adapters with other per-token features (DeepStack) reduce those here too."""

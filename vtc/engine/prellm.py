@@ -328,17 +328,24 @@ class PreLLMStage(PreLLMComponent):
         layouts = [
             (self.adapter.placed_parts(recs[m].units, i), parts[j]) for j, (_, _, m, i) in enumerate(items)
         ]
-        self._rewrite(kwargs, ids, placement, orig_tokens, new_tokens, layouts, dests, tokens)
+        # budget items: the adapter may join images of the feature call into one (InternVL's tiles of one run)
+        budget = self.adapter.budget_items(placement, orig_tokens)
+        self._rewrite(kwargs, ids, placement, orig_tokens, new_tokens, layouts, dests, tokens, budget)
+        members: dict[int, list[int]] = {}
+        for j, it in enumerate(budget):
+            members.setdefault(it, []).append(j)
+        groups = list(members.values())
         rows: list[list[int]] = [[] for _ in range(B)]
-        for j, (b, _, _, _) in enumerate(items):
-            rows[b].append(j)
-        info = [p[0].info if len(p) == 1 else {"parts": [q.info for q in p]} for p in parts]
-        cells = [p[0].cells if len(p) == 1 else None for p in parts]
+        for g, js in enumerate(groups):
+            rows[items[js[0]][0]].append(g)
+        gparts = [[q for j in js for q in parts[j]] for js in groups]
+        info = [p[0].info if len(p) == 1 else {"parts": [q.info for q in p]} for p in gparts]
+        cells = [p[0].cells if len(p) == 1 else None for p in gparts]
         self.call = PreLLMCall(
-            tokens=[[new_tokens[j] for j in r] for r in rows],
-            original=[sum(orig_tokens[j] for j in r) for r in rows],
-            cells=[[cells[j] for j in r] for r in rows],
-            info=[[info[j] for j in r] for r in rows],
+            tokens=[[sum(new_tokens[j] for j in groups[g]) for g in r] for r in rows],
+            original=[sum(orig_tokens[j] for g in r for j in groups[g]) for r in rows],
+            cells=[[cells[g] for g in r] for r in rows],
+            info=[[info[g] for g in r] for r in rows],
         )
         self._orig = self.call.original
         first = next(iter(recs.values()))
@@ -390,12 +397,24 @@ class PreLLMStage(PreLLMComponent):
         """``(row, start)`` of each image's (video's) placeholder run, in the order of the features."""
         return place_runs(self.name, ids, rec.orig_tokens, tid, modality)
 
-    def _rewrite(self, kwargs, ids, placement, orig_tokens, new_tokens, layouts, dests, tokens) -> None:
+    def _rewrite(
+        self, kwargs, ids, placement, orig_tokens, new_tokens, layouts, dests, tokens, budget=None
+    ) -> None:
         """Resize each placeholder run, re-pad rows on the left, rewrite mask and positions (see
         :func:`vtc.engine.rewrite.rewrite_prompt`); ``layouts``: per item, the spans the unpatched model lays it
         out as and its units' results."""
         self._map, self._spans, self._caller = rewrite_prompt(
-            self.name, self.adapter, kwargs, ids, placement, orig_tokens, new_tokens, layouts, dests, tokens
+            self.name,
+            self.adapter,
+            kwargs,
+            ids,
+            placement,
+            orig_tokens,
+            new_tokens,
+            layouts,
+            dests,
+            tokens,
+            budget,
         )
 
     # --- decode -------------------------------------------------------------------------------------------------

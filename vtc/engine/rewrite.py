@@ -109,13 +109,14 @@ def place_runs(
 
 
 def rewrite_prompt(
-    name: str, adapter, kwargs, ids, placement, orig_tokens, new_tokens, layouts, dests, tokens
+    name: str, adapter, kwargs, ids, placement, orig_tokens, new_tokens, layouts, dests, tokens, items=None
 ):
     """Resize each placeholder run, re-pad rows on the left, rewrite mask and positions; remember the caller's
     position of every new slot (kept patches at their own cell, other image tokens at the run's first slots).
 
     Returns ``(decode map or None, spans or None, caller [B, Tn] or None)``: the map and spans are None when
-    every image kept its count (the prompt is not rewritten).
+    every image kept its count (the prompt is not rewritten). ``items``: the budget item of each image (default:
+    each its own, :meth:`~vtc.adapters.ModelAdapter.budget_items`).
     """
     B, T = ids.shape
     dev = ids.device
@@ -176,7 +177,9 @@ def rewrite_prompt(
         new_ids[b, off:] = contents[b]
         new_valid[b, off:] = masks[b]
         for i, st in zip(by_row[b], starts[b]):
-            spans += placed_spans(b, off + st, dests[i].to(dev), *layouts[i], item=i)
+            spans += placed_spans(
+                b, off + st, dests[i].to(dev), *layouts[i], item=i if items is None else items[i]
+            )
     mask_none = bool(new_valid.all())
     caller = caller.masked_fill(~new_valid, -1)
     kwargs["input_ids"] = new_ids
