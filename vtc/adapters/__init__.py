@@ -15,6 +15,7 @@ from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
 from vtc.adapters.gemma import Gemma3Adapter
 from vtc.adapters.llava import LlavaAdapter
 from vtc.adapters.llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
+from vtc.adapters.mistral3 import Mistral3Adapter
 from vtc.adapters.qwen3_5 import Qwen3_5Adapter
 from vtc.adapters.qwen_vl import QwenVLAdapter
 
@@ -28,6 +29,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         QwenVLAdapter,
         Gemma3Adapter,
         Qwen3_5Adapter,
+        Mistral3Adapter,
     )
     for t in cls.model_types
 }
@@ -117,6 +119,7 @@ __all__ = [
     "LlavaOnevisionAdapter",
     "QwenVLAdapter",
     "Qwen3_5Adapter",
+    "Mistral3Adapter",
     "adapter_class",
     "get_adapter",
     "supported_model_types",

@@ -80,6 +80,10 @@ class ModelDims:
         ``vision_anyres_max`` crops' worth (9; ``vision_aspect_ratio="anyres_max_9"``). 0: unknown.
     vision_crop_size : int, default 0
         Fixed-resolution towers: side in pixels of one crop (336 for CLIP ViT-L/14-336, 384 for SigLIP).
+    vision_merger_in : int, default 0
+        Fixed-resolution towers whose projector starts with a patch merger (Mistral3:
+        ``Linear(m² · vision_d -> vision_d)`` on the ``m × m`` patches of each feature token): its input width
+        (4096 for Pixtral's 1024 at ``m = 2``); the feature tokens are then the merged tokens. 0: no merger.
 
     Examples
     --------
@@ -121,6 +125,7 @@ class ModelDims:
     vision_anyres_grid: int = 0
     vision_anyres_max: int = 0
     vision_crop_size: int = 0
+    vision_merger_in: int = 0
 
     def __post_init__(self):
         for f in fields(self):
