@@ -63,6 +63,8 @@ class Mistral3Adapter(ModelAdapter):
     model_types = ("mistral3",)
     text_model_types = ("mistral",)
     model_classes = {"mistral3": "Mistral3ForConditionalGeneration"}
+    #: the model's forward needs the processor's ``image_sizes`` (callers must not drop them)
+    uses_image_sizes = True
     #: most attention weights (heads x queries x keys) one chunk of :meth:`tower_attention` holds at once
     ATTN_CHUNK = 1 << 24
 
