@@ -158,3 +158,62 @@ def test_vtc_eval_lmms_plugin_and_bench_on_mistral3(m3_checkpoint, tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, f"vtc bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     assert (tmp_path / "bench.json").stat().st_size > 0
+
+
+def test_spans_refuse_prompts_the_processor_would_not_write():
+    model = M3.make_model("sdpa")
+    adapter = get_adapter(model)
+    inputs = M3.make_inputs("b3_mixed")
+    ids = inputs["input_ids"]
+    spans = adapter.find_spans(adapter.visual_mask(ids), inputs)
+    # by hand: row 0's images back to back (4 x 3 then 2 x 2), row 1's 3 x 3; separators at the ends of the rows
+    assert [(s.row, s.length, s.grid) for s in spans] == [(0, 16, (4, 3)), (0, 6, (2, 2)), (1, 12, (3, 3))]
+    assert spans[1].start == spans[0].start + 16
+    assert spans[0].layout[:4].tolist() == [[0, 0], [0, 1], [0, 2], [-1, -1]]
+    assert ids[0, spans[0].start + 15] == M3.END and ids[0, spans[0].start + 3] == M3.BRK
+    bad = ids.clone()
+    bad[0, spans[0].start + 3] = 5  # a row break that is not the others' id
+    with pytest.raises(ValueError, match="row breaks"):
+        adapter.find_spans(adapter.visual_mask(bad), dict(inputs, input_ids=bad))
+    short = ids.clone()
+    short[0, spans[0].start] = 5  # image 0's first row keeps 2 of its 3 [IMG]
+    with pytest.raises(ValueError, match="expects a row of 3"):
+        adapter.find_spans(adapter.visual_mask(short), dict(inputs, input_ids=short))
+    with pytest.raises(ValueError, match="neither image_sizes nor image features"):
+        adapter.find_spans(adapter.visual_mask(ids), {"input_ids": ids})
+
+
+def test_visionzip_scores_are_the_towers_own_attention():
+    """The score of each merged token: the attention its 2 x 2 patches receive in the eager tower's own attention
+    weights at the feature layer's block (mean over the image's queries and the heads); VisionZip with
+    ``contextual=0`` keeps the top-scoring cells."""
+    model = M3.make_model("eager")
+    adapter = get_adapter(model)
+    inputs = M3.make_inputs("b3_mixed")
+    pv, sizes = inputs["pixel_values"], inputs["image_sizes"]
+    with torch.no_grad():
+        out = model.model.vision_tower(pv, image_sizes=sizes, output_attentions=True, return_dict=True)
+        units = adapter.vision_units(pv, with_attention=True, what="visionzip", image_sizes=sizes)
+    attn = out.attentions[-1][0]  # [H, S, S], the last block (vision_feature_layer=-1)
+    ref, a = {}, 0
+    for i, (H, W) in enumerate(sizes.tolist()):
+        ph, pw = H // M3.PATCH, W // M3.PATCH
+        L = ph * pw
+        got = attn[:, a : a + L, a : a + L].double().mean((0, 1))  # received by each patch
+        ref[i] = got.view(ph // 2, 2, pw // 2, 2).mean((1, 3)).flatten()
+        a += L
+    assert a == attn.shape[-1]
+    for g, grp in enumerate(units.groups):
+        for j, (img, _) in enumerate(units.members[g]):
+            assert torch.allclose(grp.attention[j].double(), ref[img], atol=1e-6), img
+    with vtc.apply(model, vtc.VisionZip(ratio=0.5, contextual=0)) as h:
+        with torch.no_grad():
+            model(**inputs)
+        from vtc.engine.prellm import last_prellm_call
+
+        call = last_prellm_call(h)
+    cells = [c for row in call.cells for c in row]
+    for img, c in enumerate(cells):
+        k = c.numel()
+        top = torch.sort(torch.topk(ref[img], k).indices).values
+        assert torch.equal(torch.sort(c.cpu()).values, top), img
