@@ -519,7 +519,15 @@ def test_mistral3_yaml_equals_hf_config_and_hand_count(capsys):
     assert "mistral-small-3.1-24b" in available_models()
     # transformers' Mistral3Config defaults are the 3.1 checkpoint's sizes
     _same_dims(ModelDims.from_hf_config(Mistral3Config()), dims)
-    assert (dims.d, dims.m, dims.L, dims.H, dims.Hkv, dims.dh, dims.vocab) == (5120, 32768, 40, 32, 8, 128, 131072)
+    assert (dims.d, dims.m, dims.L, dims.H, dims.Hkv, dims.dh, dims.vocab) == (
+        5120,
+        32768,
+        40,
+        32,
+        8,
+        128,
+        131072,
+    )
     # hand count, one square 1540 px image: 110 x 110 patches of 14 px, no CLS, 24 SwiGLU blocks of width 1024
     t, dv, mv = 110 * 110, 1024, 4096
     embed = t * 3 * 14 * 14 * dv

@@ -61,7 +61,9 @@ def make_tiny_mistral3_checkpoint(path: Path, seed: int = 0) -> Path:
     )
     tok.chat_template = CHAT_TEMPLATE
     processor = PixtralProcessor(
-        image_processor=PixtralImageProcessor(size={"longest_edge": PX}, patch_size={"height": 4, "width": 4}),
+        image_processor=PixtralImageProcessor(
+            size={"longest_edge": PX}, patch_size={"height": 4, "width": 4}
+        ),
         tokenizer=tok,
         patch_size=4,
         spatial_merge_size=2,
@@ -71,9 +73,14 @@ def make_tiny_mistral3_checkpoint(path: Path, seed: int = 0) -> Path:
     cfg = Mistral3Config(
         text_config=MistralConfig(**tiny_text(vocab, N_LAYERS), head_dim=16, sliding_window=None),
         vision_config=PixtralVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=16,
-            image_size=PX, patch_size=4,
-        ),  # fmt: skip
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            head_dim=16,
+            image_size=PX,
+            patch_size=4,
+        ),
         image_token_index=vocab["[IMG]"],
         spatial_merge_size=2,
         vision_feature_layer=-1,

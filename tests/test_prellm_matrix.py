@@ -322,6 +322,8 @@ FAMILY_SPECS = {
     "divprune": lambda: vtc.DivPrune(ratio=0.5),
     "cdpruner": lambda: vtc.CDPruner(ratio=0.4),
     "pool": lambda: vtc.Pool(ratio=0.25),
+    "scope": lambda: vtc.Scope(ratio=0.5),
+    "learned_selector": lambda: vtc.LearnedSelector(ratio=0.5, path=selector_dir()),
 }
 PRELLM_FAMILIES = ["mistral3"]
 
@@ -340,7 +342,7 @@ def _family_hand_reduced(fam, case: str, call, feats, keep=None) -> dict:
     m = fam.PATCH * fam.MERGE
     for b, (before, images, after) in enumerate(rows_spec):
         r = [fam.BOS] + list(before)
-        for i, (H, W) in enumerate(images):
+        for i, (_, W) in enumerate(images):
             w = W // m
             n_feat, n_tok, cells = feats[k].shape[0], call.tokens[b][i], call.cells[b][i]
             if cells is not None:  # kept patches: each kept grid row, then its separator
@@ -442,7 +444,12 @@ def test_family_removal_and_keep_all(fname):
             assert snapshot_hooks(model) == hooks0 and getattr(model, "_vtc_session", None) is None
     seq2, logits2, _ = generate(model, inputs, STEPS)
     assert torch.equal(seq0, seq2) and torch.equal(logits0, logits2)
-    for m in (vtc.DivPrune(ratio=1.0), vtc.CDPruner(ratio=1.0), vtc.VisionZip(ratio=1.0), vtc.Pool(ratio=1.0)):
+    for m in (
+        vtc.DivPrune(ratio=1.0),
+        vtc.CDPruner(ratio=1.0),
+        vtc.VisionZip(ratio=1.0),
+        vtc.Pool(ratio=1.0),
+    ):
         with vtc.apply(model, m) as h:
             seq1, logits1, _ = generate(model, inputs, STEPS)
             assert h.stats.visual_input == h.stats.visual_original
@@ -455,7 +462,9 @@ def test_family_composition_with_pyramid_drop(fname):
     fam = _family(fname)
     model = fam.make_model("sdpa")
     inputs = fam.make_inputs("b3_mixed")
-    seq, logits, feats, call, _, _ = _family_run(model, inputs, [vtc.Pool(ratio=0.5), vtc.PyramidDrop(lam=0.5)])
+    seq, logits, feats, call, _, _ = _family_run(
+        model, inputs, [vtc.Pool(ratio=0.5), vtc.PyramidDrop(lam=0.5)]
+    )
     ref = _family_hand_reduced(fam, "b3_mixed", call, feats)
     with vtc.apply(model, vtc.PyramidDrop(lam=0.5)):
         seq_ref, logits_ref, _ = generate(model, ref, STEPS)

@@ -29,7 +29,8 @@ NAME = "mistral3"
 PAD, BOS, EOS = 0, 1, 2
 IMG, BRK, END = 997, 998, 999
 PATCH, MERGE = 4, 2
-CANVAS = 32  # pixel_values are 32 x 32 canvases (the processor pads to the largest image); the image at top-left
+# pixel_values are 32 x 32 canvases (the processor pads to the largest image), each image at the top left
+CANVAS = 32
 VISUAL_TOKENS = (IMG, BRK, END)
 
 ROWS = {

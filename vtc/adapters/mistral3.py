@@ -181,7 +181,9 @@ class Mistral3Adapter(ModelAdapter):
         ri = 0
         for k, (w, n) in enumerate(shapes):
             if ri >= len(runs):
-                raise ValueError(f"mistral3: image {k} ({n} features) has no [IMG] rows left in the prompt. {hint}")
+                raise ValueError(
+                    f"mistral3: image {k} ({n} features) has no [IMG] rows left in the prompt. {hint}"
+                )
             b, start, w0 = runs[ri]
             w = w0 if w is None else w
             if n % w:
@@ -189,7 +191,9 @@ class Mistral3Adapter(ModelAdapter):
             h = n // w
             for r in range(h):
                 if ri >= len(runs):
-                    raise ValueError(f"mistral3: image {k} needs {h} rows of {w} [IMG]; the prompt ends early. {hint}")
+                    raise ValueError(
+                        f"mistral3: image {k} needs {h} rows of {w} [IMG]; the prompt ends early. {hint}"
+                    )
                 rb, rt, rn = runs[ri]
                 want = start + r * (w + 1)
                 if rb != b or rt != want or rn != w or rt + rn >= T:
@@ -228,10 +232,17 @@ class Mistral3Adapter(ModelAdapter):
         return self.visual_mask(ids)
 
     def feature_kwargs(self, modality: str, kwargs: dict) -> dict:
-        return {"vision_feature_layer": kwargs.get("vision_feature_layer"), "image_sizes": kwargs.get("image_sizes")}
+        return {
+            "vision_feature_layer": kwargs.get("vision_feature_layer"),
+            "image_sizes": kwargs.get("image_sizes"),
+        }
 
     def feature_layer_and_strategy(self, vision_feature_layer=None, vision_feature_select_strategy=None):
-        layer = vision_feature_layer if vision_feature_layer is not None else self.model.config.vision_feature_layer
+        layer = (
+            vision_feature_layer
+            if vision_feature_layer is not None
+            else self.model.config.vision_feature_layer
+        )
         return layer, "full"
 
     def vision_encoder_layers(self) -> nn.ModuleList | None:
@@ -306,7 +317,9 @@ class Mistral3Adapter(ModelAdapter):
             step = max(1, self.ATTN_CHUNK // max(1, H * L))
             acc = torch.zeros(L, dtype=torch.float32, device=q.device)
             for c in range(a, a + L, step):
-                w = torch.softmax((q[:, c : min(a + L, c + step)] @ kf.transpose(-1, -2)) * attn.scaling, dim=-1)
+                w = torch.softmax(
+                    (q[:, c : min(a + L, c + step)] @ kf.transpose(-1, -2)) * attn.scaling, dim=-1
+                )
                 acc += w.sum((0, 1))
             recv = (acc / (H * L)).view(ph // m, m, pw // m, m)
             keys = kf.mean(0).view(ph // m, m, pw // m, m, -1)
@@ -332,7 +345,9 @@ class Mistral3Adapter(ModelAdapter):
             raise NotImplementedError(f"{type(self).__name__} has no {modality} features")
         if image_sizes is None:
             raise ValueError(f"{what} on mistral3 needs the image_sizes of the call (the processor's output)")
-        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
+        sizes = (
+            image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
+        )
         layer, _ = self.feature_layer_and_strategy(vision_feature_layer)
         tower = self._base.vision_tower
         captured: dict = {}
@@ -385,7 +400,9 @@ class Mistral3Adapter(ModelAdapter):
             )
             members.append([(i, 0) for i in mem])
         out.pooler_output = list(embeds)
-        return VisionUnits(groups, members, [h * (w + 1) for h, w in grids], out, [1] * len(grids), {"grids": grids})
+        return VisionUnits(
+            groups, members, [h * (w + 1) for h, w in grids], out, [1] * len(grids), {"grids": grids}
+        )
 
     def assemble_image(self, units, image: int, parts: list) -> tuple[torch.Tensor, torch.Tensor]:
         """The image's slots in the new layout (module docstring): its tokens with a zero row at every separator
