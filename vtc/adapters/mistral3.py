@@ -422,6 +422,11 @@ class Mistral3Adapter(ModelAdapter):
             sep = rows * (w + 1) + w
         elif p.grid is not None and p.grid[0] * p.grid[1] == k:  # a pooled a x b grid, top-left cells
             a, b = p.grid
+            if a > h or b > w:
+                raise ValueError(
+                    f"mistral3: a method pooled a {h}x{w} image to a larger {a}x{b} grid; pooled grids must fit in "
+                    "the image's grid (use a smaller token count)"
+                )
             i = torch.arange(a, device=dev) * h // a
             j = torch.arange(b, device=dev) * w // b
             tok = (i[:, None] * (w + 1) + j[None, :]).flatten()
