@@ -139,16 +139,21 @@ def unpatched_stats(
     num_layers: int,
     decode_steps: int = 0,
     tokens_per_image: int | None = None,
+    visual: torch.Tensor | None = None,
 ) -> CallStats:
     """The :class:`CallStats` an unpatched model's call has: every layer sees every valid token.
 
-    Built from the inputs alone, so the unpatched model runs without any hook.
+    Built from the inputs alone, so the unpatched model runs without any hook. ``visual``: ``[B, T]`` bool visual
+    slots (the adapter's ``visual_mask``, which also counts separator tokens such as Pixtral's row breaks);
+    default ``input_ids == image_token_id``.
     """
     B, T = input_ids.shape
     valid = (
         attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
     )
-    n_vis = ((input_ids == image_token_id) & valid).sum(1).tolist()
+    if visual is None:
+        visual = input_ids == image_token_id
+    n_vis = (visual & valid).sum(1).tolist()
     n_tok = valid.sum(1).tolist()
     if tokens_per_image:
         images = [v // tokens_per_image for v in n_vis]
@@ -382,6 +387,7 @@ def _run_once(model, inputs: dict, variant: Variant, new_tokens: int, clock: For
                 adapter.num_layers,
                 steps,
                 adapter.tokens_per_image(),
+                visual=adapter.visual_mask(inputs["input_ids"]),
             )
     finally:
         if handle is not None:

@@ -602,6 +602,7 @@ def _build_classes() -> None:
                             adapter.num_layers,
                             max(new.shape[1] - 1, 0),
                             adapter.tokens_per_image(),
+                            visual=adapter.visual_mask(enc["input_ids"]),
                         )
                     skip = {
                         b for b, i in enumerate(batch) if (requests[i].metadata or {}).get("__padding_only__")
@@ -686,6 +687,7 @@ def _build_classes() -> None:
                         adapter.num_layers,
                         0,
                         adapter.tokens_per_image(),
+                        visual=adapter.visual_mask(ids),
                     )
                 self._record(task, stats, None)
             return out

@@ -507,3 +507,35 @@ def test_bad_dims():
         dynamic_vision_macs(dims, (1, 3, 4))
     with pytest.raises(ValueError, match="pass grid"):
         vision_macs_per_image(dims, crops=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mistral3 (Mistral Small 3.1): Pixtral tower, 2 x 2 patch merger in the projector, break/end tokens
+# --------------------------------------------------------------------------------------------------
+def test_mistral3_yaml_equals_hf_config_and_hand_count(capsys):
+    from transformers import Mistral3Config
+
+    dims = ModelDims.from_yaml("mistral-small-3.1-24b")
+    assert "mistral-small-3.1-24b" in available_models()
+    # transformers' Mistral3Config defaults are the 3.1 checkpoint's sizes
+    _same_dims(ModelDims.from_hf_config(Mistral3Config()), dims)
+    assert (dims.d, dims.m, dims.L, dims.H, dims.Hkv, dims.dh, dims.vocab) == (
+        5120,
+        32768,
+        40,
+        32,
+        8,
+        128,
+        131072,
+    )
+    # hand count, one square 1540 px image: 110 x 110 patches of 14 px, no CLS, 24 SwiGLU blocks of width 1024
+    t, dv, mv = 110 * 110, 1024, 4096
+    embed = t * 3 * 14 * 14 * dv
+    block = 3 * t * dv * dv + t * dv * dv + 2 * t * t * dv + 3 * t * dv * mv  # q/k/v, o, scores + mix, MLP
+    merged = 55 * 55
+    projector = merged * (4 * dv * dv) + merged * (dv * 5120 + 5120 * 5120)  # merger, linear_1, linear_2
+    assert vision_macs_per_image(dims) == embed + 24 * block + projector
+    assert dims.visual_tokens_per_image == 55 * 56
+    table = _flops_json(capsys, "--model", "mistral-small-3.1-24b", "--method", "pdrop_default")
+    assert table["visual_tokens"] == 55 * 56
+    assert table["tflops_vision"]["unpatched"] == pytest.approx(2 * (embed + 24 * block + projector) / 1e12)

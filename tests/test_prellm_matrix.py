@@ -310,3 +310,164 @@ def test_labels_give_the_loss_of_the_kept_sequence(model, method):
     g = model.lm_head.weight.grad
     model.zero_grad(set_to_none=True)
     assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+# --- other families: the same checks on models whose images have their own layouts ------------------------------
+# (Mistral3: Pixtral images of different sizes, rows of [IMG] each followed by [IMG_BREAK], the last by [IMG_END];
+# the separators are kept and re-laid for the reduced layout, see vtc/adapters/mistral3.py)
+FAMILY_SPECS = {
+    "dfmr": lambda: vtc.DFMR(mode="fixed", factor=2),
+    "visionzip": lambda: vtc.VisionZip(ratio=0.5, contextual=1),
+    "visionzip0": lambda: vtc.VisionZip(ratio=0.5, contextual=0),
+    "divprune": lambda: vtc.DivPrune(ratio=0.5),
+    "cdpruner": lambda: vtc.CDPruner(ratio=0.4),
+    "pool": lambda: vtc.Pool(ratio=0.25),
+    "scope": lambda: vtc.Scope(ratio=0.5),
+    "learned_selector": lambda: vtc.LearnedSelector(ratio=0.5, path=selector_dir()),
+}
+PRELLM_FAMILIES = ["mistral3"]
+
+
+def _family(name):
+    import importlib
+
+    return importlib.import_module(f"families.{name}")
+
+
+def _family_hand_reduced(fam, case: str, call, feats, keep=None) -> dict:
+    """The prompt a user would write for the reduced images (separators re-laid by hand from the placed counts and
+    kept cells), features through mm_encoder_outputs."""
+    rows_spec = [r for b, r in enumerate(fam.ROWS[case]) if keep is None or b in keep]
+    rows, k = [], 0
+    m = fam.PATCH * fam.MERGE
+    for b, (before, images, after) in enumerate(rows_spec):
+        r = [fam.BOS] + list(before)
+        for i, (_, W) in enumerate(images):
+            w = W // m
+            n_feat, n_tok, cells = feats[k].shape[0], call.tokens[b][i], call.cells[b][i]
+            if cells is not None:  # kept patches: each kept grid row, then its separator
+                per_row = torch.bincount(cells // w).tolist()
+                lines = [c for c in per_row if c]
+            else:  # a rows of b tokens: a = separators = placed slots - features
+                a = n_tok - n_feat
+                assert a >= 1 and n_feat % a == 0
+                lines = [n_feat // a] * a
+            for j, c in enumerate(lines):
+                r += [fam.IMG] * c + [fam.END if j == len(lines) - 1 else fam.BRK]
+            k += 1
+        rows.append(r + list(after))
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), fam.PAD, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r) :] = torch.tensor(r)
+        mask[b, T - len(r) :] = 1
+    out = {"input_ids": ids}
+    if not bool(mask.all()):
+        out["attention_mask"] = mask
+    if feats:
+        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
+    return out
+
+
+def _family_run(model, inputs, m):
+    seen = []
+    with vtc.apply(model, m) as h:
+        hook = model.model.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw), with_kwargs=True)
+        try:
+            seq, logits, _ = generate(model, inputs, STEPS)
+        finally:
+            hook.remove()
+        call = last_prellm_call(h)
+        stats = h.stats
+    mm = seen[0].get("mm_encoder_outputs") or {}
+    feats = list(mm["image"].pooler_output) if mm.get("image") is not None else []
+    return seq, logits, feats, call, stats, seen[0]["input_ids"]
+
+
+@pytest.mark.parametrize("fname", PRELLM_FAMILIES)
+@pytest.mark.parametrize("spec", list(FAMILY_SPECS))
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_family_generate_equals_hand_reduced_and_nocache(fname, spec, attn):
+    """Hooked generate equals plain generate on the hand-laid reduced prompt (bit-exact; the rewritten ids are the
+    hand layout, separators included); cached decode equals a no-cache recompute; every image is reduced."""
+    fam = _family(fname)
+    model = fam.make_model(attn)
+    for case in fam.BATCH_CASES:
+        inputs = fam.make_inputs(case)
+        seq, logits, feats, call, stats, new_ids = _family_run(model, inputs, FAMILY_SPECS[spec]())
+        want_orig = [sum(r) for r in fam.item_tokens(case)]
+        assert stats.visual_original == want_orig and call.original == want_orig
+        for b, row in enumerate(fam.item_tokens(case)):
+            assert all(t < n for t, n in zip(call.tokens[b], row)), (case, b)
+        ref = _family_hand_reduced(fam, case, call, feats)
+        assert torch.equal(new_ids, ref["input_ids"]), case
+        seq_ref, logits_ref, _ = generate(model, ref, STEPS)
+        T, Tr = inputs["input_ids"].shape[1], ref["input_ids"].shape[1]
+        assert torch.equal(seq[:, T:], seq_ref[:, Tr:]), case
+        assert torch.equal(logits, logits_ref), case
+        seq_nc, logits_nc = nocache(model, ref, STEPS)
+        assert torch.equal(seq[:, T:], seq_nc[:, Tr:]), case
+        assert (logits - logits_nc).abs().max().item() <= 1e-5, case
+
+
+@pytest.mark.parametrize("fname", PRELLM_FAMILIES)
+@pytest.mark.parametrize("spec", list(FAMILY_SPECS))
+def test_family_batch_equals_rows_alone(fname, spec):
+    fam = _family(fname)
+    model = fam.make_model("sdpa")
+    for case in fam.BATCH_CASES:
+        inputs = fam.make_inputs(case)
+        seq, logits, _, call, _, _ = _family_run(model, inputs, FAMILY_SPECS[spec]())
+        T = inputs["input_ids"].shape[1]
+        for b, row in enumerate(fam.split_rows(case)):
+            seq_b, logits_b, _, call_b, _, _ = _family_run(model, row, FAMILY_SPECS[spec]())
+            assert (call_b.tokens[0] if call_b is not None else []) == call.tokens[b], (case, b)
+            assert torch.equal(seq[b, T:], seq_b[0, row["input_ids"].shape[1] :]), (case, b)
+            assert (logits[:, b] - logits_b[:, 0]).abs().max().item() <= 1e-4, (case, b)
+
+
+@pytest.mark.parametrize("fname", PRELLM_FAMILIES)
+def test_family_removal_and_keep_all(fname):
+    """Removal restores the model bit-exactly; methods keeping every token are the unpatched call."""
+    fam = _family(fname)
+    model = fam.make_model("sdpa")
+    inputs = fam.make_inputs("b3_mixed")
+    hooks0 = snapshot_hooks(model)
+    seq0, logits0, _ = generate(model, inputs, STEPS)
+    for spec in FAMILY_SPECS.values():
+        for m in (spec(), [spec(), "pyramid_drop"]):
+            h = vtc.apply(model, m)
+            generate(model, inputs, STEPS)
+            h.remove()
+            assert "get_image_features" not in model.model.__dict__
+            assert snapshot_hooks(model) == hooks0 and getattr(model, "_vtc_session", None) is None
+    seq2, logits2, _ = generate(model, inputs, STEPS)
+    assert torch.equal(seq0, seq2) and torch.equal(logits0, logits2)
+    for m in (
+        vtc.DivPrune(ratio=1.0),
+        vtc.CDPruner(ratio=1.0),
+        vtc.VisionZip(ratio=1.0),
+        vtc.Pool(ratio=1.0),
+    ):
+        with vtc.apply(model, m) as h:
+            seq1, logits1, _ = generate(model, inputs, STEPS)
+            assert h.stats.visual_input == h.stats.visual_original
+        assert torch.equal(seq0, seq1) and torch.equal(logits0, logits1), m.name
+
+
+@pytest.mark.parametrize("fname", PRELLM_FAMILIES)
+def test_family_composition_with_pyramid_drop(fname):
+    """A pre-LLM method then PyramidDrop equals PyramidDrop alone on the hand-reduced prompt (bit-exact)."""
+    fam = _family(fname)
+    model = fam.make_model("sdpa")
+    inputs = fam.make_inputs("b3_mixed")
+    seq, logits, feats, call, _, _ = _family_run(
+        model, inputs, [vtc.Pool(ratio=0.5), vtc.PyramidDrop(lam=0.5)]
+    )
+    ref = _family_hand_reduced(fam, "b3_mixed", call, feats)
+    with vtc.apply(model, vtc.PyramidDrop(lam=0.5)):
+        seq_ref, logits_ref, _ = generate(model, ref, STEPS)
+    T, Tr = inputs["input_ids"].shape[1], ref["input_ids"].shape[1]
+    assert torch.equal(seq[:, T:], seq_ref[:, Tr:])
+    assert torch.equal(logits, logits_ref)

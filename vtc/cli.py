@@ -24,6 +24,7 @@ MODEL_TYPES = (
     "qwen3_vl",
     "qwen3_vl_moe",
     "internvl",
+    "mistral3",
 )
 MODEL_TYPES_HELP = "a checkpoint of a supported type (" + ", ".join(MODEL_TYPES) + ")"
 

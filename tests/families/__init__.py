@@ -41,6 +41,7 @@ FAMILY_MODULES = [
     "qwen3_5_moe",
     "qwen3_vl_moe",
     "internvl",
+    "mistral3",
 ]
 
 

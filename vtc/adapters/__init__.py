@@ -16,6 +16,7 @@ from vtc.adapters.gemma import Gemma3Adapter
 from vtc.adapters.internvl import InternVLAdapter
 from vtc.adapters.llava import LlavaAdapter
 from vtc.adapters.llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
+from vtc.adapters.mistral3 import Mistral3Adapter
 from vtc.adapters.qwen3_5 import Qwen3_5Adapter
 from vtc.adapters.qwen3_vl_moe import Qwen3VLMoeAdapter
 from vtc.adapters.qwen_vl import QwenVLAdapter
@@ -32,6 +33,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         Qwen3_5Adapter,
         Qwen3VLMoeAdapter,
         InternVLAdapter,
+        Mistral3Adapter,
     )
     for t in cls.model_types
 }
@@ -123,6 +125,7 @@ __all__ = [
     "Qwen3_5Adapter",
     "Qwen3VLMoeAdapter",
     "InternVLAdapter",
+    "Mistral3Adapter",
     "adapter_class",
     "get_adapter",
     "supported_model_types",

@@ -555,6 +555,12 @@ class ModelAdapter:
             "image_sizes": kwargs.get("image_sizes"),
         }
 
+    def placeholder_mask(self, ids: torch.Tensor, token_id: int) -> torch.Tensor:
+        """``[B, T]`` bool, the slots of the placeholder runs of token ``token_id`` that a pre-LLM rewrite resizes:
+        the placeholders themselves by default; adapters of models whose runs hold separator tokens (Pixtral's
+        row breaks) include those."""
+        return ids == token_id
+
     def prellm_grids(self) -> list[tuple[int, int]]:
         """Grids a unit of this model's images may have (a method that keeps every token on all of them is a
         no-op): the one fixed grid by default; anyres adapters add their high-resolution grids."""

@@ -395,7 +395,9 @@ class PreLLMStage(PreLLMComponent):
         self, ids: torch.Tensor, rec: _Encoded, tid: int, modality: str = "image"
     ) -> list[tuple[int, int]]:
         """``(row, start)`` of each image's (video's) placeholder run, in the order of the features."""
-        return place_runs(self.name, ids, rec.orig_tokens, tid, modality)
+        return place_runs(
+            self.name, ids, rec.orig_tokens, tid, modality, self.adapter.placeholder_mask(ids, tid)
+        )
 
     def _rewrite(
         self, kwargs, ids, placement, orig_tokens, new_tokens, layouts, dests, tokens, budget=None

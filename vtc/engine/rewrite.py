@@ -69,10 +69,18 @@ def placed_spans(row: int, start: int, dest: torch.Tensor, templates: list, part
 
 
 def place_runs(
-    name: str, ids: torch.Tensor, orig_tokens: list[int], tid: int, modality: str = "image"
+    name: str,
+    ids: torch.Tensor,
+    orig_tokens: list[int],
+    tid: int,
+    modality: str = "image",
+    is_img: torch.Tensor | None = None,
 ) -> list[tuple[int, int]]:
-    """``(row, start)`` of each image's (video's) placeholder run, in the order of the features."""
-    is_img = ids == tid
+    """``(row, start)`` of each image's (video's) placeholder run, in the order of the features. ``is_img``
+    ``[B, T]`` bool: the slots of the runs (default ``ids == tid``; runs may also hold separator tokens, as the
+    adapter's :meth:`~vtc.adapters.ModelAdapter.placeholder_mask` says)."""
+    if is_img is None:
+        is_img = ids == tid
     n_ph = int(is_img.sum())
     n_feat = sum(orig_tokens)
     hint = (
@@ -113,6 +121,8 @@ def rewrite_prompt(
 ):
     """Resize each placeholder run, re-pad rows on the left, rewrite mask and positions; remember the caller's
     position of every new slot (kept patches at their own cell, other image tokens at the run's first slots).
+    Each new slot takes the caller's token at the slot it stands for (``tokens[i]`` in runs of placeholders
+    only; a separator token inside a run, e.g. Pixtral's row breaks, keeps its own id).
 
     Returns ``(decode map or None, spans or None, caller [B, Tn] or None)``: the map and spans are None when
     every image kept its count (the prompt is not rewritten). ``items``: the budget item of each image (default:
@@ -154,7 +164,7 @@ def rewrite_prompt(
             dpieces.append(torch.arange(cur, s0, device=dev))
             length += s0 - cur
             st.append(length)
-            pieces.append(torch.full((new_tokens[i],), tokens[i], dtype=ids.dtype, device=dev))
+            pieces.append(ids[b, s0 + dests[i].to(dev)])
             mpieces.append(torch.ones(new_tokens[i], dtype=torch.bool, device=dev))
             dpieces.append(s0 + dests[i].to(dev))
             length += new_tokens[i]

@@ -101,6 +101,10 @@ class ModelDims:
         of softmax attention; they hold a fixed-size state instead of per-token keys and values.
     linear_k_heads, linear_v_heads, linear_k_dim, linear_v_dim, linear_conv : int, default 0
         Gated DeltaNet sizes: key (query) heads, value heads, key and value head dims, causal conv1d kernel.
+    vision_merger_in : int, default 0
+        Fixed-resolution towers whose projector starts with a patch merger (Mistral3:
+        ``Linear(m² · vision_d -> vision_d)`` on the ``m × m`` patches of each feature token): its input width
+        (4096 for Pixtral's 1024 at ``m = 2``); the feature tokens are then the merged tokens. 0: no merger.
 
     Examples
     --------
@@ -154,6 +158,7 @@ class ModelDims:
     linear_k_dim: int = 0
     linear_v_dim: int = 0
     linear_conv: int = 0
+    vision_merger_in: int = 0
 
     def __post_init__(self):
         for f in fields(self):

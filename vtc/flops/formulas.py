@@ -131,7 +131,8 @@ def vision_macs_per_image(
 
     Fixed-resolution towers (CLIP, SigLIP): ``crops`` crops (default ``dims.vision_crops``), each with
     the patch embedding, every encoder layer (Q/K/V/O, bidirectional attention over all
-    ``vision_tokens``, a two-matrix GELU MLP) and the two projector matrices over the feature tokens.
+    ``vision_tokens``, a two-matrix GELU MLP) and the two projector matrices over the feature tokens
+    (after the patch merger's ``vision_merger_in × vision_d`` matrix when the model has one, Mistral3).
 
     Dynamic-resolution towers (Qwen-VL, ``dims.vision_merge > 0``): see :func:`dynamic_vision_macs`,
     on ``grid`` (default: the grid of ``dims.vision_image_hw``).
@@ -158,7 +159,9 @@ def vision_macs_per_image(
     embed = (t - dims.vision_cls) * dims.vision_patch_dim * dv
     layer = 4 * t * dv * dv + 2 * t * t * dv + dims.vision_mlp_matrices * t * dv * mv
     projector = dims.vision_feature_tokens * (
-        dims.projector_in * dims.projector_hidden + dims.projector_hidden * dims.projector_out
+        dims.vision_merger_in * dims.vision_d
+        + dims.projector_in * dims.projector_hidden
+        + dims.projector_hidden * dims.projector_out
     )
     return crops * (embed + dims.vision_layers * layer + projector)
 

@@ -119,8 +119,13 @@ def _from_dict(cls: type[ModelDims], data: dict, source: str) -> ModelDims:
         )
     projector = _section(data, "projector", source)
     if projector:
-        _check_keys(projector, {"in_features", "hidden_features", "out_features"}, f"{source}: projector")
+        _check_keys(
+            projector,
+            {"in_features", "hidden_features", "out_features", "merger_in_features"},
+            f"{source}: projector",
+        )
         kw.update(
+            vision_merger_in=projector.get("merger_in_features", 0),
             projector_in=projector.get("in_features", 0),
             projector_hidden=projector.get("hidden_features", 0),
             projector_out=projector.get("out_features", 0),
