@@ -92,6 +92,21 @@ class DecoderKnowledge:
             return self.rotary_emb(hidden, pos)
         return self.rotary_emb(hidden, pos, key)
 
+    def rotary_many(
+        self, hidden: torch.Tensor, positions: list[torch.Tensor], key: str | None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`rotary` for several position tables ``[B, q_i]`` under one key, in one call of the rotary module
+        when its tables are a function of each position alone (every static RoPE: each entry is one product of
+        a frequency and a position, so the tables equal separate calls bit for bit); one call per table for
+        rotary types that rescale by the longest position (``dynamic``, ``longrope``)."""
+        kind = getattr(self.rotary_emb, "rope_type", "default")
+        kind = kind.get(key, "default") if isinstance(kind, dict) else kind
+        if len(positions) == 1 or "dynamic" in str(kind) or kind == "longrope":
+            return [self.rotary(hidden, p, key) for p in positions]
+        cos, sin = self.rotary(hidden, torch.cat(positions, dim=-1), key)
+        sizes = [p.shape[-1] for p in positions]
+        return list(zip(cos.split(sizes, dim=-2), sin.split(sizes, dim=-2)))
+
     #: position policies an in-decoder method may use on this model (``positions="auto"`` picks from these)
     positions_policies: tuple[str, ...] = ("compact", "original")
 
@@ -104,16 +119,33 @@ class DecoderKnowledge:
         return self.layers[layer_idx].self_attn
 
     def _rope_fn(self, layer_idx: int) -> Callable:
-        module = sys.modules[type(self._attn(layer_idx)).__module__]
-        return module.apply_rotary_pos_emb
+        """The modeling module's ``apply_rotary_pos_emb`` for layer ``layer_idx``'s attention (looked up once per
+        attention class: scorers call this at every selection)."""
+        cls = type(self._attn(layer_idx))
+        cache = self.__dict__.setdefault("_rope_fns", {})
+        if cls not in cache:
+            cache[cls] = sys.modules[cls.__module__].apply_rotary_pos_emb
+        return cache[cls]
+
+    def _rotate_keys(
+        self, layer_idx: int, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """``k`` ``[B, Hkv, T, dh]`` rotated by the model's own function. Its query slot gets one head of ``k``
+        (the functions rotate query and key independently), so the discarded query costs ``1 / Hkv`` of a key
+        rotation instead of a whole one."""
+        _, k = self._rope_fn(layer_idx)(k[:, :1], k, cos, sin)
+        return k
 
     def head_dims(self) -> tuple[int, int, int]:
-        """``(H, Hkv, dh)`` of the decoder's attention."""
-        cfg = self.text_config
-        heads = cfg.num_attention_heads
-        kv = getattr(cfg, "num_key_value_heads", None) or heads
-        dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return heads, kv, dh
+        """``(H, Hkv, dh)`` of the decoder's attention (read from the text config once)."""
+        dims = self.__dict__.get("_head_dims")
+        if dims is None:
+            cfg = self.text_config
+            heads = cfg.num_attention_heads
+            kv = getattr(cfg, "num_key_value_heads", None) or heads
+            dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+            dims = self.__dict__["_head_dims"] = (heads, kv, dh)
+        return dims
 
     def attention_scale(self, layer_idx: int) -> float | None:
         """The logit scale of layer ``layer_idx``'s attention, for scorers that recompute its softmax; None means
@@ -169,10 +201,8 @@ class DecoderKnowledge:
             cq, sq = cos[rows, query_rows].unsqueeze(1), sin[rows, query_rows].unsqueeze(1)
         q = self.heads(attn, "q", xq, dh)
         k = self.heads(attn, "k", x, dh)
-        rope = self._rope_fn(layer_idx)
-        q, _ = rope(q, q, cq, sq)
-        _, k = rope(k, k, cos, sin)
-        return q[:, :, 0], k
+        q, _ = self._rope_fn(layer_idx)(q, q, cq, sq)
+        return q[:, :, 0], self._rotate_keys(layer_idx, k, cos, sin)
 
     def project_q(
         self, layer_idx: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -221,8 +251,7 @@ class DecoderKnowledge:
         attn = layer.self_attn
         _, _, dh = self.head_dims()
         k = self.heads(attn, "k", layer.input_layernorm(hidden), dh)
-        _, k = self._rope_fn(layer_idx)(k, k, cos, sin)
-        return k
+        return self._rotate_keys(layer_idx, k, cos, sin)
 
     def cached_keys(self, cache, layer_idx: int, length: int) -> torch.Tensor | None:
         """The rotated keys layer ``layer_idx`` wrote to ``cache`` in this prefill, ``[B, Hkv, T, dh]``.
