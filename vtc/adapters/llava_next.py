@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from vtc.adapters.base import visual_runs
+from vtc.adapters.base import frames_in_order, group_units, visual_runs
 from vtc.adapters.config_fields import Getter
 from vtc.adapters.llava import LlavaAdapter
 from vtc.engine.types import ImageSpan
@@ -423,17 +423,19 @@ class LlavaNextAdapter(LlavaAdapter):
             pixel_values, (s, s), with_attention=with_attention, what=what, **params
         )
         project = self.image_feature_owner().multi_modal_projector
-        units: dict[tuple, list] = {}  # (grid, cls, space) -> [(image, part, selected, attention, keys)]
+        entries = []  # ((image, part), grid, cls, project, selected, attention, keys) per unit
         projected = None
         first = 0
         hw = []
         for i, (sz, parts) in enumerate(zip(sizes, layouts)):
             crops = slice(first, first + n_crops[i])
             first += n_crops[i]
-            units.setdefault(((s, s), cls, "vision"), []).append(
+            entries.append(
                 (
-                    i,
-                    0,
+                    (i, 0),
+                    (s, s),
+                    cls,
+                    project,
                     sel[crops.start],
                     None if attn is None else attn[crops.start],
                     None if keys is None else keys[crops.start],
@@ -453,7 +455,7 @@ class LlavaNextAdapter(LlavaAdapter):
             a = None if attn is None else attn.reshape(-1)[flat]
             k = None if keys is None else keys.reshape(-1, keys.shape[-1])[flat]
             if idx.shape == (h, w):
-                units.setdefault(((h, w), 0, "vision"), []).append((i, 1, patches[flat], a, k))
+                entries.append(((i, 1), (h, w), 0, project, patches[flat], a, k))
             else:
                 # OneVision shrinks this grid after the projector: the unit is the model's own shrunk embeddings
                 # (its pack_image_features without newlines), reduced in the LLM's space (project = identity);
@@ -469,21 +471,9 @@ class LlavaNextAdapter(LlavaAdapter):
                 hi = packed[s * s :]
                 a = None if a is None else _resize(a.view(*idx.shape, 1), (h, w)).flatten()
                 k = None if k is None else _resize(k.view(*idx.shape, -1), (h, w)).flatten(0, 1)
-                units.setdefault(((h, w), 0, "llm"), []).append((i, 1, hi, a, k))
+                entries.append(((i, 1), (h, w), 0, _identity, hi, a, k))
             hw.append((h, w))
-        groups, members = [], []
-        for (grid, c, space), us in units.items():
-            groups.append(
-                ImageInputs(
-                    selected=torch.stack([u[2] for u in us]),
-                    cls=c,
-                    grid=grid,
-                    project=project if space == "vision" else _identity,
-                    attention=None if us[0][3] is None else torch.stack([u[3] for u in us]),
-                    keys=None if us[0][4] is None else torch.stack([u[4] for u in us]),
-                )
-            )
-            members.append([(u[0], u[1]) for u in us])
+        groups, members = group_units(entries)
         orig = [sum(p[2] for p in parts) for parts in layouts]
         return VisionUnits(groups, members, orig, out, [len(p) for p in layouts], extra={"hw": hw})
 
@@ -556,11 +546,7 @@ class LlavaNextAdapter(LlavaAdapter):
         newline; other tokens (merged) in a row and one newline."""
         if "frame" in units.extra:  # a video: its frames in order, each token at its frame's slots
             n = units.extra["frame"]
-            d = [
-                f * n + dest_in_unit(p.cells, p.embeds.shape[0], p.cls, p.embeds.device)
-                for f, p in enumerate(parts)
-            ]
-            e = [p.embeds for p in parts]
+            e, d = frames_in_order(parts, n)
             if self.video_newline:  # OneVision: one newline after the last frame
                 e.append(self._base.image_newline.to(e[0].device, e[0].dtype)[None])
                 d.append(d[0].new_tensor([len(parts) * n]))

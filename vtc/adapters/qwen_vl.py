@@ -47,11 +47,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtc.adapters.base import ModelAdapter, visual_runs
+from vtc.adapters.base import ModelAdapter, frames_in_order, group_units, visual_runs
 from vtc.adapters.config_fields import Getter, required, square
 from vtc.engine.ops import gather_rows
 from vtc.engine.types import ImageSpan
-from vtc.engine.units import ImageInputs, VisionUnits, dest_in_unit
+from vtc.engine.units import VisionUnits
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -487,20 +487,20 @@ class QwenVLAdapter(ModelAdapter):
             cuts = [t * h * w for t, h, w in frames]
             attn_of = list(score.split(cuts))  # per image (video): [t*h'*w']
             keys_of = list(kvec.split(cuts))
-        by_grid: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for i, (t, h, w) in enumerate(frames):
-            for f in range(t):
-                by_grid.setdefault((h, w), []).append((i, f))
-        groups, members = [], []
-        for (h, w), mem in by_grid.items():
-            sl = [(i, slice(f * h * w, (f + 1) * h * w)) for i, f in mem]
-            x = torch.stack([feats[i][s_] for i, s_ in sl])  # [n_g, h*w, D]
-            a_g = torch.stack([attn_of[i][s_] for i, s_ in sl]) if with_attention else None  # [n_g, h*w]
-            k_g = torch.stack([keys_of[i][s_] for i, s_ in sl]) if with_attention else None  # [n_g, h*w, dh]
-            groups.append(
-                ImageInputs(selected=x, cls=0, grid=(h, w), project=_identity, attention=a_g, keys=k_g)
+        entries = [
+            (
+                (i, f),
+                (h, w),
+                0,
+                _identity,
+                feats[i][f * h * w : (f + 1) * h * w],
+                attn_of[i][f * h * w : (f + 1) * h * w] if with_attention else None,
+                keys_of[i][f * h * w : (f + 1) * h * w] if with_attention else None,
             )
-            members.append(mem)
+            for i, (t, h, w) in enumerate(frames)
+            for f in range(t)
+        ]
+        groups, members = group_units(entries)
         ds = getattr(out, "deepstack_features", None)
         ds = [list(layer) for layer in ds] if ds is not None else None
         if modality == "video" and self.model.config.model_type in self.timestamped_video_types:
@@ -523,10 +523,7 @@ class QwenVLAdapter(ModelAdapter):
         """The frames of a video one after the other (an image is one frame); a kept patch stands for its own
         cell of its frame, other tokens for the first slots of their frame."""
         _, h, w = units.extra["frames"][image]
-        embeds, dests = [], []
-        for f, p in enumerate(parts):
-            embeds.append(p.embeds)
-            dests.append(dest_in_unit(p.cells, p.embeds.shape[0], p.cls, p.embeds.device) + f * h * w)
+        embeds, dests = frames_in_order(parts, h * w)
         return torch.cat(embeds), torch.cat(dests)
 
     def placed_parts(self, units, image: int) -> list:

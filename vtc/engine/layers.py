@@ -400,6 +400,8 @@ class LayerSurgery:
             return None
         built = st.step_built.get(key)
         if built is None:
+            if not st.step_built:  # the step's first shortened layer: every stage's rotary tables at once
+                self._step_rotary(args, kwargs)
             built = self._build_decode(l, key, args, kwargs)
             st.step_built[key] = built
         mask, pos, pe = built
@@ -410,6 +412,28 @@ class LayerSurgery:
         if self.flash:
             kwargs["position_ids"] = None
         return args, kwargs
+
+    def _step_rotary(self, args, kwargs) -> None:
+        """Positions and rotary tables of every decode key with shifted positions (``compact`` stages), one call
+        of the rotary module per rotary key (:meth:`~vtc.adapters.decoder.DecoderKnowledge.rotary_many`)."""
+        st = self.state
+        st.step_rotary = {}
+        first: dict[tuple, int] = {}
+        for l, key in st.decode_key.items():
+            if key[2] is not None and key not in first:
+                first[key] = l
+        if not first:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        base = kwargs["position_ids"].expand(st.batch_size, -1)
+        by_rotary: dict = {}
+        for key, l in first.items():
+            shift = st.layer_prefix[l][1]
+            by_rotary.setdefault(self.specs[l].rotary, []).append((key, base - shift.unsqueeze(1)))
+        for rkey, entries in by_rotary.items():
+            tables = self.adapter.rotary_many(hidden, [p for _, p in entries], rkey)
+            for (key, pos), pe in zip(entries, tables):
+                st.step_rotary[key] = (pos, pe)
 
     def _build_decode(self, l: int, key: tuple, args, kwargs) -> tuple:
         """``(4D mask or None, positions [B, q] or None, (cos, sin) or None)`` for layer ``l`` at this step."""
@@ -430,7 +454,11 @@ class LayerSurgery:
             n = st.decode_tail.shape[1]
             back = torch.arange(n - 1, -1, -1, device=pos.device)
             q_pos = kv_pos = torch.cat([prefix_pos, pos[:, -1:] - back], dim=1)
-        if key[3] and st.decode_tail_all and spec.mask != "sliding":
+        if key[3] and st.decode_tail_all and spec.mask != "sliding" and hidden.shape[1] == 1:
+            # no padding anywhere and one query: it sees every cached key, which no mask says exactly (sdpa skips
+            # the causal mask there too; eager's all-zero mask adds nothing)
+            mask = None
+        elif key[3] and st.decode_tail_all and spec.mask != "sliding":
             # no padding anywhere: the same mask the model would build from an all-ones 2D mask
             mask = layer_mask(self.config, spec, hidden, None, cache, l)
         else:
@@ -442,4 +470,5 @@ class LayerSurgery:
             )
         if shift is None:
             return mask, None, None
-        return mask, pos, self.adapter.rotary(hidden, pos, spec.rotary)
+        pos, pe = st.step_rotary[key]
+        return mask, pos, pe

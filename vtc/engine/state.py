@@ -70,6 +70,9 @@ class CallState:
     # (same prefix layout, same cache length, same position shift); masks/rotary built once per key per step
     decode_key: dict[int, tuple] = field(default_factory=dict)
     step_built: dict[tuple, tuple] = field(default_factory=dict)
+    step_rotary: dict[tuple, tuple] = field(
+        default_factory=dict
+    )  # decode key -> (positions, (cos, sin)) this step
     prefill_masks: dict[int, tuple[View, object]] = field(default_factory=dict)  # id(view) -> (view, mask)
     prefill_slots: list | None = (
         None  # [L] cache positions per layer after the prefill (None: recurrent layer)
