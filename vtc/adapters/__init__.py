@@ -13,6 +13,7 @@ from torch import nn
 
 from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
 from vtc.adapters.gemma import Gemma3Adapter
+from vtc.adapters.glm4v import Glm4vAdapter
 from vtc.adapters.llava import LlavaAdapter
 from vtc.adapters.llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
 from vtc.adapters.qwen3_5 import Qwen3_5Adapter
@@ -28,6 +29,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         QwenVLAdapter,
         Gemma3Adapter,
         Qwen3_5Adapter,
+        Glm4vAdapter,
     )
     for t in cls.model_types
 }
@@ -117,6 +119,7 @@ __all__ = [
     "LlavaOnevisionAdapter",
     "QwenVLAdapter",
     "Qwen3_5Adapter",
+    "Glm4vAdapter",
     "adapter_class",
     "get_adapter",
     "supported_model_types",
