@@ -50,7 +50,9 @@ def _tiny_config():
         num_heads=2, patch_size=TINY["patch"], temporal_patch_size=TINY["tp"], spatial_merge_size=TINY["merge"],
         image_size=16,
     )  # fmt: skip
-    text = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, vocab_size=100)
+    text = dict(
+        hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2, vocab_size=100
+    )
     return Glm4vConfig(text_config=text, vision_config=vision)
 
 
@@ -74,7 +76,9 @@ def test_flop_counter_on_a_tiny_glm_tower():
     dims = ModelDims.from_hf_config(cfg, image_size=(40, 24))
     want = sum(ref_glm_vision_macs(g, **TINY) for g in frames)
     assert got.total == 2 * want
-    assert got.module_total("merger") == 2 * sum(t * h * w // 4 * (24 * 24 + 3 * 24 * 40) for t, h, w in frames)
+    assert got.module_total("merger") == 2 * sum(
+        t * h * w // 4 * (24 * 24 + 3 * 24 * 40) for t, h, w in frames
+    )
     assert got.module_total("downsample") == 2 * sum(t * h * w // 4 * (4 * 16 * 24) for t, h, w in frames)
     # the 40 x 24 px image alone: the default grid of these dims, (1, 10, 6) patches of 4 px
     assert vision_macs_per_image(dims) == ref_glm_vision_macs((1, 10, 6), **TINY)
@@ -84,7 +88,15 @@ def test_yaml_sizes_and_transformers_config_agree():
     from transformers import Glm4vConfig
 
     dims = ModelDims.from_yaml("glm-4.1v-9b-thinking")
-    assert (dims.d, dims.m, dims.L, dims.H, dims.Hkv, dims.dh, dims.vocab) == (4096, 13696, 40, 32, 2, 128, 151552)
+    assert (dims.d, dims.m, dims.L, dims.H, dims.Hkv, dims.dh, dims.vocab) == (
+        4096,
+        13696,
+        40,
+        32,
+        2,
+        128,
+        151552,
+    )
     assert (dims.vision_layers, dims.vision_d, dims.vision_m, dims.vision_mlp_matrices) == (24, 1536, 4096, 3)
     assert (dims.projector_in, dims.projector_hidden, dims.projector_out, dims.projector_glu) == (
         6144,
@@ -108,7 +120,15 @@ def test_yaml_sizes_and_transformers_config_agree():
 def test_cli_image_size(capsys):
     from vtc.cli import main
 
-    args = ["flops", "--model", "glm-4.1v-9b-thinking", "--method", "pdrop_default", "--image-size", "448x448"]
+    args = [
+        "flops",
+        "--model",
+        "glm-4.1v-9b-thinking",
+        "--method",
+        "pdrop_default",
+        "--image-size",
+        "448x448",
+    ]
     assert main([*args, "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
     assert table["visual_tokens"] == 256

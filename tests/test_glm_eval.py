@@ -42,7 +42,10 @@ SPECIAL = [
 # a 56 x 56 image stays 56 x 56 (GLM counts pixels over the 2 temporal patches): 4 x 4 patches of 14 px -> 2 x 2 = 4
 # tokens after the merge
 PIXELS = dict(
-    size={"shortest_edge": 56 * 56, "longest_edge": 2 * 56 * 56}, patch_size=14, merge_size=2, temporal_patch_size=2
+    size={"shortest_edge": 56 * 56, "longest_edge": 2 * 56 * 56},
+    patch_size=14,
+    merge_size=2,
+    temporal_patch_size=2,
 )
 
 
@@ -87,12 +90,24 @@ def make_tiny_glm_checkpoint(path: Path, seed: int = 0) -> Path:
         chat_template=CHAT_TEMPLATE,
     )
     torch.manual_seed(seed)
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1], "partial_rotary_factor": 0.5}
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [2, 1, 1],
+        "partial_rotary_factor": 0.5,
+    }
     cfg = Glm4vConfig(
         text_config=tiny_text(vocab, N_LAYERS, rope_parameters=rope),
         vision_config=dict(
-            depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, patch_size=14,
-            spatial_merge_size=2, temporal_patch_size=2, image_size=56,
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=64,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            image_size=56,
         ),  # fmt: skip
         image_token_id=vocab["<|image|>"],
         video_token_id=vocab["<|video|>"],
@@ -129,13 +144,17 @@ def glm_checkpoint(tmp_path_factory) -> Path:
 def test_vtc_eval_and_lmms_plugin_on_glm(glm_checkpoint, tmp_path):
     env = _env(tmp_path)
     # original positions (M-RoPE); FastV at K=2 keeping half of each image's tokens: 4 -> 2 from layer 2 on
-    fastv = _method_yaml(tmp_path, "fastv_orig", {"method": "fastv", "k": 2, "r": 0.5, "positions": "original"})
+    fastv = _method_yaml(
+        tmp_path, "fastv_orig", {"method": "fastv", "k": 2, "r": 0.5, "positions": "original"}
+    )
     out = tmp_path / "results"
     blocks, _ = run_vtc_eval(glm_checkpoint, ["none", fastv], out, tmp_path, timeout=600)
     assert set(blocks) == {"none", "fastv_orig"}
     per_image = 4  # the processor's grid (1, 4, 4) after the 2x2 merge, one image per question
     assert blocks["none"]["avg_visual_tokens_per_layer"] == [per_image] * N_LAYERS
-    assert blocks["fastv_orig"]["avg_visual_tokens_per_layer"] == [per_image] * 2 + [per_image // 2] * (N_LAYERS - 2)
+    assert blocks["fastv_orig"]["avg_visual_tokens_per_layer"] == [per_image] * 2 + [per_image // 2] * (
+        N_LAYERS - 2
+    )
     assert 0 < blocks["fastv_orig"]["tflops_full"]
 
     # the lmms-eval CLI with the plugin, on the same checkpoint
@@ -157,7 +176,9 @@ def test_vtc_eval_and_lmms_plugin_on_glm(glm_checkpoint, tmp_path):
 
 def test_vtc_bench_on_glm(glm_checkpoint, tmp_path):
     env = _env(tmp_path)
-    fastv = _method_yaml(tmp_path, "fastv_orig", {"method": "fastv", "k": 2, "r": 0.5, "positions": "original"})
+    fastv = _method_yaml(
+        tmp_path, "fastv_orig", {"method": "fastv", "k": 2, "r": 0.5, "positions": "original"}
+    )
     cmd = [_bin("vtc"), "bench", "--model", str(glm_checkpoint), "--method", fastv, "--device", "cpu"]
     cmd += ["--threads", "1", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--no-progress"]
     cmd += ["--out", str(tmp_path / "bench.json")]

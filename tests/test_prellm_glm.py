@@ -21,8 +21,8 @@ import torch
 from families import _glm
 from refs import generate, snapshot_hooks
 from selector_helpers import selector_dir
-from test_prellm_select import ref_visionzip
 from test_prellm_qwen import _hand_inputs
+from test_prellm_select import ref_visionzip
 from test_visionzip_qwen import _reference
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -142,7 +142,11 @@ def test_keep_all_is_bit_identical_and_removal_restores(kind):
     for case in _glm.CASES:
         inputs = _glm.make_inputs(case)
         seq0, logits0, _ = generate(model, inputs, STEPS)
-        for name, kw in (("divprune", {"ratio": 1.0}), ("visionzip", {"ratio": 1.0}), ("pool", {"ratio": 1.0})):
+        for name, kw in (
+            ("divprune", {"ratio": 1.0}),
+            ("visionzip", {"ratio": 1.0}),
+            ("pool", {"ratio": 1.0}),
+        ):
             with vtc.apply(model, name, **kw) as h:
                 seq1, logits1, _ = generate(model, inputs, STEPS)
                 assert h.stats.visual_input == h.stats.visual_original, (case, name)
@@ -152,7 +156,9 @@ def test_keep_all_is_bit_identical_and_removal_restores(kind):
         seq2, logits2, _ = generate(model, inputs, STEPS)
         assert torch.equal(seq0, seq2) and torch.equal(logits0, logits2), case
     assert snapshot_hooks(model) == hooks0
-    assert "get_image_features" not in model.model.__dict__ and "get_video_features" not in model.model.__dict__
+    assert (
+        "get_image_features" not in model.model.__dict__ and "get_video_features" not in model.model.__dict__
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -165,7 +171,11 @@ def test_visionzip_attention_and_tokens_equal_float64_loops(kind, attn):
     k, c = 6, 2
     for mod, case in (("image", "b3_mixed"), ("video", "b2_video")):
         inputs = _glm.make_inputs(case)
-        pv, gk = ("pixel_values", "image_grid_thw") if mod == "image" else ("pixel_values_videos", "video_grid_thw")
+        pv, gk = (
+            ("pixel_values", "image_grid_thw")
+            if mod == "image"
+            else ("pixel_values_videos", "video_grid_thw")
+        )
         grid = inputs[gk] if mod == "image" else _frames_grid(inputs[gk])
         score, keys, plain = _reference(model, inputs[pv], grid)
         with vtc.apply(model, "visionzip", tokens=k, contextual=c):
@@ -176,11 +186,15 @@ def test_visionzip_attention_and_tokens_equal_float64_loops(kind, attn):
         assert len(rec.embeds) == grid.shape[0]
         for i, (_, h, w) in enumerate(grid.tolist()):
             n = h * w // _glm.MERGE**2
-            ((g, j),) = [(g, mem.index((i, 0))) for g, mem in zip(rec.units.groups, rec.units.members) if (i, 0) in mem]
+            ((g, j),) = [
+                (g, mem.index((i, 0))) for g, mem in zip(rec.units.groups, rec.units.members) if (i, 0) in mem
+            ]
             torch.testing.assert_close(g.attention[j].double(), score[off : off + n], rtol=0, atol=1e-5)
             torch.testing.assert_close(g.keys[j].double(), keys[off : off + n], rtol=0, atol=1e-5)
             top = sorted(score[off : off + n].argsort(descending=True, stable=True)[: k - c].tolist())
-            want, wdom = ref_visionzip(score[off : off + n], keys[off : off + n], plain.pooler_output[i], k - c, c)
+            want, wdom = ref_visionzip(
+                score[off : off + n], keys[off : off + n], plain.pooler_output[i], k - c, c
+            )
             assert wdom == top
             torch.testing.assert_close(rec.embeds[i].double(), want, rtol=1e-5, atol=1e-5)
             off += n

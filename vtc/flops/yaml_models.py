@@ -160,7 +160,9 @@ def _dynamic(cls: type[ModelDims], vision: dict, projector: dict, kw: dict, sour
     vd = vision["hidden_size"]
     if projector:
         _check_keys(
-            projector, {"in_features", "hidden_features", "out_features", "glu_features"}, f"{source}: projector"
+            projector,
+            {"in_features", "hidden_features", "out_features", "glu_features"},
+            f"{source}: projector",
         )
     kw.update(
         vision_layers=vision["num_hidden_layers"],
