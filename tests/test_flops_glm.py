@@ -148,3 +148,18 @@ def ref_glm_vision_macs_fast(grid):
         + 24 * (4 * n * dv * dv + 3 * n * dv * out + t * 2 * (h * w) ** 2 * dv)
         + (n // 4) * (4 * dv * out + out * out + 3 * out * 13696)
     )
+
+
+def test_glm45v_moe_counts_the_experts_a_token_runs_through():
+    """GLM-4.5V: the MLP width is the routed one, (experts per token + shared experts) x expert width, read from
+    the text config (not its dense intermediate_size); the tower is GLM-4.1V's."""
+    from transformers import Glm4vMoeConfig
+
+    text = dict(
+        hidden_size=64, intermediate_size=200, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1, vocab_size=100,
+    )  # fmt: skip
+    cfg = Glm4vMoeConfig(text_config=text, vision_config=_tiny_config().vision_config.to_dict())
+    dims = ModelDims.from_hf_config(cfg, image_size=(24, 40))
+    assert (dims.d, dims.m, dims.L, dims.H, dims.Hkv, dims.dh) == (64, (3 + 1) * 24, 3, 4, 2, 16)
+    assert dynamic_vision_macs(dims, (1, 10, 6)) == ref_glm_vision_macs((1, 10, 6), **TINY)

@@ -49,14 +49,18 @@ PIXELS = dict(
 )
 
 
-def make_tiny_glm_checkpoint(path: Path, seed: int = 0) -> Path:
-    """Save a random tiny GLM-4.1V (6 layers) with a word-level tokenizer and a ``Glm4vProcessor`` to ``path``."""
+def make_tiny_glm_checkpoint(path: Path, seed: int = 0, kind: str = "glm4v") -> Path:
+    """Save a random tiny GLM-4.1V (``kind="glm4v"``, 6 layers) or GLM-4.5V (``"glm4v_moe"``: a dense first layer,
+    then 4 routed experts, 2 per token, and a shared one) with a word-level tokenizer and a ``Glm4vProcessor`` to
+    ``path``."""
     import torch
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import (
         Glm4vConfig,
         Glm4vForConditionalGeneration,
         Glm4vImageProcessor,
+        Glm4vMoeConfig,
+        Glm4vMoeForConditionalGeneration,
         Glm4vProcessor,
         Glm4vVideoProcessor,
         PreTrainedTokenizerFast,
@@ -96,8 +100,16 @@ def make_tiny_glm_checkpoint(path: Path, seed: int = 0) -> Path:
         "mrope_section": [2, 1, 1],
         "partial_rotary_factor": 0.5,
     }
-    cfg = Glm4vConfig(
-        text_config=tiny_text(vocab, N_LAYERS, rope_parameters=rope),
+    config_cls, model_cls = (
+        (Glm4vConfig, Glm4vForConditionalGeneration)
+        if kind == "glm4v"
+        else (Glm4vMoeConfig, Glm4vMoeForConditionalGeneration)
+    )
+    text = tiny_text(vocab, N_LAYERS, rope_parameters=rope)
+    if kind == "glm4v_moe":
+        text.update(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1)
+    cfg = config_cls(
+        text_config=text,
         vision_config=dict(
             depth=2,
             hidden_size=32,
@@ -116,7 +128,7 @@ def make_tiny_glm_checkpoint(path: Path, seed: int = 0) -> Path:
         video_start_token_id=vocab["<|begin_of_video|>"],
         video_end_token_id=vocab["<|end_of_video|>"],
     )
-    model = Glm4vForConditionalGeneration(cfg).eval()
+    model = model_cls(cfg).eval()
     model.generation_config.pad_token_id = vocab["<pad>"]
     model.generation_config.eos_token_id = vocab["</s>"]
     path.mkdir(parents=True, exist_ok=True)
@@ -174,7 +186,14 @@ def test_vtc_eval_and_lmms_plugin_on_glm(glm_checkpoint, tmp_path):
     )
 
 
-def test_vtc_bench_on_glm(glm_checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def glm_moe_checkpoint(tmp_path_factory) -> Path:
+    return make_tiny_glm_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-glm4v_moe", kind="glm4v_moe")
+
+
+@pytest.mark.parametrize("which", ["glm_checkpoint", "glm_moe_checkpoint"])
+def test_vtc_bench_on_glm(which, request, tmp_path):
+    glm_checkpoint = request.getfixturevalue(which)
     env = _env(tmp_path)
     fastv = _method_yaml(
         tmp_path, "fastv_orig", {"method": "fastv", "k": 2, "r": 0.5, "positions": "original"}

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from vtc.adapters.config_fields import Getter, required, square
+from vtc.adapters.config_fields import Getter, getter, required, square
 from vtc.adapters.qwen_vl import QwenVLAdapter
 
 
@@ -55,14 +55,25 @@ class Glm4vAdapter(QwenVLAdapter):
         """GLM's tower: ``hidden_size`` wide blocks with a SwiGLU MLP of ``out_hidden_size`` (sic: the tower's
         ``intermediate_size`` is the merger's); the merge is a ``Conv2d`` of the 2x2 window's ``4 * hidden_size``
         inputs to ``out_hidden_size``, then the merger's ``Linear(out, out)`` and a SwiGLU MLP of
-        ``intermediate_size``, counted as the projector ``(4 * hidden -> out -> out)`` plus ``projector_glu``."""
+        ``intermediate_size``, counted as the projector ``(4 * hidden -> out -> out)`` plus ``projector_glu``.
+
+        ``glm4v_moe`` (GLM-4.5V): the decoder's MLP width ``m`` is the routed one, ``(num_experts_per_tok +
+        n_shared_experts) * moe_intermediate_size`` (the experts a token runs through), exact for the expert layers;
+        the first ``first_k_dense_replace`` dense layers (1 of 46 in GLM-4.5V, ``intermediate_size`` wide) are
+        counted at that width too, and the router (``hidden_size x n_routed_experts`` per token) is not counted."""
         vd = required(vget, "hidden_size")
         out = required(vget, "out_hidden_size")
         patch = square(required(vget, "patch_size"), "patch_size")
         temporal = square(vget("temporal_patch_size") or 2, "temporal_patch_size")
         merge = int(vget("spatial_merge_size") or 2)
         channels = int(vget("in_channels") or 3)
-        return dict(
+        dims: dict[str, Any] = {}
+        if model_type == "glm4v_moe":
+            text = get("text_config")
+            tget = getter(text) if text is not None else get
+            experts = required(tget, "num_experts_per_tok") + (tget("n_shared_experts") or 0)
+            dims["m"] = experts * required(tget, "moe_intermediate_size")
+        return dims | dict(
             vision_layers=required(vget, "depth"),
             vision_d=vd,
             vision_m=out,
