@@ -217,3 +217,27 @@ def test_positions_and_video_token_types_follow_the_processor_rule():
         for s in spans:
             got[s.row].append((*s.grid, s.kind))
         assert got == _glm.grids(case), case
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pre_llm_composes_with_an_in_decoder_method(kind):
+    """DivPrune before the LLM, then FastV in the decoder (original positions): batch = rows alone, and the decoder
+    layers after K see half of each image's (frame's) reduced tokens, counted by hand from the case spec."""
+    model = _glm.make_model(kind, "sdpa")
+    spec = [
+        {"method": "divprune", "ratio": 0.5},
+        {"method": "fastv", "k": 2, "r": 0.5, "positions": "original"},
+    ]
+    for case in _glm.BATCH_CASES:
+        inputs = _glm.make_inputs(case)
+        with vtc.apply(model, spec) as h:
+            seq, logits, _ = generate(model, inputs, STEPS)
+            st = h.stats
+            T = inputs["input_ids"].shape[1]
+            for b, row in enumerate(_glm.split_rows(case)):
+                seq_b, logits_b, _ = generate(model, row, STEPS)
+                assert torch.equal(seq[b, T:], seq_b[0, row["input_ids"].shape[1] :]), (case, b)
+                assert (logits[:, b] - logits_b[:, 0]).abs().max().item() <= 1e-4, (case, b)
+        items = _glm.item_tokens(case)  # b3_mixed: 24 + 16, 24, none; b2_video: 16 + 16, 8 + 8 + 8
+        assert st.prefill_visual[0] == [sum(n // 2 for n in r) for r in items], case
+        assert st.prefill_visual[2] == [sum(n // 4 for n in r) for r in items], case
