@@ -11,7 +11,8 @@ placeholders between timestamps.
 * a method keeping every token is bit-identical to the unpatched model; removal restores it;
 * VisionZip: the attention each merged token receives (and its key) equals the float64 loop of
   tests/test_visionzip_qwen.py on the tower's last block (per video frame, as GLM runs its tower), and the
-  placed tokens equal the float64 VisionZip loop on it.
+  placed tokens equal the float64 VisionZip loop on it;
+* DivPrune then FastV (original positions): batch = rows alone, per-layer counts by hand.
 """
 
 from __future__ import annotations
@@ -96,13 +97,26 @@ def _plain_generate_on(model, inputs, mm, hand):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_hooked_generate_equals_plain_generate_on_hand_reduced_inputs(kind, spec, attn):
     model = _glm.make_model(kind, attn)
+    seen: list[dict] = []
     for case in _glm.CASES:
         inputs = _glm.make_inputs(case)
+        seen.clear()
         with vtc.apply(model, spec[0], **spec[1]) as h:
-            seq, logits, _ = generate(model, inputs, STEPS)
+            hook = model.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
+            try:
+                seq, logits, _ = generate(model, inputs, STEPS)
+            finally:
+                hook.remove()
             call = last_prellm_call(h)
-            if spec[0] in ("cdpruner", "scope"):  # prompt-dependent: the features of this call
-                mm, embeds, dests = None, None, None
+            if spec[0] in ("cdpruner", "scope"):
+                # prompt-dependent: the embeddings the trunk got at prefill, each a kept cell of its grid
+                (mm,) = [
+                    {k: v for k, v in kw["mm_encoder_outputs"].items() if v is not None} for kw in seen[:1]
+                ]
+                (out,) = mm.values()
+                embeds = list(out.pooler_output)
+                dests = [c for row in call.cells for c in row]
+                assert all(d is not None and d.shape[0] == e.shape[0] for d, e in zip(dests, embeds))
             else:
                 mm, embeds, dests = _reduced(model, inputs)
         per_item = [t for row in call.tokens for t in row]
@@ -110,8 +124,6 @@ def test_hooked_generate_equals_plain_generate_on_hand_reduced_inputs(kind, spec
         assert len(per_item) == len(want_items), case
         assert call.original == [sum(r) for r in _glm.item_tokens(case)], case
         assert all(k < n for k, n in zip(per_item, want_items)), case  # each image and frame really reduced
-        if mm is None:
-            continue
         assert [e.shape[0] for e in embeds] == per_item, case
         hand = _hand(model, inputs, embeds, dests)
         ref = _plain_generate_on(model, inputs, mm, hand)
