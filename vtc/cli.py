@@ -25,6 +25,8 @@ MODEL_TYPES = (
     "qwen3_vl_moe",
     "internvl",
     "mistral3",
+    "glm4v",
+    "glm4v_moe",
 )
 MODEL_TYPES_HELP = "a checkpoint of a supported type (" + ", ".join(MODEL_TYPES) + ")"
 

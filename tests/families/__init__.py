@@ -42,6 +42,8 @@ FAMILY_MODULES = [
     "qwen3_vl_moe",
     "internvl",
     "mistral3",
+    "glm4v",
+    "glm4v_moe",
 ]
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
 from vtc.adapters.gemma import Gemma3Adapter
 from vtc.adapters.internvl import InternVLAdapter
+from vtc.adapters.glm4v import Glm4vAdapter
 from vtc.adapters.llava import LlavaAdapter
 from vtc.adapters.llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
 from vtc.adapters.mistral3 import Mistral3Adapter
@@ -34,6 +35,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         Qwen3VLMoeAdapter,
         InternVLAdapter,
         Mistral3Adapter,
+        Glm4vAdapter,
     )
     for t in cls.model_types
 }
@@ -126,6 +128,7 @@ __all__ = [
     "Qwen3VLMoeAdapter",
     "InternVLAdapter",
     "Mistral3Adapter",
+    "Glm4vAdapter",
     "adapter_class",
     "get_adapter",
     "supported_model_types",

@@ -233,11 +233,16 @@ class QwenVLAdapter(ModelAdapter):
             )
         mm = inputs.get("mm_token_type_ids")
         if mm is None:
-            mm = (ids == self.image_token_id).int() + 2 * (ids == self.video_token_id).int()
+            mm = self.token_types(ids)
         pos, _ = self._base.get_rope_index(
             ids, mm_token_type_ids=mm, attention_mask=inputs.get("attention_mask"), **grids
         )
         return pos
+
+    def token_types(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` int ``mm_token_type_ids`` as the processor writes them: 1 on image placeholders, 2 on video
+        placeholders, 0 elsewhere."""
+        return (ids == self.image_token_id).int() + 2 * (ids == self.video_token_id).int()
 
     # --- spans ----------------------------------------------------------------------------------------
     def find_spans(self, visual: torch.Tensor, inputs: dict) -> list:
@@ -279,7 +284,7 @@ class QwenVLAdapter(ModelAdapter):
                 "vtc expects the layout get_rope_index produces"
             )
         seg_len = torch.bincount(seg, minlength=S)
-        is_video = ids[visual][first] == self.video_token_id
+        is_video = self.token_types(ids)[visual][first] == 2
         host = torch.stack([first, seg_len, gh, gw, is_video.long()]).tolist()
         # map each visual slot ordinal back to (row, column) of the prompt
         spans = []
@@ -583,9 +588,7 @@ class QwenVLAdapter(ModelAdapter):
         }
         for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts"):
             caller[k] = kwargs.get(k)
-        caller["mm_token_type_ids"] = (caller_ids == self.image_token_id).int() + 2 * (
-            caller_ids == self.video_token_id
-        ).int()
+        caller["mm_token_type_ids"] = self.token_types(caller_ids)
         mrope = self.mrope_positions(caller)  # [3, B, T]
         B = src.shape[0]
         rows = torch.stack([gather_rows(r.expand(B, -1), src, 0) for r in mrope])  # [3, B, Tn]

@@ -105,9 +105,10 @@ class LayerSurgery:
         st = self.state
         B, T0 = st.batch_size, st.prefill_len
         pos = kwargs.get("position_ids")
-        if pos is None:
-            # M-RoPE text models pass no 1-D positions to their layers in a direct forward (the rotary tables
-            # carry them): keep a stand-in for the views and hand the layers None again
+        if pos is None or pos.dim() != 2:
+            # M-RoPE text models pass no 1-D positions to their layers in a direct forward, or pass them the 3
+            # rotary rows ([3, B, T], GLM-4.5V) that no layer reads (the rotary tables carry them): keep a stand-in
+            # for the views and hand the layers None
             st.layer_pos_none = True
             pos = torch.arange(T0, device=hidden.device).expand(B, T0)
         return View(

@@ -83,8 +83,8 @@ class CallState:
     # [B, T0] long image-block id of each visual slot (-1 elsewhere) when the call's layers attend
     # bidirectionally inside image blocks (None otherwise)
     blocks: torch.Tensor | None = None
-    # the layers got position_ids=None (M-RoPE models in a direct forward): the base view's `pos` is a stand-in
-    # (0..T0-1) and layers keep getting None
+    # the layers got no 1-D position_ids (None: M-RoPE models in a direct forward; the 3 M-RoPE rows: GLM-4.5V): the
+    # base view's `pos` is a stand-in (0..T0-1) and layers get None
     layer_pos_none: bool = False
 
     def cache(self):

@@ -59,6 +59,9 @@ class ModelDims:
         Most crops one image is encoded as (1 for LLaVA-1.5, 5 for LLaVA-NeXT AnyRes).
     projector_in, projector_hidden, projector_out : int, default 0
         Two-layer projector ``Linear(in, hidden) → act → Linear(hidden, out)``; 0 if unknown.
+    projector_glu : int, default 0
+        Width of a SwiGLU MLP ``out → projector_glu → out`` (gate, up, down) after the projector (GLM-4.1V's
+        merger: ``3 · out · projector_glu`` MACs per merged token); 0: none.
     visual_tokens_per_image : int, default 0
         Visual tokens one typical image contributes to the language model (576; 2880 for NeXT; for a
         dynamic-resolution model, the count at ``vision_image_hw``).
@@ -132,6 +135,7 @@ class ModelDims:
     projector_in: int = 0
     projector_hidden: int = 0
     projector_out: int = 0
+    projector_glu: int = 0
     visual_tokens_per_image: int = 0
     vision_mlp_matrices: int = 2
     vision_patch: int = 0

@@ -158,12 +158,15 @@ def vision_macs_per_image(
     t, dv, mv = dims.vision_tokens, dims.vision_d, dims.vision_m
     embed = (t - dims.vision_cls) * dims.vision_patch_dim * dv
     layer = 4 * t * dv * dv + 2 * t * t * dv + dims.vision_mlp_matrices * t * dv * mv
-    projector = dims.vision_feature_tokens * (
-        dims.vision_merger_in * dims.vision_d
-        + dims.projector_in * dims.projector_hidden
-        + dims.projector_hidden * dims.projector_out
-    )
+    projector = dims.vision_feature_tokens * (dims.vision_merger_in * dims.vision_d + _projector_macs(dims))
     return crops * (embed + dims.vision_layers * layer + projector)
+
+
+def _projector_macs(dims: ModelDims) -> int:
+    """MACs of the projector (merger) on one token: its two matrices and, when it has one, the SwiGLU MLP after
+    them (``projector_glu``)."""
+    two = dims.projector_in * dims.projector_hidden + dims.projector_hidden * dims.projector_out
+    return two + 3 * dims.projector_out * dims.projector_glu
 
 
 def window_sizes(dims: ModelDims, h: int, w: int) -> list[int]:
@@ -203,8 +206,9 @@ def dynamic_vision_macs(dims: ModelDims, grid: tuple[int, int, int]) -> float:
       frame (``h·w`` patches, the tower never attends across temporal patches) in full-attention
       blocks, each window of :func:`window_sizes` in windowed blocks (Qwen2.5-VL: every block not in
       ``vision_full_blocks``);
-    * the merger MLP on ``n / merge²`` merged tokens: ``in·hidden + hidden·out`` each; Qwen3-VL runs one
-      more merger of the same shape per DeepStack block.
+    * the merger MLP on ``n / merge²`` merged tokens: ``in·hidden + hidden·out`` each (plus
+      ``3·out·projector_glu`` for GLM-4.1V's SwiGLU after it); Qwen3-VL runs one more merger of the same shape
+      per DeepStack block.
 
     Norms, rotary and learned position embeddings, activations and biases are not counted.
     """
@@ -235,7 +239,7 @@ def dynamic_vision_macs(dims: ModelDims, grid: tuple[int, int, int]) -> float:
         full = not windowed or i in dims.vision_full_blocks
         blocks += dense + (full_attn if full else window_attn)
     merged = n // dims.vision_merge**2
-    merger = merged * (dims.projector_in * dims.projector_hidden + dims.projector_hidden * dims.projector_out)
+    merger = merged * _projector_macs(dims)
     return embed + blocks + (1 + len(dims.vision_deepstack)) * merger
 
 

@@ -168,7 +168,11 @@ def _dynamic(cls: type[ModelDims], vision: dict, projector: dict, kw: dict, sour
     temporal = vision.get("temporal_patch_size", 1)
     vd = vision["hidden_size"]
     if projector:
-        _check_keys(projector, {"in_features", "hidden_features", "out_features"}, f"{source}: projector")
+        _check_keys(
+            projector,
+            {"in_features", "hidden_features", "out_features", "glu_features"},
+            f"{source}: projector",
+        )
     kw.update(
         vision_layers=vision["num_hidden_layers"],
         vision_d=vd,
@@ -186,6 +190,7 @@ def _dynamic(cls: type[ModelDims], vision: dict, projector: dict, kw: dict, sour
         projector_in=projector.get("in_features", vd * merge * merge),
         projector_hidden=projector.get("hidden_features", vd * merge * merge),
         projector_out=projector.get("out_features", kw["d"]),
+        projector_glu=projector.get("glu_features", 0),
     )
     stated = kw.pop("visual_tokens_per_image")
     dims = cls(**kw).with_image_size(int(hw[0]), int(hw[1]))
