@@ -13,8 +13,8 @@ from torch import nn
 
 from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
 from vtc.adapters.gemma import Gemma3Adapter
-from vtc.adapters.internvl import InternVLAdapter
 from vtc.adapters.glm4v import Glm4vAdapter
+from vtc.adapters.internvl import InternVLAdapter
 from vtc.adapters.llava import LlavaAdapter
 from vtc.adapters.llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
 from vtc.adapters.mistral3 import Mistral3Adapter
