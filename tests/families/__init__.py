@@ -39,6 +39,7 @@ FAMILY_MODULES = [
     "gemma3",
     "qwen3_5",
     "qwen3_5_moe",
+    "gemma4",
 ]
 
 
