@@ -23,8 +23,6 @@ import torch
 from refs import positions_like_generate
 
 NAME = "gemma4"
-#: pre-LLM methods are refused on Gemma 4 with this documented error (its tower pools patches by position)
-PRE_LLM_REFUSED = r"is not supported on Gemma 4 yet"
 PAD, EOS, BOS = 0, 1, 2
 IMG, BOI, EOI, VID, AUD = 990, 991, 992, 993, 994
 TS = 40  # a timestamp's text token before each video frame

@@ -28,6 +28,11 @@ What Gemma 4 changes for the engine, and where it is said:
   (``scaling = 1.0``): :meth:`attention_scale`.
 
 Budgets: every image is one item (its own grid), every video frame is one item.
+
+Pre-LLM methods (dfmr, divprune, cdpruner, pool) reduce each image (each video frame) on its own soft-token grid,
+from the model's own projected soft tokens (``get_image_features`` / ``get_video_features``, so keeping every
+token is the unpatched model). VisionZip is refused with a clear error (:meth:`check_vision_attention`): the
+tower's attention is over padded 16 px patches with 2-D rotary, not over the soft tokens the LLM sees.
 """
 
 from __future__ import annotations
@@ -87,8 +92,9 @@ class Gemma4Adapter(ModelAdapter):
         return int(getattr(self.model.config.vision_config, "default_output_length", 0) or 280)
 
     def grid_of_image(self) -> tuple[int, int]:
+        """The grid of a square image under the default budget (280 -> 16 x 16 on the released checkpoints)."""
         side = math.isqrt(self.tokens_per_image())
-        return side, max(1, self.tokens_per_image() // max(side, 1))
+        return side, side
 
     # --- spans ----------------------------------------------------------------------------------
     def _grids(self, positions: torch.Tensor | None) -> list[tuple[int, int]]:
@@ -236,9 +242,87 @@ class Gemma4Adapter(ModelAdapter):
 
         return rope
 
-    def check_prellm(self, what: str) -> None:
+    # --- pre-LLM methods ---------------------------------------------------------------------------
+    def feature_entries(self) -> list[tuple[str, str, str, int]]:
+        return [
+            ("image", "get_image_features", "pixel_values", self.image_token_id),
+            ("video", "get_video_features", "pixel_values_videos", self.video_token_id),
+        ]
+
+    def feature_kwargs(self, modality: str, kwargs: dict) -> dict:
+        if modality == "image":
+            return {"image_position_ids": kwargs.get("image_position_ids")}
+        return {
+            "video_position_ids": kwargs.get("video_position_ids"),
+            "num_frames_per_video": kwargs.get("num_frames_per_video"),
+        }
+
+    def check_vision_attention(self, what: str, vision_feature_layer=None) -> int:
+        """Refused: Gemma 4's tower attends with 2-D rotary embeddings over padded patch sets and pools by
+        position afterwards; no single attention map over the soft tokens exists to read.
+
+        Raises
+        ------
+        ValueError
+            Always.
+        """
         raise ValueError(
-            f"{what} (a pre-LLM method) is not supported on Gemma 4 yet: its tower pools 3x3 patches by their "
-            "positions inside Gemma4VisionModel and strips per-image padding, which vtc's pre-LLM stage does not "
-            "model. Use an in-decoder method (pyramid_drop, fastv, progressive, dart, random, uniform, schedule)."
+            f"{what} reads the vision tower's attention over the tokens the LLM receives; Gemma 4's tower attends "
+            "over its 16 px patches (2-D rotary, padded per image) and average-pools 3x3 of them into each soft "
+            "token afterwards, so there is no such attention map. Use a method that needs no attention "
+            "(divprune, cdpruner, pool, dfmr)."
         )
+
+    def vision_units(self, pixel_values, with_attention=False, what="this method", modality="image", **params):
+        """One unit per image (per video frame) on its soft-token grid; the features are the model's own
+        projected soft tokens (``embed_vision`` output), so ``project`` is the identity.
+
+        Parameters
+        ----------
+        pixel_values : torch.Tensor
+            ``[N, max_patches, 3 p p]`` patches of the call's images (video frames).
+        **params
+            ``image_position_ids`` (``video_position_ids`` and ``num_frames_per_video``).
+        """
+        from vtc.engine.units import ImageInputs, VisionUnits
+
+        if with_attention:
+            self.check_vision_attention(what)
+        key = "image_position_ids" if modality == "image" else "video_position_ids"
+        positions = params.get(key)
+        if positions is None:
+            raise ValueError(f"{what} on Gemma 4 needs {key} with the {modality}s' pixels (the processor gives them)")
+        base = self._base
+        if modality == "image":
+            out = type(base).get_image_features(base, pixel_values, positions, return_dict=True)
+        else:
+            out = type(base).get_video_features(
+                base, pixel_values, positions, num_frames_per_video=params.get("num_frames_per_video"), return_dict=True
+            )
+        grids = self._grids(positions)
+        flat = torch.cat(list(out.pooler_output), 0)
+        feats = list(flat.split([h * w for h, w in grids]))  # per image (frame): [h*w, D] row-major
+        by_grid: dict[tuple[int, int], list[int]] = {}
+        for i, g in enumerate(grids):
+            by_grid.setdefault(g, []).append(i)
+        groups, members = [], []
+        for g, mem in by_grid.items():
+            x = torch.stack([feats[i] for i in mem])
+            groups.append(ImageInputs(selected=x, cls=0, grid=g, project=_identity))
+            members.append([(i, 0) for i in mem])
+        return VisionUnits(groups, members, [f.shape[0] for f in feats], out, [1] * len(feats), {"grids": grids})
+
+    def placed_parts(self, units, image: int) -> list:
+        """One span on the image's (frame's) own grid, as :meth:`find_spans` gives it."""
+        h, w = units.extra["grids"][image]
+        return [ImageSpan(-1, 0, h * w, (h, w))]
+
+    def finish_features(self, units, embeds: list[torch.Tensor], parts: list) -> object:
+        """Per-image (per-frame) embeddings; ``Gemma4Model`` concatenates them into the image (video) slots."""
+        out = units.output
+        out.pooler_output = list(embeds)
+        return out
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
