@@ -1,5 +1,6 @@
-"""Pre-LLM methods on Gemma 3 (dfmr, visionzip, divprune, cdpruner, pool), on sdpa and eager, against the
-unpatched model fed the reduced prompt by hand:
+"""Pre-LLM methods on Gemma 3 (dfmr, visionzip, divprune, cdpruner, pool) and Gemma 4 (dfmr, divprune,
+cdpruner, pool; visionzip refused), on sdpa and eager, against the unpatched model fed the reduced prompt by
+hand:
 
 * hooked ``generate`` equals plain ``generate`` of the hand-reduced prompt (``<boi>``, ``k`` image tokens,
   ``<eoi>`` per image, ``token_type_ids`` 1 there, the reduced features through ``mm_encoder_outputs``), bit-exact;
@@ -10,6 +11,10 @@ unpatched model fed the reduced prompt by hand:
   unpatched ``get_image_features`` output (by hand: SigLIP, 2x2 average pool, norm, projection);
 * VisionZip's scores on SigLIP (no CLS): the attention each soft token's patches receive at the last tower
   layer, by hand from the tower's own eager attention weights, averaged over heads, queries and the patches.
+
+Gemma 4 (below the Gemma 3 tests): each image and each video frame is reduced on its own soft-token grid; the
+hand-reduced prompt writes ``k`` placeholders per image (frame) with the reduced features through
+``mm_encoder_outputs`` (image and video), and ``mm_token_type_ids`` 1/2 there.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 from families import gemma3 as fam
+from families import gemma4 as fam4
 from refs import generate, positions_like_generate, snapshot_hooks
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -188,3 +194,130 @@ def test_units_are_the_projectors_soft_tokens_and_visionzip_scores_by_hand():
     want = _pool_by_hand(received.unsqueeze(-1), p, k).squeeze(-1)
     assert (g.attention - want).abs().max().item() <= 1e-5
     assert g.keys.shape[:2] == (2, fam.SIDE * fam.SIDE)
+
+
+# --- Gemma 4 ------------------------------------------------------------------------------------------------
+SPECS4 = {
+    "dfmr": lambda: vtc.DFMR(mode="fixed", factor=2),
+    "divprune": lambda: vtc.DivPrune(tokens=3),
+    "cdpruner": lambda: vtc.CDPruner(tokens=3),
+    "pool": lambda: vtc.Pool(tokens=3),
+}
+
+
+@pytest.fixture(params=["sdpa", "eager"])
+def model4(request):
+    return fam4.make_model(request.param)
+
+
+def run_hooked4(model, inputs, m):
+    seen = []
+    with vtc.apply(model, m) as h:
+        hook = model.model.register_forward_pre_hook(lambda mod, a, kw: seen.append(kw), with_kwargs=True)
+        try:
+            seq, logits, _ = generate(model, inputs, STEPS)
+        finally:
+            hook.remove()
+        stats = h.stats
+    return seq, logits, seen[0], stats
+
+
+def _runs(ids_row: list[int], token: int) -> list[int]:
+    out, n = [], 0
+    for t in ids_row + [-1]:
+        if t == token:
+            n += 1
+        elif n:
+            out.append(n)
+            n = 0
+    return out
+
+
+def hand_reduced4(case: str, img_counts: list[list[int]], vid_counts: list[list[int]], mm) -> dict:
+    """Gemma 4 prompt written by hand: per row, ``k`` image tokens per image and ``k`` video tokens per frame."""
+    rows = []
+    for b, (before, items, after) in enumerate(fam4.row_specs(case)):
+        r = [fam4.BOS] + list(before)
+        ii = vi = 0
+        for i, it in enumerate(items):
+            if it == "v":
+                for f in range(fam4.VIDEO_FRAMES):
+                    r += [fam4.TS + f, fam4.BOI] + [fam4.VID] * vid_counts[b][vi] + [fam4.EOI]
+                    vi += 1
+            else:
+                r += [fam4.BOI] + [fam4.IMG] * img_counts[b][ii] + [fam4.EOI]
+                ii += 1
+            if i + 1 < len(items):
+                r += [11 + i]
+        rows.append(r + list(after))
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), fam4.PAD, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r) :] = torch.tensor(r)
+        mask[b, T - len(r) :] = 1
+    out = {"input_ids": ids, "mm_token_type_ids": (ids == fam4.IMG).long() + 2 * (ids == fam4.VID).long()}
+    if case != "b1_img1":
+        out["attention_mask"] = mask
+    if mm:
+        out["mm_encoder_outputs"] = {
+            k: BaseModelOutputWithPooling(pooler_output=list(v.pooler_output)) for k, v in mm.items()
+        }
+    return out
+
+
+@pytest.mark.parametrize("case", fam4.CASES)
+@pytest.mark.parametrize("method", list(SPECS4))
+def test_gemma4_generate_equals_plain_generate_on_hand_reduced_inputs(model4, case, method):
+    inputs = fam4.make_inputs(case)
+    seq, logits, kw, stats = run_hooked4(model4, inputs, SPECS4[method]())
+    ids = kw["input_ids"].tolist()
+    img = [_runs(r, fam4.IMG) for r in ids]
+    vid = [_runs(r, fam4.VID) for r in ids]
+    # every image / frame kept at most its own tokens, each reduced independently of the batch
+    for b, want in enumerate(fam4.item_tokens(case)):
+        got = img[b] + vid[b]  # no case row holds both images and a video
+        assert len(got) == len(want) and all(0 < g <= w for g, w in zip(got, want)), (b, got, want)
+        if method in ("divprune", "cdpruner"):
+            assert got == [min(3, w) for w in want], (b, got, want)
+    if case != "b1_img1":  # (pool keeps the lone 2x2 image of b1_img1 whole: 3 tokens do not tile it)
+        assert sum(map(sum, img + vid)) < sum(map(sum, fam4.item_tokens(case)))
+    assert stats.visual_original == [sum(w) for w in fam4.item_tokens(case)]
+    ref = hand_reduced4(case, img, vid, kw.get("mm_encoder_outputs"))
+    seq_ref, logits_ref, _ = generate(model4, ref, STEPS)
+    T, Tr = inputs["input_ids"].shape[1], ref["input_ids"].shape[1]
+    assert torch.equal(seq[:, T:], seq_ref[:, Tr:])
+    assert torch.equal(logits, logits_ref)
+
+
+@pytest.mark.parametrize("method", list(SPECS4))
+def test_gemma4_batch_equals_rows_alone_and_removal(model4, method):
+    for case in ("b3_mixed", "b3_video"):
+        inputs = fam4.make_inputs(case)
+        hooks0 = snapshot_hooks(model4)
+        seq0, logits0, _ = generate(model4, inputs, STEPS)
+        seq, logits, _, _ = run_hooked4(model4, inputs, SPECS4[method]())
+        T = inputs["input_ids"].shape[1]
+        for b, row in enumerate(fam4.split_rows(case)):
+            seq_b, logits_b, _, _ = run_hooked4(model4, row, SPECS4[method]())
+            assert torch.equal(seq[b, T:], seq_b[0, row["input_ids"].shape[1] :]), (case, b)
+            assert (logits[:, b] - logits_b[:, 0]).abs().max().item() <= 1e-4, (case, b)
+        assert snapshot_hooks(model4) == hooks0 and getattr(model4, "_vtc_session", None) is None
+        assert "get_image_features" not in model4.model.__dict__
+        seq2, logits2, _ = generate(model4, inputs, STEPS)
+        assert torch.equal(seq0, seq2) and torch.equal(logits0, logits2)
+
+
+def test_gemma4_keeping_every_token_is_bit_identical_and_visionzip_is_refused():
+    model = fam4.make_model("sdpa")
+    inputs = fam4.make_inputs("b3_video")
+    seq0, logits0, _ = generate(model, inputs, STEPS)
+    for m in (vtc.DivPrune(ratio=1.0), vtc.CDPruner(ratio=1.0), vtc.Pool(ratio=1.0)):
+        with vtc.apply(model, m) as h:
+            seq1, logits1, _ = generate(model, inputs, STEPS)
+            assert h.stats.visual_input == h.stats.visual_original
+        assert torch.equal(seq0, seq1) and torch.equal(logits0, logits1), m.name
+    with pytest.raises(ValueError, match="Gemma 4's tower attends over its 16 px patches"):
+        with vtc.apply(model, vtc.VisionZip(tokens=3)):
+            generate(model, inputs, STEPS)
+    assert getattr(model, "_vtc_session", None) is None
