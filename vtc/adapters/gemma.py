@@ -34,11 +34,13 @@ the mean of their keys (:meth:`vision_units`).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from vtc.adapters.base import ModelAdapter, visual_runs
+from vtc.adapters.config_fields import Getter, required
 from vtc.engine.types import ImageSpan
 
 
@@ -47,6 +49,35 @@ class Gemma3Adapter(ModelAdapter):
     text_model_types = ("gemma3_text",)
     uses_image_blocks = True
     model_classes = {"gemma3": "Gemma3ForConditionalGeneration"}
+
+    @classmethod
+    def flops_dims(cls, model_type: str, get: Getter, vget: Getter, d: int) -> dict[str, Any]:
+        """The SigLIP tower on one ``image_size`` crop (no CLS: every token a patch), its patches average-pooled to
+        ``mm_tokens_per_image`` soft tokens and projected by one matrix ``Linear(Dv -> d)`` (written as the
+        projector's first matrix, with no second: ``projector_out = 0``). Pan-and-scan crops are further images."""
+        crop_px, patch = vget("image_size"), vget("patch_size")
+        if not (crop_px and patch):
+            return {}
+        patches = (crop_px // patch) ** 2
+        soft = get("mm_tokens_per_image") or 256
+        vd = required(vget, "hidden_size")
+        return dict(
+            vision_layers=required(vget, "num_hidden_layers"),
+            vision_d=vd,
+            vision_m=required(vget, "intermediate_size"),
+            vision_tokens=patches,
+            vision_patch_dim=(vget("num_channels") or 3) * patch * patch,
+            vision_patch=patch,
+            vision_crop_size=crop_px,
+            vision_cls=0,
+            vision_feature_tokens=soft,
+            vision_crops=1,
+            projector_in=vd,
+            projector_hidden=d,
+            projector_out=0,
+            visual_tokens_per_image=soft,
+            video_tokens_per_frame=0,
+        )
     #: resized with ``input_ids`` by a prompt rewrite
     token_inputs = ("token_type_ids",)
 

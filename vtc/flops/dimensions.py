@@ -14,7 +14,7 @@ from vtc.adapters.llava_next import LlavaOnevisionAdapter
 from vtc.flops.hf_config import dims_from_hf_config
 from vtc.flops.yaml_models import dims_from_yaml
 
-_TUPLE_FIELDS = ("vision_full_blocks", "vision_deepstack", "vision_image_hw")
+_TUPLE_FIELDS = ("vision_full_blocks", "vision_deepstack", "vision_image_hw", "sliding_layers")
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,12 @@ class ModelDims:
         ``vision_anyres_max`` crops' worth (9; ``vision_aspect_ratio="anyres_max_9"``). 0: unknown.
     vision_crop_size : int, default 0
         Fixed-resolution towers: side in pixels of one crop (336 for CLIP ViT-L/14-336, 384 for SigLIP).
+    sliding_window : int, default 0
+        Sliding-window decoder layers (Gemma 3): a query attends at most ``sliding_window`` keys (itself and the
+        ``W - 1`` before it); 0: none.
+    sliding_layers : tuple of int, default ()
+        The decoder layers that attend within ``sliding_window`` (``text_config.layer_types``); the others
+        attend every earlier token.
 
     Examples
     --------
@@ -121,6 +127,8 @@ class ModelDims:
     vision_anyres_grid: int = 0
     vision_anyres_max: int = 0
     vision_crop_size: int = 0
+    sliding_window: int = 0
+    sliding_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         for f in fields(self):

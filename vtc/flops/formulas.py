@@ -69,17 +69,20 @@ def _proj_mlp_macs(n: float, dims: ModelDims) -> float:
     return qo + kv + 3 * n * dims.d * dims.m
 
 
-def layer_macs_full(n: float, dims: ModelDims, attention: str = "causal") -> float:
+def layer_macs_full(n: float, dims: ModelDims, attention: str = "causal", window: int = 0) -> float:
     """MACs of one decoder layer at prefill over ``n`` valid tokens (text + visual).
 
-    ``attention="causal"`` counts ``n(n+1)/2`` query-key pairs, ``"square"`` counts ``n²``.
-    Multiply by 2 for FLOPs (:func:`prefill_flops` does).
+    ``attention="causal"`` counts ``n(n+1)/2`` query-key pairs, ``"square"`` counts ``n²``. A sliding-window
+    layer (``window = W > 0``, causal only) counts ``min(q, W)`` keys for the ``q``-th query:
+    ``W(W+1)/2 + (n - W)·W`` pairs once ``n > W``. Multiply by 2 for FLOPs (:func:`prefill_flops` does).
     """
     _check_count(n, "n")
     _check_attention(attention)
     pairs = n * (n + 1) / 2 if attention == "causal" else n * n
     if attention == "causal" and isinstance(n, int):
         pairs = n * (n + 1) // 2
+    if window and attention == "causal" and n > window:
+        pairs = window * (window + 1) // 2 + (n - window) * window
     return _proj_mlp_macs(n, dims) + 2 * dims.H * dims.dh * pairs
 
 
@@ -232,7 +235,12 @@ def prefill_flops(
     counts = _check_per_layer(tokens_per_layer, dims, "tokens_per_layer")
     if convention == "papers":
         return sum(layer_macs_papers(n, dims, ffn_matrices) for n in counts)
-    return 2 * sum(layer_macs_full(n, dims, attention) for n in counts)
+    return 2 * sum(layer_macs_full(n, dims, attention, _window(dims, i)) for i, n in enumerate(counts))
+
+
+def _window(dims: ModelDims, layer: int) -> int:
+    """The sliding window of decoder layer ``layer`` (0: full attention)."""
+    return dims.sliding_window if layer in dims.sliding_layers else 0
 
 
 def decode_flops(
@@ -260,15 +268,24 @@ def decode_flops(
     if end_cache_len_per_layer is not None:
         end = _check_per_layer(end_cache_len_per_layer, dims, "end_cache_len_per_layer")
     return 2 * sum(
-        _decode_layer_macs(dims, start[i], None if end is None else end[i], steps) for i in range(dims.L)
+        _decode_layer_macs(dims, start[i], None if end is None else end[i], steps, _window(dims, i))
+        for i in range(dims.L)
     )
 
 
-def _decode_layer_macs(dims: ModelDims, c0: float, c1: float | None, steps: int) -> float:
+def _decode_layer_macs(dims: ModelDims, c0: float, c1: float | None, steps: int, window: int = 0) -> float:
     if steps == 0:
         return 0
     if c1 is None:
         c1 = c0 + steps
+    if window:
+        # a sliding-window layer: step s attends min(its keys, W) (its keys: c0 + s + 1 when the cache grows by one)
+        grow = c1 - c0
+        if grow == steps:
+            keys = sum(min(c0 + s + 1, window) for s in range(steps))
+        else:
+            keys = sum(min(c0 + grow * (s + 1) / steps, window) for s in range(steps))
+        return steps * _proj_mlp_macs(1, dims) + 2 * dims.H * dims.dh * keys
     # keys attended summed over steps: sum_s (c0 + (c1 - c0)(s + 1) / steps) = steps·c0 + (c1 - c0)(steps + 1)/2,
     # exact (= steps·c0 + steps(steps+1)/2) when the cache grows by one per step.
     grow = c1 - c0

@@ -40,6 +40,13 @@ def dims_from_hf_config(
         dh=text_get("head_dim") or d // H,
         vocab=text_get("vocab_size") or 0,
     )
+    types = list(text_get("layer_types") or [])
+    pattern = text_get("sliding_window_pattern")
+    if not types and isinstance(pattern, int) and pattern > 0:  # a config.json without layer_types (Gemma 3)
+        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(dims["L"])]
+    if "sliding_attention" in types and text_get("sliding_window"):
+        dims["sliding_window"] = int(text_get("sliding_window"))
+        dims["sliding_layers"] = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     label = name or get("_name_or_path") or get("name_or_path") or get("model_type") or "custom"
     model_type = get("model_type")
     vision = get("vision_config")
