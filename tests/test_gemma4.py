@@ -56,7 +56,8 @@ def _mask(q, k, window, with_blocks):
             any_ok = False
             for j in range(Tk):
                 ok = bool(kv[b, j]) and (
-                    int(ks[b, j]) <= int(qs[b, i]) or (with_blocks and int(qb[b, i]) >= 0 and int(qb[b, i]) == int(kb[b, j]))
+                    int(ks[b, j]) <= int(qs[b, i])
+                    or (with_blocks and int(qb[b, i]) >= 0 and int(qb[b, i]) == int(kb[b, j]))
                 )
                 if window is not None and int(qp[b, i]) - int(kp[b, j]) >= window:
                     ok = False

@@ -152,7 +152,12 @@ def test_removal_restores_the_model(model, method):
 def test_keeping_every_token_is_bit_identical_to_unpatched(model, case):
     inputs = fam.make_inputs(case)
     seq0, logits0, _ = generate(model, inputs, STEPS)
-    for m in (vtc.DivPrune(tokens=16), vtc.CDPruner(ratio=1.0), vtc.VisionZip(tokens=16), vtc.Pool(tokens=16)):
+    for m in (
+        vtc.DivPrune(tokens=16),
+        vtc.CDPruner(ratio=1.0),
+        vtc.VisionZip(tokens=16),
+        vtc.Pool(tokens=16),
+    ):
         with vtc.apply(model, m) as h:
             seq1, logits1, _ = generate(model, inputs, STEPS)
             assert h.stats.visual_input == h.stats.visual_original

@@ -126,7 +126,11 @@ def row_specs(case: str) -> list[tuple[list[int], list[str], list[int]]]:
     if case == "b3_pad":
         return [([5, 6, 7, 8], ["n"], [9, 10, 11]), ([5], ["w"], [9]), ([20, 21], ["s"], [9, 10, 12, 13, 14])]
     if case == "b3_mixed":
-        return [([5], ["w", "n"], [9, 10]), ([6, 7, 8], ["s"], [9]), ([30, 31, 32, 33, 34, 35, 36, 37, 38], [], [9, 10])]
+        return [
+            ([5], ["w", "n"], [9, 10]),
+            ([6, 7, 8], ["s"], [9]),
+            ([30, 31, 32, 33, 34, 35, 36, 37, 38], [], [9, 10]),
+        ]
     if case == "b3_video":
         return [([5, 6], ["v"], [9, 10]), ([6, 7], ["w"], [9]), ([30, 31, 32, 33, 34, 35], [], [9, 10, 11])]
     raise KeyError(case)
@@ -248,4 +252,9 @@ def mask_reference(inputs: dict) -> dict:
                 blocks[b, t] = block
     windows = [WINDOW if kind == "sliding_attention" else None for kind in LAYER_TYPES]
     block_layers = {l for l, kind in enumerate(LAYER_TYPES) if kind == "sliding_attention"}
-    return {"windows": windows, "blocks": blocks, "block_layers": block_layers, "kv_sources": dict(KV_SOURCES)}
+    return {
+        "windows": windows,
+        "blocks": blocks,
+        "block_layers": block_layers,
+        "kv_sources": dict(KV_SOURCES),
+    }

@@ -78,6 +78,7 @@ class Gemma3Adapter(ModelAdapter):
             visual_tokens_per_image=soft,
             video_tokens_per_frame=0,
         )
+
     #: resized with ``input_ids`` by a prompt rewrite
     token_inputs = ("token_type_ids",)
 
@@ -172,7 +173,9 @@ class Gemma3Adapter(ModelAdapter):
         proj = self.base_model.multi_modal_projector
         return torch.matmul(proj.mm_soft_emb_norm(pooled), proj.mm_input_projection_weight).type_as(pooled)
 
-    def vision_units(self, pixel_values, with_attention=False, what="this method", modality="image", **params):
+    def vision_units(
+        self, pixel_values, with_attention=False, what="this method", modality="image", **params
+    ):
         """One unit per image: the pooled SigLIP features on the soft-token grid (see the module docstring).
 
         Returns

@@ -102,7 +102,9 @@ class Gemma4Adapter(ModelAdapter):
         if positions is None:
             return []
         valid = (positions >= 0).all(-1)
-        ext = torch.where(valid.unsqueeze(-1), positions, torch.zeros_like(positions)).amax(1) + 1  # [N, 2] (x, y)
+        ext = (
+            torch.where(valid.unsqueeze(-1), positions, torch.zeros_like(positions)).amax(1) + 1
+        )  # [N, 2] (x, y)
         k = self.pool
         return [(y // k, x // k) for x, y in ext.tolist()]
 
@@ -273,7 +275,9 @@ class Gemma4Adapter(ModelAdapter):
             "(divprune, cdpruner, pool, dfmr)."
         )
 
-    def vision_units(self, pixel_values, with_attention=False, what="this method", modality="image", **params):
+    def vision_units(
+        self, pixel_values, with_attention=False, what="this method", modality="image", **params
+    ):
         """One unit per image (per video frame) on its soft-token grid; the features are the model's own
         projected soft tokens (``embed_vision`` output), so ``project`` is the identity.
 
@@ -291,13 +295,19 @@ class Gemma4Adapter(ModelAdapter):
         key = "image_position_ids" if modality == "image" else "video_position_ids"
         positions = params.get(key)
         if positions is None:
-            raise ValueError(f"{what} on Gemma 4 needs {key} with the {modality}s' pixels (the processor gives them)")
+            raise ValueError(
+                f"{what} on Gemma 4 needs {key} with the {modality}s' pixels (the processor gives them)"
+            )
         base = self._base
         if modality == "image":
             out = type(base).get_image_features(base, pixel_values, positions, return_dict=True)
         else:
             out = type(base).get_video_features(
-                base, pixel_values, positions, num_frames_per_video=params.get("num_frames_per_video"), return_dict=True
+                base,
+                pixel_values,
+                positions,
+                num_frames_per_video=params.get("num_frames_per_video"),
+                return_dict=True,
             )
         grids = self._grids(positions)
         flat = torch.cat(list(out.pooler_output), 0)
@@ -310,7 +320,9 @@ class Gemma4Adapter(ModelAdapter):
             x = torch.stack([feats[i] for i in mem])
             groups.append(ImageInputs(selected=x, cls=0, grid=g, project=_identity))
             members.append([(i, 0) for i in mem])
-        return VisionUnits(groups, members, [f.shape[0] for f in feats], out, [1] * len(feats), {"grids": grids})
+        return VisionUnits(
+            groups, members, [f.shape[0] for f in feats], out, [1] * len(feats), {"grids": grids}
+        )
 
     def placed_parts(self, units, image: int) -> list:
         """One span on the image's (frame's) own grid, as :meth:`find_spans` gives it."""

@@ -337,7 +337,9 @@ class LayerSurgery:
             )
         q_src, q_view_pos = view.src[:, -q:], view.pos[:, -q:]
         if kv_view is view:
-            rows = torch.arange(view.length - q, view.length, device=view.src.device).expand(view.src.shape[0], q)
+            rows = torch.arange(view.length - q, view.length, device=view.src.device).expand(
+                view.src.shape[0], q
+            )
         else:  # slot of each query in the source's view (-1: not there; only in mode='skip', original positions)
             T0 = st.prefill_len
             inv = torch.full((kv_view.src.shape[0], T0 + 1), -1, dtype=torch.long, device=view.src.device)
@@ -419,7 +421,9 @@ class LayerSurgery:
                 list(st.stats.visual_input),
                 list(st.stats.prefill_tokens[0]),
             )
-        if len(args) > 1 and l in self.positional:  # positional per-token inputs, by name (see _set_layer_kwargs)
+        if (
+            len(args) > 1 and l in self.positional
+        ):  # positional per-token inputs, by name (see _set_layer_kwargs)
             kwargs.update(zip(self.positional[l], args[1:]))
             args = args[:1]
         view = st.current

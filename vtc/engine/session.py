@@ -355,7 +355,9 @@ class Session:
             specs = self.layers.specs
             st.prefill_slots = (
                 [
-                    cache.get_seq_length(l if spec.kv_source is None else spec.kv_source) if spec.attention else None
+                    cache.get_seq_length(l if spec.kv_source is None else spec.kv_source)
+                    if spec.attention
+                    else None
                     for l, spec in enumerate(specs)
                 ]
                 if cache is not None

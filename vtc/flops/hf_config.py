@@ -43,7 +43,9 @@ def dims_from_hf_config(
     types = list(text_get("layer_types") or [])
     pattern = text_get("sliding_window_pattern")
     if not types and isinstance(pattern, int) and pattern > 0:  # a config.json without layer_types (Gemma 3)
-        types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(dims["L"])]
+        types = [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(dims["L"])
+        ]
     if "sliding_attention" in types and text_get("sliding_window"):
         dims["sliding_window"] = int(text_get("sliding_window"))
         dims["sliding_layers"] = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
