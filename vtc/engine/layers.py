@@ -421,9 +421,8 @@ class LayerSurgery:
                 list(st.stats.visual_input),
                 list(st.stats.prefill_tokens[0]),
             )
-        if (
-            len(args) > 1 and l in self.positional
-        ):  # positional per-token inputs, by name (see _set_layer_kwargs)
+        # per-token inputs passed positionally (Gemma 4's per_layer_input) move to kwargs, by parameter name
+        if len(args) > 1 and l in self.positional:
             kwargs.update(zip(self.positional[l], args[1:]))
             args = args[:1]
         view = st.current
