@@ -260,7 +260,29 @@ def test_shared_layer_queries_at_their_own_positions_are_caught(ref_model, monke
     assert _gap(ref_model, "sdpa", "b3_pad", "compact") > 1e-3
 
 
-def test_selection_at_a_kv_shared_layer_is_refused():
+def test_drop_at_a_kv_shared_layer_is_refused():
     model = fam.make_model("sdpa")
-    with pytest.raises(ValueError, match="layer 5, which reads the KV cache of layer 3"):
-        vtc.apply(model, "progressive", mode="skip")
+    with pytest.raises(ValueError, match="drops tokens at layer 5, which reads the KV cache of layer 3"):
+        vtc.apply(model, "fastv", k=5, r=0.5)
+    assert getattr(model, "_vtc_session", None) is None
+
+
+def test_skip_mode_routing_at_the_shared_layer():
+    """mode='skip' routes layer 5 (KV-shared) too: cached generate equals the no-cache recompute (which routes
+    layer 5 with layer 3's projections), and each row alone."""
+    from refs import greedy_nocache
+
+    model = fam.make_model("sdpa")
+    for case in CASES:
+        inputs = fam.make_inputs(case)
+        with vtc.apply(model, "progressive", mode="skip") as handle:
+            seq, logits, _ = generate(model, inputs, 3)
+            handle.session.forced = handle.session.state.selections
+            seq_ref, logits_ref = greedy_nocache(model, inputs, 3, **fam.NOCACHE)
+            handle.session.forced = None
+            T = inputs["input_ids"].shape[1]
+            for b, row in enumerate(fam.split_rows(case)):
+                seq_b, logits_b, _ = generate(model, row, 3)
+                assert torch.equal(seq[b, T:], seq_b[0, row["input_ids"].shape[1] :]), (case, b)
+        assert torch.equal(seq, seq_ref)
+        assert (logits - logits_ref).abs().max().item() <= 1e-5

@@ -39,9 +39,10 @@ VISUAL_TOKENS = (IMG, VID)
 NOCACHE = {"positions": positions_like_generate, "grow": ("mm_token_type_ids",)}
 METHOD_KWARGS: dict = {}
 SKIP_SPECS = {
-    # mode='skip' routes every layer from 2 on, layer 5 included: a KV-shared layer computes no keys to rank with
-    # (and generate() runs only the last prompt token through it), so vtc refuses a selection there at apply;
-    # tests/test_gemma4.py checks that error
+    # mode='skip' routes every layer from 2 on, layer 5 included: under generate() transformers runs only the last
+    # prompt token (text, routed either way) through the KV-shared layer 5, so vtc routes nothing there and the
+    # per-layer count of layer 5 is not the schedule's (the no-cache recompute, which computes every row, routes
+    # it); the outputs are the same either way (tests/test_gemma4.py::test_skip_mode_routing_at_the_shared_layer)
     "prd-skip",
 }
 

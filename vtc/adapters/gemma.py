@@ -48,6 +48,8 @@ class Gemma3Adapter(ModelAdapter):
     model_types = ("gemma3",)
     text_model_types = ("gemma3_text",)
     uses_image_blocks = True
+    #: the processor takes a batch's images as one list per prompt (read by the lmms-eval plugin)
+    images_per_prompt = True
     model_classes = {"gemma3": "Gemma3ForConditionalGeneration"}
 
     @classmethod

@@ -22,7 +22,9 @@ What Gemma 4 changes for the engine, and where it is said:
 * **KV shared across the last layers** (``num_kv_shared_layers``): a layer in that zone has no ``k_proj`` and
   reads the keys and values the last non-shared layer of its type wrote (``kv_sharing_modes``); its spec is
   ``LayerSpec(cache="shared", kv_source=s)``. The engine gives such a layer the source's kept set as keys
-  (see ``LayerSurgery._reader_inputs``); a selection placed *at* a shared layer is refused at ``apply``;
+  (see ``LayerSurgery._reader_inputs``); a drop placed *at* a shared layer is refused at ``apply`` (nothing to
+  rank, nothing to remove, and ``generate()`` runs only the last prompt token through these layers); a skip-mode
+  routing there ranks with the source's projections (``rank_with``);
 * full-attention layers have their own head size (``global_head_dim``) and a partial ("proportional") rotary:
   :meth:`heads` and :meth:`_rope_fn` follow each layer's own attention module; attention logits are not scaled
   (``scaling = 1.0``): :meth:`attention_scale`.
@@ -51,6 +53,8 @@ class Gemma4Adapter(ModelAdapter):
     text_model_types = ("gemma4_text",)
     model_classes = {"gemma4": "Gemma4ForConditionalGeneration"}
     uses_image_blocks = True
+    #: the processor takes a batch's images as one list per prompt (read by the lmms-eval plugin)
+    images_per_prompt = True
     #: resized with ``input_ids`` by a prompt rewrite
     token_inputs = ("mm_token_type_ids",)
 
@@ -178,7 +182,9 @@ class Gemma4Adapter(ModelAdapter):
     def layer_specs(self) -> list[LayerSpec]:
         """The base specs, with: image blocks on the sliding layers only (Gemma 4's full layers stay causal);
         ``per_layer_input`` as a per-token input when the model has per-layer embeddings; and
-        ``cache="shared", kv_source=s`` for the layers that reuse layer ``s``'s KV (``kv_sharing_modes``)."""
+        ``cache="shared", kv_source=s`` for the layers that reuse layer ``s``'s KV (``kv_sharing_modes``); such a
+        layer has no key projection, so a (skip-mode) routing placed at it ranks with layer ``s``'s projections
+        (``rank_with``) applied to its own input."""
         cfg = self.text_config
         specs = super().layer_specs()
         modes = list(cfg.kv_sharing_modes) if getattr(cfg, "num_kv_shared_layers", 0) else [None] * len(specs)
@@ -201,7 +207,7 @@ class Gemma4Adapter(ModelAdapter):
                     rotary=spec.rotary,
                     cache="shared" if shared else "kv",
                     kv_source=store[types[l]] if shared else None,
-                    rank_with=spec.rank_with,
+                    rank_with=store[types[l]] if shared else spec.rank_with,
                     token_inputs=per_token,
                 )
             )

@@ -51,20 +51,22 @@ class LayerSurgery:
         self.cache_layer = [s.kv_source if s.cache == "shared" else l for l, s in enumerate(self.specs)]
 
     def _check_shared_kv(self) -> None:
-        """Refuse a selection placed at a KV-shared layer: it computes no keys of its own (nothing to rank with,
-        nothing to remove from a cache), and ``generate()`` runs only the last prompt token through such layers
-        (transformers slices the prefill before them), so there is no sequence to select from. Drops *between*
-        a shared layer and its source are served: see :meth:`_kv_view`."""
-        if self.plan is None:
+        """Refuse a drop placed *at* a KV-shared layer: the layer computes no keys of its own and removes nothing
+        from any cache, and ``generate()`` runs only the last prompt token through such layers (transformers
+        slices the prefill before them), so there is no sequence to select from. (In mode='skip' a routed
+        KV-shared layer ranks with its ``rank_with`` layer; under that slicing it routes nothing: the last token,
+        text, goes through it either way.) Drops *between* a shared layer and its source are served: see
+        :meth:`_reader_inputs`."""
+        if self.plan is None or self.plan.mode != "drop":
             return
         for m, spec in enumerate(self.specs):
             if spec.cache == "shared" and m in self.selection:
                 first = min(l for l, s in enumerate(self.specs) if s.cache == "shared")
                 raise ValueError(
-                    f"this schedule selects tokens at layer {m}, which reads the KV cache of layer {spec.kv_source} "
+                    f"this schedule drops tokens at layer {m}, which reads the KV cache of layer {spec.kv_source} "
                     "and computes no keys of its own (and generate() runs only the last prompt token through the "
-                    f"KV-shared layers {first}..{len(self.specs) - 1}): a selection there has nothing to rank. Use a "
-                    f"schedule whose selections (and, in mode='skip', routed layers) lie before layer {first}."
+                    f"KV-shared layers {first}..{len(self.specs) - 1}): a drop there has nothing to rank and removes "
+                    f"nothing. Use a schedule whose drops lie before layer {first}, or mode='skip'."
                 )
 
     def _positional_token_inputs(self) -> dict[int, list[str]]:
@@ -428,6 +430,10 @@ class LayerSurgery:
         view = st.current
         touched = view is not st.base
         select = l in self.selection and not self._nothing_dropped(l, view)
+        if select and plan.mode == "skip" and hidden.shape[1] < view.length:
+            # only the last rows reach this layer (a KV-shared layer under generate()): they are text, routed
+            # either way, and the other rows are not computed: nothing to route
+            select = False
 
         if select:
             kept = self._select(l, hidden, view)
