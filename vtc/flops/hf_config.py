@@ -29,6 +29,17 @@ def dims_from_hf_config(
             "model yet (every layer would be counted as attention): FLOPs reports and flops_share targets are "
             "not available for it. Set a schedule with an avg_tokens / avg_share target or explicit ratios."
         )
+    if (
+        text_get("hidden_size_per_layer_input")
+        or text_get("num_kv_shared_layers")
+        or text_get("global_head_dim")
+    ):
+        raise ValueError(
+            f"{get('model_type')!r}: FLOPs of decoders with per-layer head sizes (global_head_dim), per-layer "
+            "embeddings or KV-shared layers (Gemma 4) are not modelled yet (one head size for every layer would be "
+            "counted): FLOPs reports and flops_share targets are not available for it. Set a schedule with an "
+            "avg_tokens / avg_share target or explicit ratios."
+        )
     d = required(text_get, "hidden_size")
     H = required(text_get, "num_attention_heads")
     dims: dict[str, Any] = dict(
