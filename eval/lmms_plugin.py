@@ -567,6 +567,10 @@ def _build_classes() -> None:
                 for batch in batches:
                     prompts = [prepared[i][0] for i in batch]
                     images = [im for i in batch for im in prepared[i][1]]
+                    if images and getattr(adapter, "images_per_prompt", False):
+                        images = [
+                            list(prepared[i][1]) for i in batch
+                        ]  # Gemma's processors: one list per prompt
                     task = prepared[batch[0]][3]
                     settings, until = self._gen_settings(prepared[batch[0]][2])
                     enc = self._processor(

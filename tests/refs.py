@@ -113,13 +113,25 @@ def greedy_nocache(
     return ids, torch.stack(logits)
 
 
-def dropped_masks(selections: dict, inputs: dict, image_token, num_layers: int, windows=None, blocks=None):
+def dropped_masks(
+    selections: dict,
+    inputs: dict,
+    image_token,
+    num_layers: int,
+    windows=None,
+    blocks=None,
+    block_layers=None,
+    kv_sources=None,
+):
     """Allowed-attention function of a full-length run where the visual tokens that a drop-mode run
     removed are masked out as keys from their boundary layer on (original positions).
 
     ``windows``: optional per-layer sliding window (None: full attention): a query sees keys less than ``W``
     positions back. ``blocks``: optional ``[B, T0]`` image-block id of each prompt slot (-1: none): slots of
-    one block also see each other bidirectionally (Gemma 3), before the window is applied, as the model does.
+    one block also see each other bidirectionally (Gemma 3), before the window is applied, as the model does;
+    ``block_layers``: the layers that apply the blocks (None: all; Gemma 4: its sliding layers).
+    ``kv_sources``: ``{reader: source}`` for layers that attend the keys another layer wrote (Gemma 4's KV
+    sharing): a reader's keys are the source's, so the tokens removed *as keys* are the source's removals.
     """
     ids = inputs["input_ids"]
     B, T0 = ids.shape
@@ -149,10 +161,10 @@ def dropped_masks(selections: dict, inputs: dict, image_token, num_layers: int, 
         valid = torch.ones(B, T, dtype=torch.bool)
         valid[:, :T0] = valid0
         drop = torch.zeros(B, T, dtype=torch.bool)
-        drop[:, :T0] = dropped_at[l]
+        drop[:, :T0] = dropped_at[(kv_sources or {}).get(l, l)]
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         a = causal[None].expand(B, T, T)
-        if blocks is not None:
+        if blocks is not None and (block_layers is None or l in block_layers):
             blk = torch.full((B, T), -1, dtype=torch.long)
             blk[:, :T0] = blocks
             a = a | ((blk[:, :, None] == blk[:, None, :]) & (blk[:, :, None] >= 0))

@@ -53,7 +53,15 @@ def test_every_preset_applies_to_every_type_or_names_the_preset_that_fits(family
     L = model.config.get_text_config().num_hidden_layers
     ran, refused = [], []
     pre_llm_refused = getattr(fam, "PRE_LLM_REFUSED", None)  # the family's documented pre-LLM refusal
+    refused_methods = getattr(fam, "PRE_LLM_REFUSED_METHODS", {})  # method name -> its documented error
     for preset in PRESETS:
+        named = [refused_methods[m.name] for m in vtc.load_preset(preset) if m.name in refused_methods]
+        if named:
+            with pytest.raises(ValueError, match=named[0]):
+                vtc.apply(model, preset)
+            assert getattr(model, "_vtc_session", None) is None
+            refused.append((preset, None))
+            continue
         if pre_llm_refused and any(m.kind == "pre_llm" for m in vtc.load_preset(preset)):
             with pytest.raises(ValueError, match=pre_llm_refused):
                 vtc.apply(model, preset)
@@ -88,6 +96,7 @@ def test_every_preset_applies_to_every_type_or_names_the_preset_that_fits(family
             p in ran
             for p in PRESETS
             if p.split("_")[0] in ("visionzip", "divprune", "cdpruner", "pool", "scope")
+            and p.split("_")[0] not in refused_methods
         )
 
 

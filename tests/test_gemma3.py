@@ -265,16 +265,6 @@ def test_token_type_ids_that_are_not_the_image_tokens_raise():
             model(**inputs)
 
 
-@pytest.mark.parametrize("method", ["visionzip", "divprune", "cdpruner", "pool", "dfmr"])
-def test_pre_llm_methods_are_refused_at_apply(method):
-    model = fam.make_model("sdpa")
-    kw = {} if method == "dfmr" else {"ratio": 0.5}
-    with pytest.raises(ValueError, match=rf"{method} \(a pre-LLM method\) is not supported on Gemma 3"):
-        vtc.apply(model, method, **kw)
-    assert getattr(model, "_vtc_session", None) is None
-    assert "get_image_features" not in model.model.__dict__
-
-
 def test_bidirectional_text_config_is_refused():
     from transformers import Gemma3ForConditionalGeneration
 

@@ -140,6 +140,17 @@ def _recurrent_layers(model) -> set[int]:
     return {l for l, t in enumerate(types) if t == "linear_attention"}
 
 
+def _kv_shared_layers(model) -> dict[int, int]:
+    """``{reader: source}`` of layers that read another layer's KV (Gemma 4's ``num_kv_shared_layers``: the last
+    layers reuse the KV of the last non-shared layer of their type), read from the model's own config."""
+    tc = model.config.text_config
+    if not getattr(tc, "num_kv_shared_layers", 0):
+        return {}
+    modes, types = list(tc.kv_sharing_modes), list(tc.layer_types)
+    store = {types[l]: l for l, m in enumerate(modes) if m == "store"}
+    return {l: store[types[l]] for l, m in enumerate(modes) if m == "reuse"}
+
+
 def _expected_counts(n0: int, share: float) -> int:
     """floor(n0 * share), at least one token of an image at a layer of share above 0 (the at-least-one rule)."""
     k = int(math.floor(n0 * share + 1e-9))
@@ -174,13 +185,16 @@ def test_counts_and_cache_lengths_follow_the_schedule(model, family, case, spec)
         shares = h.session.plan.schedule.shares
         st = h.stats
     B = ids.shape[0]
+    shared = _kv_shared_layers(model)
     for l, share in enumerate(shares):
         for b in range(B):
             want_vis = sum(_expected_counts(n, share) for n in images[b])
             assert st.prefill_visual[l][b] == want_vis, (l, b)
             assert st.prefill_tokens[l][b] == want_vis + n_text[b], (l, b)
-            # after generate: the prefill tokens plus every generated token but the last
-            assert st.cache_len[l][b] == want_vis + n_text[b] + STEPS - 1
+            # after generate: the prefill tokens plus every generated token but the last; a KV-shared layer
+            # reads its source's cache
+            kv_vis = sum(_expected_counts(n, shares[shared.get(l, l)]) for n in images[b])
+            assert st.cache_len[l][b] == kv_vis + n_text[b] + STEPS - 1
     cache = out.cache if hasattr(out, "cache") and out.cache is not None else out.past_key_values
     recurrent = _recurrent_layers(model)
     kv_layers = [l for l in range(len(shares)) if l not in recurrent]
@@ -189,6 +203,10 @@ def test_counts_and_cache_lengths_follow_the_schedule(model, family, case, spec)
             assert st.cache_slots[l] == 0
             assert cache.layers[l].recurrent_states[0].shape[0] == B
             assert getattr(cache.layers[l], "keys", None) is None
+            continue
+        if l in shared:  # a KV-shared layer holds no cache of its own: it reads its source's
+            assert getattr(cache.layers[l], "keys", None) is None
+            assert st.cache_slots[l] == st.cache_slots[shared[l]]
             continue
         slots = _cache_slots(cache.layers[l])
         assert slots == st.cache_slots[l]

@@ -27,6 +27,7 @@ MODEL_TYPES = (
     "mistral3",
     "glm4v",
     "glm4v_moe",
+    "gemma4",
 )
 MODEL_TYPES_HELP = "a checkpoint of a supported type (" + ", ".join(MODEL_TYPES) + ")"
 

@@ -44,6 +44,7 @@ FAMILY_MODULES = [
     "mistral3",
     "glm4v",
     "glm4v_moe",
+    "gemma4",
 ]
 
 

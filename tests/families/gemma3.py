@@ -23,8 +23,6 @@ import torch
 from refs import positions_like_generate
 
 NAME = "gemma3"
-#: pre-LLM methods are refused on Gemma 3 with this documented error (its projector pools the SigLIP patches)
-PRE_LLM_REFUSED = r"is not supported on Gemma 3 yet"
 PAD, EOS, BOS = 0, 1, 2
 IMG, BOI, EOI = 990, 991, 992
 SIDE = 4  # tokens per image side after the pool

@@ -13,6 +13,7 @@ from torch import nn
 
 from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
 from vtc.adapters.gemma import Gemma3Adapter
+from vtc.adapters.gemma4 import Gemma4Adapter
 from vtc.adapters.glm4v import Glm4vAdapter
 from vtc.adapters.internvl import InternVLAdapter
 from vtc.adapters.llava import LlavaAdapter
@@ -36,6 +37,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         InternVLAdapter,
         Mistral3Adapter,
         Glm4vAdapter,
+        Gemma4Adapter,
     )
     for t in cls.model_types
 }
@@ -118,6 +120,7 @@ __all__ = [
     "ADAPTERS",
     "ConfigOnlyAdapter",
     "Gemma3Adapter",
+    "Gemma4Adapter",
     "ModelAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",

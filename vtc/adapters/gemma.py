@@ -17,18 +17,30 @@ What Gemma 3 changes for the engine, and where it is said:
 * 1-D RoPE: ``compact`` and ``original`` positions both apply.
 
 Budgets: every image is one item of ``mm_tokens_per_image`` tokens on a square grid. Pan-and-scan crops reach
-the model as further images, each in its own run (the processor keeps ``num_crops`` out of the model inputs),
-so each crop is its own budget item. Pre-LLM methods are refused at ``apply`` (:meth:`check_prellm` says why).
+the model as further images, each in its own ``<boi>...<eoi>`` run, and the processor keeps ``num_crops`` out
+of the model inputs (``Gemma3Processor.unused_input_names``), so nothing the model receives says which runs are
+crops of one image: each crop is its own budget item.
+
+Pre-LLM methods (dfmr, visionzip, divprune, cdpruner, pool, ...) work on the soft-token grid the LLM sees:
+:meth:`vision_units` runs the SigLIP tower, average-pools its patches ``k x k`` as ``Gemma3MultiModalProjector``
+does (``k = patches_per_image / sqrt(mm_tokens_per_image)``, 4 on the released checkpoints) and hands the
+methods the pooled features on the ``sqrt(mm_tokens_per_image)`` square grid, with the projector's norm and
+projection as ``project`` (keeping every token gives the unpatched embeddings bit for bit). SigLIP has no CLS
+token: VisionZip scores each soft token by the attention its ``k x k`` patches receive at the tower's last layer
+(the layer whose output is projected), averaged over queries and heads and then over the patches, and uses
+the mean of their keys (:meth:`vision_units`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from vtc.adapters.base import ModelAdapter, visual_runs
+from vtc.adapters.config_fields import Getter, required
 from vtc.engine.types import ImageSpan
 
 
@@ -36,7 +48,39 @@ class Gemma3Adapter(ModelAdapter):
     model_types = ("gemma3",)
     text_model_types = ("gemma3_text",)
     uses_image_blocks = True
+    #: the processor takes a batch's images as one list per prompt (read by the lmms-eval plugin)
+    images_per_prompt = True
     model_classes = {"gemma3": "Gemma3ForConditionalGeneration"}
+
+    @classmethod
+    def flops_dims(cls, model_type: str, get: Getter, vget: Getter, d: int) -> dict[str, Any]:
+        """The SigLIP tower on one ``image_size`` crop (no CLS: every token a patch), its patches average-pooled to
+        ``mm_tokens_per_image`` soft tokens and projected by one matrix ``Linear(Dv -> d)`` (written as the
+        projector's first matrix, with no second: ``projector_out = 0``). Pan-and-scan crops are further images."""
+        crop_px, patch = vget("image_size"), vget("patch_size")
+        if not (crop_px and patch):
+            return {}
+        patches = (crop_px // patch) ** 2
+        soft = get("mm_tokens_per_image") or 256
+        vd = required(vget, "hidden_size")
+        return dict(
+            vision_layers=required(vget, "num_hidden_layers"),
+            vision_d=vd,
+            vision_m=required(vget, "intermediate_size"),
+            vision_tokens=patches,
+            vision_patch_dim=(vget("num_channels") or 3) * patch * patch,
+            vision_patch=patch,
+            vision_crop_size=crop_px,
+            vision_cls=0,
+            vision_feature_tokens=soft,
+            vision_crops=1,
+            projector_in=vd,
+            projector_hidden=d,
+            projector_out=0,
+            visual_tokens_per_image=soft,
+            video_tokens_per_frame=0,
+        )
+
     #: resized with ``input_ids`` by a prompt rewrite
     token_inputs = ("token_type_ids",)
 
@@ -98,10 +142,71 @@ class Gemma3Adapter(ModelAdapter):
         """Gemma's logit scale ``query_pre_attn_scalar ** -0.5`` (what its attention layers use)."""
         return float(self._attn(layer_idx).scaling)
 
-    def check_prellm(self, what: str) -> None:
-        raise ValueError(
-            f"{what} (a pre-LLM method) is not supported on Gemma 3 yet: its SigLIP patches are average-pooled "
-            "(4x4 on the released checkpoints) inside Gemma3MultiModalProjector before projection, which vtc's pre-LLM stage does not model, and "
-            "Gemma3Config has no vision_feature_layer. Use an in-decoder method (pyramid_drop, fastv, progressive, "
-            "dart, random, uniform, schedule)."
+    # --- pre-LLM methods ---------------------------------------------------------------------------
+    def feature_kwargs(self, modality: str, kwargs: dict) -> dict:
+        """``Gemma3Model.get_image_features`` takes the pixels only."""
+        return {}
+
+    def check_vision_attention(self, what: str, vision_feature_layer=None) -> int:
+        """The tower's last layer (its output, post-layernorm, is what the projector pools).
+
+        Raises
+        ------
+        ValueError
+            For a ``vision_feature_layer`` (Gemma 3 always projects the last layer).
+        """
+        if vision_feature_layer is not None:
+            raise ValueError(
+                f"{what}: Gemma 3 projects the SigLIP tower's last layer; vision_feature_layer={vision_feature_layer!r} "
+                "has no meaning here. Leave it unset."
+            )
+        return len(self.vision_encoder_layers()) - 1
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """``[n, P*P, C]`` patch rows -> ``[n, s*s, C]`` pooled as ``Gemma3MultiModalProjector`` pools them."""
+        proj = self.base_model.multi_modal_projector
+        n, _, c = x.shape
+        p = proj.patches_per_image
+        grid = x.transpose(1, 2).reshape(n, c, p, p).contiguous()
+        return proj.avg_pool(grid).flatten(2).transpose(1, 2)
+
+    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The projector after its pool: soft-embedding norm and projection, ``[..., Dv] -> [..., D]``."""
+        proj = self.base_model.multi_modal_projector
+        return torch.matmul(proj.mm_soft_emb_norm(pooled), proj.mm_input_projection_weight).type_as(pooled)
+
+    def vision_units(
+        self, pixel_values, with_attention=False, what="this method", modality="image", **params
+    ):
+        """One unit per image: the pooled SigLIP features on the soft-token grid (see the module docstring).
+
+        Returns
+        -------
+        vtc.engine.units.VisionUnits
+        """
+        from vtc.engine.units import ImageInputs, VisionUnits
+
+        if modality != "image":
+            raise ValueError(f"Gemma 3 has no {modality} features")
+        tower = self.base_model.vision_tower
+        out = tower(pixel_values=pixel_values, output_hidden_states=with_attention, return_dict=True)
+        pooled = self._pool(out.last_hidden_state)
+        attn = keys = None
+        if with_attention:
+            idx = self.check_vision_attention(what)
+            a, k = self.vision_attention(out.hidden_states, idx, has_cls=False)  # [n, P*P], [n, P*P, dh]
+            attn = self._pool(a.unsqueeze(-1)).squeeze(-1)
+            keys = self._pool(k)
+        grid = self.grid_of_image()
+        inputs = ImageInputs(
+            selected=pooled, cls=0, grid=grid, project=self._project, attention=attn, keys=keys
         )
+        n = pooled.shape[0]
+        return VisionUnits([inputs], [[(i, 0) for i in range(n)]], [grid[0] * grid[1]] * n, out, [1] * n)
+
+    def finish_features(self, units, embeds: list[torch.Tensor], parts: list) -> object:
+        """All images' embeddings as one ``[1, N, D]`` ``pooler_output`` (``Gemma3Model`` scatters it whole into
+        the image slots and counts ``shape[0] * shape[1]`` features)."""
+        out = units.output
+        out.pooler_output = torch.cat(list(embeds), 0).unsqueeze(0)
+        return out

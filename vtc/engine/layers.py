@@ -18,6 +18,7 @@ Shape names: ``B`` batch, ``T0`` prefill length entering the LLM, ``Tv`` view le
 
 from __future__ import annotations
 
+import inspect
 import weakref
 
 import torch
@@ -43,22 +44,48 @@ class LayerSurgery:
             {l - 1 for l in self.selection} if plan is not None and plan.scorer.needs_prev_input else set()
         )
         self._check_shared_kv()
+        self.positional = self._positional_token_inputs()
+        self.shared_pairs = [(m, s.kv_source) for m, s in enumerate(self.specs) if s.cache == "shared"]
+        self.kv_sources = {s for _, s in self.shared_pairs}
+        # the cache layer that sizes each layer's mask (a KV-shared layer holds none: its source's)
+        self.cache_layer = [s.kv_source if s.cache == "shared" else l for l, s in enumerate(self.specs)]
 
     def _check_shared_kv(self) -> None:
-        """Refuse a drop between a shared-KV layer and the layer whose KV it reads (its queries would see
-        another kept set than its keys)."""
+        """Refuse a drop placed *at* a KV-shared layer: the layer computes no keys of its own and removes nothing
+        from any cache, and ``generate()`` runs only the last prompt token through such layers (transformers
+        slices the prefill before them), so there is no sequence to select from. (In mode='skip' a routed
+        KV-shared layer ranks with its ``rank_with`` layer; under that slicing it routes nothing: the last token,
+        text, goes through it either way.) Drops *between* a shared layer and its source are served: see
+        :meth:`_reader_inputs`."""
         if self.plan is None or self.plan.mode != "drop":
             return
         for m, spec in enumerate(self.specs):
-            if spec.cache != "shared":
-                continue
-            cut = [l for l in self.selection if spec.kv_source < l <= m]
-            if cut:
+            if spec.cache == "shared" and m in self.selection:
+                first = min(l for l, s in enumerate(self.specs) if s.cache == "shared")
                 raise ValueError(
-                    f"layer {m} reads the KV cache of layer {spec.kv_source}, and this schedule drops tokens at layer "
-                    f"{cut[0]} between them: the two layers would see different kept sets. Use a schedule whose "
-                    f"stages start at or before layer {spec.kv_source + 1} or after layer {m}, or mode='skip'."
+                    f"this schedule drops tokens at layer {m}, which reads the KV cache of layer {spec.kv_source} "
+                    "and computes no keys of its own (and generate() runs only the last prompt token through the "
+                    f"KV-shared layers {first}..{len(self.specs) - 1}): a drop there has nothing to rank and removes "
+                    f"nothing. Use a schedule whose drops lie before layer {first}, or mode='skip'."
                 )
+
+    def _positional_token_inputs(self) -> dict[int, list[str]]:
+        """Layer -> names of its positional parameters after the hidden states, for layers with per-token inputs
+        (a decoder layer may receive them positionally, e.g. Gemma 4's ``per_layer_input``)."""
+        out = {}
+        for l, spec in enumerate(self.specs):
+            if spec.token_inputs:
+                names = list(inspect.signature(self.adapter.layers[l].forward).parameters)
+                out[l] = names[1:]
+        return out
+
+    def _kv_view(self, l: int, view: View) -> View:
+        """The view whose keys layer ``l`` attends: its own, or for a KV-shared layer the view its source layer
+        wrote its KV with (the source's kept set, :meth:`_reader_inputs`)."""
+        spec = self.specs[l]
+        if spec.cache != "shared":
+            return view
+        return self.state.layer_view.get(spec.kv_source, view)
 
     @property
     def state(self):
@@ -258,18 +285,92 @@ class LayerSurgery:
     def _set_layer_kwargs(self, kwargs, hidden, view: View, cache, l: int) -> None:
         st = self.state
         spec = self.specs[l]
-        key = (id(view), spec.mask_key)
-        hit = st.prefill_masks.get(key)
-        if hit is None or hit[0] is not view:
-            hit = (view, self._prefill_mask(spec, hidden, view, cache, l))
-            st.prefill_masks[key] = hit
-        kwargs["attention_mask"] = hit[1]
-        kwargs["position_ids"] = None if self.flash or st.layer_pos_none else view.pos
-        kwargs["position_embeddings"] = self.tables(view, spec.rotary, hidden)
+        q = hidden.shape[1]
+        kv_view = self._kv_view(l, view)
+        if kv_view is view and q == view.length:
+            key = (id(view), spec.mask_key)
+            hit = st.prefill_masks.get(key)
+            if hit is None or hit[0] is not view:
+                hit = (view, self._prefill_mask(spec, hidden, view, cache, l))
+                st.prefill_masks[key] = hit
+            kwargs["attention_mask"] = hit[1]
+            kwargs["position_ids"] = None if self.flash or st.layer_pos_none else view.pos
+            kwargs["position_embeddings"] = self.tables(view, spec.rotary, hidden)
+        else:
+            mask, pos, tables = self._reader_inputs(spec, hidden, view, kv_view)
+            kwargs["attention_mask"] = mask
+            kwargs["position_ids"] = None if self.flash or st.layer_pos_none else pos
+            kwargs["position_embeddings"] = tables
         for name in spec.token_inputs:  # per-token inputs laid out like the prefill sequence
             x = kwargs.get(name)
             if isinstance(x, torch.Tensor) and x.shape[1] == st.prefill_len:
-                kwargs[name] = gather_rows(x.expand(st.batch_size, *x.shape[1:]), view.src, 0)
+                kwargs[name] = gather_rows(x.expand(st.batch_size, *x.shape[1:]), view.src, 0)[:, -q:]
+
+    def _reader_inputs(self, spec: LayerSpec, hidden, view: View, kv_view: View):
+        """Mask, positions and rotary tables of a layer whose queries are the last ``q`` slots of ``view`` and whose
+        keys are the slots of ``kv_view``: a KV-shared layer reading its source's KV, and/or a layer that gets
+        only the last ``q`` rows (transformers runs only the last prompt token through Gemma 4's KV-shared layers
+        in ``generate()``).
+
+        What is exact: the keys a KV-shared layer attends are the ones its source layer wrote, i.e. the source's
+        kept set (at decode too: the cache holds nothing else). A token dropped between the source and the
+        reader is gone as a query (its hidden state no longer exists) but stays a key. So the reader's kept
+        queries are placed in the *source's* numbering: a query of prompt index ``i`` sees the source's keys of
+        prompt index ``<= i`` (plus its image block), within the window measured on the source's positions, and
+        is rotated at the position the source gave it (under ``compact`` the source's renumbering; under
+        ``original`` the same position either way). This equals running the reader on the source's whole set
+        and keeping the rows of its own kept tokens (attention rows and the MLP are per query).
+
+        Returns
+        -------
+        mask : torch.Tensor
+            ``[B, 1, q, Tk]`` (bool for sdpa, additive for eager).
+        pos : torch.Tensor
+            ``[B, q]`` long positions of the queries.
+        tables : tuple[torch.Tensor, torch.Tensor]
+            ``[B, q, dh]`` cos and sin.
+        """
+        st = self.state
+        q = hidden.shape[1]
+        impl = self.config._attn_implementation
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(
+                f"vtc: a KV-shared layer after a drop needs attn_implementation 'sdpa' or 'eager' (a 4D mask), got "
+                f"{impl!r}; load the model with attn_implementation='sdpa'."
+            )
+        q_src, q_view_pos = view.src[:, -q:], view.pos[:, -q:]
+        if kv_view is view:
+            rows = torch.arange(view.length - q, view.length, device=view.src.device).expand(
+                view.src.shape[0], q
+            )
+        else:  # slot of each query in the source's view (-1: not there; only in mode='skip', original positions)
+            T0 = st.prefill_len
+            inv = torch.full((kv_view.src.shape[0], T0 + 1), -1, dtype=torch.long, device=view.src.device)
+            slot = torch.arange(kv_view.length, device=view.src.device).expand_as(kv_view.src)
+            inv.scatter_(1, torch.where(kv_view.src >= 0, kv_view.src, T0), slot)
+            rows = gather_rows(inv[:, :T0], q_src, -1)
+        key_tables = self.tables(kv_view, spec.rotary, hidden)
+        if kv_view.shift is None and view.shift is None:
+            pos = q_view_pos
+            cos, sin = self.tables(view, spec.rotary, hidden)
+            tables = (cos[:, -q:], sin[:, -q:])
+        else:
+            pos = gather_rows(kv_view.pos, rows, 0)
+            tables = (gather_rows(key_tables[0], rows, 0.0), gather_rows(key_tables[1], rows, 0.0))
+        k_src, k_valid = kv_view.src, kv_view.valid
+        allowed = (k_src[:, None, :] <= q_src[:, :, None]) & k_valid[:, None, :]
+        if spec.blocks and st.blocks is not None:
+            qb, kb = gather_rows(st.blocks, q_src, -1), gather_rows(st.blocks, k_src, -1)
+            allowed |= (qb[:, :, None] == kb[:, None, :]) & (qb[:, :, None] >= 0) & k_valid[:, None, :]
+        if spec.mask == "sliding":
+            allowed &= (pos[:, :, None] - kv_view.pos[:, None, :]) < spec.window
+        # a padding query sees every key (its output is never read; a row with no key would give NaN)
+        allowed |= ~allowed.any(-1, keepdim=True)
+        allowed = allowed.unsqueeze(1)
+        if impl == "eager":
+            zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+            allowed = zero.expand(allowed.shape).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
+        return allowed, pos, tables
 
     def _prefill_mask(self, spec: LayerSpec, hidden, view: View, cache, l: int):
         # host counts say whether the view has padding: a padded view's causal shortcut check could only fail
@@ -290,7 +391,7 @@ class LayerSurgery:
             hidden,
             mask2d,
             cache,
-            l,
+            self.cache_layer[l],
             allow_skip=not padded,
             blocks=blocks,
             q_pos=pos,
@@ -323,9 +424,17 @@ class LayerSurgery:
                 list(st.stats.visual_input),
                 list(st.stats.prefill_tokens[0]),
             )
+        # per-token inputs passed positionally (Gemma 4's per_layer_input) move to kwargs, by parameter name
+        if len(args) > 1 and l in self.positional:
+            kwargs.update(zip(self.positional[l], args[1:]))
+            args = args[:1]
         view = st.current
         touched = view is not st.base
         select = l in self.selection and not self._nothing_dropped(l, view)
+        if select and plan.mode == "skip" and hidden.shape[1] < view.length:
+            # only the last rows reach this layer (a KV-shared layer under generate()): they are text, routed
+            # either way, and the other rows are not computed: nothing to route
+            select = False
 
         if select:
             kept = self._select(l, hidden, view)
@@ -346,16 +455,22 @@ class LayerSurgery:
                 sub = self._derive_view(view, src, valid)
                 st.view_counts[id(sub)] = (sub, n_vis, n_valid)
                 self._set_layer_kwargs(kwargs, sub_hidden, sub, cache, l)
+                if l in self.kv_sources:  # layers reading this layer's KV see the routed subset as keys
+                    st.layer_view[l] = sub
                 st.layer_src[l] = sub.src  # output-capturing hooks see the routed subset
                 self._record(l, sub)
                 self._remember_decode(l, sub)
                 replay.add(key, l, incoming, ((), kwargs), src, valid)
                 return (sub_hidden, *args[1:]), kwargs
 
-        if touched:
+        kv_view = self._kv_view(l, view)
+        if touched or kv_view is not view:
             self._set_layer_kwargs(kwargs, hidden, view, cache, l)
             st.layer_src[l] = view.src
-            self._remember_decode(l, view)
+            # a KV-shared layer decodes against its source's cache: its mask, positions and tables
+            self._remember_decode(l, kv_view)
+        if l in self.kv_sources:
+            st.layer_view[l] = view
         self._save_prev(l, hidden, view)
         self._record(l, view)
         replay.add(key, l, incoming, ((), kwargs), passed)
@@ -461,13 +576,21 @@ class LayerSurgery:
             mask = None
         elif key[3] and st.decode_tail_all and spec.mask != "sliding":
             # no padding anywhere: the same mask the model would build from an all-ones 2D mask
-            mask = layer_mask(self.config, spec, hidden, None, cache, l)
+            mask = layer_mask(self.config, spec, hidden, None, cache, self.cache_layer[l])
         else:
             # padding is known to exist (host counts, or a tail that is not all ones): the causal-skip
             # check could only fail, and it would read the mask on the host
             mask2d = torch.cat([prefix.long(), st.decode_tail.long()], dim=1)
             mask = layer_mask(
-                self.config, spec, hidden, mask2d, cache, l, allow_skip=False, q_pos=q_pos, kv_pos=kv_pos
+                self.config,
+                spec,
+                hidden,
+                mask2d,
+                cache,
+                self.cache_layer[l],
+                allow_skip=False,
+                q_pos=q_pos,
+                kv_pos=kv_pos,
             )
         if shift is None:
             return mask, None, None

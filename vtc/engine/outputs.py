@@ -24,6 +24,10 @@ def _caller_src(st: CallState, src: torch.Tensor) -> torch.Tensor:
 def _expand(x, src_c: torch.Tensor, T: int):
     if x is None:
         return None
+    if x.shape[1] < src_c.shape[1] and x.shape[1] <= T:
+        # the last rows only (transformers runs only the last prompt tokens through Gemma 4's KV-shared layers
+        # in generate()): a row's last slots are its caller's last tokens (left padding, text never dropped)
+        return x
     if x.shape[1] != src_c.shape[1]:  # pragma: no cover - internal consistency
         raise RuntimeError(
             f"vtc: an output of length {x.shape[1]} does not match its recorded layout ({src_c.shape[1]})"

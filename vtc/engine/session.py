@@ -354,12 +354,19 @@ class Session:
             cache = st.cache()
             specs = self.layers.specs
             st.prefill_slots = (
-                [cache.get_seq_length(l) if spec.attention else None for l, spec in enumerate(specs)]
+                [
+                    cache.get_seq_length(l if spec.kv_source is None else spec.kv_source)
+                    if spec.attention
+                    else None
+                    for l, spec in enumerate(specs)
+                ]
                 if cache is not None
                 else []
             )
         d = st.decoded_tokens
         stats.cache_len = [[t + d for t in row] for row in stats.prefill_tokens]
+        for m, src in self.layers.shared_pairs:  # a KV-shared layer reads its source's cache
+            stats.cache_len[m] = list(stats.cache_len[src])
         # recurrent layers keep a state, not positions: 0 slots
         stats.cache_slots = [0 if s is None else s + d for s in st.prefill_slots]
         L = self.adapter.num_layers

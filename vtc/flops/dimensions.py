@@ -20,6 +20,7 @@ _TUPLE_FIELDS = (
     "vision_image_hw",
     "moe_dense_layers",
     "linear_layers",
+    "sliding_layers",
 )
 
 
@@ -108,6 +109,12 @@ class ModelDims:
         Fixed-resolution towers whose projector starts with a patch merger (Mistral3:
         ``Linear(m² · vision_d -> vision_d)`` on the ``m × m`` patches of each feature token): its input width
         (4096 for Pixtral's 1024 at ``m = 2``); the feature tokens are then the merged tokens. 0: no merger.
+    sliding_window : int, default 0
+        Sliding-window decoder layers (Gemma 3): a query attends at most ``sliding_window`` keys (itself and the
+        ``W - 1`` before it); 0: none.
+    sliding_layers : tuple of int, default ()
+        The decoder layers that attend within ``sliding_window`` (``text_config.layer_types``); the others
+        attend every earlier token.
 
     Examples
     --------
@@ -163,6 +170,8 @@ class ModelDims:
     linear_v_dim: int = 0
     linear_conv: int = 0
     vision_merger_in: int = 0
+    sliding_window: int = 0
+    sliding_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         for f in fields(self):
@@ -252,8 +261,13 @@ class ModelDims:
     # --- per-layer sizes (hybrid and MoE decoders) ----------------------------------------------
     @property
     def uniform(self) -> bool:
-        """True when every decoder layer costs the same (no linear-attention layers, no dense layers among MoE)."""
-        return not self.linear_layers and not (self.moe_experts and self.moe_dense_layers)
+        """True when every decoder layer costs the same (no linear-attention or sliding-window layers, no dense layers
+        among MoE)."""
+        return (
+            not self.linear_layers
+            and not self.sliding_layers
+            and not (self.moe_experts and self.moe_dense_layers)
+        )
 
     def is_linear(self, layer: int) -> bool:
         """True when decoder layer ``layer`` is a Gated DeltaNet linear-attention layer."""

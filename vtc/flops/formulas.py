@@ -53,7 +53,8 @@ def _layer_of(dims: ModelDims, layer: int | None) -> int:
         if not dims.uniform:
             raise ValueError(
                 f"{dims.name}: its decoder layers differ in cost (linear-attention layers {list(dims.linear_layers)}, "
-                f"dense MLP layers {list(dims.moe_dense_layers)}); pass layer= (0..{dims.L - 1})"
+                f"sliding-window layers {list(dims.sliding_layers)}, dense MLP layers {list(dims.moe_dense_layers)}); "
+                f"pass layer= (0..{dims.L - 1})"
             )
         return 0
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < dims.L:
@@ -97,12 +98,19 @@ def _pairs_macs(dims: ModelDims, layer: int, pairs: float) -> float:
     return 0 if dims.is_linear(layer) else 2 * dims.H * dims.dh * pairs
 
 
+def _window(dims: ModelDims, layer: int) -> int:
+    """The sliding window of decoder layer ``layer`` (0: it attends every earlier token)."""
+    return dims.sliding_window if layer in dims.sliding_layers else 0
+
+
 def layer_macs_full(n: float, dims: ModelDims, attention: str = "causal", layer: int | None = None) -> float:
     """MACs of one decoder layer at prefill over ``n`` valid tokens (text + visual).
 
     ``attention="causal"`` counts ``n(n+1)/2`` query-key pairs, ``"square"`` counts ``n²``; a linear-attention
-    layer has none (its cost is linear in ``n``). ``layer`` is required when layers differ
-    (:attr:`ModelDims.uniform`). Multiply by 2 for FLOPs (:func:`prefill_flops` does).
+    layer has none (its cost is linear in ``n``); a sliding-window layer (:attr:`ModelDims.sliding_layers`,
+    causal only) counts ``min(q, W)`` keys for the ``q``-th query: ``W(W+1)/2 + (n - W)·W`` pairs once ``n > W``.
+    ``layer`` is required when layers differ (:attr:`ModelDims.uniform`). Multiply by 2 for FLOPs
+    (:func:`prefill_flops` does).
     """
     _check_count(n, "n")
     _check_attention(attention)
@@ -110,6 +118,9 @@ def layer_macs_full(n: float, dims: ModelDims, attention: str = "causal", layer:
     pairs = n * (n + 1) / 2 if attention == "causal" else n * n
     if attention == "causal" and isinstance(n, int):
         pairs = n * (n + 1) // 2
+    window = _window(dims, layer)
+    if window and attention == "causal" and n > window:
+        pairs = window * (window + 1) // 2 + (n - window) * window
     return _proj_mlp_macs(n, dims, layer) + _pairs_macs(dims, layer, pairs)
 
 
@@ -310,6 +321,15 @@ def _decode_layer_macs(dims: ModelDims, c0: float, c1: float | None, steps: int,
         return steps * _proj_mlp_macs(1, dims, layer)
     if c1 is None:
         c1 = c0 + steps
+    window = _window(dims, layer)
+    if window:
+        # a sliding-window layer: step s attends min(its keys, W) (its keys: c0 + s + 1 when the cache grows by one)
+        grow = c1 - c0
+        if grow == steps:
+            keys = sum(min(c0 + s + 1, window) for s in range(steps))
+        else:
+            keys = sum(min(c0 + grow * (s + 1) / steps, window) for s in range(steps))
+        return steps * _proj_mlp_macs(1, dims, layer) + 2 * dims.H * dims.dh * keys
     # keys attended summed over steps: sum_s (c0 + (c1 - c0)(s + 1) / steps) = steps·c0 + (c1 - c0)(steps + 1)/2,
     # exact (= steps·c0 + steps(steps+1)/2) when the cache grows by one per step.
     grow = c1 - c0

@@ -23,6 +23,17 @@ def dims_from_hf_config(
     get = getter(config)
     text = get("text_config")
     text_get = getter(text) if text is not None else get
+    if (
+        text_get("hidden_size_per_layer_input")
+        or text_get("num_kv_shared_layers")
+        or text_get("global_head_dim")
+    ):
+        raise ValueError(
+            f"{get('model_type')!r}: FLOPs of decoders with per-layer head sizes (global_head_dim), per-layer "
+            "embeddings or KV-shared layers (Gemma 4) are not modelled yet (one head size for every layer would be "
+            "counted): FLOPs reports and flops_share targets are not available for it. Set a schedule with an "
+            "avg_tokens / avg_share target or explicit ratios."
+        )
     d = required(text_get, "hidden_size")
     H = required(text_get, "num_attention_heads")
     label = name or get("_name_or_path") or get("name_or_path") or get("model_type") or "custom"
@@ -57,6 +68,15 @@ def dims_from_hf_config(
         vocab=text_get("vocab_size") or 0,
         linear_layers=linear,
     )
+    types = list(text_get("layer_types") or [])
+    pattern = text_get("sliding_window_pattern")
+    if not types and isinstance(pattern, int) and pattern > 0:  # a config.json without layer_types (Gemma 3)
+        types = [
+            "full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(dims["L"])
+        ]
+    if "sliding_attention" in types and text_get("sliding_window"):
+        dims["sliding_window"] = int(text_get("sliding_window"))
+        dims["sliding_layers"] = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     dims.update(side)
     out = cls(name=str(label), **dims)
     if image_size is None and out.dynamic_resolution:

@@ -56,6 +56,8 @@ def _from_dict(cls: type[ModelDims], data: dict, source: str) -> ModelDims:
         "head_dim",
         "vocab_size",
         *_DECODER_KEYS,
+        "sliding_window",
+        "sliding_window_pattern",
     }
     _check_keys(text, text_keys, f"{source}: text")
     required = ["hidden_size", "num_hidden_layers", "num_attention_heads"]
@@ -78,6 +80,15 @@ def _from_dict(cls: type[ModelDims], data: dict, source: str) -> ModelDims:
         video_frames=data.get("video_frames", 0),
         **_decoder_kinds(text, source),
     )
+    if text.get("sliding_window"):  # Gemma 3: every ``sliding_window_pattern``-th layer attends everything
+        pattern = text.get("sliding_window_pattern")
+        if not isinstance(pattern, int) or pattern < 1:
+            raise ValueError(
+                f"model YAML {source!r}: text.sliding_window needs text.sliding_window_pattern >= 1 (every "
+                f"pattern-th layer is a full-attention layer; 6 on Gemma 3), got {pattern!r}"
+            )
+        kw["sliding_window"] = text["sliding_window"]
+        kw["sliding_layers"] = tuple(i for i in range(kw["L"]) if (i + 1) % pattern)
     vision = _section(data, "vision", source)
     if vision and "spatial_merge_size" in vision:
         return _dynamic(cls, vision, _section(data, "projector", source), kw, source)
