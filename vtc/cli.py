@@ -22,6 +22,8 @@ MODEL_TYPES = (
     "qwen3_5",
     "qwen3_5_moe",
     "qwen3_vl",
+    "smolvlm",
+    "idefics3",
 )
 MODEL_TYPES_HELP = "a checkpoint of a supported type (" + ", ".join(MODEL_TYPES) + ")"
 

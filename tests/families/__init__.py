@@ -39,6 +39,8 @@ FAMILY_MODULES = [
     "gemma3",
     "qwen3_5",
     "qwen3_5_moe",
+    "smolvlm",
+    "idefics3",
 ]
 
 

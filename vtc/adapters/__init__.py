@@ -13,6 +13,7 @@ from torch import nn
 
 from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
 from vtc.adapters.gemma import Gemma3Adapter
+from vtc.adapters.idefics3 import Idefics3Adapter
 from vtc.adapters.llava import LlavaAdapter
 from vtc.adapters.llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
 from vtc.adapters.qwen3_5 import Qwen3_5Adapter
@@ -28,6 +29,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         QwenVLAdapter,
         Gemma3Adapter,
         Qwen3_5Adapter,
+        Idefics3Adapter,
     )
     for t in cls.model_types
 }
@@ -110,6 +112,7 @@ __all__ = [
     "ADAPTERS",
     "ConfigOnlyAdapter",
     "Gemma3Adapter",
+    "Idefics3Adapter",
     "ModelAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",

@@ -627,6 +627,12 @@ class ModelAdapter:
         one span on the fixed grid."""
         return [ImageSpan(-1, 0, units.orig_tokens[image], tuple(self.grid_of_image()))]
 
+    def regroup_items(self, spans: list, ids: torch.Tensor) -> list:
+        """The budget items of the spans of a rewritten prompt ``ids`` ``[B, Tn]`` (the pre-LLM stage places each
+        feature item's spans with an item of its own). Default: as placed. Models whose images reach the feature
+        entry as several items (Idefics3 tiles, grouped into images by the prompt's markers) regroup them here."""
+        return spans
+
     def finish_features(self, units, embeds: list[torch.Tensor], parts: list) -> object:
         """The feature call's output carrying the per-image ``embeds`` (``pooler_output``, one ``[k_i, D]`` per
         image); adapters with other per-token features (DeepStack) reduce those here too."""

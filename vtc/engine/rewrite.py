@@ -177,6 +177,7 @@ def rewrite_prompt(
         new_valid[b, off:] = masks[b]
         for i, st in zip(by_row[b], starts[b]):
             spans += placed_spans(b, off + st, dests[i].to(dev), *layouts[i], item=i)
+    spans = adapter.regroup_items(spans, new_ids)
     mask_none = bool(new_valid.all())
     caller = caller.masked_fill(~new_valid, -1)
     kwargs["input_ids"] = new_ids
