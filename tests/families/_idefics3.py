@@ -66,22 +66,27 @@ VIDEO_ROWS = {
 }
 
 
-def item_ids(kind: str, x) -> list[int]:
-    """The ids an item is laid out as (markers and placeholders)."""
+def item_ids(kind: str, x, counts=None) -> list[int]:
+    """The ids an item is laid out as (markers and placeholders); ``counts``: an iterator of the placeholder count
+    of each tile in order (a prompt rewritten to shorter runs), 16 each by default."""
+
+    def run() -> list[int]:
+        return [IMG] * (PER_TILE if counts is None else next(counts))
+
     if kind == "vid":
         out = [40, 41]  # "You are given ... frames" intro
         for f in range(x):
-            out += [50 + f] + [FAKE, GLOBAL] + [IMG] * PER_TILE + [FAKE]
+            out += [50 + f] + [FAKE, GLOBAL] + run() + [FAKE]
         return out + [42]
     r, c = x
     if c == 0:
-        return [FAKE, GLOBAL] + [IMG] * PER_TILE + [FAKE]
+        return [FAKE, GLOBAL] + run() + [FAKE]
     out = []
     for i in range(r):
         for j in range(c):
-            out += [FAKE, rowcol(i, j)] + [IMG] * PER_TILE
+            out += [FAKE, rowcol(i, j)] + run()
         out += [NL]
-    return out + [NL, FAKE, GLOBAL] + [IMG] * PER_TILE + [FAKE]
+    return out + [NL, FAKE, GLOBAL] + run() + [FAKE]
 
 
 def hand_item_tokens(kind: str, x) -> list[int]:
@@ -164,12 +169,37 @@ class Idefics3Family:
         return model_cache.shared(("idefics3", self.kind, attn), fresh)
 
     # --- prompts -------------------------------------------------------------------------------------------
-    def row_ids(self, row) -> list[int]:
+    def row_ids(self, row, counts=None) -> list[int]:
         before, items, after = row
         ids = [BOS] + list(before)
         for i, (k, x) in enumerate(items):
-            ids += item_ids(k, x) + [11 + i]
+            ids += item_ids(k, x, counts) + [11 + i]
         return ids + list(after)
+
+    def tiles(self, case: str) -> list[list[tuple[int, int]]]:
+        """Per row, ``(budget item, tile count)`` of each item (a video gives one item per frame)."""
+        out = []
+        for row in self.ROWS[case]:
+            items = []
+            for k, x in row[1]:
+                items += (
+                    [(len(items) + f, 1) for f in range(x)] if k == "vid" else [(len(items), _tiles(k, x))]
+                )
+            out.append(items)
+        return out
+
+    def reduced_inputs(self, case: str, tile_tokens: list[int]) -> dict:
+        """The case's prompt built by hand with ``tile_tokens`` placeholders for each tile (all rows' tiles in
+        prompt order), every marker in place, left-padded, without pixels."""
+        counts = iter(tile_tokens)
+        seqs = [self.row_ids(r, counts) for r in self.ROWS[case]]
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), PAD, dtype=torch.long)
+        mask = torch.zeros((len(seqs), T), dtype=torch.long)
+        for b, s in enumerate(seqs):
+            ids[b, T - len(s) :] = torch.tensor(s)
+            mask[b, T - len(s) :] = 1
+        return {"input_ids": ids, "attention_mask": mask}
 
     def item_tokens(self, case: str) -> list[list[int]]:
         return [[n for k, x in row[1] for n in hand_item_tokens(k, x)] for row in self.ROWS[case]]
