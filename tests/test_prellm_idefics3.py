@@ -1,4 +1,4 @@
-"""Pre-LLM methods (dfmr, visionzip, divprune, cdpruner, pool, scope) on Idefics3 and SmolVLM: every tile (and
+"""Pre-LLM methods (dfmr, visionzip, divprune, cdpruner, pool, scope, learned_selector) on Idefics3 and SmolVLM: every tile (and
 global image) is one unit on its 4x4 grid of pixel-shuffled features, reduced on its own; the text markers around
 each tile stay in place around its shorter run.
 
@@ -20,6 +20,7 @@ import pytest
 import torch
 from families._idefics3 import IMG, Idefics3Family
 from refs import generate, snapshot_hooks
+from selector_helpers import selector_dir
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtc
@@ -34,6 +35,7 @@ SPECS = {
     "cdpruner": lambda: vtc.CDPruner(ratio=0.4),
     "pool": lambda: vtc.Pool(ratio=0.25),
     "scope": lambda: vtc.Scope(ratio=0.5),
+    "learned_selector": lambda: vtc.LearnedSelector(ratio=0.5, path=selector_dir()),
 }
 FAMS = {k: Idefics3Family(k) for k in ("smolvlm", "idefics3")}
 

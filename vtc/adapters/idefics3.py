@@ -128,11 +128,13 @@ class Idefics3Adapter(ModelAdapter):
     def find_spans(self, visual: torch.Tensor, inputs: dict) -> list:
         """One span per tile (and global image) on its ``G x G`` grid; the tiles of an image share its budget item.
 
+        A run of ``k G²`` placeholders is ``k`` tiles; a run of another length (features the caller reduced and
+        passed in ``mm_encoder_outputs``, which the model places as given) is one span on a ``1 x n`` row.
+
         Raises
         ------
         ValueError
-            A run of image tokens that is not a whole number of tiles, or a row whose last run does not follow
-            the ``<global-img>`` marker (the prompt was not laid out by the model's processor).
+            A row whose last run does not follow the ``<global-img>`` marker (:meth:`regroup_items`).
         """
         ids = inputs.get("input_ids")
         runs = visual_runs(visual)
@@ -143,12 +145,9 @@ class Idefics3Adapter(ModelAdapter):
         spans = []
         for b, t, n in runs:
             if n % per:
-                raise ValueError(
-                    f"{self.model.config.model_type}: row {b} has a run of {n} image tokens at position {t}, not a "
-                    f"whole number of {h}x{w}={per}-token tiles. Build the prompt with the model's processor "
-                    f"(image_seq_len={per})."
-                )
-            spans.extend(ImageSpan(b, t + k * per, per, (h, w)) for k in range(n // per))
+                spans.append(ImageSpan(b, t, n, (1, n)))
+            else:
+                spans.extend(ImageSpan(b, t + k * per, per, (h, w)) for k in range(n // per))
         return self.regroup_items(spans, ids)
 
     def regroup_items(self, spans: list, ids: torch.Tensor) -> list:
