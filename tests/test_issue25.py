@@ -10,10 +10,9 @@ import pytest
 import torch
 from families import _qwen, load_families
 from families._anyres import Prompts, hand_image_tokens
-from refs import generate, snapshot_hooks
+from refs import decoder, generate, snapshot_hooks
 
 import vtc
-from vtc.adapters import get_adapter
 from vtc.engine.prellm import last_prellm_call
 
 STEPS = 3
@@ -202,7 +201,7 @@ def test_4_a_deep_copy_of_a_hooked_model_can_be_hooked(name):
         seq_c, logits_c, _ = generate(twin, inputs, STEPS)
     assert torch.equal(seq_h, seq_c) and torch.equal(logits_h, logits_c)
     assert snapshot_hooks(twin) == hooks0
-    lm = get_adapter(twin).language_model  # the trunk's decoder (``text_model`` on Idefics3 / SmolVLM)
+    lm = decoder(twin)
     assert "_deepstack_process" not in lm.__dict__ and "get_image_features" not in twin.model.__dict__
 
 
