@@ -151,20 +151,28 @@ class Idefics3Adapter(ModelAdapter):
         return self.regroup_items(spans, ids)
 
     def regroup_items(self, spans: list, ids: torch.Tensor) -> list:
-        """``spans`` (in prompt order) with the budget item of each: an image's tiles and global image share one,
-        closed by the run that follows the ``<global-img>`` marker (module docstring; one host read).
+        """``spans`` (in prompt order) with the budget item of each (:meth:`image_items`)."""
+        items = self.image_items([(s.row, s.start) for s in spans], ids)
+        return [
+            ImageSpan(s.row, s.start, s.length, s.grid, s.layout, s.kind, k) for s, k in zip(spans, items)
+        ]
+
+    def image_items(self, runs: list[tuple[int, int]], ids: torch.Tensor) -> list[int]:
+        """The budget item of each run ``(row, start)`` of ``ids`` ``[B, T]`` (runs in prompt order): an image's
+        tiles and global image share one, closed by the run that follows the ``<global-img>`` marker (module
+        docstring); items are numbered in prompt order over all rows. One host read.
 
         Raises
         ------
         ValueError
             A row whose last run does not follow the same marker as the other rows' last runs.
         """
-        if not spans:
-            return spans
-        rows = torch.tensor([s.row for s in spans])
-        starts = torch.tensor([s.start for s in spans])
+        if not runs:
+            return []
+        rows = torch.tensor([r for r, _ in runs])
+        starts = torch.tensor([t for _, t in runs])
         before = torch.where(starts > 0, ids[rows, (starts - 1).clamp(min=0)].cpu(), -1).tolist()
-        last = {s.row: k for k, s in enumerate(spans)}
+        last = {r: k for k, (r, _) in enumerate(runs)}
         marker = {before[k] for k in last.values()}
         if len(marker) != 1:
             raise ValueError(
@@ -173,12 +181,11 @@ class Idefics3Adapter(ModelAdapter):
                 "image. Build the prompt with the model's processor (tiles, then <global-img> and the global image)."
             )
         glob = marker.pop()
-        out, item = [], {}
-        for s, m in zip(spans, before):
-            k = item.setdefault(s.row, 0)
-            out.append(ImageSpan(s.row, s.start, s.length, s.grid, s.layout, s.kind, k))
-            if m == glob:
-                item[s.row] = k + 1
+        out, item = [], 0
+        for k, ((r, _), m) in enumerate(zip(runs, before)):
+            out.append(item)
+            if m == glob or last[r] == k:  # an image ends (a row's last run always closes one)
+                item += 1
         return out
 
     # --- pre-LLM stage: one unit per tile ---------------------------------------------------------------------
