@@ -15,6 +15,13 @@ def generate(model, inputs: dict, steps: int = 4):
     return out.sequences, torch.stack(out.logits), out
 
 
+def decoder(model):
+    """The trunk's text decoder, read from the model itself: ``language_model`` (LLaVA, Qwen-VL, Gemma) or
+    ``text_model`` (Idefics3, SmolVLM)."""
+    trunk = model.model
+    return trunk.language_model if hasattr(trunk, "language_model") else trunk.text_model
+
+
 def positions_like_generate(mask: torch.Tensor) -> torch.Tensor:
     pos = mask.long().cumsum(-1) - 1
     return pos.masked_fill(mask == 0, 1)
@@ -41,7 +48,7 @@ def greedy_nocache(
     logits = []
     handles = []
     if layer_masks is not None:
-        layers = model.model.language_model.layers
+        layers = decoder(model).layers
         eager = model.config.text_config._attn_implementation == "eager"
 
         def make(l):

@@ -41,9 +41,9 @@ def _run(argv, capsys):
 
 @pytest.fixture
 def unsupported_dir(tmp_path):
-    d = tmp_path / "idefics-ckpt"
+    d = tmp_path / "vipllava-ckpt"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "idefics3", "hidden_size": 8}))
+    (d / "config.json").write_text(json.dumps({"model_type": "vipllava", "hidden_size": 8}))
     return d
 
 
@@ -98,7 +98,7 @@ def test_flops_errors(argv, needle, capsys):
 
 def test_flops_unsupported_checkpoint(unsupported_dir, capsys):
     rc, err = _run(["flops", "--model", str(unsupported_dir)], capsys)
-    assert rc != 0 and "idefics3" in err and "unsupported" in err
+    assert rc != 0 and "vipllava" in err and "unsupported" in err
 
 
 # ---- bench ------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def test_bench_errors(argv, needle, capsys):
 
 def test_bench_unsupported_checkpoint(unsupported_dir, capsys):
     rc, err = _run(["bench", "--model", str(unsupported_dir)], capsys)
-    assert rc != 0 and "idefics3" in err
+    assert rc != 0 and "vipllava" in err
 
 
 # ---- eval -------------------------------------------------------------------------------------------
@@ -152,7 +152,7 @@ def test_eval_missing_and_unsupported_model(unsupported_dir, capsys):
     rc, err = _run(["eval", "--model", "/nonexistent/ckpt"], capsys)
     assert rc != 0 and "/nonexistent/ckpt" in err
     rc, err = _run(["eval", "--model", str(unsupported_dir)], capsys)
-    assert rc != 0 and "idefics3" in err
+    assert rc != 0 and "vipllava" in err
 
 
 # ---- report -----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import torch
 from families import _qwen, load_families
 from families._anyres import Prompts, hand_image_tokens
-from refs import generate, snapshot_hooks
+from refs import decoder, generate, snapshot_hooks
 
 import vtc
 from vtc.engine.prellm import last_prellm_call
@@ -201,7 +201,7 @@ def test_4_a_deep_copy_of_a_hooked_model_can_be_hooked(name):
         seq_c, logits_c, _ = generate(twin, inputs, STEPS)
     assert torch.equal(seq_h, seq_c) and torch.equal(logits_h, logits_c)
     assert snapshot_hooks(twin) == hooks0
-    lm = twin.model.language_model
+    lm = decoder(twin)
     assert "_deepstack_process" not in lm.__dict__ and "get_image_features" not in twin.model.__dict__
 
 

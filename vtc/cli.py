@@ -28,6 +28,8 @@ MODEL_TYPES = (
     "glm4v",
     "glm4v_moe",
     "gemma4",
+    "smolvlm",
+    "idefics3",
 )
 MODEL_TYPES_HELP = "a checkpoint of a supported type (" + ", ".join(MODEL_TYPES) + ")"
 

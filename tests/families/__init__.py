@@ -45,6 +45,8 @@ FAMILY_MODULES = [
     "glm4v",
     "glm4v_moe",
     "gemma4",
+    "smolvlm",
+    "idefics3",
 ]
 
 

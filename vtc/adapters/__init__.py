@@ -15,6 +15,7 @@ from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
 from vtc.adapters.gemma import Gemma3Adapter
 from vtc.adapters.gemma4 import Gemma4Adapter
 from vtc.adapters.glm4v import Glm4vAdapter
+from vtc.adapters.idefics3 import Idefics3Adapter
 from vtc.adapters.internvl import InternVLAdapter
 from vtc.adapters.llava import LlavaAdapter
 from vtc.adapters.llava_next import LlavaNextAdapter, LlavaNextVideoAdapter, LlavaOnevisionAdapter
@@ -38,6 +39,7 @@ ADAPTERS: dict[str, type[ModelAdapter]] = {
         Mistral3Adapter,
         Glm4vAdapter,
         Gemma4Adapter,
+        Idefics3Adapter,
     )
     for t in cls.model_types
 }
@@ -121,6 +123,7 @@ __all__ = [
     "ConfigOnlyAdapter",
     "Gemma3Adapter",
     "Gemma4Adapter",
+    "Idefics3Adapter",
     "ModelAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",

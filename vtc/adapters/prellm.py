@@ -123,6 +123,12 @@ class PreLLMKnowledge:
         parts of an image as images (InternVL's tiles) join them here."""
         return list(range(len(placement)))
 
+    def regroup_items(self, spans: list, ids: torch.Tensor) -> list:
+        """The budget items of the spans of a rewritten prompt ``ids`` ``[B, Tn]`` (the pre-LLM stage places each
+        feature item's spans with an item of its own). Default: as placed. Models whose images reach the feature
+        entry as several items (Idefics3 tiles, grouped into images by the prompt's markers) regroup them here."""
+        return spans
+
     def finish_features(self, units, embeds: list[torch.Tensor], parts: list) -> object:
         """The feature call's output carrying the per-image ``embeds`` (``pooler_output``, one ``[k_i, D]`` per
         image); adapters with other per-token features (DeepStack) reduce those here too."""

@@ -190,6 +190,7 @@ def rewrite_prompt(
             spans += placed_spans(
                 b, off + st, dests[i].to(dev), *layouts[i], item=i if items is None else items[i]
             )
+    spans = adapter.regroup_items(spans, new_ids)
     mask_none = bool(new_valid.all())
     caller = caller.masked_fill(~new_valid, -1)
     kwargs["input_ids"] = new_ids
