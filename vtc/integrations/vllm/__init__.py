@@ -18,6 +18,8 @@ from __future__ import annotations
 #: vLLM architecture name -> the plugin's class, as "module:Class" (imported by vLLM on first use)
 MODELS = {
     "LlavaForConditionalGeneration": "vtc.integrations.vllm.llava:VtcLlavaForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "vtc.integrations.vllm.qwen:VtcQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "vtc.integrations.vllm.qwen:VtcQwen3VLForConditionalGeneration",
 }
 
 
