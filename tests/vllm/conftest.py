@@ -113,7 +113,7 @@ class QwenRuns:
             with log.open("w") as f:
                 p = subprocess.run(
                     [ref_python(), "-m", "qwen_checkpoint", family, str(path)],
-                    env=engine_env(), stdout=f, stderr=subprocess.STDOUT, timeout=600, cwd=HERE,
+                    env=engine_env(OMP_NUM_THREADS="1"), stdout=f, stderr=subprocess.STDOUT, timeout=600, cwd=HERE,
                 )  # fmt: skip
             if p.returncode != 0:
                 raise RuntimeError(f"qwen_checkpoint {family} failed:\n{log.read_text()[-4000:]}")
@@ -135,7 +135,8 @@ class QwenRuns:
         def make():
             out = self.root / f"ref_{family}.json"
             cmd = [ref_python(), "-m", "reference", str(self.checkpoint(family)), str(out)]
-            return run_json(cmd, out, engine_env())
+            # one thread, as vLLM's CPU worker here (and no oversubscription of a shared machine)
+            return run_json(cmd, out, engine_env(OMP_NUM_THREADS="1"))
 
         return self._get(("ref", family), make)
 

@@ -89,7 +89,7 @@ def build(kind: str, out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     with torch.no_grad():  # weights of a trained model's scale, so that greedy tokens differ between prompts
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
     model.generation_config.pad_token_id = tok.pad_token_id

@@ -20,7 +20,6 @@ from transformers import AutoProcessor
 
 import vtc
 
-
 #: model_type -> the transformers class
 CLASSES = {
     "llava": "LlavaForConditionalGeneration",
