@@ -81,6 +81,10 @@ def build(kind: str, out: Path, seed: int = 0) -> Path:
             depth=3, hidden_size=32, intermediate_size=64, out_hidden_size=128, num_heads=2, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0, 1],
         )  # fmt: skip
+        # Qwen3-VL's M-RoPE interleaves the sections (transformers always does; vLLM reads this flag, which the
+        # released configs set)
+        rope = dict(text["rope_parameters"], mrope_interleaved=True)
+        text = dict(text, rope_parameters=rope)
         cfg = tf.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **token_ids)
         model_cls, proc_cls = tf.Qwen3VLForConditionalGeneration, tf.Qwen3VLProcessor
         image_proc, video_proc = tf.Qwen2VLImageProcessor(**PIXELS), tf.Qwen3VLVideoProcessor(**PIXELS)

@@ -138,3 +138,18 @@ def test_positions_are_the_uncompressed_prompts_at_the_kept_cells(family):
     assert torch.equal(pos, want)
     # the next token: uncompressed next position == compressed index + delta
     assert len(tokens) + delta == len(full_tokens) + full_delta
+
+
+@pytest.mark.parametrize("model_type", QWEN_FAMILIES)
+def test_attention_methods_are_refused_with_the_alternatives(model_type):
+    from vtc.integrations.vllm.qwen import _checked_method
+
+    cfg = SimpleNamespace(
+        vtc={"method": "visionzip", "tokens": 8}, model_type=model_type, vision_config=SimpleNamespace(depth=2)
+    )
+    with pytest.raises(ValueError, match="visionzip reads the vision tower's attention.*pool, divprune or dfmr"):
+        _checked_method(cfg)
+    cfg.vtc = {"method": "pool", "tokens": 9}
+    assert _checked_method(cfg).tokens == 9
+    cfg.vtc = None
+    assert _checked_method(cfg) is None
