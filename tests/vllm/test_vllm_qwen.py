@@ -145,9 +145,13 @@ def test_attention_methods_are_refused_with_the_alternatives(model_type):
     from vtc.integrations.vllm.qwen import _checked_method
 
     cfg = SimpleNamespace(
-        vtc={"method": "visionzip", "tokens": 8}, model_type=model_type, vision_config=SimpleNamespace(depth=2)
+        vtc={"method": "visionzip", "tokens": 8},
+        model_type=model_type,
+        vision_config=SimpleNamespace(depth=2),
     )
-    with pytest.raises(ValueError, match="visionzip reads the vision tower's attention.*pool, divprune or dfmr"):
+    with pytest.raises(
+        ValueError, match="visionzip reads the vision tower's attention.*pool, divprune or dfmr"
+    ):
         _checked_method(cfg)
     cfg.vtc = {"method": "pool", "tokens": 9}
     assert _checked_method(cfg).tokens == 9
