@@ -75,12 +75,72 @@ def vllm_runs(tmp_path_factory) -> dict:
     )
 
 
-@pytest.fixture(scope="session")
-def reference_runs(tmp_path_factory) -> dict:
+def ref_python() -> str:
     py = os.environ.get("VTC_REF_PYTHON")
     if not py:
         pytest.skip(
             "VTC_REF_PYTHON (the project venv's python, transformers>=5.20) is not set; run `make test-vllm`"
         )
+    return py
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ref") / "ref.json"
-    return run_json([py, "-m", "reference", str(CHECKPOINT), str(out)], out, engine_env())
+    return run_json([ref_python(), "-m", "reference", str(CHECKPOINT), str(out)], out, engine_env())
+
+
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+
+
+class QwenRuns:
+    """Per Qwen family, built on first use and kept for the session: the tiny checkpoint (saved by the project
+    venv's transformers), vLLM + plugin's runs of :data:`prompts.QWEN_METHODS` and transformers + vtc's."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.cache: dict = {}
+
+    def _get(self, key, make):
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    def checkpoint(self, family: str) -> Path:
+        def make():
+            path = self.root / f"tiny_{family}"
+            log = self.root / f"ckpt_{family}.log"
+            with log.open("w") as f:
+                p = subprocess.run(
+                    [ref_python(), "-m", "qwen_checkpoint", family, str(path)],
+                    env=engine_env(OMP_NUM_THREADS="1"), stdout=f, stderr=subprocess.STDOUT, timeout=600, cwd=HERE,
+                )  # fmt: skip
+            if p.returncode != 0:
+                raise RuntimeError(f"qwen_checkpoint {family} failed:\n{log.read_text()[-4000:]}")
+            return path
+
+        return self._get(("ckpt", family), make)
+
+    def vllm(self, family: str) -> dict:
+        from prompts import QWEN_METHODS
+
+        def make():
+            out = self.root / f"vllm_{family}.json"
+            cmd = [sys.executable, "-m", "run_vllm", str(self.checkpoint(family)), str(out), *QWEN_METHODS]
+            return run_json(cmd, out, engine_env())
+
+        return self._get(("vllm", family), make)
+
+    def reference(self, family: str) -> dict:
+        def make():
+            out = self.root / f"ref_{family}.json"
+            cmd = [ref_python(), "-m", "reference", str(self.checkpoint(family)), str(out)]
+            # one thread, as vLLM's CPU worker here (and no oversubscription of a shared machine)
+            return run_json(cmd, out, engine_env(OMP_NUM_THREADS="1"))
+
+        return self._get(("ref", family), make)
+
+
+@pytest.fixture(scope="session")
+def qwen_runs(tmp_path_factory) -> QwenRuns:
+    return QwenRuns(tmp_path_factory.mktemp("qwen"))

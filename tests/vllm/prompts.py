@@ -19,9 +19,39 @@ METHODS = {
 }
 
 
-def samples():
-    """``N_SINGLE`` one-image and ``N_DOUBLE`` two-image samples of the synthetic ``val`` split."""
-    return make_split("val", N_SINGLE) + make_split("val", N_DOUBLE, two_image=True)
+#: the configurations tested on the tiny Qwen2.5-VL and Qwen3-VL (merged grids of 4x4 to 6x6 tokens; pool 9 = 3x3;
+#: divprune a quarter; dfmr factor 2 halves each side)
+QWEN_METHODS = {
+    "stock": None,
+    "pool": {"method": "pool", "tokens": 9},
+    "divprune": {"method": "divprune", "ratio": 0.25},
+    "dfmr": {"method": "dfmr", "mode": "fixed", "factor": 2},
+}
+#: image sizes (width, height) of the Qwen prompts, cycled over the images: merged grids (h, w) of (4, 4), (4, 6),
+#: (6, 4), (6, 6), so the two images of a prompt differ in size
+QWEN_SIZES = [(112, 112), (168, 112), (112, 168), (168, 168)]
+
+
+def methods(family: str) -> dict:
+    return METHODS if family == "llava" else QWEN_METHODS
+
+
+def samples(family: str = "llava"):
+    """``N_SINGLE`` one-image and ``N_DOUBLE`` two-image samples of the synthetic ``val`` split (resized to
+    :data:`QWEN_SIZES` for the Qwen families)."""
+    items = make_split("val", N_SINGLE) + make_split("val", N_DOUBLE, two_image=True)
+    if family != "llava":
+        for i, s in enumerate(items):
+            s.images = [im.resize(QWEN_SIZES[(i + j) % len(QWEN_SIZES)]) for j, im in enumerate(s.images)]
+    return items
+
+
+def family_of(checkpoint) -> str:
+    """The checkpoint's ``model_type`` (``llava``, ``qwen2_5_vl``, ``qwen3_vl``)."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(checkpoint) / "config.json").read_text())["model_type"]
 
 
 def prompt_text(processor, sample) -> str:

@@ -14,22 +14,31 @@ import sys
 from pathlib import Path
 
 import torch
-from prompts import MAX_TOKENS, METHODS, prompt_text, samples
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+import transformers
+from prompts import MAX_TOKENS, family_of, methods, prompt_text, samples
+from transformers import AutoProcessor
 
 import vtc
 
+#: model_type -> the transformers class
+CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+}
+
 
 def run(checkpoint: str) -> dict:
+    family = family_of(checkpoint)
     processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True)
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = getattr(transformers, CLASSES[family]).from_pretrained(
         checkpoint, local_files_only=True, dtype=torch.float32
     )
     model.eval()
     eos = model.generation_config.eos_token_id
     out = {}
-    items = samples()
-    for name, spec in METHODS.items():
+    items = samples(family)
+    for name, spec in methods(family).items():
         rows = []
         for s in items:
             inputs = processor(images=s.images, text=prompt_text(processor, s), return_tensors="pt")

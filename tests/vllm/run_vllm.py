@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from prompts import MAX_TOKENS, METHODS, TOP_LOGPROBS, prompt_text, samples
+from prompts import MAX_TOKENS, TOP_LOGPROBS, family_of, methods, prompt_text, samples
 
 ENGINE_ARGS = dict(
     dtype="float32",
@@ -26,9 +26,9 @@ ENGINE_ARGS = dict(
 )
 
 
-def requests(processor):
+def requests(processor, family: str = "llava"):
     out = []
-    for s in samples():
+    for s in samples(family):
         img = s.images if len(s.images) > 1 else s.images[0]
         out.append({"prompt": prompt_text(processor, s), "multi_modal_data": {"image": img}})
     return out
@@ -38,12 +38,13 @@ def run(checkpoint: str, names: list[str]) -> dict:
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
+    family = family_of(checkpoint)
     processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True)
-    reqs = requests(processor)
+    reqs = requests(processor, family)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=TOP_LOGPROBS)
     out = {}
     for name in names:
-        spec = METHODS[name]
+        spec = methods(family)[name]
         t0 = time.perf_counter()
         llm = LLM(checkpoint, hf_overrides={"vtc": spec} if spec else None, **ENGINE_ARGS)
         start = time.perf_counter() - t0

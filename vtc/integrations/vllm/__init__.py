@@ -10,7 +10,9 @@ entry, which users give through ``hf_overrides``::
 
 With such an entry each image gets the method's fixed token count of placeholders (the processing info's
 ``get_num_image_tokens``) and the model's image encoder returns the method's embeddings for it
-(:mod:`vtc.integrations.vllm.encode`), computed by the same ``reduce`` the transformers path calls.
+(:mod:`vtc.integrations.vllm.encode`), computed by the same ``reduce`` the transformers path calls. On Qwen2.5-VL
+and Qwen3-VL (:mod:`vtc.integrations.vllm.qwen`) the count follows each image's merged grid and every token keeps
+its M-RoPE position of the uncompressed prompt (:mod:`vtc.integrations.vllm.mrope`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 #: vLLM architecture name -> the plugin's class, as "module:Class" (imported by vLLM on first use)
 MODELS = {
     "LlavaForConditionalGeneration": "vtc.integrations.vllm.llava:VtcLlavaForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "vtc.integrations.vllm.qwen:VtcQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "vtc.integrations.vllm.qwen:VtcQwen3VLForConditionalGeneration",
 }
 
 
