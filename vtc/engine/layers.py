@@ -8,10 +8,9 @@ own positions under ``original``, recomputed on renumbered positions under ``com
 per-token inputs gathered with the hidden states. A selection that would keep every token is skipped
 (decided from host-side counts).
 
-At decode, the first layer of each *decode key* (same prefix layout, cache length, position shift, mask
-kind and rotary key: a stage, not a layer) builds the mask, positions and rotary tables for its cache
-length once per step, and the other layers of the key reuse them, without reading any device value on
-the host. Recurrent layers need nothing at decode (their state holds the kept tokens only).
+Decode steps live in :mod:`vtc.engine.decode` (one mask, positions and rotary table per stage and step) and
+the layers that read another layer's KV in :mod:`vtc.engine.readers`; both are mixed into
+:class:`LayerSurgery`. Recurrent layers need nothing at decode (their state holds the kept tokens only).
 
 Shape names: ``B`` batch, ``T0`` prefill length entering the LLM, ``Tv`` view length, ``D`` hidden.
 """
@@ -23,13 +22,16 @@ import weakref
 
 import torch
 
+from vtc.engine.decode import DecodeSurgery
 from vtc.engine.masks import layer_mask
 from vtc.engine.ops import compact_rows, gather_rows, item_counts, kept_src, scatter_rows
+from vtc.engine.readers import SharedKVReaders
 from vtc.engine.types import LayerSpec, ScoreContext, View
 
 
-class LayerSurgery:
-    """The per-layer hooks of one session (see the module docstring)."""
+class LayerSurgery(DecodeSurgery, SharedKVReaders):
+    """The per-layer hooks of one session (see the module docstring): prefill here, decode in
+    :class:`~vtc.engine.decode.DecodeSurgery`, KV-shared readers in :class:`~vtc.engine.readers.SharedKVReaders`."""
 
     def __init__(self, session):
         self.session = session
@@ -50,25 +52,6 @@ class LayerSurgery:
         # the cache layer that sizes each layer's mask (a KV-shared layer holds none: its source's)
         self.cache_layer = [s.kv_source if s.cache == "shared" else l for l, s in enumerate(self.specs)]
 
-    def _check_shared_kv(self) -> None:
-        """Refuse a drop placed *at* a KV-shared layer: the layer computes no keys of its own and removes nothing
-        from any cache, and ``generate()`` runs only the last prompt token through such layers (transformers
-        slices the prefill before them), so there is no sequence to select from. (In mode='skip' a routed
-        KV-shared layer ranks with its ``rank_with`` layer; under that slicing it routes nothing: the last token,
-        text, goes through it either way.) Drops *between* a shared layer and its source are served: see
-        :meth:`_reader_inputs`."""
-        if self.plan is None or self.plan.mode != "drop":
-            return
-        for m, spec in enumerate(self.specs):
-            if spec.cache == "shared" and m in self.selection:
-                first = min(l for l, s in enumerate(self.specs) if s.cache == "shared")
-                raise ValueError(
-                    f"this schedule drops tokens at layer {m}, which reads the KV cache of layer {spec.kv_source} "
-                    "and computes no keys of its own (and generate() runs only the last prompt token through the "
-                    f"KV-shared layers {first}..{len(self.specs) - 1}): a drop there has nothing to rank and removes "
-                    f"nothing. Use a schedule whose drops lie before layer {first}, or mode='skip'."
-                )
-
     def _positional_token_inputs(self) -> dict[int, list[str]]:
         """Layer -> names of its positional parameters after the hidden states, for layers with per-token inputs
         (a decoder layer may receive them positionally, e.g. Gemma 4's ``per_layer_input``)."""
@@ -78,14 +61,6 @@ class LayerSurgery:
                 names = list(inspect.signature(self.adapter.layers[l].forward).parameters)
                 out[l] = names[1:]
         return out
-
-    def _kv_view(self, l: int, view: View) -> View:
-        """The view whose keys layer ``l`` attends: its own, or for a KV-shared layer the view its source layer
-        wrote its KV with (the source's kept set, :meth:`_reader_inputs`)."""
-        spec = self.specs[l]
-        if spec.cache != "shared":
-            return view
-        return self.state.layer_view.get(spec.kv_source, view)
 
     @property
     def state(self):
@@ -306,72 +281,6 @@ class LayerSurgery:
             if isinstance(x, torch.Tensor) and x.shape[1] == st.prefill_len:
                 kwargs[name] = gather_rows(x.expand(st.batch_size, *x.shape[1:]), view.src, 0)[:, -q:]
 
-    def _reader_inputs(self, spec: LayerSpec, hidden, view: View, kv_view: View):
-        """Mask, positions and rotary tables of a layer whose queries are the last ``q`` slots of ``view`` and whose
-        keys are the slots of ``kv_view``: a KV-shared layer reading its source's KV, and/or a layer that gets
-        only the last ``q`` rows (transformers runs only the last prompt token through Gemma 4's KV-shared layers
-        in ``generate()``).
-
-        What is exact: the keys a KV-shared layer attends are the ones its source layer wrote, i.e. the source's
-        kept set (at decode too: the cache holds nothing else). A token dropped between the source and the
-        reader is gone as a query (its hidden state no longer exists) but stays a key. So the reader's kept
-        queries are placed in the *source's* numbering: a query of prompt index ``i`` sees the source's keys of
-        prompt index ``<= i`` (plus its image block), within the window measured on the source's positions, and
-        is rotated at the position the source gave it (under ``compact`` the source's renumbering; under
-        ``original`` the same position either way). This equals running the reader on the source's whole set
-        and keeping the rows of its own kept tokens (attention rows and the MLP are per query).
-
-        Returns
-        -------
-        mask : torch.Tensor
-            ``[B, 1, q, Tk]`` (bool for sdpa, additive for eager).
-        pos : torch.Tensor
-            ``[B, q]`` long positions of the queries.
-        tables : tuple[torch.Tensor, torch.Tensor]
-            ``[B, q, dh]`` cos and sin.
-        """
-        st = self.state
-        q = hidden.shape[1]
-        impl = self.config._attn_implementation
-        if impl not in ("sdpa", "eager"):
-            raise ValueError(
-                f"vtc: a KV-shared layer after a drop needs attn_implementation 'sdpa' or 'eager' (a 4D mask), got "
-                f"{impl!r}; load the model with attn_implementation='sdpa'."
-            )
-        q_src, q_view_pos = view.src[:, -q:], view.pos[:, -q:]
-        if kv_view is view:
-            rows = torch.arange(view.length - q, view.length, device=view.src.device).expand(
-                view.src.shape[0], q
-            )
-        else:  # slot of each query in the source's view (-1: not there; only in mode='skip', original positions)
-            T0 = st.prefill_len
-            inv = torch.full((kv_view.src.shape[0], T0 + 1), -1, dtype=torch.long, device=view.src.device)
-            slot = torch.arange(kv_view.length, device=view.src.device).expand_as(kv_view.src)
-            inv.scatter_(1, torch.where(kv_view.src >= 0, kv_view.src, T0), slot)
-            rows = gather_rows(inv[:, :T0], q_src, -1)
-        key_tables = self.tables(kv_view, spec.rotary, hidden)
-        if kv_view.shift is None and view.shift is None:
-            pos = q_view_pos
-            cos, sin = self.tables(view, spec.rotary, hidden)
-            tables = (cos[:, -q:], sin[:, -q:])
-        else:
-            pos = gather_rows(kv_view.pos, rows, 0)
-            tables = (gather_rows(key_tables[0], rows, 0.0), gather_rows(key_tables[1], rows, 0.0))
-        k_src, k_valid = kv_view.src, kv_view.valid
-        allowed = (k_src[:, None, :] <= q_src[:, :, None]) & k_valid[:, None, :]
-        if spec.blocks and st.blocks is not None:
-            qb, kb = gather_rows(st.blocks, q_src, -1), gather_rows(st.blocks, k_src, -1)
-            allowed |= (qb[:, :, None] == kb[:, None, :]) & (qb[:, :, None] >= 0) & k_valid[:, None, :]
-        if spec.mask == "sliding":
-            allowed &= (pos[:, :, None] - kv_view.pos[:, None, :]) < spec.window
-        # a padding query sees every key (its output is never read; a row with no key would give NaN)
-        allowed |= ~allowed.any(-1, keepdim=True)
-        allowed = allowed.unsqueeze(1)
-        if impl == "eager":
-            zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
-            allowed = zero.expand(allowed.shape).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
-        return allowed, pos, tables
-
     def _prefill_mask(self, spec: LayerSpec, hidden, view: View, cache, l: int):
         # host counts say whether the view has padding: a padded view's causal shortcut check could only fail
         # (and would read the mask on the host); an unpadded one needs no 2D mask at all
@@ -489,110 +398,4 @@ class LayerSurgery:
         stats.prefill_visual[l] = list(vis)
         stats.prefill_tokens[l] = list(tok)
 
-    def _remember_decode(self, l: int, view: View) -> None:
-        """Record what layer ``l`` needs at decode (attention layers only: a recurrent state needs nothing).
-
-        Layers with equal keys get the same decode mask and rotary tables at every step: a view's padding is
-        on the left, so its length and per-row valid counts fix its 2D mask and the layers seeing it hold
-        equally long caches; ``shift`` fixes the positions; the mask kind and rotary key complete it.
-        """
-        spec = self.specs[l]
-        if not spec.attention:
-            return
-        st = self.state
-        st.layer_prefix[l] = (view.valid, view.shift, view.pos)
-        _, tok = self.counts(view)
-        all_valid = all(t == view.length for t in tok)
-        shift = None if view.shift is None else id(view.shift)
-        st.decode_key[l] = (view.length, tuple(tok), shift, all_valid, spec.mask_key, spec.rotary)
-
     # --- decode ---------------------------------------------------------------------------------------
-    def decode(self, l: int, args, kwargs):
-        """Decode step at a shortened layer: the mask (and, in compact mode, positions and rotary tables)
-        of its decode key, built by the first layer of the key at this step and reused by the others."""
-        st = self.state
-        key = st.decode_key.get(l)
-        if key is None:
-            return None
-        built = st.step_built.get(key)
-        if built is None:
-            if not st.step_built:  # the step's first shortened layer: every stage's rotary tables at once
-                self._step_rotary(args, kwargs)
-            built = self._build_decode(l, key, args, kwargs)
-            st.step_built[key] = built
-        mask, pos, pe = built
-        kwargs["attention_mask"] = mask
-        if pe is not None:
-            kwargs["position_embeddings"] = pe
-            kwargs["position_ids"] = pos
-        if self.flash:
-            kwargs["position_ids"] = None
-        return args, kwargs
-
-    def _step_rotary(self, args, kwargs) -> None:
-        """Positions and rotary tables of every decode key with shifted positions (``compact`` stages), one call
-        of the rotary module per rotary key (:meth:`~vtc.adapters.decoder.DecoderKnowledge.rotary_many`)."""
-        st = self.state
-        st.step_rotary = {}
-        first: dict[tuple, int] = {}
-        for l, key in st.decode_key.items():
-            if key[2] is not None and key not in first:
-                first[key] = l
-        if not first:
-            return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        base = kwargs["position_ids"].expand(st.batch_size, -1)
-        by_rotary: dict = {}
-        for key, l in first.items():
-            shift = st.layer_prefix[l][1]
-            by_rotary.setdefault(self.specs[l].rotary, []).append((key, base - shift.unsqueeze(1)))
-        for rkey, entries in by_rotary.items():
-            tables = self.adapter.rotary_many(hidden, [p for _, p in entries], rkey)
-            for (key, pos), pe in zip(entries, tables):
-                st.step_rotary[key] = (pos, pe)
-
-    def _build_decode(self, l: int, key: tuple, args, kwargs) -> tuple:
-        """``(4D mask or None, positions [B, q] or None, (cos, sin) or None)`` for layer ``l`` at this step."""
-        st = self.state
-        spec = self.specs[l]
-        prefix, shift, prefix_pos = st.layer_prefix[l]
-        hidden = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        pos = None
-        if shift is not None or spec.mask == "sliding":
-            pos = kwargs["position_ids"].expand(st.batch_size, -1)
-            if shift is not None:
-                pos = pos - shift.unsqueeze(1)
-        q_pos = kv_pos = None
-        if spec.mask == "sliding":
-            # decode tokens follow each other: the i-th column after the prefix sits at pos - (n - 1 - i); the mask
-            # functions get queries and keys by absolute cache index, so both read this one table
-            n = st.decode_tail.shape[1]
-            back = torch.arange(n - 1, -1, -1, device=pos.device)
-            q_pos = kv_pos = torch.cat([prefix_pos, pos[:, -1:] - back], dim=1)
-        if key[3] and st.decode_tail_all and spec.mask != "sliding" and hidden.shape[1] == 1:
-            # no padding anywhere and one query: it sees every cached key, which no mask says exactly (sdpa skips
-            # the causal mask there too; eager's all-zero mask adds nothing)
-            mask = None
-        elif key[3] and st.decode_tail_all and spec.mask != "sliding":
-            # no padding anywhere: the same mask the model would build from an all-ones 2D mask
-            mask = layer_mask(self.config, spec, hidden, None, cache, self.cache_layer[l])
-        else:
-            # padding is known to exist (host counts, or a tail that is not all ones): the causal-skip
-            # check could only fail, and it would read the mask on the host
-            mask2d = torch.cat([prefix.long(), st.decode_tail.long()], dim=1)
-            mask = layer_mask(
-                self.config,
-                spec,
-                hidden,
-                mask2d,
-                cache,
-                self.cache_layer[l],
-                allow_skip=False,
-                q_pos=q_pos,
-                kv_pos=kv_pos,
-            )
-        if shift is None:
-            return mask, None, None
-        pos, pe = st.step_rotary[key]
-        return mask, pos, pe
