@@ -185,8 +185,9 @@ class LayerSpec:
         The attention layer whose projections rank tokens at a selection placed at this layer (a recurrent
         layer has none); None: the layer itself.
     token_inputs : tuple[str, ...]
-        Names of the layer's keyword inputs that hold one row per token (``[B, T, ...]``, e.g. per-layer
-        embeddings); the engine gathers them with the hidden states.
+        Names of the layer's inputs that hold one row per token (``[B, T, ...]``, e.g. Gemma 4's per-layer
+        embeddings), passed by keyword or positionally (the engine binds a positional one to its parameter
+        name); the engine gathers them with the hidden states.
     """
 
     mask: str = "causal"
