@@ -49,3 +49,20 @@ def square(value: Any, key: str) -> int:
             )
         value = value[0]
     return int(value)
+
+
+def vit_tower_dims(vget: Getter, crop_px: int, patch: int, cls: int) -> dict[str, int]:
+    """The :class:`vtc.flops.ModelDims` fields of a plain ViT tower on square crops (CLIP, SigLIP, Pixtral at one
+    size, InternViT): its layers and widths from ``vision_config``, ``(crop_px / patch)²`` patches plus ``cls``
+    class tokens, and the patch embedding's input width."""
+    side = crop_px // patch
+    return dict(
+        vision_layers=required(vget, "num_hidden_layers"),
+        vision_d=required(vget, "hidden_size"),
+        vision_m=required(vget, "intermediate_size"),
+        vision_tokens=side * side + cls,
+        vision_patch_dim=(vget("num_channels") or 3) * patch * patch,
+        vision_patch=patch,
+        vision_crop_size=crop_px,
+        vision_cls=cls,
+    )

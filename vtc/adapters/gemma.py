@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from vtc.adapters.base import ModelAdapter, visual_runs
-from vtc.adapters.config_fields import Getter, required
+from vtc.adapters.config_fields import Getter, required, vit_tower_dims
 from vtc.engine.types import ImageSpan
 
 
@@ -60,18 +60,10 @@ class Gemma3Adapter(ModelAdapter):
         crop_px, patch = vget("image_size"), vget("patch_size")
         if not (crop_px and patch):
             return {}
-        patches = (crop_px // patch) ** 2
         soft = get("mm_tokens_per_image") or 256
         vd = required(vget, "hidden_size")
         return dict(
-            vision_layers=required(vget, "num_hidden_layers"),
-            vision_d=vd,
-            vision_m=required(vget, "intermediate_size"),
-            vision_tokens=patches,
-            vision_patch_dim=(vget("num_channels") or 3) * patch * patch,
-            vision_patch=patch,
-            vision_crop_size=crop_px,
-            vision_cls=0,
+            **vit_tower_dims(vget, crop_px, patch, 0),
             vision_feature_tokens=soft,
             vision_crops=1,
             projector_in=vd,

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from vtc.adapters.base import ModelAdapter, visual_runs
-from vtc.adapters.config_fields import Getter, required
+from vtc.adapters.config_fields import Getter, required, vit_tower_dims
 from vtc.engine.types import ImageSpan
 from vtc.engine.units import ImageInputs, VisionUnits
 
@@ -73,14 +73,7 @@ class Idefics3Adapter(ModelAdapter):
         per_tile = (side // scale) ** 2
         vd = required(vget, "hidden_size")
         return dict(
-            vision_layers=required(vget, "num_hidden_layers"),
-            vision_d=vd,
-            vision_m=required(vget, "intermediate_size"),
-            vision_tokens=side * side,
-            vision_patch_dim=(vget("num_channels") or 3) * patch * patch,
-            vision_patch=patch,
-            vision_crop_size=crop_px,
-            vision_cls=0,
+            **vit_tower_dims(vget, crop_px, patch, 0),
             vision_feature_tokens=per_tile,
             vision_crops=TYPICAL_TILES,
             projector_in=vd * scale * scale,

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from vtc.adapters.base import ModelAdapter, tower_attention_scores, visual_runs
-from vtc.adapters.config_fields import Getter, required
+from vtc.adapters.config_fields import Getter, required, vit_tower_dims
 from vtc.engine.types import ImageSpan
 from vtc.engine.units import ImageInputs, VisionUnits
 
@@ -51,6 +51,9 @@ class InternVLAdapter(ModelAdapter):
     model_types = ("internvl",)
     text_model_types = ("qwen2", "qwen3", "llama")
     model_classes = {"internvl": "InternVLForConditionalGeneration"}
+    #: InternViT layers: the norm and attention whose CLS scores VisionZip recomputes
+    vision_attention_style = "InternViT"
+    vision_attention_modules = ("layernorm_before", "attention")
 
     @classmethod
     def flops_dims(cls, model_type: str, get: Getter, vget: Getter, d: int) -> dict[str, Any]:
@@ -68,14 +71,7 @@ class InternVLAdapter(ModelAdapter):
         vd = required(vget, "hidden_size")
         tiles = int(get("max_dynamic_patch") or MAX_TILES) + 1
         return dict(
-            vision_layers=required(vget, "num_hidden_layers"),
-            vision_d=vd,
-            vision_m=required(vget, "intermediate_size"),
-            vision_tokens=side * side + 1,
-            vision_patch_dim=(vget("num_channels") or 3) * patch * patch,
-            vision_patch=patch,
-            vision_crop_size=crop_px,
-            vision_cls=1,
+            **vit_tower_dims(vget, crop_px, patch, 1),
             vision_feature_tokens=feature_tokens,
             vision_crops=tiles,
             projector_in=vd * r * r,
@@ -147,20 +143,6 @@ class InternVLAdapter(ModelAdapter):
 
     def vision_has_cls(self) -> bool:
         return True
-
-    def check_vision_attention(self, what: str, vision_feature_layer=None) -> int:
-        """Index of the tower layer whose output the model shuffles; raises for the embedding output."""
-        layer, _ = self.feature_layer_and_strategy(vision_feature_layer)
-        if not isinstance(layer, int):
-            raise ValueError(f"{what}: vision_feature_layer={layer!r}; internvl takes a single int layer")
-        n = len(self.vision_encoder_layers())
-        idx = layer % (n + 1)
-        if idx == 0:
-            raise ValueError(
-                f"{what} needs the tower's attention at the feature layer, but vision_feature_layer={layer} is the "
-                "embedding output (no attention). Use a transformer layer, e.g. -1."
-            )
-        return idx - 1
 
     def vision_attention(self, hidden_states, layer_idx: int, has_cls: bool):
         """The CLS token's heads-averaged attention to each patch and the heads-averaged patch keys at tower layer

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from vtc.adapters.base import ModelAdapter
-from vtc.adapters.config_fields import Getter, required
+from vtc.adapters.config_fields import Getter, required, vit_tower_dims
 
 
 class LlavaAdapter(ModelAdapter):
@@ -31,14 +31,7 @@ class LlavaAdapter(ModelAdapter):
         feature_tokens = patches if (strategy == "default" or not has_cls) else patches + 1
         vd = required(vget, "hidden_size")
         return dict(
-            vision_layers=required(vget, "num_hidden_layers"),
-            vision_d=vd,
-            vision_m=required(vget, "intermediate_size"),
-            vision_tokens=patches + int(has_cls),
-            vision_patch_dim=(vget("num_channels") or 3) * patch * patch,
-            vision_patch=patch,
-            vision_crop_size=crop_px,
-            vision_cls=int(has_cls),
+            **vit_tower_dims(vget, crop_px, patch, int(has_cls)),
             vision_feature_tokens=feature_tokens,
             vision_crops=1,
             projector_in=vd * n_feature_layers,

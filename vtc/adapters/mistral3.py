@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from vtc.adapters.base import ModelAdapter, visual_runs
-from vtc.adapters.config_fields import Getter, required
+from vtc.adapters.config_fields import Getter, required, vit_tower_dims
 from vtc.adapters.llava_next import _grid_layout
 from vtc.engine.types import ImageSpan
 from vtc.engine.units import ImageInputs, VisionUnits
@@ -63,6 +63,9 @@ class Mistral3Adapter(ModelAdapter):
     model_types = ("mistral3",)
     text_model_types = ("mistral",)
     model_classes = {"mistral3": "Mistral3ForConditionalGeneration"}
+    #: Pixtral blocks: the norm and attention whose scores VisionZip recomputes
+    vision_attention_style = "Pixtral"
+    vision_attention_modules = ("attention_norm", "attention")
     #: the model's forward needs the processor's ``image_sizes`` (callers must not drop them)
     uses_image_sizes = True
     #: most attention weights (heads x queries x keys) one chunk of :meth:`tower_attention` holds at once
@@ -82,14 +85,7 @@ class Mistral3Adapter(ModelAdapter):
         layer = get("vision_feature_layer")
         n_layers = len(layer) if isinstance(layer, list | tuple) else 1
         return dict(
-            vision_layers=required(vget, "num_hidden_layers"),
-            vision_d=vd,
-            vision_m=required(vget, "intermediate_size"),
-            vision_tokens=side * side,
-            vision_patch_dim=(vget("num_channels") or 3) * patch * patch,
-            vision_patch=patch,
-            vision_crop_size=px,
-            vision_cls=0,
+            **vit_tower_dims(vget, px, patch, 0),
             vision_feature_tokens=g * g,
             vision_crops=1,
             vision_mlp_matrices=3,
@@ -247,37 +243,6 @@ class Mistral3Adapter(ModelAdapter):
 
     def vision_encoder_layers(self) -> nn.ModuleList | None:
         return getattr(getattr(self._base.vision_tower, "transformer", None), "layers", None)
-
-    def check_vision_attention(self, what: str, vision_feature_layer=None) -> int:
-        """Index of the Pixtral block whose output is the selected feature layer.
-
-        Raises
-        ------
-        ValueError
-            Several feature layers, the embedding output (layer 0), or blocks without ``attention_norm`` and
-            ``attention.q_proj``/``k_proj``.
-        """
-        layer, _ = self.feature_layer_and_strategy(vision_feature_layer)
-        layers = self.vision_encoder_layers()
-        if not isinstance(layer, int):
-            raise ValueError(
-                f"{what} reads the tower's attention at one feature layer; vision_feature_layer={layer!r} selects "
-                "several. Use a model (or vision_feature_layer) with a single int layer."
-            )
-        if layers is None or not all(
-            hasattr(m, "attention_norm") and hasattr(getattr(m, "attention", None), "q_proj") for m in layers
-        ):
-            raise ValueError(
-                f"{what} needs the Pixtral tower's attention, but {type(self._base.vision_tower).__name__} has no "
-                "blocks of attention_norm + attention.q_proj/k_proj. Use divprune, cdpruner, pool or dfmr."
-            )
-        idx = layer % (len(layers) + 1)
-        if idx == 0:
-            raise ValueError(
-                f"{what} needs the tower's attention at the feature layer, but vision_feature_layer={layer} is the "
-                "embedding output (no attention). Use a transformer layer, e.g. -1."
-            )
-        return idx - 1
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         """The projector after its patch merger: ``[..., Dv] -> [..., D]``."""

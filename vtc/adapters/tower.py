@@ -19,6 +19,12 @@ from torch import nn
 class TowerKnowledge:
     """Vision-tower adapter members (mixed into :class:`vtc.adapters.base.ModelAdapter`)."""
 
+    #: ``(norm, attention)`` attribute names of a tower layer whose attention :meth:`vision_attention` recomputes
+    #: (CLIP/SigLIP: ``layer_norm1`` and ``self_attn``; Pixtral: ``attention_norm`` and ``attention``)
+    vision_attention_modules: tuple[str, str] = ("layer_norm1", "self_attn")
+    #: what such a tower is called in errors
+    vision_attention_style: str = "CLIP/SigLIP-style"
+
     # --- image features entry point (pre-LLM methods) -------------------------------------------
     def image_feature_owner(self) -> nn.Module:
         """The module whose ``get_image_features`` both ``generate`` and ``forward`` call."""
@@ -59,8 +65,8 @@ class TowerKnowledge:
         Raises
         ------
         ValueError
-            A list of feature layers, the embedding output (layer 0) or a tower without CLIP/SigLIP-style
-            ``layer_norm1``/``self_attn.q_proj``/``k_proj`` layers.
+            A list of feature layers, the embedding output (layer 0) or a tower whose layers lack the
+            :attr:`vision_attention_modules` (with ``q_proj``/``k_proj``).
         """
         layer, _ = self.feature_layer_and_strategy(vision_feature_layer)
         layers = self.vision_encoder_layers()
@@ -69,13 +75,14 @@ class TowerKnowledge:
                 f"{what} reads the tower's attention at one feature layer; vision_feature_layer={layer!r} selects "
                 "several. Use a model (or vision_feature_layer) with a single int layer."
             )
+        norm, attn = self.vision_attention_modules
         if layers is None or not all(
-            hasattr(m, "layer_norm1") and hasattr(getattr(m, "self_attn", None), "q_proj") for m in layers
+            hasattr(m, norm) and hasattr(getattr(m, attn, None), "q_proj") for m in layers
         ):
             tower = type(self.image_feature_owner().vision_tower).__name__
             raise ValueError(
-                f"{what} needs the vision tower's attention, but {tower} has no CLIP/SigLIP-style encoder layers "
-                "(layer_norm1, self_attn.q_proj/k_proj) to read it from. Use a method that needs no attention "
+                f"{what} needs the vision tower's attention, but {tower} has no {self.vision_attention_style} encoder "
+                f"layers ({norm}, {attn}.q_proj/k_proj) to read it from. Use a method that needs no attention "
                 "(divprune, cdpruner, pool, dfmr)."
             )
         n = len(layers)
