@@ -3,7 +3,7 @@
 A pre-LLM method (DFMR, VisionZip, DivPrune, CDPruner, pool) only decides, per image, which embeddings
 to place; this stage does the rest, for every method alike:
 
-* an instance patch of ``get_image_features`` on the trunk (a :class:`_FeaturePatch` keeping the original's
+* an instance patch of ``get_image_features`` on the trunk (a :class:`~vtc.engine.hooks.FeaturePatch` keeping the original's
   signature through ``__wrapped__``, so ``generate()``'s signature-based kwarg filtering still passes
   ``vision_feature_layer`` ...; removal deletes the instance attribute, which restores the class method; a
   deep copy of the model gets the plain class method back). It asks the adapter for the
@@ -44,7 +44,6 @@ Shape names: ``n`` images, ``N`` patch tokens per image (``h*w``), ``c`` leading
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 import logging
 import threading
@@ -53,6 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vtc.engine.hooks import FeaturePatch
 from vtc.engine.rewrite import DecodeMap, decode_mask, place_runs, rewrite_prompt
 from vtc.engine.types import ImageSpan, PreLLMComponent
 from vtc.engine.units import ImageInputs, ImagePart, PreLLMCall, Reduction, VisionUnits
@@ -97,28 +97,6 @@ class PerThread:
 
     def __set__(self, obj, value):
         setattr(obj._tls, self.name, value)
-
-
-class _FeaturePatch:
-    """The instance patch of one feature entry point (``get_image_features``, ``get_video_features``), keeping the
-    original signature through ``__wrapped__``.
-
-    A deep copy of the patched model gets the plain class method back instead (the copy has no vtc hooks).
-    """
-
-    def __init__(self, stage, orig, owner, modality: str, fn_name: str):
-        functools.update_wrapper(self, orig)
-        self._stage, self._orig_fn, self._owner = stage, orig, owner
-        self._modality, self._fn_name = modality, fn_name
-
-    def __call__(self, *args, **kwargs):
-        return self._stage.encode(self._orig_fn, *args, _modality=self._modality, **kwargs)
-
-    def __deepcopy__(self, memo):
-        new_owner = memo.get(id(self._owner))
-        if new_owner is None:
-            return self
-        return types.MethodType(getattr(type(self._owner), self._fn_name), new_owner)
 
 
 class PreLLMStage(PreLLMComponent):
@@ -195,7 +173,7 @@ class PreLLMStage(PreLLMComponent):
                     f"{type(owner).__name__}.{fn_name} is already patched on this instance; remove the other patch "
                     "(or vtc handle) first"
                 )
-            wrapper = _FeaturePatch(self, getattr(owner, fn_name), owner, modality, fn_name)
+            wrapper = FeaturePatch(self, getattr(owner, fn_name), owner, modality, fn_name)
             setattr(owner, fn_name, wrapper)
             self._wrappers[modality] = wrapper
 

@@ -116,6 +116,35 @@ def place_runs(
     return out
 
 
+def _row_pieces(ids_b, valid_b, images: list[int], placement, dests, orig_tokens, new_tokens):
+    """One row of the rewritten prompt: ``(ids, valid, caller position, start of each image's new run)``, the
+    row's text kept as it is and each image's run replaced by its ``new_tokens[i]`` slots (before re-padding)."""
+    T = ids_b.shape[0]
+    dev = ids_b.device
+    nz = valid_b.nonzero()
+    first = int(nz[0]) if len(nz) else T
+    # the first image may start before `first` only with a broken mask; keep it whole
+    first = min([first] + [placement[i][1] for i in images])
+    pieces, mpieces, dpieces, st = [], [], [], []
+    cur, length = first, 0
+    for i in images:
+        s0 = placement[i][1]
+        pieces.append(ids_b[cur:s0])
+        mpieces.append(valid_b[cur:s0])
+        dpieces.append(torch.arange(cur, s0, device=dev))
+        length += s0 - cur
+        st.append(length)
+        pieces.append(ids_b[s0 + dests[i].to(dev)])
+        mpieces.append(torch.ones(new_tokens[i], dtype=torch.bool, device=dev))
+        dpieces.append(s0 + dests[i].to(dev))
+        length += new_tokens[i]
+        cur = s0 + orig_tokens[i]
+    pieces.append(ids_b[cur:])
+    mpieces.append(valid_b[cur:])
+    dpieces.append(torch.arange(cur, T, device=dev))
+    return torch.cat(pieces), torch.cat(mpieces), torch.cat(dpieces), st
+
+
 def rewrite_prompt(
     name: str, adapter, kwargs, ids, placement, orig_tokens, new_tokens, layouts, dests, tokens, items=None
 ):
@@ -149,33 +178,10 @@ def rewrite_prompt(
     by_row: list[list[int]] = [[] for _ in range(B)]
     for i, (b, _) in enumerate(placement):
         by_row[b].append(i)
-    contents, masks, starts, srcs = [], [], [], []
-    for b in range(B):
-        nz = valid[b].nonzero()
-        first = int(nz[0]) if len(nz) else T
-        # the first image may start before `first` only with a broken mask; keep it whole
-        first = min([first] + [placement[i][1] for i in by_row[b]])
-        pieces, mpieces, dpieces, st = [], [], [], []
-        cur, length = first, 0
-        for i in by_row[b]:
-            s0 = placement[i][1]
-            pieces.append(ids[b, cur:s0])
-            mpieces.append(valid[b, cur:s0])
-            dpieces.append(torch.arange(cur, s0, device=dev))
-            length += s0 - cur
-            st.append(length)
-            pieces.append(ids[b, s0 + dests[i].to(dev)])
-            mpieces.append(torch.ones(new_tokens[i], dtype=torch.bool, device=dev))
-            dpieces.append(s0 + dests[i].to(dev))
-            length += new_tokens[i]
-            cur = s0 + orig_tokens[i]
-        pieces.append(ids[b, cur:])
-        mpieces.append(valid[b, cur:])
-        dpieces.append(torch.arange(cur, T, device=dev))
-        srcs.append(torch.cat(dpieces))
-        contents.append(torch.cat(pieces))
-        masks.append(torch.cat(mpieces))
-        starts.append(st)
+    rows = [
+        _row_pieces(ids[b], valid[b], by_row[b], placement, dests, orig_tokens, new_tokens) for b in range(B)
+    ]
+    contents, masks, srcs, starts = (list(x) for x in zip(*rows))
     Tn = max(len(c) for c in contents)
     new_ids = torch.full((B, Tn), pad, dtype=ids.dtype, device=dev)
     new_valid = torch.zeros(B, Tn, dtype=torch.bool, device=dev)
