@@ -84,3 +84,73 @@ def test_dart_key_only_projection_equals_project_qk(case, monkeypatch):
         v = ctx.view
         _, k_old = adapter.project_qk(ctx.layer_idx, ctx.hidden, v.cos, v.sin)
         assert torch.equal(adapter.project_k(ctx.layer_idx, ctx.hidden, v.cos, v.sin), k_old)
+
+
+def _key_calls(model, layers):
+    """Rows each selection layer's ``k_proj`` really projected, per call (a hook registered after vtc's)."""
+    rows = {l: [] for l in layers}
+    handles = []
+    for l in layers:
+        k_proj = model.model.language_model.layers[l].self_attn.k_proj
+
+        def hook(module, args, output, l=l):
+            rows[l].append(args[0].shape[-2])
+
+        handles.append(k_proj.register_forward_hook(hook))
+    return rows, handles
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("case", ["b3_pad", "b3_mixed"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"method": "pyramid_drop", "layers": [1, 2, 3], "lam": 0.5},
+        {"method": "pyramid_drop", "layers": [2], "lam": 0.5, "positions": "original"},
+        {"method": "progressive", "mode": "skip", "dense_above": 0.99, "floor": 0.2},
+    ],
+    ids=["pdrop_compact", "pdrop_original", "prd_skip"],
+)
+def test_selection_keys_are_served_to_their_layer(attn, case, spec):
+    """At a selection ranked with its own layer's projections, that layer takes its kept rows' keys from the
+    scorer's projection (its k_proj projects nothing), and the outputs equal a run where it projects them."""
+    model = make_model(attn)
+    inputs = make_inputs(case)
+    with vtc.apply(model, spec) as h, torch.no_grad():
+        layers = sorted(h.session.layers.selection)
+        rows, handles = _key_calls(model, layers)
+        try:
+            served = model(**inputs).logits
+            ranked = {l for l in layers if l in h.session.state.selections}
+            # the scorer projects the whole view, the layer itself nothing
+            for l in ranked:
+                assert rows[l] and rows[l][0] > 0 and rows[l][-1] == 0, (l, rows[l])
+            assert ranked, "no selection ranked"
+            reuse = h.session.layers.key_reuse
+            kept, reuse.modules = reuse.modules, {}
+            for r in rows.values():
+                r.clear()
+            projected = model(**inputs).logits
+            reuse.modules = kept
+            assert all(0 not in rows[l] for l in ranked)  # now each layer projects its own keys
+        finally:
+            for hd in handles:
+                hd.remove()
+    assert torch.equal(served, projected)
+
+
+def test_no_keys_are_served_under_autograd():
+    """Training: a selection has no gradient, so the layer projects its own keys and k_proj gets its gradient."""
+    model = own_model("sdpa")
+    inputs = make_inputs("b3_pad")
+    with vtc.apply(model, "pyramid_drop", layers=[1, 2, 3], lam=0.5) as h:
+        layers = sorted(h.session.layers.selection)
+        rows, handles = _key_calls(model, layers)
+        try:
+            model(**inputs).logits.float().pow(2).mean().backward()
+        finally:
+            for hd in handles:
+                hd.remove()
+    for l in layers:
+        assert 0 not in rows[l]
+        assert model.model.language_model.layers[l].self_attn.k_proj.weight.grad.abs().sum() > 0

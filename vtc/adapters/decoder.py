@@ -159,6 +159,18 @@ class DecoderKnowledge:
         embedding. Adapters of models whose projections hold more than the heads (a gated query) override it."""
         return _heads(attn, which, x, dh)
 
+    def key_projection(self, layer_idx: int) -> tuple[nn.Module, nn.Module] | None:
+        """``(input_layernorm, k_proj)`` of layer ``layer_idx``: the modules both a scorer's key projection
+        (:meth:`project_qk`) and the layer itself run on the layer's input. The engine records the scorer's keys
+        and answers the layer's own ``k_proj`` call on the kept rows with them (:mod:`vtc.engine.reuse`); None
+        (a layer without both) projects as usual. Called once per selection layer at apply."""
+        layer = self.layers[layer_idx]
+        norm = getattr(layer, "input_layernorm", None)
+        k_proj = getattr(getattr(layer, "self_attn", None), "k_proj", None)
+        if isinstance(norm, nn.Module) and isinstance(k_proj, nn.Module):
+            return norm, k_proj
+        return None
+
     def project_qk(
         self,
         layer_idx: int,

@@ -2,8 +2,6 @@
 
 * :class:`Hook`: the callable the session registers on modules; a deep copy of a hooked model gets
   :func:`inert_hook` instead (the copy is the unpatched model) and one warning.
-* :class:`FeaturePatch`: the instance patch of a feature entry point (``get_image_features`` ...) that routes
-  it through the pre-LLM stage (:mod:`vtc.engine.prellm`); a deep copy gets the plain class method back.
 * :class:`Injection`: the instance patch of a visual-feature injection the adapter names (Qwen3-VL's
   DeepStack, :meth:`vtc.adapters.ModelAdapter.visual_injections`): after a drop the features land on the
   kept visual tokens of the layer's view only (:func:`inject_on_view`).
@@ -13,8 +11,6 @@ Shape names: ``B`` batch, ``T0`` prefill length entering the LLM, ``Tv`` view le
 
 from __future__ import annotations
 
-import functools
-import types
 import warnings
 
 import torch
@@ -52,28 +48,6 @@ class Hook:
                 stacklevel=3,
             )
         return inert_hook
-
-
-class FeaturePatch:
-    """The instance patch of one feature entry point (``get_image_features``, ``get_video_features``), keeping the
-    original signature through ``__wrapped__``.
-
-    A deep copy of the patched model gets the plain class method back instead (the copy has no vtc hooks).
-    """
-
-    def __init__(self, stage, orig, owner, modality: str, fn_name: str):
-        functools.update_wrapper(self, orig)
-        self._stage, self._orig_fn, self._owner = stage, orig, owner
-        self._modality, self._fn_name = modality, fn_name
-
-    def __call__(self, *args, **kwargs):
-        return self._stage.encode(self._orig_fn, *args, _modality=self._modality, **kwargs)
-
-    def __deepcopy__(self, memo):
-        new_owner = memo.get(id(self._owner))
-        if new_owner is None:
-            return self
-        return types.MethodType(getattr(type(self._owner), self._fn_name), new_owner)
 
 
 class Injection:

@@ -26,6 +26,7 @@ from vtc.engine.decode import DecodeSurgery
 from vtc.engine.masks import layer_mask
 from vtc.engine.ops import compact_rows, gather_rows, item_counts, kept_src, scatter_rows
 from vtc.engine.readers import SharedKVReaders
+from vtc.engine.reuse import KeyReuse
 from vtc.engine.types import LayerSpec, ScoreContext, View
 
 
@@ -51,6 +52,8 @@ class LayerSurgery(DecodeSurgery, SharedKVReaders):
         self.kv_sources = {s for _, s in self.shared_pairs}
         # the cache layer that sizes each layer's mask (a KV-shared layer holds none: its source's)
         self.cache_layer = [s.kv_source if s.cache == "shared" else l for l, s in enumerate(self.specs)]
+        # selection layers ranked with their own projections hand the keys they projected on to the layer
+        self.key_reuse = KeyReuse(session, {l for l in self.selection if self.specs[l].rank_with is None})
 
     def _positional_token_inputs(self) -> dict[int, list[str]]:
         """Layer -> names of its positional parameters after the hidden states, for layers with per-token inputs
@@ -345,13 +348,16 @@ class LayerSurgery(DecodeSurgery, SharedKVReaders):
             # either way, and the other rows are not computed: nothing to route
             select = False
 
+        st.key_record = None
         if select:
+            self.key_reuse.begin(st, l, hidden)
             kept = self._select(l, hidden, view)
             n_vis, n_valid = self._kept_counts(l, view, kept)
             st.selections[l] = kept_src(view, kept, n_vis)
             src, valid = compact_rows(view.valid & (~view.image | kept), max(n_valid, default=0))
             if plan.mode == "drop":
                 hidden = gather_rows(hidden, src, 0)
+                self.key_reuse.arm(st, hidden, src)
                 passed = src
                 view = self._derive_view(view, src, valid)
                 st.view_counts[id(view)] = (view, n_vis, n_valid)
@@ -361,6 +367,7 @@ class LayerSurgery(DecodeSurgery, SharedKVReaders):
                 st.skip_pending[l] = (hidden, src, valid)
                 self._save_prev(l, hidden, view)
                 sub_hidden = gather_rows(hidden, src, 0)
+                self.key_reuse.arm(st, sub_hidden, src)
                 sub = self._derive_view(view, src, valid)
                 st.view_counts[id(sub)] = (sub, n_vis, n_valid)
                 self._set_layer_kwargs(kwargs, sub_hidden, sub, cache, l)

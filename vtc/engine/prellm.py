@@ -3,7 +3,7 @@
 A pre-LLM method (DFMR, VisionZip, DivPrune, CDPruner, pool) only decides, per image, which embeddings
 to place; this stage does the rest, for every method alike:
 
-* an instance patch of ``get_image_features`` on the trunk (a :class:`~vtc.engine.hooks.FeaturePatch` keeping the original's
+* an instance patch of ``get_image_features`` on the trunk (a :class:`~vtc.engine.feature_patch.FeaturePatch` keeping the original's
   signature through ``__wrapped__``, so ``generate()``'s signature-based kwarg filtering still passes
   ``vision_feature_layer`` ...; removal deletes the instance attribute, which restores the class method; a
   deep copy of the model gets the plain class method back). It asks the adapter for the
@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtc.engine.hooks import FeaturePatch
+from vtc.engine.feature_patch import FeaturePatch
 from vtc.engine.rewrite import DecodeMap, decode_mask, place_runs, rewrite_prompt
 from vtc.engine.types import ImageSpan, PreLLMComponent
 from vtc.engine.units import ImageInputs, ImagePart, PreLLMCall, Reduction, VisionUnits

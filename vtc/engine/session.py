@@ -166,6 +166,7 @@ class Session:
                 self._hook(layer, pre(self.layers.make_pre(l)), pre=True)
                 if self.plan.mode == "skip" and l in self.layers.selection:
                     self._hook(layer, self.layers.make_skip_post(l), pre=False)
+            self.layers.key_reuse.attach(self._hook)
         for owner, name in self.adapter.visual_injections():
             cur = owner.__dict__.get(name)
             if (

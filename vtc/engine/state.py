@@ -86,6 +86,8 @@ class CallState:
     # the layers got no 1-D position_ids (None: M-RoPE models in a direct forward; the 3 M-RoPE rows: GLM-4.5V): the
     # base view's `pos` is a stand-in (0..T0-1) and layers get None
     layer_pos_none: bool = False
+    # keys a selection projected, served to its layer's k_proj on the kept rows (vtc.engine.reuse)
+    key_record: object | None = None
 
     def cache(self):
         return None if self.cache_ref is None else self.cache_ref()
