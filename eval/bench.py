@@ -352,6 +352,8 @@ class Variant:
     stats: CallStats | None = None
     #: run the engine's whole selection machinery even where nothing is dropped (keep-all overhead)
     full_machinery: bool = False
+    #: other harness options set on the handle (:class:`vtc.api.Handle`), e.g. ``{"reuse_keys": False}``
+    options: dict = field(default_factory=dict)
 
 
 def _run_once(model, inputs: dict, variant: Variant, new_tokens: int, clock: ForwardClock, device) -> dict:
@@ -360,6 +362,8 @@ def _run_once(model, inputs: dict, variant: Variant, new_tokens: int, clock: For
     handle = vtc.apply(model, variant.spec) if variant.spec is not None else None
     if handle is not None and variant.full_machinery:
         handle.always_select = True
+    for name, value in variant.options.items() if handle is not None else ():
+        setattr(handle, name, value)
     timer = handle.start_timing() if handle is not None else None
     try:
         if device.type == "cuda":
@@ -442,7 +446,8 @@ def run_bench(
     """Benchmark the unpatched model and each method on ``inputs``; returns the summary (see module doc).
 
     ``methods`` holds ``--method`` strings, or ``(name, spec)`` / ``(name, spec, full_machinery)`` tuples
-    with a ready :func:`vtc.apply` spec. Variants run in a new shuffled order each round (``seed``).
+    with a ready :func:`vtc.apply` spec; ``full_machinery`` may also be a dict of handle options
+    (``{"reuse_keys": False}``, see :class:`vtc.api.Handle`). Variants run in a new shuffled order each round (``seed``).
     """
     from tqdm.auto import tqdm
 
@@ -460,7 +465,9 @@ def run_bench(
         if isinstance(m, tuple):
             name, spec, full = (*m, False) if len(m) == 2 else m
             info = describe_methods(None, spec)
-            variants.append(Variant(name, spec, info.label, None, full_machinery=bool(full)))
+            opts = dict(full) if isinstance(full, dict) else {}
+            full = opts.pop("always_select", False) if isinstance(full, dict) else full
+            variants.append(Variant(name, spec, info.label, None, full_machinery=bool(full), options=opts))
             continue
         spec = method_spec(m, method_kw)
         info = describe_methods(m, spec)

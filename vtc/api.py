@@ -108,6 +108,17 @@ class Handle:
         self.session.always_select = bool(value)
 
     @property
+    def reuse_keys(self) -> bool:
+        """Hand the keys a selection projected for its whole view on to the layer that then runs on the kept
+        tokens (default True; :mod:`vtc.engine.reuse`). False makes that layer project them again: for measuring
+        what the reuse saves. Results are the same either way."""
+        return self.session.reuse_keys
+
+    @reuse_keys.setter
+    def reuse_keys(self, value: bool) -> None:
+        self.session.reuse_keys = bool(value)
+
+    @property
     def selections(self) -> dict:
         """The calling thread's latest prefill: ``{layer: [B] LongTensors}`` of the visual tokens each
         selection kept (indices into the prompt entering the LLM)."""

@@ -56,7 +56,7 @@ class KeyReuse:
 
     def begin(self, st, l: int, hidden: torch.Tensor) -> None:
         """Record the key projection the scorer makes from ``hidden`` at layer ``l`` (inference only)."""
-        ok = l in self.modules and not torch.is_grad_enabled()
+        ok = self.session.reuse_keys and l in self.modules and not torch.is_grad_enabled()
         st.key_record = KeyRecord(l, hidden) if ok else None
 
     def arm(self, st, hidden: torch.Tensor, src: torch.Tensor) -> None:

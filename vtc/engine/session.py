@@ -18,7 +18,8 @@ model gives a copy with inert hooks and no vtc session, and warns.
 
 Public options the harness uses (documented on :class:`vtc.api.Handle`): :attr:`Session.forced` (kept sets
 to replay), :attr:`Session.always_select` (run the selection machinery even when it would keep every
-token) and :attr:`Session.timing` (host time spent in the hooks).
+token), :attr:`Session.reuse_keys` (serve a selection's keys to its layer) and :attr:`Session.timing` (host time
+spent in the hooks).
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class Session:
         self.forced: dict[int, list[torch.Tensor]] | None = None
         #: rank and re-derive views at every selection even when nothing would be dropped
         self.always_select = False
+        #: serve a selection's projected keys to its layer (vtc.engine.reuse); False projects them again
+        self.reuse_keys = True
         #: host time spent in the hooks (None: not measured)
         self.timing: HookTiming | None = None
         self._handles: list = []
