@@ -87,16 +87,18 @@ def test_dart_key_only_projection_equals_project_qk(case, monkeypatch):
 
 
 def _key_calls(model, layers):
-    """Rows each selection layer's ``k_proj`` really projected, per call (a hook registered after vtc's)."""
+    """Rows each selection layer's ``input_layernorm`` + ``k_proj`` really computed, per call (hooks registered
+    after vtc's see what is left to compute)."""
     rows = {l: [] for l in layers}
     handles = []
     for l in layers:
-        k_proj = model.model.language_model.layers[l].self_attn.k_proj
+        layer = model.model.language_model.layers[l]
 
         def hook(module, args, output, l=l):
             rows[l].append(args[0].shape[-2])
 
-        handles.append(k_proj.register_forward_hook(hook))
+        handles.append(layer.self_attn.k_proj.register_forward_hook(hook))
+        handles.append(layer.input_layernorm.register_forward_hook(hook))
     return rows, handles
 
 
@@ -122,9 +124,10 @@ def test_selection_keys_are_served_to_their_layer(attn, case, spec):
         try:
             served = model(**inputs).logits
             ranked = {l for l in layers if l in h.session.state.selections}
-            # the scorer projects the whole view, the layer itself nothing
+            # the scorer normalises and projects the whole view, the layer itself nothing
             for l in ranked:
-                assert rows[l] and rows[l][0] > 0 and rows[l][-1] == 0, (l, rows[l])
+                assert len(rows[l]) == 4 and rows[l][:2] == [rows[l][0]] * 2 and rows[l][0] > 0, (l, rows[l])
+                assert rows[l][2:] == [0, 0], (l, rows[l])
             assert ranked, "no selection ranked"
             reuse = h.session.layers.key_reuse
             kept, reuse.modules = reuse.modules, {}
