@@ -126,6 +126,9 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default 12 decode, 32 ranking)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--only", nargs="+", default=None, help="run only these variants (and the unpatched model)"
+    )
     add_threads_arg(p)
     args = p.parse_args(argv)
     threads = apply_threads(args.threads)
@@ -135,6 +138,12 @@ def main(argv=None) -> int:
     else:
         layers, variants = args.layers or 32, ranking_variants()
         repeats, new_tokens = args.repeats or 3, args.new_tokens or 2
+    if args.only:
+        names = {v if isinstance(v, str) else v[0] for v in variants}
+        unknown = sorted(set(args.only) - names)
+        if unknown:
+            raise SystemExit(f"--only: unknown variants {unknown}; choose from {sorted(names)}")
+        variants = [v for v in variants if (v if isinstance(v, str) else v[0]) in args.only]
     model = bench.cpu_model(shape={"layers": layers})
     inputs = bench.cpu_inputs(model, 1, bench.CPU_SHAPE["text_tokens"])
     KeyClock(model)
