@@ -89,6 +89,7 @@ from vtc.flops.formulas import (
     layer_macs_papers,
     papers_tflops_for_schedule,
     prefill_flops,
+    shared_prefill_macs,
     vision_macs_per_image,
     window_sizes,
 )
@@ -124,4 +125,5 @@ __all__ = [
     "papers_tflops_for_schedule",
     "kv_cache_bytes",
     "measured_flops",
+    "shared_prefill_macs",
 ]
