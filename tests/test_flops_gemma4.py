@@ -290,6 +290,44 @@ def test_layers_tower_and_projections_equal_flop_counter(kind, spec):
         assert [a <= b for a, b in zip(rep.per_layer_prefill, base.per_layer_prefill)] == [True] * L
 
 
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_a_forward_over_every_position_is_the_all_mode(kind):
+    """A plain forward (as log-likelihood scoring runs it) sends every position through the KV-shared layers:
+    ``kv_shared_prefill="all"`` equals the counter layer by layer, with and without a drop, and so does the
+    lmms-eval plugin's accumulator for such a call; ``"last"`` (``generate()``) counts less at those layers."""
+    from vtc.engine.stats import CallStats
+    from vtc.eval.results import TaskAccumulator
+
+    model = build(kind)
+    dims = ModelDims.from_hf_config(model.config)
+    inputs = fam.make_inputs("b1_img1")
+    for spec in (None, {"method": "fastv", "k": 2, "r": 0.5}):
+        handle = vtc.apply(model, spec) if spec is not None else None
+        try:
+            with torch.no_grad():
+                m = measured_flops(model, **inputs, use_cache=False)
+            stats = (
+                handle.stats
+                if handle is not None
+                else unpatched_stats(inputs["input_ids"], None, fam.IMG, 6, 0)
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
+        rep = from_stats(dims, stats, "full", attention="square", kv_shared_prefill="all")
+        for l in range(dims.L):
+            if spec is None or l not in (1, 2):  # FastV ranks inside layer 2 (with layer 1's projections)
+                assert _layer(m, l) == rep.per_layer_prefill[l], (spec, l)
+        last = from_stats(dims, stats, "full", attention="square")
+        shared = [l for l in range(dims.L) if dims.is_kv_shared(l)]
+        assert all(last.per_layer_prefill[l] < rep.per_layer_prefill[l] for l in shared)
+        acc = TaskAccumulator(dims)
+        acc.add(CallStats(**stats.to_dict()), kv_shared_prefill="all")
+        assert acc.result().tflops_full == pytest.approx(
+            from_stats(dims, stats, "full", kv_shared_prefill="all").total / 1e12
+        )
+
+
 def test_vision_tower_by_hand():
     """The tiny tower at the default 280-token budget: 2520 patch slots of 2 px, 2 layers (q, k, v, o of 32,
     bidirectional over every slot, a 3-matrix MLP of 48), the pooler's 280 x 2520 averaging product, and the square

@@ -308,7 +308,9 @@ def test_gemma4_checkpoint_runs_under_vtc_eval_bench_and_flops(gemma4_checkpoint
     fastv = _method_yaml(tmp_path, "fastv", {"method": "fastv", "k": 2, "r": 0.5})
     blocks, _ = run_vtc_eval(ckpt, ["none", fastv], tmp_path / "results", tmp_path, timeout=900)
     assert blocks["none"]["avg_visual_tokens_per_layer"] == [per_image] * N_LAYERS4
-    assert blocks["fastv"]["avg_visual_tokens_per_layer"] == [per_image] * 2 + [per_image // 2] * (N_LAYERS4 - 2)
+    assert blocks["fastv"]["avg_visual_tokens_per_layer"] == [per_image] * 2 + [per_image // 2] * (
+        N_LAYERS4 - 2
+    )
     assert 0 < blocks["fastv"]["tflops_full"] < blocks["none"]["tflops_full"]
     assert 0 < blocks["fastv"]["tflops_papers"] < blocks["none"]["tflops_papers"]
     cmd = [_bin("vtc"), "bench", "--model", str(ckpt), "--method", fastv, "--device", "cpu"]
@@ -325,3 +327,34 @@ def test_gemma4_checkpoint_runs_under_vtc_eval_bench_and_flops(gemma4_checkpoint
     table = json.loads(done.stdout)
     assert table["visual_tokens"] == 64  # isqrt(70)² soft tokens of a square image
     assert 0 < table["tflops_full"]["share"] < 1
+
+
+def test_gemma4_plugin_counts_a_scoring_forward_at_every_position(gemma4_checkpoint):
+    """The lmms-eval plugin keeps, with each record, how many positions ran through the KV-shared layers: a
+    ``generate()`` call (``generate_until``) only the last one, a scoring forward (``loglikelihood``) all of them;
+    its per-task FLOPs differ by exactly the KV-shared layers' difference of the two counts."""
+    from vtc.engine.stats import CallStats
+    from vtc.eval.lmms_plugin import VtcLlavaHf
+    from vtc.flops import ModelDims, from_stats
+
+    ckpt, per_image = gemma4_checkpoint
+    lm = VtcLlavaHf(pretrained=str(ckpt), device="cpu", dtype="float32")
+    n = per_image + 16
+    stats = CallStats(
+        num_layers=N_LAYERS4, batch_size=1, num_images=[1], visual_original=[per_image], visual_input=[per_image],
+        prefill_visual=[[per_image]] * N_LAYERS4, prefill_tokens=[[n]] * N_LAYERS4, decode_steps=0,
+        cache_len=[[n]] * N_LAYERS4, cache_slots=[n] * N_LAYERS4,
+    )  # fmt: skip
+    lm._record("generated", stats, None)
+    lm._record("scored", stats, None, kv_shared_prefill="all")
+    per_task = lm.vtc_block()["per_task"]
+    dims = ModelDims.from_hf_config(lm.model.config)
+    shared = [l for l in range(dims.L) if dims.is_kv_shared(l)]
+    assert shared == [N_LAYERS4 - 1]
+    last = from_stats(dims, stats, "full", kv_shared_prefill="last")
+    every = from_stats(dims, stats, "full", kv_shared_prefill="all")
+    gap = every.per_layer_prefill[shared[0]] - last.per_layer_prefill[shared[0]]
+    assert gap > 0 and every.total - last.total == gap
+    got = per_task["scored"]["tflops_full"] - per_task["generated"]["tflops_full"]
+    assert got == pytest.approx(gap / 1e12, rel=1e-9)
+    lm.clean()
