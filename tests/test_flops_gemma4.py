@@ -416,3 +416,24 @@ def test_cli_flops_on_gemma4(capsys):
     assert table["visual_tokens"] == 256
     assert 0 < table["tflops_full"]["share"] < 1
     assert table["tflops_vision"]["unpatched"] > 0
+
+
+def test_bad_sizes_and_a_bare_text_config_are_refused():
+    """A bare Gemma 4 text config would be counted at one head size for every layer: refused, naming the fix; bad
+    per-layer sizes raise naming the value."""
+    cfg = fam.make_config()
+    with pytest.raises(ValueError, match="full multimodal config"):
+        ModelDims.from_hf_config(cfg.text_config)
+    base = dict(d=8, m=16, L=4, H=2, Hkv=1, dh=4, vocab=10, sliding_window=2, sliding_layers=(0, 2))
+    assert ModelDims(**base, kv_shared=1).kv_source(3) == 1  # full layer 3 reads full layer 1
+    assert ModelDims(**base, kv_shared=2).kv_source(2) == 0  # sliding layer 2 reads sliding layer 0
+    with pytest.raises(ValueError, match="kv_shared=4 must be below L=4"):
+        ModelDims(**base, kv_shared=4)
+    with pytest.raises(ValueError, match="no earlier layer of its kind"):
+        ModelDims(**{**base, "sliding_layers": (3,)}, kv_shared=1)
+    with pytest.raises(ValueError, match="k_eq_v must be 0 or 1"):
+        ModelDims(**base, k_eq_v=2)
+    with pytest.raises(ValueError, match="multiple of global_Hkv"):
+        ModelDims(**base, global_Hkv=3)
+    with pytest.raises(ValueError, match="kv_shared_prefill must be one of"):
+        prefill_flops(ModelDims(**base, kv_shared=1), [3] * 4, kv_shared_prefill="first")
