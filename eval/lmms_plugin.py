@@ -325,8 +325,8 @@ def _build_classes() -> None:
             self._dims = ModelDims.from_hf_config(self.model.config, name=Path(self.pretrained).name)
             self._handle = None
             self._spec = None
-            self._records: list[tuple[str, dict, float | None]] = []
-            self._merged: list[tuple[str, dict, float | None]] | None = None
+            self._records: list[tuple[str, dict, float | None, str]] = []
+            self._merged: list[tuple[str, dict, float | None, str]] | None = None
             self.set_vtc_spec(self._label_method, spec)
             _install_tracker_hook()
 
@@ -383,15 +383,21 @@ def _build_classes() -> None:
         def vtc_handle(self):
             return self._handle
 
-        def _record(self, task: str, stats, prefill_ms: float | None, skip_rows=()) -> None:
+        def _record(
+            self, task: str, stats, prefill_ms: float | None, skip_rows=(), kv_shared_prefill: str = "last"
+        ) -> None:
+            """One record per row: ``(task, stats, prefill_ms, kv_shared_prefill)``; the last says how many
+            positions ran through KV-shared layers (``"last"`` under ``generate()``, ``"all"`` in a forward)."""
             from vtc.eval.bench import row_stats
 
             for b in range(stats.batch_size):
                 if b in skip_rows:
                     continue
-                self._records.append((str(task), row_stats(stats, b).to_dict(), prefill_ms))
+                self._records.append(
+                    (str(task), row_stats(stats, b).to_dict(), prefill_ms, kv_shared_prefill)
+                )
 
-        def _gather(self) -> list[tuple[str, dict, float | None]]:
+        def _gather(self) -> list[tuple[str, dict, float | None, str]]:
             records = list(self._records)
             if self._world_size > 1:
                 import torch.distributed as dist
@@ -414,13 +420,13 @@ def _build_classes() -> None:
             records = self._merged if self._merged is not None else self._records
             bpe = torch.empty((), dtype=self._dtype()).element_size()
             per_task: dict[str, TaskAccumulator] = {}
-            for task, stats, ms in records:
+            for task, stats, ms, *mode in records:
                 acc = per_task.get(task)
                 if acc is None:
                     acc = per_task[task] = TaskAccumulator(
                         self._dims, include_vision=self.include_vision, bytes_per_element=bpe
                     )
-                acc.add(CallStats(**stats), prefill_ms=ms)
+                acc.add(CallStats(**stats), prefill_ms=ms, kv_shared_prefill=mode[0] if mode else "last")
             return build_vtc_block(
                 self._info.label,
                 preset=self._info.preset,
@@ -693,7 +699,7 @@ def _build_classes() -> None:
                         adapter.tokens_per_image(),
                         visual=adapter.visual_mask(ids),
                     )
-                self._record(task, stats, None)
+                self._record(task, stats, None, kv_shared_prefill="all")  # a forward over every position
             return out
 
         def generate_until_multi_round(self, requests):

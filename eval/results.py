@@ -199,16 +199,24 @@ class TaskAccumulator:
         prefill_ms: float | None = None,
         kv_mb: float | None = None,
         decode_ms: float | None = None,
+        kv_shared_prefill: str = "last",
     ) -> None:
         """Add one call. ``prefill_ms``/``decode_ms``: the call's prefill and decode time (ms, whole batch);
         ``kv_mb`` its per-row cache size (MiB). A timed call samples the machine's load average
-        (:func:`machine_load`)."""
+        (:func:`machine_load`). ``kv_shared_prefill``: ``"last"`` for a ``generate()`` call, ``"all"`` for a
+        forward over every position (log-likelihood scoring); it matters only for models with KV-shared layers
+        (:func:`vtc.flops.from_stats`)."""
         from vtc.flops import from_stats, kv_cache_bytes
 
         B = stats.batch_size
         papers = from_stats(self.dims, stats, "papers")
         full = from_stats(
-            self.dims, stats, "full", include_vision=self.include_vision, include_lm_head=self.include_lm_head
+            self.dims,
+            stats,
+            "full",
+            include_vision=self.include_vision,
+            include_lm_head=self.include_lm_head,
+            kv_shared_prefill=kv_shared_prefill,
         )
         if stats.visual_original:
             image_rows = [b for b in range(B) if stats.visual_original[b] > 0]

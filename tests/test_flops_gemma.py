@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from vtc.flops import ModelDims, decode_flops, prefill_flops, vision_macs_per_image
+from vtc.flops import ModelDims, decode_flops, kv_cache_bytes, prefill_flops, vision_macs_per_image
 
 GEMMAS = ("gemma-3-4b-it", "gemma-3-12b-it")
 
@@ -102,3 +102,31 @@ def test_cli_flops_on_gemma(capsys):
         table = json.loads(capsys.readouterr().out)
         assert table["visual_tokens"] == 256
         assert 0 < table["tflops_papers"]["share"] < 1
+
+
+def test_kv_bytes_equal_the_cache_generate_leaves():
+    """Gemma 3's sliding layers keep only their last W - 1 positions (transformers' DynamicSlidingWindowLayer): the
+    counted bytes equal a real cache's, three left-padded rows and one row, with a drop."""
+    import torch
+    from families import gemma3 as fam
+
+    import vtc
+
+    model = fam.make_model("eager")
+    dims = ModelDims.from_hf_config(model.config)
+    assert dims.sliding_layers and dims.sliding_window == fam.WINDOW
+    for case in ("b3_pad", "b1_img1"):
+        inputs = fam.make_inputs(case)
+        assert inputs["input_ids"].shape[1] > fam.WINDOW
+        with vtc.apply(model, "fastv", k=2, r=0.5) as h:
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+            stats = h.stats
+        real = sum(
+            x.numel() * x.element_size()
+            for layer in out.past_key_values.layers
+            for x in (layer.keys, layer.values)
+            if isinstance(x, torch.Tensor)
+        )
+        assert kv_cache_bytes(dims, stats, bytes_per_element=4, include_padding=True) == real, case
+        if case == "b1_img1":
+            assert kv_cache_bytes(dims, stats, bytes_per_element=4) == real

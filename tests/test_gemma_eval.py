@@ -237,6 +237,7 @@ def make_tiny_gemma4_checkpoint(path: Path, seed: int = 0) -> Path:
             patch_size=2,
             pooling_kernel_size=3,
             position_embedding_size=64,
+            default_output_length=70,  # the processor's budget (as the released configs state theirs, 280)
         ),
         audio_config=None,
         image_token_id=vocab["<|image|>"],
@@ -278,11 +279,14 @@ def gemma4_checkpoint(tmp_path_factory) -> tuple[Path, int]:
     return path, h * w
 
 
-def test_gemma4_checkpoint_loads_and_runs_under_vtc_and_eval_names_the_flops_gap(gemma4_checkpoint, tmp_path):
+def test_gemma4_checkpoint_runs_under_vtc_eval_bench_and_flops(gemma4_checkpoint, tmp_path):
     """``vtc.loading.load_pretrained`` loads the saved Gemma 4 with its processor; FastV on the processor's own
-    inputs keeps half of the image's hand-counted soft tokens from layer 2 on; ``vtc eval`` stops with the
-    documented FLOPs error (Gemma 4's per-layer head sizes, per-layer embeddings and KV sharing are not modelled
-    by vtc.flops yet)."""
+    inputs keeps half of the image's hand-counted soft tokens from layer 2 on; ``vtc eval`` (the lmms-eval plugin)
+    reports those counts and FastV's lower FLOPs, ``vtc bench`` runs, and ``vtc flops`` reads the checkpoint's
+    config.json: the tower at the processor's 70-token budget (630 patch slots) and a square image's 64 soft
+    tokens."""
+    import json
+
     import torch
     from PIL import Image
 
@@ -302,8 +306,55 @@ def test_gemma4_checkpoint_loads_and_runs_under_vtc_and_eval_names_the_flops_gap
         model.generate(**enc, max_new_tokens=2, do_sample=False)
         assert h.stats.prefill_visual == [[per_image] * 2] * 2 + [[per_image // 2] * 2] * (N_LAYERS4 - 2)
     fastv = _method_yaml(tmp_path, "fastv", {"method": "fastv", "k": 2, "r": 0.5})
-    cmd = [_bin("vtc"), "eval", "--model", str(ckpt), "--methods", "none", fastv, "--tasks", "vtc_offline"]
-    cmd += ["--limit", "2", "--batch-size", "2", "--device", "cpu", "--output", str(tmp_path / "out")]
-    done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    assert done.returncode != 0
-    assert "per-layer head sizes (global_head_dim), per-layer embeddings or KV-shared layers" in done.stderr
+    blocks, _ = run_vtc_eval(ckpt, ["none", fastv], tmp_path / "results", tmp_path, timeout=900)
+    assert blocks["none"]["avg_visual_tokens_per_layer"] == [per_image] * N_LAYERS4
+    assert blocks["fastv"]["avg_visual_tokens_per_layer"] == [per_image] * 2 + [per_image // 2] * (
+        N_LAYERS4 - 2
+    )
+    assert 0 < blocks["fastv"]["tflops_full"] < blocks["none"]["tflops_full"]
+    assert 0 < blocks["fastv"]["tflops_papers"] < blocks["none"]["tflops_papers"]
+    cmd = [_bin("vtc"), "bench", "--model", str(ckpt), "--method", fastv, "--device", "cpu"]
+    cmd += ["--threads", "1", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--no-progress"]
+    cmd += ["--out", str(tmp_path / "bench.json")]
+    done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, f"vtc bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    by = {v["variant"]: v for v in bench["variants"]}
+    assert 0 < by[fastv]["tflops_full_prefill"] < by["unpatched"]["tflops_full_prefill"]
+    cmd = [_bin("vtc"), "flops", "--model", str(ckpt), "--method", fastv, "--json"]
+    done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, f"vtc flops failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    table = json.loads(done.stdout)
+    assert table["visual_tokens"] == 64  # isqrt(70)² soft tokens of a square image
+    assert 0 < table["tflops_full"]["share"] < 1
+
+
+def test_gemma4_plugin_counts_a_scoring_forward_at_every_position(gemma4_checkpoint):
+    """The lmms-eval plugin keeps, with each record, how many positions ran through the KV-shared layers: a
+    ``generate()`` call (``generate_until``) only the last one, a scoring forward (``loglikelihood``) all of them;
+    its per-task FLOPs differ by exactly the KV-shared layers' difference of the two counts."""
+    from vtc.engine.stats import CallStats
+    from vtc.eval.lmms_plugin import VtcLlavaHf
+    from vtc.flops import ModelDims, from_stats
+
+    ckpt, per_image = gemma4_checkpoint
+    lm = VtcLlavaHf(pretrained=str(ckpt), device="cpu", dtype="float32")
+    n = per_image + 16
+    stats = CallStats(
+        num_layers=N_LAYERS4, batch_size=1, num_images=[1], visual_original=[per_image], visual_input=[per_image],
+        prefill_visual=[[per_image]] * N_LAYERS4, prefill_tokens=[[n]] * N_LAYERS4, decode_steps=0,
+        cache_len=[[n]] * N_LAYERS4, cache_slots=[n] * N_LAYERS4,
+    )  # fmt: skip
+    lm._record("generated", stats, None)
+    lm._record("scored", stats, None, kv_shared_prefill="all")
+    per_task = lm.vtc_block()["per_task"]
+    dims = ModelDims.from_hf_config(lm.model.config)
+    shared = [l for l in range(dims.L) if dims.is_kv_shared(l)]
+    assert shared == [N_LAYERS4 - 1]
+    last = from_stats(dims, stats, "full", kv_shared_prefill="last")
+    every = from_stats(dims, stats, "full", kv_shared_prefill="all")
+    gap = every.per_layer_prefill[shared[0]] - last.per_layer_prefill[shared[0]]
+    assert gap > 0 and every.total - last.total == gap
+    got = per_task["scored"]["tflops_full"] - per_task["generated"]["tflops_full"]
+    assert got == pytest.approx(gap / 1e12, rel=1e-9)
+    lm.clean()

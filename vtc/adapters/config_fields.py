@@ -14,10 +14,24 @@ Getter = Callable[[str], Any]
 
 
 def getter(obj: Any) -> Getter:
-    """``get(key)`` for a config object (attribute, None when absent) or a mapping (``dict.get``)."""
+    """``get(key)`` for a config object (attribute, None when absent) or a mapping (``dict.get``).
+
+    A heterogeneous transformers config (``per_layer_config``, Gemma 4) refuses to read a per-layer attribute
+    globally; ``get`` then returns the global value (that of the layers without an override), and the adapter that
+    knows the model reads the overrides from ``per_layer_config`` itself."""
     if isinstance(obj, Mapping):
         return obj.get
-    return lambda key: getattr(obj, key, None)
+
+    def get(key: str) -> Any:
+        try:
+            return getattr(obj, key, None)
+        except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+            raw = getattr(obj, "_getattr_without_heterogeneous_validation", None)
+            if raw is None:
+                raise
+            return raw(key, None)
+
+    return get
 
 
 def required(get: Getter, key: str) -> int:

@@ -31,6 +31,10 @@ What Gemma 4 changes for the engine, and where it is said:
 
 Budgets: every image is one item (its own grid), every video frame is one item.
 
+FLOPs (:meth:`flops_dims`, :mod:`vtc.adapters.gemma4_dims`): each layer at its own head size, the per-layer
+input branch of every layer and the model's per-layer input projection, the KV-shared layers without K/V
+projections or cache, the MoE block where the config has one, and the tower at the soft-token budget.
+
 Pre-LLM methods (dfmr, divprune, cdpruner, pool) reduce each image (each video frame) on its own soft-token grid,
 from the model's own projected soft tokens (``get_image_features`` / ``get_video_features``, so keeping every
 token is the unpatched model). VisionZip is refused with a clear error (:meth:`check_vision_attention`): the
@@ -41,11 +45,14 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Any
 
 import torch
 from torch import nn
 
+from vtc.adapters import gemma4_dims
 from vtc.adapters.base import ModelAdapter, visual_runs
+from vtc.adapters.config_fields import Getter
 from vtc.adapters.decoder import _heads
 from vtc.engine.types import ImageSpan, LayerSpec
 
@@ -59,6 +66,13 @@ class Gemma4Adapter(ModelAdapter):
     images_per_prompt = True
     #: resized with ``input_ids`` by a prompt rewrite
     token_inputs = ("mm_token_type_ids",)
+
+    @classmethod
+    def flops_dims(cls, model_type: str, get: Getter, vget: Getter, d: int) -> dict[str, Any]:
+        """Per-layer head sizes, keys as values, per-layer inputs, KV-shared layers (double-wide MLP), the MoE
+        block, and the tower at the soft-token budget with its pooler and ``embed_vision``
+        (:mod:`vtc.adapters.gemma4_dims`)."""
+        return {**gemma4_dims.decoder_dims(get), **gemma4_dims.vision_dims(get, vget, d)}
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -51,6 +51,18 @@ An MoE MLP counts the router and the active experts only (``top_k`` of them, and
 has one). In the ``papers`` convention a linear layer's ``4nd² + 2n²d`` is replaced by ``n`` times its mixer and
 an MoE layer's ``m`` is the active width.
 
+Gemma 4 is counted per layer as well (``ModelDims.global_dh``/``global_Hkv``, ``k_eq_v``, ``ple_dim``,
+``kv_shared``, ``double_wide_mlp``, ``moe_dense_mlp``): full-attention layers at their own head size and KV heads
+(and without ``v_proj`` when keys are the values), every layer's per-layer input gate and projection, and the
+model-level per-layer input projection (``FlopsReport.per_row_input_proj``; the per-layer embedding table is a
+look-up). The last ``kv_shared`` layers have no K/V projection and hold no cache; they attend their source layer's
+keys, and under ``generate()`` only the last prompt position runs through them at prefill
+(``kv_shared_prefill="last"``, the default of :func:`from_stats`; ``"all"`` for a forward over every position). The
+``papers`` convention counts every layer at its recorded image tokens, KV-shared or not. The MoE block counts the
+router, the active experts and the dense MLP beside them. The tower (``vision_pool``) runs its padded patch slots,
+then the pooler's one-hot averaging product and the projection of the soft tokens. Sliding-window layers keep their
+last ``W - 1`` positions in the cache (:func:`kv_cache_bytes`); final logit soft-capping is element-wise.
+
 Normalisations, softmax, RoPE, activations, biases and embedding look-ups are ignored by both
 conventions; they are element-wise and below 1 % of the total.
 
@@ -89,6 +101,7 @@ from vtc.flops.formulas import (
     layer_macs_papers,
     papers_tflops_for_schedule,
     prefill_flops,
+    shared_prefill_macs,
     vision_macs_per_image,
     window_sizes,
 )
@@ -124,4 +137,5 @@ __all__ = [
     "papers_tflops_for_schedule",
     "kv_cache_bytes",
     "measured_flops",
+    "shared_prefill_macs",
 ]

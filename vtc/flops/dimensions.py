@@ -115,6 +115,29 @@ class ModelDims:
     sliding_layers : tuple of int, default ()
         The decoder layers that attend within ``sliding_window`` (``text_config.layer_types``); the others
         attend every earlier token.
+    global_dh, global_Hkv : int, default 0
+        Head size and key/value heads of the full-attention layers (those not in ``sliding_layers``) when they
+        differ from ``dh`` / ``Hkv`` (Gemma 4's ``global_head_dim``, ``num_global_key_value_heads``); 0: the same.
+    k_eq_v : int, default 0
+        1 when the full-attention layers use their key projection as values too (no ``v_proj``; Gemma 4's
+        ``attention_k_eq_v``). The cache still holds keys and values.
+    kv_shared : int, default 0
+        The last ``kv_shared`` decoder layers compute no keys or values and hold no cache: each reads the KV of the
+        last earlier layer of its own kind (sliding or full; :meth:`kv_source`; Gemma 4's ``num_kv_shared_layers``).
+    ple_dim : int, default 0
+        Per-layer input width (Gemma 4's ``hidden_size_per_layer_input``): every layer gates its output through
+        ``Linear(d -> ple_dim)`` and ``Linear(ple_dim -> d)``, and the model projects each input token once with
+        ``Linear(d -> L·ple_dim)`` (:meth:`ple_input_macs_per_token`); the per-layer embedding table is a look-up.
+    double_wide_mlp : int, default 0
+        1 when the KV-shared layers' MLP is twice as wide (``2·m``; Gemma 4's ``use_double_wide_mlp``).
+    moe_dense_mlp : int, default 0
+        1 when every MoE layer also runs the dense MLP of width ``m``, ungated, beside its routed experts and
+        without a shared expert (Gemma 4's ``enable_moe_block``).
+    vision_pool : int, default 0
+        A tower that runs a fixed number of patch slots per image, padding included (``vision_tokens``), and
+        average-pools ``vision_pool × vision_pool`` patches into one soft token with a one-hot matrix product
+        (Gemma 4: ``vision_tokens / vision_pool²`` soft slots × ``vision_tokens`` patches × ``vision_d``); its
+        ``vision_feature_tokens`` valid soft tokens go through the projector. 0: no such pooling.
 
     Examples
     --------
@@ -172,6 +195,14 @@ class ModelDims:
     vision_merger_in: int = 0
     sliding_window: int = 0
     sliding_layers: tuple[int, ...] = ()
+    global_dh: int = 0
+    global_Hkv: int = 0
+    k_eq_v: int = 0
+    kv_shared: int = 0
+    ple_dim: int = 0
+    double_wide_mlp: int = 0
+    moe_dense_mlp: int = 0
+    vision_pool: int = 0
 
     def __post_init__(self):
         for f in fields(self):
@@ -228,9 +259,25 @@ class ModelDims:
                 "ModelDims.m (dense MLP width) must be positive, got 0; only an MoE model without dense layers "
                 "(moe_experts > 0, moe_dense_layers empty) may leave it 0"
             )
-        if self.attn_gate not in (0, 1):
+        for key in ("attn_gate", "k_eq_v", "double_wide_mlp", "moe_dense_mlp"):
+            if getattr(self, key) not in (0, 1):
+                raise ValueError(f"ModelDims.{key} must be 0 or 1, got {getattr(self, key)}")
+        if self.global_Hkv and self.H % self.global_Hkv:
+            raise ValueError(f"ModelDims.H ({self.H}) must be a multiple of global_Hkv ({self.global_Hkv})")
+        if self.moe_dense_mlp and not (self.moe_experts and self.m):
+            raise ValueError("ModelDims.moe_dense_mlp needs moe_experts > 0 and the dense width m > 0")
+        if self.kv_shared:
+            if self.kv_shared >= self.L:
+                raise ValueError(
+                    f"ModelDims.kv_shared={self.kv_shared} must be below L={self.L}: some layer must write the KV "
+                    "the shared layers read"
+                )
+            for layer in range(self.L - self.kv_shared, self.L):
+                self.kv_source(layer)  # raises when no earlier layer of its kind writes a cache
+        if self.vision_pool and self.vision_tokens % self.vision_pool**2:
             raise ValueError(
-                f"ModelDims.attn_gate must be 0 or 1 (a gated query projection), got {self.attn_gate}"
+                f"ModelDims.vision_tokens={self.vision_tokens} (patch slots) must be a multiple of "
+                f"vision_pool² = {self.vision_pool**2}"
             )
         if self.moe_experts:
             if not (0 < self.moe_top_k <= self.moe_experts) or not self.moe_m:
@@ -267,7 +314,50 @@ class ModelDims:
             not self.linear_layers
             and not self.sliding_layers
             and not (self.moe_experts and self.moe_dense_layers)
+            and not self.kv_shared
         )
+
+    def head_sizes(self, layer: int) -> tuple[int, int]:
+        """``(Hkv, dh)`` of decoder layer ``layer``: a full-attention layer (not in ``sliding_layers``) has
+        ``global_Hkv`` / ``global_dh`` where they are set."""
+        if layer in self.sliding_layers:
+            return self.Hkv, self.dh
+        return self.global_Hkv or self.Hkv, self.global_dh or self.dh
+
+    def is_kv_shared(self, layer: int) -> bool:
+        """True when decoder layer ``layer`` reads another layer's KV (one of the last ``kv_shared``)."""
+        return self.kv_shared > 0 and layer >= self.L - self.kv_shared
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose KV a KV-shared layer reads: the last layer before the shared ones of the same kind
+        (sliding or full attention); ``layer`` itself for a layer that holds its own cache.
+
+        Raises
+        ------
+        ValueError
+            No earlier layer of that kind writes a cache.
+        """
+        if not self.is_kv_shared(layer):
+            return layer
+        sliding = layer in self.sliding_layers
+        first = self.L - self.kv_shared
+        for src in range(first - 1, -1, -1):
+            if (src in self.sliding_layers) == sliding:
+                return src
+        raise ValueError(
+            f"ModelDims: KV-shared layer {layer} ({'sliding' if sliding else 'full'} attention) has no earlier "
+            f"layer of its kind among 0..{first - 1} to read KV from"
+        )
+
+    def ple_macs_per_token(self) -> int:
+        """MACs of one layer's per-layer input branch for one token: ``Linear(d -> ple_dim)`` (the gate) and
+        ``Linear(ple_dim -> d)``; the product with the per-layer input and the norm are element-wise."""
+        return 2 * self.d * self.ple_dim
+
+    def ple_input_macs_per_token(self) -> int:
+        """MACs of the model-level per-layer input projection ``Linear(d -> L·ple_dim)`` for one input token
+        (Gemma 4's ``per_layer_model_projection``); the per-layer embedding itself is a look-up (a gather, 0 MACs)."""
+        return self.d * self.L * self.ple_dim
 
     def is_linear(self, layer: int) -> bool:
         """True when decoder layer ``layer`` is a Gated DeltaNet linear-attention layer."""
@@ -283,10 +373,12 @@ class ModelDims:
         router ``d·E``, ``top_k`` experts ``3·d·moe_m`` each and the shared expert ``3·d·moe_shared_m + d`` (its
         sigmoid gate)."""
         d = self.d
+        m = self.m * (2 if self.double_wide_mlp and self.is_kv_shared(layer) else 1)
         if not self.moe_experts or layer in self.moe_dense_layers:
-            return 3 * d * self.m
+            return 3 * d * m
         shared = 3 * d * self.moe_shared_m + d if self.moe_shared_m else 0
-        return d * self.moe_experts + self.moe_top_k * 3 * d * self.moe_m + shared
+        dense = 3 * d * m if self.moe_dense_mlp else 0  # Gemma 4: the dense MLP runs beside the experts
+        return d * self.moe_experts + self.moe_top_k * 3 * d * self.moe_m + shared + dense
 
     def linear_macs_per_token(self) -> int:
         """MACs of one Gated DeltaNet layer's token mixer for one token, prefill or decode alike.
@@ -305,10 +397,20 @@ class ModelDims:
         delta = 3 * self.linear_v_heads * self.linear_k_dim * self.linear_v_dim
         return proj + conv + delta
 
-    def attention_proj_macs_per_token(self) -> int:
-        """MACs of an attention layer's Q (with its output gate when ``attn_gate``), K, V and O projections."""
-        q = self.d * self.H * self.dh * (1 + self.attn_gate)
-        return q + 2 * self.d * self.Hkv * self.dh + self.H * self.dh * self.d
+    def attention_proj_macs_per_token(self, layer: int | None = None) -> int:
+        """MACs of an attention layer's Q (with its output gate when ``attn_gate``), K, V and O projections.
+
+        ``layer`` picks that layer's head sizes (:meth:`head_sizes`), drops K and V at a KV-shared layer and V at a
+        full-attention layer with ``k_eq_v``; None: a layer with the base sizes ``Hkv``, ``dh`` and its own K, V.
+        """
+        if layer is None:
+            Hkv, dh, kv = self.Hkv, self.dh, 2
+        else:
+            Hkv, dh = self.head_sizes(layer)
+            kv = 1 if self.k_eq_v and layer not in self.sliding_layers else 2
+            kv = 0 if self.is_kv_shared(layer) else kv
+        q = self.d * self.H * dh * (1 + self.attn_gate)
+        return q + kv * self.d * Hkv * dh + self.H * dh * self.d
 
     def recurrent_state_elements(self) -> tuple[int, int]:
         """``(conv, recurrent)`` elements one row holds per linear-attention layer: the conv1d's last ``kernel``

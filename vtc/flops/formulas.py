@@ -82,20 +82,66 @@ def layer_macs_papers(n: float, dims: ModelDims, ffn_matrices: int = 3, layer: i
     _check_count(n, "n")
     layer = _layer_of(dims, layer)
     d = dims.d
-    m = dims.mlp_active_width if dims.moe_experts and layer not in dims.moe_dense_layers else dims.m
+    m = dims.m * (2 if dims.double_wide_mlp and dims.is_kv_shared(layer) else 1)
+    if dims.moe_experts and layer not in dims.moe_dense_layers:
+        m = dims.mlp_active_width + (m if dims.moe_dense_mlp else 0)
     mixer = n * dims.linear_macs_per_token() if dims.is_linear(layer) else 4 * n * d * d + 2 * n * n * d
     return mixer + ffn_matrices * n * d * m
 
 
 def _proj_mlp_macs(n: float, dims: ModelDims, layer: int) -> float:
+    """Per-token work of layer ``layer`` over ``n`` tokens: its token mixer's projections, its MLP and its per-layer
+    input branch (:meth:`ModelDims.ple_macs_per_token`, 0 without one)."""
+    extra = dims.mlp_macs_per_token(layer) + dims.ple_macs_per_token()
     if dims.is_linear(layer):
-        return n * (dims.linear_macs_per_token() + dims.mlp_macs_per_token(layer))
-    return n * (dims.attention_proj_macs_per_token() + dims.mlp_macs_per_token(layer))
+        return n * (dims.linear_macs_per_token() + extra)
+    return n * (dims.attention_proj_macs_per_token(layer) + extra)
 
 
 def _pairs_macs(dims: ModelDims, layer: int, pairs: float) -> float:
-    """Scores and weighted sum over ``pairs`` (query, key) pairs; none in a linear-attention layer."""
-    return 0 if dims.is_linear(layer) else 2 * dims.H * dims.dh * pairs
+    """Scores and weighted sum over ``pairs`` (query, key) pairs at the layer's head size; none in a
+    linear-attention layer."""
+    return 0 if dims.is_linear(layer) else 2 * dims.H * dims.head_sizes(layer)[1] * pairs
+
+
+#: how many prompt positions run through a KV-shared layer at prefill (:func:`shared_prefill_macs`)
+KV_SHARED_PREFILL = ("last", "all")
+
+
+def _check_shared_prefill(mode: str) -> None:
+    if mode not in KV_SHARED_PREFILL:
+        raise ValueError(
+            f"kv_shared_prefill must be one of {KV_SHARED_PREFILL} ('last': generate(), which runs only the last "
+            f"prompt position through the KV-shared layers; 'all': a forward over every position), got {mode!r}"
+        )
+
+
+def shared_prefill_macs(
+    n: float, keys: float, dims: ModelDims, layer: int, mode: str = "last", attention: str = "causal"
+) -> float:
+    """MACs of KV-shared layer ``layer`` at prefill, for one row.
+
+    Parameters
+    ----------
+    n : float
+        Valid tokens the layer holds at prefill (recorded per layer).
+    keys : float
+        Valid tokens its source layer cached (:meth:`ModelDims.kv_source`): the keys it attends.
+    mode : {"last", "all"}
+        ``"last"``: transformers' ``generate()`` (``logits_to_keep=1``) runs only the last prompt position through
+        the KV-shared layers, so one query (projections, MLP, per-layer input for one token) attends ``keys`` keys
+        (``min(keys, W)`` at a sliding layer under ``attention="causal"``). ``"all"``: a forward over every
+        position: the layer costs :func:`layer_macs_full` of ``n`` tokens.
+    """
+    _check_shared_prefill(mode)
+    if mode == "all":
+        return layer_macs_full(n, dims, attention, layer=layer)
+    _check_count(keys, "keys")
+    if not n:
+        return 0
+    window = _window(dims, layer)
+    pairs = min(keys, window) if window and attention == "causal" else keys
+    return _proj_mlp_macs(1, dims, layer) + _pairs_macs(dims, layer, pairs)
 
 
 def _window(dims: ModelDims, layer: int) -> int:
@@ -169,8 +215,10 @@ def vision_macs_per_image(
     t, dv, mv = dims.vision_tokens, dims.vision_d, dims.vision_m
     embed = (t - dims.vision_cls) * dims.vision_patch_dim * dv
     layer = 4 * t * dv * dv + 2 * t * t * dv + dims.vision_mlp_matrices * t * dv * mv
+    # Gemma 4: the soft slots x patch slots one-hot averaging matrix times the patches' features
+    pool = (t // dims.vision_pool**2) * t * dv if dims.vision_pool else 0
     projector = dims.vision_feature_tokens * (dims.vision_merger_in * dims.vision_d + _projector_macs(dims))
-    return crops * (embed + dims.vision_layers * layer + projector)
+    return crops * (embed + dims.vision_layers * layer + pool + projector)
 
 
 def _projector_macs(dims: ModelDims) -> int:
@@ -263,6 +311,7 @@ def prefill_flops(
     convention: str = "full",
     attention: str = "causal",
     ffn_matrices: int = 3,
+    kv_shared_prefill: str = "last",
 ) -> float:
     """Prefill cost of one row, summed over layers, in the convention's unit.
 
@@ -277,12 +326,31 @@ def prefill_flops(
         Only for ``"full"``.
     ffn_matrices : int, default 3
         Only for ``"papers"``.
+    kv_shared_prefill : {"last", "all"}
+        Only for ``"full"``: the positions a KV-shared layer runs (:func:`shared_prefill_macs`).
+
+    The model-level per-layer input projection (:meth:`ModelDims.ple_input_macs_per_token`) is not a layer's and
+    is not in this sum (:func:`vtc.flops.from_stats` reports it on its own).
     """
     _check_convention(convention)
     counts = _check_per_layer(tokens_per_layer, dims, "tokens_per_layer")
     if convention == "papers":
         return sum(layer_macs_papers(n, dims, ffn_matrices, layer=i) for i, n in enumerate(counts))
-    return 2 * sum(layer_macs_full(n, dims, attention, layer=i) for i, n in enumerate(counts))
+    _check_shared_prefill(kv_shared_prefill)
+    return 2 * sum(
+        full_prefill_layer_macs(counts, dims, i, attention, kv_shared_prefill) for i in range(dims.L)
+    )
+
+
+def full_prefill_layer_macs(
+    counts: Sequence[float], dims: ModelDims, layer: int, attention: str, kv_shared_prefill: str
+) -> float:
+    """MACs of layer ``layer`` at prefill for one row whose layers hold ``counts`` tokens: :func:`layer_macs_full`,
+    or :func:`shared_prefill_macs` at a KV-shared layer (keys: its source layer's count)."""
+    if dims.is_kv_shared(layer):
+        src = counts[dims.kv_source(layer)]
+        return shared_prefill_macs(counts[layer], src, dims, layer, kv_shared_prefill, attention)
+    return layer_macs_full(counts[layer], dims, attention, layer=layer)
 
 
 def decode_flops(
@@ -309,8 +377,11 @@ def decode_flops(
     end = None
     if end_cache_len_per_layer is not None:
         end = _check_per_layer(end_cache_len_per_layer, dims, "end_cache_len_per_layer")
+    # a KV-shared layer attends its source layer's cache
+    src = [dims.kv_source(i) for i in range(dims.L)]
     return 2 * sum(
-        _decode_layer_macs(dims, start[i], None if end is None else end[i], steps, i) for i in range(dims.L)
+        _decode_layer_macs(dims, start[src[i]], None if end is None else end[src[i]], steps, i)
+        for i in range(dims.L)
     )
 
 
@@ -329,7 +400,7 @@ def _decode_layer_macs(dims: ModelDims, c0: float, c1: float | None, steps: int,
             keys = sum(min(c0 + s + 1, window) for s in range(steps))
         else:
             keys = sum(min(c0 + grow * (s + 1) / steps, window) for s in range(steps))
-        return steps * _proj_mlp_macs(1, dims, layer) + 2 * dims.H * dims.dh * keys
+        return steps * _proj_mlp_macs(1, dims, layer) + _pairs_macs(dims, layer, keys)
     # keys attended summed over steps: sum_s (c0 + (c1 - c0)(s + 1) / steps) = steps·c0 + (c1 - c0)(steps + 1)/2,
     # exact (= steps·c0 + steps(steps+1)/2) when the cache grows by one per step.
     grow = c1 - c0

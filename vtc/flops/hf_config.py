@@ -4,6 +4,7 @@ table of model types, :mod:`vtc.adapters`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from vtc.adapters import ADAPTERS, supported_model_types
@@ -23,17 +24,6 @@ def dims_from_hf_config(
     get = getter(config)
     text = get("text_config")
     text_get = getter(text) if text is not None else get
-    if (
-        text_get("hidden_size_per_layer_input")
-        or text_get("num_kv_shared_layers")
-        or text_get("global_head_dim")
-    ):
-        raise ValueError(
-            f"{get('model_type')!r}: FLOPs of decoders with per-layer head sizes (global_head_dim), per-layer "
-            "embeddings or KV-shared layers (Gemma 4) are not modelled yet (one head size for every layer would be "
-            "counted): FLOPs reports and flops_share targets are not available for it. Set a schedule with an "
-            "avg_tokens / avg_share target or explicit ratios."
-        )
     d = required(text_get, "hidden_size")
     H = required(text_get, "num_attention_heads")
     label = name or get("_name_or_path") or get("name_or_path") or get("model_type") or "custom"
@@ -77,6 +67,17 @@ def dims_from_hf_config(
     if "sliding_attention" in types and text_get("sliding_window"):
         dims["sliding_window"] = int(text_get("sliding_window"))
         dims["sliding_layers"] = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    plc = text_get(
+        "per_layer_config"
+    )  # per-layer overrides: a dict in a config.json, a view on a config object
+    per_layer = ("hidden_size_per_layer_input", "num_kv_shared_layers", "global_head_dim", "is_heterogeneous")
+    heterogeneous = any(text_get(k) for k in per_layer) or (isinstance(plc, Mapping) and bool(plc))
+    if heterogeneous and "ple_dim" not in side:
+        raise ValueError(
+            f"{label}: a decoder with per-layer head sizes, per-layer inputs or KV-shared layers (Gemma 4) is "
+            f"counted from its full multimodal config (model_type 'gemma4', read by its adapter), not from "
+            f"model_type={model_type!r}; one head size for every layer would be counted"
+        )
     dims.update(side)
     out = cls(name=str(label), **dims)
     if image_size is None and out.dynamic_resolution:

@@ -16,8 +16,9 @@ from vtc.flops.formulas import (
     _check_attention,
     _check_convention,
     _check_count,
+    _check_shared_prefill,
     _decode_layer_macs,
-    layer_macs_full,
+    full_prefill_layer_macs,
     layer_macs_papers,
     vision_macs_per_image,
 )
@@ -50,13 +51,16 @@ class FlopsReport:
     per_row_decode: list[float] = field(default_factory=list)
     per_row_vision: list[float] = field(default_factory=list)
     per_row_lm_head: list[float] = field(default_factory=list)
+    #: ``[B]`` the model-level per-layer input projection (Gemma 4's ``per_layer_model_projection``, over the prompt
+    #: and one position per decode step; not a layer's, so not in ``per_layer_*``); zeros for other models
+    per_row_input_proj: list[float] = field(default_factory=list)
 
     @property
     def per_row_total(self) -> list[float]:
-        return [
-            sum(v)
-            for v in zip(self.per_row_prefill, self.per_row_decode, self.per_row_vision, self.per_row_lm_head)
-        ]
+        parts = [self.per_row_prefill, self.per_row_decode, self.per_row_vision, self.per_row_lm_head]
+        if self.per_row_input_proj:
+            parts.append(self.per_row_input_proj)
+        return [sum(v) for v in zip(*parts)]
 
     @property
     def prefill(self) -> float:
@@ -73,6 +77,10 @@ class FlopsReport:
     @property
     def lm_head(self) -> float:
         return sum(self.per_row_lm_head)
+
+    @property
+    def input_proj(self) -> float:
+        return sum(self.per_row_input_proj)
 
     @property
     def total(self) -> float:
@@ -96,6 +104,7 @@ class FlopsReport:
             decode=self.decode,
             vision=self.vision,
             lm_head=self.lm_head,
+            input_proj=self.input_proj,
             total=self.total,
             mean_per_row=self.mean_per_row,
         )
@@ -123,6 +132,7 @@ def from_stats(
     lm_head_positions: str = "last",
     vision_crops: float | Sequence[float] | None = None,
     ffn_matrices: int = 3,
+    kv_shared_prefill: str = "last",
 ) -> FlopsReport:
     """Cost of one recorded call.
 
@@ -144,9 +154,19 @@ def from_stats(
     vision_crops : float or ``[B]`` list, optional
         Crops per image; defaults to ``dims.vision_crops`` (exact for LLaVA-1.5, an upper bound for
         LLaVA-NeXT, whose crop count depends on the image's aspect ratio).
+    kv_shared_prefill : {"last", "all"}
+        ``"full"`` only, models with KV-shared layers (Gemma 4): ``"last"`` for a ``generate()`` call (transformers
+        runs only the last prompt position through those layers), ``"all"`` for a forward over every position
+        (:func:`vtc.flops.formulas.shared_prefill_macs`). A KV-shared layer decodes against its source's cache.
+
+    Notes
+    -----
+    ``"full"`` also counts, per row, the model-level per-layer input projection of a model with per-layer inputs
+    (``per_row_input_proj``: ``d·L·ple_dim`` MACs per prompt token entering the decoder and per decode step).
     """
     _check_convention(convention)
     _check_attention(attention)
+    _check_shared_prefill(kv_shared_prefill)
     if lm_head_positions not in ("last", "all"):
         raise ValueError(f"lm_head_positions must be 'last' or 'all', got {lm_head_positions!r}")
     L, B = stats.num_layers, stats.batch_size
@@ -167,22 +187,24 @@ def from_stats(
 
     per_layer_prefill = [0.0] * L
     per_layer_decode = [0.0] * L
-    row_prefill, row_decode, row_vision, row_head = [], [], [], []
+    row_prefill, row_decode, row_vision, row_head, row_input = [], [], [], [], []
     end = None
     if convention == "full" and stats.cache_len:
         end = _check_matrix(stats.cache_len, L, B, "cache_len")
+    src = [dims.kv_source(layer) for layer in range(L)]  # a KV-shared layer attends its source's cache
     for b in range(B):
         pre = dec = 0
+        column = [counts[layer][b] for layer in range(L)]
         for layer in range(L):
             if convention == "papers":
                 v = layer_macs_papers(counts[layer][b], dims, ffn_matrices, layer=layer)
             else:
-                v = 2 * layer_macs_full(counts[layer][b], dims, attention, layer=layer)
+                v = 2 * full_prefill_layer_macs(column, dims, layer, attention, kv_shared_prefill)
             per_layer_prefill[layer] += v
             pre += v
             if convention == "full":
-                c1 = None if end is None else end[layer][b]
-                w = 2 * _decode_layer_macs(dims, counts[layer][b], c1, stats.decode_steps, layer)
+                c1 = None if end is None else end[src[layer]][b]
+                w = 2 * _decode_layer_macs(dims, column[src[layer]], c1, stats.decode_steps, layer)
                 per_layer_decode[layer] += w
                 dec += w
         row_prefill.append(pre)
@@ -195,6 +217,11 @@ def from_stats(
             )
             head = 2 * dims.d * dims.vocab * (positions + stats.decode_steps)
         row_head.append(head)
+        row_input.append(
+            2 * dims.ple_input_macs_per_token() * (_input_tokens(stats, counts, b) + stats.decode_steps)
+            if convention == "full" and dims.ple_dim
+            else 0
+        )
     return FlopsReport(
         convention=convention,
         unit=unit,
@@ -210,7 +237,16 @@ def from_stats(
         per_row_decode=row_decode,
         per_row_vision=row_vision,
         per_row_lm_head=row_head,
+        per_row_input_proj=row_input,
     )
+
+
+def _input_tokens(stats: CallStats, counts: list[list[float]], b: int) -> float:
+    """Valid prompt tokens of row ``b`` entering the decoder (before any in-decoder drop): layer 0's text tokens
+    plus the visual tokens that entered (``visual_input``), or layer 0's count when those are not recorded."""
+    if len(stats.visual_input) == stats.batch_size and len(stats.prefill_visual) == stats.num_layers:
+        return counts[0][b] - stats.prefill_visual[0][b] + stats.visual_input[b]
+    return counts[0][b]
 
 
 def _row_vision_macs(
@@ -247,24 +283,39 @@ def kv_cache_bytes(
 ) -> int:
     """Bytes the cache holds after the latest step, summed over rows and layers.
 
-    An attention layer holds K and V per cached token: ``include_padding=False`` counts valid cached tokens
-    (``stats.cache_len``); ``True`` counts the tensor length including left padding (``stats.cache_slots`` ×
-    batch). A linear-attention layer (:attr:`ModelDims.linear_layers`) holds, per row, a fixed-size state
+    An attention layer holds K and V per cached token (at its own head sizes, :meth:`ModelDims.head_sizes`):
+    ``include_padding=False`` counts valid cached tokens (``stats.cache_len``); ``True`` counts the tensor length
+    including left padding (``stats.cache_slots`` × batch). A sliding-window layer keeps only its last ``W - 1``
+    positions (transformers' ``DynamicSlidingWindowLayer``); a KV-shared layer (:attr:`ModelDims.kv_shared`) holds
+    none of its own. A linear-attention layer (:attr:`ModelDims.linear_layers`) holds, per row, a fixed-size state
     whatever the row's length: the conv1d's last ``kernel`` inputs (``bytes_per_element``) and the delta-rule
     state (``state_bytes_per_element``: transformers keeps it in float32).
     """
-    per_token = 2 * dims.Hkv * dims.dh * bytes_per_element
-    attention = [layer for layer in range(dims.L) if not dims.is_linear(layer)]
+    attention = [
+        layer for layer in range(dims.L) if not dims.is_linear(layer) and not dims.is_kv_shared(layer)
+    ]
+    per_token = {layer: 2 * _prod(dims.head_sizes(layer)) * bytes_per_element for layer in attention}
+    held = {  # positions a layer keeps of x cached ones
+        layer: (lambda x, w=dims.sliding_window: min(x, w - 1))
+        if dims.sliding_window and layer in dims.sliding_layers
+        else (lambda x: x)
+        for layer in attention
+    }
     conv, rec = dims.recurrent_state_elements() if dims.linear_layers else (0, 0)
     state = len(dims.linear_layers) * (conv * bytes_per_element + rec * state_bytes_per_element)
     if include_padding:
         if len(stats.cache_slots) != dims.L:
             raise ValueError(f"stats.cache_slots has {len(stats.cache_slots)} layers, expected L={dims.L}")
-        slots = sum(stats.cache_slots[layer] for layer in attention)
-        return int(slots * stats.batch_size * per_token + stats.batch_size * state)
+        slots = sum(held[layer](stats.cache_slots[layer]) * per_token[layer] for layer in attention)
+        return int(slots * stats.batch_size + stats.batch_size * state)
     cache = _check_matrix(stats.cache_len, dims.L, stats.batch_size, "cache_len")
     rows = sum(1 for b in range(stats.batch_size) if any(cache[layer][b] for layer in range(dims.L)))
-    return int(sum(sum(cache[layer]) for layer in attention) * per_token + rows * state)
+    kv = sum(sum(held[layer](c) for c in cache[layer]) * per_token[layer] for layer in attention)
+    return int(kv + rows * state)
+
+
+def _prod(sizes: tuple[int, int]) -> int:
+    return sizes[0] * sizes[1]
 
 
 # --------------------------------------------------------------------------------------------------

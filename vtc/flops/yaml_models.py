@@ -4,6 +4,7 @@ section, an optional ``vision`` section (fixed crops, or a dynamic-resolution to
 
 from __future__ import annotations
 
+import math
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,7 @@ def _from_dict(cls: type[ModelDims], data: dict, source: str) -> ModelDims:
         *_DECODER_KEYS,
         "sliding_window",
         "sliding_window_pattern",
+        *_PER_LAYER_KEYS,
     }
     _check_keys(text, text_keys, f"{source}: text")
     required = ["hidden_size", "num_hidden_layers", "num_attention_heads"]
@@ -89,9 +91,12 @@ def _from_dict(cls: type[ModelDims], data: dict, source: str) -> ModelDims:
             )
         kw["sliding_window"] = text["sliding_window"]
         kw["sliding_layers"] = tuple(i for i in range(kw["L"]) if (i + 1) % pattern)
+    kw.update(_per_layer_kinds(text))
     vision = _section(data, "vision", source)
     if vision and "spatial_merge_size" in vision:
         return _dynamic(cls, vision, _section(data, "projector", source), kw, source)
+    if vision and "pooling_kernel_size" in vision:
+        return _pooled(cls, vision, kw, source)
     if vision:
         vision_keys = {
             "num_hidden_layers",
@@ -213,6 +218,75 @@ def _dynamic(cls: type[ModelDims], vision: dict, projector: dict, kw: dict, sour
     return dims
 
 
+#: text keys of decoders whose layers differ in head size, K/V or MLP width (Gemma 4; transformers' config names)
+_PER_LAYER_KEYS = (
+    "global_head_dim",
+    "num_global_key_value_heads",
+    "attention_k_eq_v",
+    "hidden_size_per_layer_input",
+    "num_kv_shared_layers",
+    "use_double_wide_mlp",
+)
+
+
+def _per_layer_kinds(text: dict) -> dict[str, Any]:
+    """``ModelDims`` fields of per-layer head sizes (full-attention layers: ``global_head_dim`` and, with
+    ``attention_k_eq_v``, ``num_global_key_value_heads``), per-layer inputs and KV-shared layers (Gemma 4)."""
+    k_eq_v = bool(text.get("attention_k_eq_v", False))
+    return dict(
+        global_dh=text.get("global_head_dim", 0),
+        global_Hkv=text.get("num_global_key_value_heads", 0) if k_eq_v else 0,
+        k_eq_v=int(k_eq_v),
+        ple_dim=text.get("hidden_size_per_layer_input", 0),
+        kv_shared=text.get("num_kv_shared_layers", 0),
+        double_wide_mlp=int(bool(text.get("use_double_wide_mlp", False))),
+    )
+
+
+def _pooled(cls: type[ModelDims], vision: dict, kw: dict, source: str) -> ModelDims:
+    """A Gemma 4 tower: ``max_soft_tokens · k²`` patch slots per image (padding included), ``k × k`` pooling, and
+    the square typical image's ``isqrt(max_soft_tokens)²`` soft tokens through one ``Linear(Dv -> d)``."""
+    keys = {
+        "num_hidden_layers",
+        "hidden_size",
+        "intermediate_size",
+        "patch_size",
+        "num_channels",
+        "pooling_kernel_size",
+        "max_soft_tokens",
+        "mlp",
+    }
+    _check_keys(vision, keys, f"{source}: vision")
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "patch_size", "max_soft_tokens"):
+        if key not in vision:
+            raise ValueError(f"model YAML {source!r}: vision.{key} is required with pooling_kernel_size")
+    k, patch, budget = vision["pooling_kernel_size"], vision["patch_size"], vision["max_soft_tokens"]
+    soft = math.isqrt(budget) ** 2
+    stated = kw.pop("visual_tokens_per_image")
+    if stated and stated != soft:
+        raise ValueError(
+            f"model YAML {source!r}: visual_tokens_per_image={stated} but a square image under max_soft_tokens="
+            f"{budget} gets {soft} soft tokens; fix one of them"
+        )
+    kw.update(
+        vision_layers=vision["num_hidden_layers"],
+        vision_d=vision["hidden_size"],
+        vision_m=vision["intermediate_size"],
+        vision_tokens=budget * k * k,
+        vision_patch_dim=vision.get("num_channels", 3) * patch * patch,
+        vision_patch=patch,
+        vision_cls=0,
+        vision_feature_tokens=soft,
+        vision_mlp_matrices=_mlp_matrices(vision.get("mlp", "geglu"), source),
+        vision_pool=k,
+        projector_in=vision["hidden_size"],
+        projector_hidden=kw["d"],
+        projector_out=0,
+        visual_tokens_per_image=soft,
+    )
+    return cls(**kw)
+
+
 #: text keys of hybrid and MoE decoders (transformers' config names)
 _DECODER_KEYS = (
     "attn_output_gate",
@@ -303,10 +377,11 @@ def _read_model_yaml(name_or_path: str | Path) -> str:
 
 
 def _mlp_matrices(kind: Any, source: str) -> int:
-    kinds = {"gelu": 2, "swiglu": 3}
+    kinds = {"gelu": 2, "swiglu": 3, "geglu": 3}
     if kind not in kinds:
         raise ValueError(
-            f"model YAML {source!r}: vision.mlp={kind!r}; choose 'gelu' (fc1/fc2) or 'swiglu' (gate/up/down)"
+            f"model YAML {source!r}: vision.mlp={kind!r}; choose 'gelu' (fc1/fc2) or 'swiglu' / 'geglu' "
+            "(gate/up/down)"
         )
     return kinds[kind]
 
