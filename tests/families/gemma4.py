@@ -33,11 +33,6 @@ WINDOW = 8
 LAYER_TYPES = ["sliding_attention", "full_attention"] * 3
 KV_SOURCES = {5: 3}  # num_kv_shared_layers=1: layer 5 (full) reads layer 3, the last non-shared full layer
 
-#: pre-LLM methods that read the tower's attention over the soft tokens: refused on Gemma 4 with this error
-PRE_LLM_REFUSED_METHODS = {
-    name: r"Gemma 4's tower attends over its 16 px patches" for name in ("visionzip", "scope")
-}
-
 CASES = ["b1_img1", "b1_img2", "b3_pad", "b3_mixed", "b3_video"]
 BATCH_CASES = ["b3_pad", "b3_mixed", "b3_video"]
 VISUAL_TOKENS = (IMG, VID)
