@@ -298,7 +298,8 @@ def pan_and_scan_crops(model: nn.Module, num_crops) -> Iterator[None]:
     Parameters
     ----------
     model : transformers.Gemma3ForConditionalGeneration
-        The model (hooked by ``vtc.apply`` or not; the grouping is read at each prefill inside the context).
+        The model (or a PEFT wrapper of it) as given to ``vtc.apply``; the grouping is read at each prefill inside
+        the context.
     num_crops : list[int], list[list[int]] or torch.Tensor
         Crops of each image of the call in prompt order (``[N]``), or per row (``[[c, ...], ...]``, checked
         against the rows the runs are in), as ``processor.image_processor(images, do_pan_and_scan=True)`` returns
@@ -315,6 +316,9 @@ def pan_and_scan_crops(model: nn.Module, num_crops) -> Iterator[None]:
     >>> with vtc.apply(model, "pyramid_drop"), pan_and_scan_crops(model, crops):          # doctest: +SKIP
     ...     out = model.generate(**inputs, max_new_tokens=32)
     """
+    from vtc.adapters import unwrap_model
+
+    model = unwrap_model(model)  # the module the adapter reads (a PEFT wrapper's inner model)
     if getattr(getattr(model, "config", None), "model_type", None) != "gemma3":
         raise ValueError(
             f"pan_and_scan_crops is for Gemma 3 models (model_type 'gemma3'), got "
