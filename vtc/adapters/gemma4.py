@@ -24,7 +24,8 @@ What Gemma 4 changes for the engine, and where it is said:
   ``LayerSpec(cache="shared", kv_source=s)``. The engine gives such a layer the source's kept set as keys
   (see ``LayerSurgery._reader_inputs``); a drop placed *at* a shared layer is refused at ``apply`` (nothing to
   rank, nothing to remove, and ``generate()`` runs only the last prompt token through these layers); a skip-mode
-  routing there ranks with the source's projections (``rank_with``);
+  routing there ranks with the source's projections (``rank_with``) in a forward of the whole prompt, and under
+  ``generate()`` routes nothing (the last prompt token is text) while the layer reports the schedule's counts;
 * full-attention layers have their own head size (``global_head_dim``) and a partial ("proportional") rotary:
   :meth:`heads` and :meth:`_rope_fn` follow each layer's own attention module; attention logits are not scaled
   (``scaling = 1.0``): :meth:`attention_scale`.
