@@ -20,6 +20,7 @@ shared layer given its own kept set, or its queries rotated at their own renumbe
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -269,7 +270,10 @@ def test_drop_at_a_kv_shared_layer_is_refused():
 
 def test_skip_mode_routing_at_the_shared_layer():
     """mode='skip' routes layer 5 (KV-shared) too: cached generate equals the no-cache recompute (which routes
-    layer 5 with layer 3's projections), and each row alone."""
+    layer 5 with layer 3's projections), and each row alone. generate() sends only the last prompt token through
+    layer 5, so nothing is routed there; the counts it reports for layer 5 are the schedule's, by hand
+    (``floor(N_item * share)`` per image or frame, at least one), which a plain forward of the whole prompt (every
+    token through layer 5) routes and reports too."""
     from refs import greedy_nocache
 
     model = fam.make_model("sdpa")
@@ -277,6 +281,18 @@ def test_skip_mode_routing_at_the_shared_layer():
         inputs = fam.make_inputs(case)
         with vtc.apply(model, "progressive", mode="skip") as handle:
             seq, logits, _ = generate(model, inputs, 3)
+            assert 5 not in handle.session.state.selections  # generate(): nothing routed at layer 5
+            share = handle.session.plan.schedule.shares[5]
+            assert 0 < share < 1
+            by_hand = [
+                sum(max(1, math.floor(n * share + 1e-9)) for n in row) for row in fam.item_tokens(case)
+            ]
+            assert handle.stats.prefill_visual[5] == by_hand, case
+            counts = (handle.stats.prefill_visual[5], handle.stats.prefill_tokens[5])
+            with torch.no_grad():
+                model(**inputs)  # the whole prompt through every layer: layer 5 routes
+            assert [int(r.numel()) for r in handle.session.state.selections[5]] == by_hand, case
+            assert (handle.stats.prefill_visual[5], handle.stats.prefill_tokens[5]) == counts, case
             handle.session.forced = handle.session.state.selections
             seq_ref, logits_ref = greedy_nocache(model, inputs, 3, **fam.NOCACHE)
             handle.session.forced = None

@@ -1,5 +1,5 @@
-"""Pre-LLM methods on Gemma 3 (dfmr, visionzip, divprune, cdpruner, pool) and Gemma 4 (dfmr, divprune,
-cdpruner, pool; visionzip refused), on sdpa and eager, against the unpatched model fed the reduced prompt by
+"""Pre-LLM methods on Gemma 3 (dfmr, visionzip, divprune, cdpruner, pool) and Gemma 4 (the same and
+scope), on sdpa and eager, against the unpatched model fed the reduced prompt by
 hand:
 
 * hooked ``generate`` equals plain ``generate`` of the hand-reduced prompt (``<boi>``, ``k`` image tokens,
@@ -14,7 +14,9 @@ hand:
 
 Gemma 4 (below the Gemma 3 tests): each image and each video frame is reduced on its own soft-token grid; the
 hand-reduced prompt writes ``k`` placeholders per image (frame) with the reduced features through
-``mm_encoder_outputs`` (image and video), and ``mm_token_type_ids`` 1/2 there.
+``mm_encoder_outputs`` (image and video), and ``mm_token_type_ids`` 1/2 there. VisionZip's (and SCOPE's) scores
+on Gemma 4's tower (2-D rotary over padded 16 px patches, no CLS): the attention each soft token's 3x3 patches
+receive at the last tower layer, by hand from the tower's own eager attention weights over the real patches.
 """
 
 from __future__ import annotations
@@ -207,7 +209,12 @@ SPECS4 = {
     "divprune": lambda: vtc.DivPrune(tokens=3),
     "cdpruner": lambda: vtc.CDPruner(tokens=3),
     "pool": lambda: vtc.Pool(tokens=3),
+    "visionzip": lambda: vtc.VisionZip(tokens=3, contextual=1),
+    "visionzip-dominant": lambda: vtc.VisionZip(tokens=3, contextual=0),
+    "scope": lambda: vtc.Scope(tokens=3),
 }
+#: methods that keep exactly min(3, N) tokens of every image (frame)
+EXACT4 = ("divprune", "cdpruner", "visionzip", "visionzip-dominant", "scope")
 
 
 @pytest.fixture(params=["sdpa", "eager"])
@@ -283,7 +290,7 @@ def test_gemma4_generate_equals_plain_generate_on_hand_reduced_inputs(model4, ca
     for b, want in enumerate(fam4.item_tokens(case)):
         got = img[b] + vid[b]  # no case row holds both images and a video
         assert len(got) == len(want) and all(0 < g <= w for g, w in zip(got, want)), (b, got, want)
-        if method in ("divprune", "cdpruner"):
+        if method in EXACT4:
             assert got == [min(3, w) for w in want], (b, got, want)
     if case != "b1_img1":  # (pool keeps the lone 2x2 image of b1_img1 whole: 3 tokens do not tile it)
         assert sum(map(sum, img + vid)) < sum(map(sum, fam4.item_tokens(case)))
@@ -313,16 +320,96 @@ def test_gemma4_batch_equals_rows_alone_and_removal(model4, method):
         assert torch.equal(seq0, seq2) and torch.equal(logits0, logits2)
 
 
-def test_gemma4_keeping_every_token_is_bit_identical_and_visionzip_is_refused():
+def test_gemma4_keeping_every_token_is_bit_identical():
     model = fam4.make_model("sdpa")
     inputs = fam4.make_inputs("b3_video")
     seq0, logits0, _ = generate(model, inputs, STEPS)
-    for m in (vtc.DivPrune(ratio=1.0), vtc.CDPruner(ratio=1.0), vtc.Pool(ratio=1.0)):
+    for m in (
+        vtc.DivPrune(ratio=1.0),
+        vtc.CDPruner(ratio=1.0),
+        vtc.Pool(ratio=1.0),
+        vtc.VisionZip(ratio=1.0),
+        vtc.Scope(ratio=1.0),
+    ):
         with vtc.apply(model, m) as h:
             seq1, logits1, _ = generate(model, inputs, STEPS)
             assert h.stats.visual_input == h.stats.visual_original
         assert torch.equal(seq0, seq1) and torch.equal(logits0, logits1), m.name
-    with pytest.raises(ValueError, match="Gemma 4's tower attends over its 16 px patches"):
-        with vtc.apply(model, vtc.VisionZip(tokens=3)):
-            generate(model, inputs, STEPS)
-    assert getattr(model, "_vtc_session", None) is None
+
+
+def _received_by_hand(weights: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+    """Per image, ``[h*w]``: the attention each soft token's patches receive, from the tower's eager weights
+    ``[n, H, P, P]`` by loops: patch ``j`` receives the mean over heads and real queries of ``A[q, j]``; the soft
+    token of cell ``(r, c)`` averages its real patches with ``y // 3 == r`` and ``x // 3 == c``."""
+    out = []
+    for i in range(weights.shape[0]):
+        real = [j for j in range(positions.shape[1]) if positions[i, j, 0] >= 0]
+        a = weights[i].double()[:, real][:, :, real]  # [H, L, L] real queries and keys
+        recv = a.mean(0).mean(0)  # [L]
+        xs = [int(positions[i, j, 0]) for j in real]
+        ys = [int(positions[i, j, 1]) for j in real]
+        h, w = (max(ys) + 1) // fam4.POOL, (max(xs) + 1) // fam4.POOL
+        cells = torch.zeros(h * w, dtype=torch.float64)
+        for r in range(h):
+            for c in range(w):
+                mine = [t for t in range(len(real)) if ys[t] // fam4.POOL == r and xs[t] // fam4.POOL == c]
+                assert len(mine) == fam4.POOL * fam4.POOL
+                cells[r * w + c] = recv[mine].mean()
+        out.append(cells)
+    return out
+
+
+@pytest.mark.parametrize("case", ["b1_img2", "b3_pad", "b3_video"])
+def test_gemma4_tower_attention_scores_by_hand_from_eager_weights(case):
+    """The units' scores are the eager tower's own attention weights at its last layer, mapped to soft tokens by
+    hand (images of different sizes padded to one length in one call; video frames), and the units' features
+    project to the model's own soft-token embeddings."""
+    from vtc.adapters import get_adapter
+
+    model = fam4.make_model("eager")
+    adapter = get_adapter(model)
+    inputs = fam4.make_inputs(case)
+    key = "pixel_values" if "pixel_values" in inputs else "pixel_values_videos"
+    pkey = "image_position_ids" if key == "pixel_values" else "video_position_ids"
+    modality = "image" if key == "pixel_values" else "video"
+    pv, pos = inputs[key], inputs[pkey]
+    extra = {"num_frames_per_video": inputs.get("num_frames_per_video")} if modality == "video" else {}
+    with torch.no_grad():
+        units = adapter.vision_units(
+            pv, with_attention=True, what="visionzip", modality=modality, **{pkey: pos}, **extra
+        )
+        out = model.model.vision_tower(pixel_values=pv, pixel_position_ids=pos, output_attentions=True)
+    if pos.shape[0] > 1:  # the call pads some image to the longest: padding must neither score nor be scored
+        assert bool((pos < 0).any())
+    want = _received_by_hand(out.attentions[-1], pos)
+    seen = 0
+    for g, mem in zip(units.groups, units.members):
+        assert g.attention.shape == (len(mem), g.grid[0] * g.grid[1])
+        assert g.keys.shape[:2] == g.attention.shape
+        for j, (i, _) in enumerate(mem):
+            assert want[i].numel() == g.grid[0] * g.grid[1]
+            assert (g.attention[j].double() - want[i]).abs().max().item() <= 1e-6, (case, i)
+            seen += 1
+        assert torch.equal(
+            g.project(g.selected), g.projected()
+        )  # embed_vision of the soft tokens, bit for bit
+    assert seen == pos.shape[0]
+
+
+def test_gemma4_visionzip_keeps_the_soft_tokens_of_most_received_attention_by_hand():
+    """VisionZip with dominant tokens only on a call with images of different sizes (padded): the embeddings the
+    trunk receives are the model's own soft-token embeddings of the 3 cells of largest attention by hand (eager
+    tower weights), in grid order, per image."""
+    model = fam4.make_model("eager")
+    inputs = fam4.make_inputs("b1_img2")
+    pv, pos = inputs["pixel_values"], inputs["image_position_ids"]
+    with torch.no_grad():
+        out = model.model.vision_tower(pixel_values=pv, pixel_position_ids=pos, output_attentions=True)
+        own = model.model.get_image_features(pv, pos).pooler_output  # per image [h*w, D]
+    want = _received_by_hand(out.attentions[-1], pos)
+    _, _, kw, _ = run_hooked4(model, inputs, vtc.VisionZip(tokens=3, contextual=0))
+    got = kw["mm_encoder_outputs"]["image"].pooler_output
+    assert len(got) == len(own) == 2
+    for i in range(2):
+        top = sorted(sorted(range(want[i].numel()), key=lambda c: -float(want[i][c]))[:3])
+        assert torch.equal(got[i], own[i][top]), (i, top)

@@ -33,23 +33,16 @@ WINDOW = 8
 LAYER_TYPES = ["sliding_attention", "full_attention"] * 3
 KV_SOURCES = {5: 3}  # num_kv_shared_layers=1: layer 5 (full) reads layer 3, the last non-shared full layer
 
-#: pre-LLM methods that read the tower's attention over the soft tokens: refused on Gemma 4 with this error
-PRE_LLM_REFUSED_METHODS = {
-    name: r"Gemma 4's tower attends over its 16 px patches" for name in ("visionzip", "scope")
-}
-
 CASES = ["b1_img1", "b1_img2", "b3_pad", "b3_mixed", "b3_video"]
 BATCH_CASES = ["b3_pad", "b3_mixed", "b3_video"]
 VISUAL_TOKENS = (IMG, VID)
 NOCACHE = {"positions": positions_like_generate, "grow": ("mm_token_type_ids",)}
 METHOD_KWARGS: dict = {}
-SKIP_SPECS = {
-    # mode='skip' routes every layer from 2 on, layer 5 included: under generate() transformers runs only the last
-    # prompt token (text, routed either way) through the KV-shared layer 5, so vtc routes nothing there and the
-    # per-layer count of layer 5 is not the schedule's (the no-cache recompute, which computes every row, routes
-    # it); the outputs are the same either way (tests/test_gemma4.py::test_skip_mode_routing_at_the_shared_layer)
-    "prd-skip",
-}
+SKIP_SPECS: set = set()
+#: mode='skip' routes every layer from 2 on, layer 5 included: under generate() transformers runs only the last
+#: prompt token (text) through the KV-shared layer 5, so vtc routes nothing there, and layer 5's counts are the
+#: schedule's (what the no-cache recompute, which computes every token, routes through it); the outputs are the
+#: same either way (tests/test_gemma4.py::test_skip_mode_routing_at_the_shared_layer)
 
 
 def make_config():

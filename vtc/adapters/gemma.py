@@ -17,9 +17,17 @@ What Gemma 3 changes for the engine, and where it is said:
 * 1-D RoPE: ``compact`` and ``original`` positions both apply.
 
 Budgets: every image is one item of ``mm_tokens_per_image`` tokens on a square grid. Pan-and-scan crops reach
-the model as further images, each in its own ``<boi>...<eoi>`` run, and the processor keeps ``num_crops`` out
-of the model inputs (``Gemma3Processor.unused_input_names``), so nothing the model receives says which runs are
-crops of one image: each crop is its own budget item.
+the model as further images, each in its own ``<boi>...<eoi>`` run after the image's own run, and the processor
+keeps ``num_crops`` out of the model inputs (``Gemma3Processor.unused_input_names``; ``generate`` refuses it as a
+model input), so nothing the model receives says which runs are crops of one image (the phrase the processor
+writes around them is tokenizer text the model's config does not declare). The caller says it: inside
+``with pan_and_scan_crops(model, num_crops):`` (``num_crops`` as the image processor returns it, per image or per
+row and image) an image and its ``num_crops`` crops, ``1 + num_crops`` consecutive runs of one row, are one
+budget item: an in-decoder method keeps ``floor((1 + c) * 256 * share)`` of them together; a pre-LLM method
+reduces every run (the image and each crop) on its own grid with its own count, and the call's record and the
+in-decoder budgets after it count the image with its crops as one item. A grouping that does not fit the call
+(run count, a group across rows, a run that is not one image) raises. Without it every run is its own item,
+which is exact for the processor's default (``do_pan_and_scan=False``).
 
 Pre-LLM methods (dfmr, visionzip, divprune, cdpruner, pool, ...) work on the soft-token grid the LLM sees:
 :meth:`vision_units` runs the SigLIP tower, average-pools its patches ``k x k`` as ``Gemma3MultiModalProjector``
@@ -34,6 +42,8 @@ the mean of their keys (:meth:`vision_units`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -98,16 +108,86 @@ class Gemma3Adapter(ModelAdapter):
         return side, side
 
     def find_spans(self, visual: torch.Tensor, inputs: dict) -> list:
-        """One span (image block, budget item) per run of image tokens; a run of ``k`` images written without
+        """One span (image block) per run of image tokens, each its own budget item, or the item
+        :func:`pan_and_scan_crops` gives it (an image with its crops). A run of ``k`` images written without
         begin/end-of-image tokens between them is one block in Gemma's own mask, so it is one span here too, laid
-        out as ``k`` grids stacked vertically."""
+        out as ``k`` grids stacked vertically.
+
+        Raises
+        ------
+        ValueError
+            Under :func:`pan_and_scan_crops`, when the grouping does not fit the call's runs (:meth:`crop_items`).
+        """
         per = self.tokens_per_image()
         _, w = self.grid_of_image()
+        runs = visual_runs(visual)
+        items = self.crop_items([(b, t) for b, t, _ in runs], [n for _, _, n in runs])
         spans = []
-        for b, t, run in visual_runs(visual):
+        for i, (b, t, run) in enumerate(runs):
             grid = (run // w, w) if run % per == 0 else (1, run)
-            spans.append(ImageSpan(b, t, run, grid))
+            spans.append(ImageSpan(b, t, run, grid, item=None if items is None else items[i]))
         return spans
+
+    def budget_items(self, placement: list[tuple[int, int]], orig_tokens: list[int]) -> list[int]:
+        """Every image its own item, or (under :func:`pan_and_scan_crops`) an image and its crops one item."""
+        items = self.crop_items(placement, orig_tokens)
+        return list(range(len(placement))) if items is None else items
+
+    def placed_parts(self, units, image: int) -> list:
+        """One span on the fixed grid, in the budget item :meth:`budget_items` gives its image (its crops')."""
+        return [ImageSpan(-1, 0, units.orig_tokens[image], tuple(self.grid_of_image()), None, "image", 0)]
+
+    def crop_items(self, runs: list[tuple[int, int]], lengths: list[int]) -> list[int] | None:
+        """The budget item of each image run ``(row, start)`` (prompt order) under :func:`pan_and_scan_crops`: the
+        ``1 + num_crops[i]`` consecutive runs of image ``i`` share item ``i``; None outside it.
+
+        Raises
+        ------
+        ValueError
+            When the runs are not ``sum(1 + num_crops)``, a run is not one image's ``mm_tokens_per_image`` tokens,
+            an image's runs span two rows, or (``num_crops`` per row) a row holds other images than declared.
+        """
+        crops = self.model.__dict__.get(_CROPS_ATTR)
+        if crops is None:
+            return None
+        per = self.tokens_per_image()
+        flat = [c for row in crops for c in row] if crops and isinstance(crops[0], list) else list(crops)
+        want = sum(1 + c for c in flat)
+        fix = (
+            "Pass pan_and_scan_crops the num_crops the image processor returned for exactly this call's images "
+            "(processor.image_processor(images, do_pan_and_scan=True)['num_crops']), or leave the context."
+        )
+        if want != len(runs):
+            raise ValueError(
+                f"gemma3 pan-and-scan: num_crops={crops} gives {len(flat)} images with {want} image runs (each image "
+                f"and each crop one <start_of_image> run), but the call has {len(runs)} runs. {fix}"
+            )
+        bad = [n for n in lengths if n != per]
+        if bad:
+            raise ValueError(
+                f"gemma3 pan-and-scan: an image run of {bad[0]} tokens is not one image ({per} tokens); every image "
+                f"and crop must be its own <start_of_image>...<end_of_image> run. {fix}"
+            )
+        items, k = [], 0
+        per_row: dict[int, int] = {}
+        for i, c in enumerate(flat):
+            rows = {runs[k + j][0] for j in range(1 + c)}
+            if len(rows) != 1:
+                raise ValueError(
+                    f"gemma3 pan-and-scan: image {i} with its {c} crops would span rows {sorted(rows)}; an image and "
+                    f"its crops are consecutive runs of one row. {fix}"
+                )
+            per_row[runs[k][0]] = per_row.get(runs[k][0], 0) + 1
+            items += [i] * (1 + c)
+            k += 1 + c
+        if crops and isinstance(crops[0], list):
+            declared = {r: len(row) for r, row in enumerate(crops) if row}
+            if per_row != declared:
+                raise ValueError(
+                    f"gemma3 pan-and-scan: num_crops declares images per row {declared}, the call's runs place them "
+                    f"{per_row}. {fix}"
+                )
+        return items
 
     def image_blocks(self, inputs: dict) -> bool:
         """True when the trunk got ``token_type_ids`` (Gemma3Model then builds its image-block overlay).
@@ -202,3 +282,63 @@ class Gemma3Adapter(ModelAdapter):
         out = units.output
         out.pooler_output = torch.cat(list(embeds), 0).unsqueeze(0)
         return out
+
+
+#: where :func:`pan_and_scan_crops` keeps the grouping on the model instance while its context is open
+_CROPS_ATTR = "_vtc_gemma3_num_crops"
+
+
+@contextmanager
+def pan_and_scan_crops(model: nn.Module, num_crops) -> Iterator[None]:
+    """Budget each Gemma 3 image with its pan-and-scan crops as one item, for the calls made inside the context.
+
+    ``Gemma3Processor`` writes an image with ``c`` crops as ``1 + c`` image runs (the image, then its crops) but
+    drops ``num_crops`` from the model inputs; the image processor returns it.
+
+    Parameters
+    ----------
+    model : transformers.Gemma3ForConditionalGeneration
+        The model (or a PEFT wrapper of it) as given to ``vtc.apply``; the grouping is read at each prefill inside
+        the context.
+    num_crops : list[int], list[list[int]] or torch.Tensor
+        Crops of each image of the call in prompt order (``[N]``), or per row (``[[c, ...], ...]``, checked
+        against the rows the runs are in), as ``processor.image_processor(images, do_pan_and_scan=True)`` returns
+        it.
+
+    Raises
+    ------
+    ValueError
+        For a model that is not Gemma 3, negative or non-integer counts, or a context opened twice on one model.
+
+    Examples
+    --------
+    >>> crops = processor.image_processor(images, do_pan_and_scan=True)["num_crops"]  # doctest: +SKIP
+    >>> with vtc.apply(model, "pyramid_drop"), pan_and_scan_crops(model, crops):          # doctest: +SKIP
+    ...     out = model.generate(**inputs, max_new_tokens=32)
+    """
+    from vtc.adapters import unwrap_model
+
+    model = unwrap_model(model)  # the module the adapter reads (a PEFT wrapper's inner model)
+    if getattr(getattr(model, "config", None), "model_type", None) != "gemma3":
+        raise ValueError(
+            f"pan_and_scan_crops is for Gemma 3 models (model_type 'gemma3'), got "
+            f"{getattr(getattr(model, 'config', None), 'model_type', type(model).__name__)!r}"
+        )
+    if isinstance(num_crops, torch.Tensor):
+        num_crops = num_crops.tolist()
+    nested = bool(num_crops) and all(isinstance(r, list | tuple) for r in num_crops)
+    rows = [list(r) for r in num_crops] if nested else [list(num_crops)]
+    for c in (c for r in rows for c in r):
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise ValueError(
+                f"pan_and_scan_crops: num_crops={num_crops!r} must hold ints >= 0 (crops of each image), got {c!r}"
+            )
+    if _CROPS_ATTR in model.__dict__:
+        raise ValueError(
+            "pan_and_scan_crops is already open on this model; close it before opening another (one grouping per call)"
+        )
+    model.__dict__[_CROPS_ATTR] = rows if nested else rows[0]
+    try:
+        yield
+    finally:
+        model.__dict__.pop(_CROPS_ATTR, None)

@@ -24,7 +24,8 @@ What Gemma 4 changes for the engine, and where it is said:
   ``LayerSpec(cache="shared", kv_source=s)``. The engine gives such a layer the source's kept set as keys
   (see ``LayerSurgery._reader_inputs``); a drop placed *at* a shared layer is refused at ``apply`` (nothing to
   rank, nothing to remove, and ``generate()`` runs only the last prompt token through these layers); a skip-mode
-  routing there ranks with the source's projections (``rank_with``);
+  routing there ranks with the source's projections (``rank_with``) in a forward of the whole prompt, and under
+  ``generate()`` routes nothing (the last prompt token is text) while the layer reports the schedule's counts;
 * full-attention layers have their own head size (``global_head_dim``) and a partial ("proportional") rotary:
   :meth:`heads` and :meth:`_rope_fn` follow each layer's own attention module; attention logits are not scaled
   (``scaling = 1.0``): :meth:`attention_scale`.
@@ -35,10 +36,14 @@ FLOPs (:meth:`flops_dims`, :mod:`vtc.adapters.gemma4_dims`): each layer at its o
 input branch of every layer and the model's per-layer input projection, the KV-shared layers without K/V
 projections or cache, the MoE block where the config has one, and the tower at the soft-token budget.
 
-Pre-LLM methods (dfmr, divprune, cdpruner, pool) reduce each image (each video frame) on its own soft-token grid,
-from the model's own projected soft tokens (``get_image_features`` / ``get_video_features``, so keeping every
-token is the unpatched model). VisionZip is refused with a clear error (:meth:`check_vision_attention`): the
-tower's attention is over padded 16 px patches with 2-D rotary, not over the soft tokens the LLM sees.
+Pre-LLM methods (dfmr, visionzip, divprune, cdpruner, pool, scope) reduce each image (each video frame) on its own
+soft-token grid. A unit's features are the tower's pooled, standardized soft tokens (what ``embed_vision``
+projects), ``project`` is ``embed_vision`` and the model's own projected soft tokens are kept as the unit's
+projected features (``get_image_features`` / ``get_video_features``), so keeping every token is the unpatched model.
+The tower has no CLS token and attends over padded 16 px patches with 2-D rotary: VisionZip (and SCOPE) score a
+soft token by the attention its ``k x k`` patches receive at the tower's last layer, recomputed from that layer's
+own inputs over the image's real patches, averaged over heads and queries and then over the patches, and use the
+mean of their rotated keys (:meth:`Gemma4Adapter.tower_attention`).
 """
 
 from __future__ import annotations
@@ -280,26 +285,104 @@ class Gemma4Adapter(ModelAdapter):
         }
 
     def check_vision_attention(self, what: str, vision_feature_layer=None) -> int:
-        """Refused: Gemma 4's tower attends with 2-D rotary embeddings over padded patch sets and pools by
-        position afterwards; no single attention map over the soft tokens exists to read.
+        """The tower's last encoder layer (its output is what the pooler averages into soft tokens).
 
         Raises
         ------
         ValueError
-            Always.
+            For a ``vision_feature_layer`` (Gemma 4 always pools the last layer), or a tower whose last layer has
+            no ``self_attn`` with ``q_proj``/``k_proj``/``q_norm``/``k_norm``.
         """
-        raise ValueError(
-            f"{what} reads the vision tower's attention over the tokens the LLM receives; Gemma 4's tower attends "
-            "over its 16 px patches (2-D rotary, padded per image) and average-pools 3x3 of them into each soft "
-            "token afterwards, so there is no such attention map. Use a method that needs no attention "
-            "(divprune, cdpruner, pool, dfmr)."
-        )
+        if vision_feature_layer is not None:
+            raise ValueError(
+                f"{what}: Gemma 4 pools the vision tower's last layer; vision_feature_layer={vision_feature_layer!r} "
+                "has no meaning here. Leave it unset."
+            )
+        layers = self.vision_encoder_layers()
+        attn = getattr(layers[-1], "self_attn", None) if layers else None
+        if attn is None or not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "q_norm", "k_norm")):
+            raise ValueError(
+                f"{what} needs the vision tower's attention, but {type(self._base.vision_tower).__name__} has no "
+                "Gemma 4 encoder layers (self_attn with q_proj/k_proj/q_norm/k_norm) to read it from. Use a method "
+                "that needs no attention (divprune, cdpruner, pool, dfmr)."
+            )
+        return len(layers) - 1
+
+    def tower_attention(
+        self, captured: dict, positions: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image (frame), the attention each soft token's patches receive at the tower's last layer and their
+        mean key.
+
+        Recomputed from what that layer's ``self_attn`` received (``hidden_states`` after ``input_layernorm``, the
+        2-D rotary tables and ``position_ids``) as the module computes it: ``q = rope(q_norm(q_proj x))``, ``k =
+        rope(k_norm(k_proj x))`` per head, ``A_h = softmax(q_h k_h^T * scaling)`` in float32 over the image's real
+        patches only (padding patches, position ``(-1, -1)``, are masked as keys by the tower and are no queries
+        here). Patch ``j`` receives ``a_j = mean_{h, i} A_h[i, j]`` over heads and real queries; soft token ``s``
+        (the ``k x k`` patches with ``(y // k, x // k) = divmod(s, w)``, as ``Gemma4VisionPooler`` groups them)
+        scores the mean ``a_j`` of its patches and has key ``mean_{h, j} k_h[j]`` (heads of the keys, before
+        grouped-query repetition).
+
+        Parameters
+        ----------
+        captured : dict
+            ``hidden_states [n, P, Dv]``, ``position_embeddings`` ``(cos, sin)`` ``[n, P, dh]``, ``position_ids``
+            ``[n, P, 2]``: the layer's attention inputs.
+        positions : torch.Tensor
+            ``[n, P, 2]`` the call's patch positions ``(x, y)``, ``-1`` for padding.
+
+        Returns
+        -------
+        list of (torch.Tensor, torch.Tensor)
+            Per image, ``[h*w]`` float32 scores and ``[h*w, dh]`` float32 keys, row-major on its soft-token grid.
+        """
+        attn = self.vision_encoder_layers()[captured["block"]].self_attn
+        mod = sys.modules[type(attn).__module__]
+        x = captured["hidden_states"]
+        n, P, _ = x.shape
+        dh = int(attn.head_dim)
+        cos, sin = captured["position_embeddings"]
+        pos_ids = captured["position_ids"]
+
+        def heads(proj, norm):
+            y = norm(proj(x).view(n, P, -1, dh))
+            return mod.apply_multidimensional_rope(y, cos, sin, pos_ids).transpose(1, 2).float()
+
+        q = heads(attn.q_proj, attn.q_norm)  # [n, H, P, dh]
+        k = heads(attn.k_proj, attn.k_norm)  # [n, Hkv, P, dh]
+        kq = mod.repeat_kv(k, int(attn.num_key_value_groups))  # [n, H, P, dh]
+        H = q.shape[1]
+        p = self.pool
+        valid = (positions >= 0).all(-1)
+        out = []
+        for i, (h, w) in enumerate(self._grids(positions)):
+            idx = valid[i].nonzero().squeeze(1)  # the image's real patches
+            qi, ki = q[i][:, idx], kq[i][:, idx]
+            L = idx.numel()
+            step = max(1, self.ATTN_CHUNK // max(1, H * L))
+            acc = torch.zeros(L, dtype=torch.float32, device=q.device)
+            for c in range(0, L, step):
+                wts = torch.softmax((qi[:, c : c + step] @ ki.transpose(-1, -2)) * attn.scaling, dim=-1)
+                acc += wts.sum((0, 1))
+            xy = positions[i, idx].to(q.device)
+            cell = (xy[:, 1] // p) * w + xy[:, 0] // p  # the soft token each patch is pooled into
+            cnt = torch.bincount(cell, minlength=h * w).clamp(min=1).float()
+            score = torch.zeros(h * w, device=q.device).index_add_(0, cell, acc / (H * L)) / cnt
+            key = torch.zeros(h * w, dh, device=q.device).index_add_(0, cell, k[i][:, idx].mean(0))
+            out.append((score, key / cnt.unsqueeze(1)))
+        return out
+
+    #: most float32 attention weights one chunk of :meth:`tower_attention` holds at once
+    ATTN_CHUNK = 1 << 24
 
     def vision_units(
         self, pixel_values, with_attention=False, what="this method", modality="image", **params
     ):
-        """One unit per image (per video frame) on its soft-token grid; the features are the model's own
-        projected soft tokens (``embed_vision`` output), so ``project`` is the identity.
+        """One unit per image (per video frame) on its soft-token grid: the tower's pooled, standardized soft
+        tokens (what ``embed_vision`` receives) with ``embed_vision`` as ``project``, so a merged or pooled token
+        is projected as the model projects a soft token; the model's own embeddings of every token are kept as
+        the projected features (keeping every token is the unpatched model bit for bit). With
+        ``with_attention``, each soft token's tower attention and key (:meth:`tower_attention`).
 
         Parameters
         ----------
@@ -310,8 +393,6 @@ class Gemma4Adapter(ModelAdapter):
         """
         from vtc.engine.units import ImageInputs, VisionUnits
 
-        if with_attention:
-            self.check_vision_attention(what)
         key = "image_position_ids" if modality == "image" else "video_position_ids"
         positions = params.get(key)
         if positions is None:
@@ -319,30 +400,59 @@ class Gemma4Adapter(ModelAdapter):
                 f"{what} on Gemma 4 needs {key} with the {modality}s' pixels (the processor gives them)"
             )
         base = self._base
-        if modality == "image":
-            out = type(base).get_image_features(base, pixel_values, positions, return_dict=True)
-        else:
-            out = type(base).get_video_features(
-                base,
-                pixel_values,
-                positions,
-                num_frames_per_video=params.get("num_frames_per_video"),
-                return_dict=True,
-            )
+        captured: dict = {}
+        handle = None
+        if with_attention:
+            captured["block"] = self.check_vision_attention(what)
+
+            def _capture(_module, args, kwargs):
+                captured["hidden_states"] = args[0] if args else kwargs["hidden_states"]
+                for name in ("position_embeddings", "position_ids"):
+                    captured[name] = kwargs[name]
+
+            layer = self.vision_encoder_layers()[captured["block"]]
+            handle = layer.self_attn.register_forward_pre_hook(_capture, with_kwargs=True)
+        try:
+            if modality == "image":
+                out = type(base).get_image_features(base, pixel_values, positions, return_dict=True)
+            else:
+                out = type(base).get_video_features(
+                    base,
+                    pixel_values,
+                    positions,
+                    num_frames_per_video=params.get("num_frames_per_video"),
+                    return_dict=True,
+                )
+        finally:
+            if handle is not None:
+                handle.remove()
         grids = self._grids(positions)
-        flat = torch.cat(list(out.pooler_output), 0)
-        feats = list(flat.split([h * w for h, w in grids]))  # per image (frame): [h*w, D] row-major
+        cuts = [h * w for h, w in grids]
+        soft = list(out.last_hidden_state.split(cuts))  # per image (frame): [h*w, Dv] row-major
+        feats = list(torch.cat(list(out.pooler_output), 0).split(cuts))  # [h*w, D], the model's embeddings
+        scored = None
+        if with_attention:
+            if "hidden_states" not in captured:
+                raise RuntimeError(f"{what}: the tower's last attention layer was not called")
+            scored = self.tower_attention(captured, positions)
         by_grid: dict[tuple[int, int], list[int]] = {}
         for i, g in enumerate(grids):
             by_grid.setdefault(g, []).append(i)
         groups, members = [], []
         for g, mem in by_grid.items():
-            x = torch.stack([feats[i] for i in mem])
-            groups.append(ImageInputs(selected=x, cls=0, grid=g, project=_identity))
+            groups.append(
+                ImageInputs(
+                    selected=torch.stack([soft[i] for i in mem]),
+                    cls=0,
+                    grid=g,
+                    project=base.embed_vision,
+                    attention=None if scored is None else torch.stack([scored[i][0] for i in mem]),
+                    keys=None if scored is None else torch.stack([scored[i][1] for i in mem]),
+                    _projected=torch.stack([feats[i] for i in mem]),
+                )
+            )
             members.append([(i, 0) for i in mem])
-        return VisionUnits(
-            groups, members, [f.shape[0] for f in feats], out, [1] * len(feats), {"grids": grids}
-        )
+        return VisionUnits(groups, members, cuts, out, [1] * len(feats), {"grids": grids})
 
     def placed_parts(self, units, image: int) -> list:
         """One span on the image's (frame's) own grid, as :meth:`find_spans` gives it."""
@@ -354,7 +464,3 @@ class Gemma4Adapter(ModelAdapter):
         out = units.output
         out.pooler_output = list(embeds)
         return out
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x

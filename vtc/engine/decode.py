@@ -29,7 +29,8 @@ class DecodeSurgery:
 
         Layers with equal keys get the same decode mask and rotary tables at every step: a view's padding is
         on the left, so its length and per-row valid counts fix its 2D mask and the layers seeing it hold
-        equally long caches; ``shift`` fixes the positions; the mask kind and rotary key complete it.
+        equally long caches; ``shift`` fixes the positions; the mask kind and rotary key complete it, and a
+        sliding layer's window also depends on which positions its view kept (the view's position table).
         """
         spec = self.specs[l]
         if not spec.attention:
@@ -39,7 +40,10 @@ class DecodeSurgery:
         _, tok = self.counts(view)
         all_valid = all(t == view.length for t in tok)
         shift = None if view.shift is None else id(view.shift)
-        st.decode_key[l] = (view.length, tuple(tok), shift, all_valid, spec.mask_key, spec.rotary)
+        # a sliding window is measured on the view's own positions: skip-mode routings of equal counts at two
+        # sliding layers keep different tokens, so their windows differ (the view's positions join the key)
+        window = id(view.pos) if spec.mask == "sliding" else None
+        st.decode_key[l] = (view.length, tuple(tok), shift, all_valid, spec.mask_key, spec.rotary, window)
 
     def decode(self, l: int, args, kwargs):
         """Decode step at a shortened layer: the mask (and, in compact mode, positions and rotary tables)

@@ -343,10 +343,13 @@ class LayerSurgery(DecodeSurgery, SharedKVReaders):
         view = st.current
         touched = view is not st.base
         select = l in self.selection and not self._nothing_dropped(l, view)
+        scheduled = None
         if select and plan.mode == "skip" and hidden.shape[1] < view.length:
             # only the last rows reach this layer (a KV-shared layer under generate()): they are text, routed
-            # either way, and the other rows are not computed: nothing to route
+            # either way, and the other rows are not computed: nothing to route. The layer's counts are the
+            # schedule's (what a forward of the whole prompt routes through it), as a drop-mode view reports them
             select = False
+            scheduled = [sum(t) for t in self.keep_targets(l)]
 
         st.key_record = None
         if select:
@@ -388,7 +391,7 @@ class LayerSurgery(DecodeSurgery, SharedKVReaders):
         if l in self.kv_sources:
             st.layer_view[l] = view
         self._save_prev(l, hidden, view)
-        self._record(l, view)
+        self._record(l, view, scheduled)
         replay.add(key, l, incoming, ((), kwargs), passed)
         return (hidden, *args[1:]), kwargs
 
@@ -399,9 +402,12 @@ class LayerSurgery(DecodeSurgery, SharedKVReaders):
             cos, sin = self.tables(view, self.specs[rank].rotary, hidden)
             self.state.saved_inputs[l] = (hidden, view, cos, sin, rank)
 
-    def _record(self, l: int, view: View) -> None:
+    def _record(self, l: int, view: View, scheduled: list[int] | None = None) -> None:
+        """Layer ``l``'s prefill counts: ``view``'s, or ``scheduled`` visual tokens per row in place of its own."""
         stats = self.state.stats
         vis, tok = self.counts(view)
+        if scheduled is not None:
+            vis, tok = scheduled, [t - v + k for t, v, k in zip(tok, vis, scheduled)]
         stats.prefill_visual[l] = list(vis)
         stats.prefill_tokens[l] = list(tok)
 

@@ -27,7 +27,9 @@ class CallStats:
     visual_input : list[int]
         ``[B]`` visual tokens per row entering the language model (after pre-LLM compression).
     prefill_visual : list[list[int]]
-        ``[L][B]`` visual tokens processed by layer ``l`` during prefill.
+        ``[L][B]`` visual tokens processed by layer ``l`` during prefill. A KV-shared layer (Gemma 4) that
+        ``generate()`` runs on the last prompt token only counts what a forward of the whole prompt gives it: the
+        tokens kept before it, or the schedule's count where a skip-mode routing is placed at it.
     prefill_tokens : list[list[int]]
         ``[L][B]`` valid tokens (text + visual, padding excluded) processed by layer ``l`` during
         prefill. This is also what layer ``l`` holds in its KV cache after prefill.
