@@ -52,6 +52,8 @@ def _measure(model, spec, new_tokens: int):
     try:
         if handle is not None:
             session = handle.session.layers  # the decoder-layer hooks call these per layer
+            # the layers' own work, whole: no keys served from the ranking (test_ranking_cost.py counts those)
+            handle.reuse_keys = False
             for name in ("prefill", "decode"):
                 original = getattr(session, name)
 

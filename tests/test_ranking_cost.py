@@ -157,3 +157,33 @@ def test_no_keys_are_served_under_autograd():
     for l in layers:
         assert 0 not in rows[l]
         assert model.model.language_model.layers[l].self_attn.k_proj.weight.grad.abs().sum() > 0
+
+
+def test_served_keys_save_exactly_the_kept_rows_projection():
+    """FLOPs of a prefill with keys served, against one where each layer projects its own: the difference is the
+    key projection of the rows each selection layer runs on, ``2 * B * Tk * D * (Hkv * dh)`` by hand."""
+    from vtc.flops import measured_flops
+
+    model = make_model("sdpa")
+    inputs = make_inputs("b3_pad")
+    cfg = model.config.text_config
+    dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_width = cfg.num_key_value_heads * dh
+    total = {}
+    with vtc.apply(model, "pyramid_drop", layers=[1, 2, 3], lam=0.5) as h, torch.no_grad():
+        layers = sorted(h.session.layers.selection)
+        rows, handles = _key_calls(model, layers)
+        try:
+            for reuse in (True, False):
+                h.reuse_keys = reuse
+                for r in rows.values():
+                    r.clear()
+                total[reuse] = measured_flops(model, **inputs).total
+            kept_rows = {l: rows[l][-1] for l in layers}  # the rows each layer projected itself (reuse off)
+        finally:
+            for hd in handles:
+                hd.remove()
+    B = inputs["input_ids"].shape[0]
+    by_hand = sum(2 * B * kept_rows[l] * cfg.hidden_size * kv_width for l in layers)
+    assert by_hand > 0
+    assert total[False] - total[True] == by_hand
