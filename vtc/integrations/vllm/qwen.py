@@ -20,6 +20,7 @@ DeepStack levels.
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import torch
@@ -299,6 +300,15 @@ class _VtcQwenModel:
         return reduce_qwen_images(
             method, feats, grids, width, self._vtc_levels(), self.config.model_type, attention, keys
         )
+
+    def get_encoder_cudagraph_config(self):
+        """With a method, no modality replays vLLM's encoder CUDA graphs (``cudagraph_mm_encoder``): a replay runs
+        the stock tower in place of ``embed_multimodal``, which places the method's image embeddings and adds the
+        position channels to every item's (vLLM turns them off for its EVS pruning the same way)."""
+        config = super().get_encoder_cudagraph_config()
+        if self.vtc_method is None:
+            return config
+        return dataclasses.replace(config, modalities=[])
 
     def _process_video_input(self, video_input):
         out = super()._process_video_input(video_input)
