@@ -3,7 +3,9 @@ classes are vLLM's own.
 
 With a method:
 
-* each image's placeholder run holds the method's count for its merged grid (the prompt update's replacement);
+* each image's placeholder run holds the method's count for its merged grid (the prompt update's replacement), and
+  the processing info's counts (``get_num_image_tokens``, ``get_max_image_tokens``: vLLM's encoder budget, cache
+  and profiling) are the method's;
 * the image encoder runs vLLM's tower, then the method's own ``reduce`` on each merged grid (the features the
   transformers adapter hands it, :meth:`vtc.adapters.qwen_vl.QwenVLAdapter.vision_units`) and, on Qwen3-VL, reduces
   the DeepStack features with the adapter's own ``finish_features``;
