@@ -20,12 +20,14 @@ METHODS = {
 
 
 #: the configurations tested on the tiny Qwen2.5-VL and Qwen3-VL (merged grids of 4x4 to 6x6 tokens; pool 9 = 3x3;
-#: divprune a quarter; dfmr factor 2 halves each side)
+#: divprune a quarter; dfmr factor 2 halves each side; visionzip 10 = 8 dominant + 2 contextual on Qwen2.5-VL, 10
+#: dominant on Qwen3-VL, whose DeepStack makes contextual=0 the default)
 QWEN_METHODS = {
     "stock": None,
     "pool": {"method": "pool", "tokens": 9},
     "divprune": {"method": "divprune", "ratio": 0.25},
     "dfmr": {"method": "dfmr", "mode": "fixed", "factor": 2},
+    "visionzip": {"method": "visionzip", "tokens": 10},
 }
 #: image sizes (width, height) of the Qwen prompts, cycled over the images: merged grids (h, w) of (4, 4), (4, 6),
 #: (6, 4), (6, 6), so the two images of a prompt differ in size
@@ -36,13 +38,34 @@ def methods(family: str) -> dict:
     return METHODS if family == "llava" else QWEN_METHODS
 
 
+#: amplitude of the fixed noise added to the Qwen prompts' images (intensity levels of 255)
+QWEN_NOISE = 12
+
+
+def _noisy(im, seed: int):
+    """``im`` plus a fixed uniform noise of +-:data:`QWEN_NOISE` levels. The synthetic scenes are shapes on flat
+    backgrounds, where a rotary-position tower gives patches at mirrored offsets exactly equal scores (a flat patch
+    between two flat targets at offsets (-1, -1) and (1, 1) has two equal key similarities): such exact ties are
+    resolved by the last bit of each implementation's rounding, so two engines need not agree on them (VisionZip's
+    contextual assignment met one). The noise makes every patch distinct, as in photographs."""
+    import numpy as np
+    from PIL import Image
+
+    x = np.asarray(im.convert("RGB"), dtype=np.int16)
+    noise = np.random.default_rng(seed).integers(-QWEN_NOISE, QWEN_NOISE + 1, size=x.shape)
+    return Image.fromarray(np.clip(x + noise, 0, 255).astype(np.uint8))
+
+
 def samples(family: str = "llava"):
     """``N_SINGLE`` one-image and ``N_DOUBLE`` two-image samples of the synthetic ``val`` split (resized to
-    :data:`QWEN_SIZES` for the Qwen families)."""
+    :data:`QWEN_SIZES` with a fixed noise, :func:`_noisy`, for the Qwen families)."""
     items = make_split("val", N_SINGLE) + make_split("val", N_DOUBLE, two_image=True)
     if family != "llava":
         for i, s in enumerate(items):
-            s.images = [im.resize(QWEN_SIZES[(i + j) % len(QWEN_SIZES)]) for j, im in enumerate(s.images)]
+            s.images = [
+                _noisy(im.resize(QWEN_SIZES[(i + j) % len(QWEN_SIZES)]), 2 * i + j)
+                for j, im in enumerate(s.images)
+            ]
     return items
 
 

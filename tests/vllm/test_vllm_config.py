@@ -95,3 +95,38 @@ def test_transformers5_tower_names_get_the_vision_model_level():
         "language_model.model.embed_tokens.weight",
         "multi_modal_projector.linear_1.weight",
     ]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"method": "pool", "tokens": 9},
+        {"method": "pool", "tokens": 13},
+        {"method": "pool", "ratio": 0.25},
+        {"method": "divprune", "ratio": 0.3},
+        {"method": "divprune", "tokens": 50},
+        {"method": "visionzip", "tokens": 10},
+        {"method": "dfmr", "mode": "fixed", "factor": 2},
+        {"method": "dfmr", "mode": "fixed", "factor": 3},
+    ],
+)
+@pytest.mark.parametrize("cells", [1, 7, 36, 60])
+def test_max_kept_tokens_bounds_every_grid(spec, cells):
+    """The most a method places on any grid of at most ``cells`` tokens, against every grid by brute force: equal
+    where the count grows with each side, an upper bound (at most ``2 k - 1``) for pool's nearest layout."""
+    import warnings
+
+    from vtc.integrations.vllm.config import max_kept_tokens
+
+    method = method_from_config(cfg(spec))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # counts above a small grid keep it whole
+        most = max(kept_tokens(method, (a, b)) for a in range(1, cells + 1) for b in range(1, cells // a + 1))
+    got = max_kept_tokens(method, cells)
+    if spec["method"] == "pool":
+        k = min(spec["tokens"], cells) if "tokens" in spec else max(1, round(spec["ratio"] * cells))
+        assert most <= got == min(cells, 2 * k - 1)
+    else:
+        assert got == most
+    with pytest.raises(ValueError, match="at least 1 token"):
+        max_kept_tokens(method, 0)

@@ -2,7 +2,10 @@
 venv's transformers 5, with a local processor): the same greedy tokens on every prompt (one image, and two images of
 different sizes) and first-step logprobs within 1e-4 for each method and without one; placeholder counts per image
 counted by hand; vLLM with plugins disabled gives exactly what the plugin's class gives without a ``vtc`` entry; the
-plugin's M-RoPE positions against the uncompressed prompt's positions gathered by hand (no engine)."""
+plugin's M-RoPE positions against the uncompressed prompt's positions gathered by hand (no engine); the processing
+info's image token counts (no engine). ``visionzip`` runs on both families: its scores come from vLLM's tower, so
+the equality test fails when the plugin reads another block or unrotated keys (tried: 16 of 32 Qwen2.5-VL prompts
+differ with unrotated keys, 29 of 32 Qwen3-VL prompts with block 0)."""
 
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ def kept_by_hand(name: str, h: int, w: int) -> int:
         "pool": 9,  # 3x3 fits every grid
         "divprune": round(h * w / 4),
         "dfmr": math.ceil(h / 2) * math.ceil(w / 2),
+        "visionzip": 10,  # every grid has at least 16 tokens
     }[name]
 
 
@@ -140,20 +144,108 @@ def test_positions_are_the_uncompressed_prompts_at_the_kept_cells(family):
     assert len(tokens) + delta == len(full_tokens) + full_delta
 
 
-@pytest.mark.parametrize("model_type", QWEN_FAMILIES)
-def test_attention_methods_are_refused_with_the_alternatives(model_type):
-    from vtc.integrations.vllm.qwen import _checked_method
+def _config(model_type: str, spec, **vision):
+    vc = dict(depth=3, spatial_merge_size=2)
+    if model_type == "qwen2_5_vl":
+        vc["fullatt_block_indexes"] = [1]
+    else:
+        vc["deepstack_visual_indexes"] = [0, 1]
+    vc.update(vision)
+    return SimpleNamespace(vtc=spec, model_type=model_type, vision_config=SimpleNamespace(**vc))
 
-    cfg = SimpleNamespace(
-        vtc={"method": "visionzip", "tokens": 8},
-        model_type=model_type,
-        vision_config=SimpleNamespace(depth=2),
-    )
-    with pytest.raises(
-        ValueError, match="visionzip reads the vision tower's attention.*pool, divprune or dfmr"
-    ):
-        _checked_method(cfg)
+
+@pytest.mark.parametrize("model_type", QWEN_FAMILIES)
+def test_method_checks_answer_as_the_transformers_adapter(model_type):
+    """visionzip is accepted, reading the block the transformers adapter reads; refused where the adapter refuses
+    it (contextual tokens with DeepStack, a tower without a full-attention block)."""
+    from vtc.integrations.vllm.qwen import _checked_method
+    from vtc.integrations.vllm.qwen_attention import scored_block
+
+    cfg = _config(model_type, {"method": "visionzip", "tokens": 8})
+    method = _checked_method(cfg)
+    # by hand: Qwen2.5-VL reads its last full-attention block (1 of 3), Qwen3-VL its last block
+    assert scored_block(cfg.vision_config, model_type) == (1 if model_type == "qwen2_5_vl" else 2)
+    # the contextual count an unset field means: the paper's 10/64 of 8 (1) without DeepStack, 0 with it
+    assert method._contextual() == (None if model_type == "qwen2_5_vl" else 0)
+    cfg.vtc = {"method": "visionzip", "tokens": 8, "contextual": 2}
+    if model_type == "qwen3_vl":
+        with pytest.raises(ValueError, match="visionzip contextual=2 on qwen3_vl.*DeepStack.*contextual=0"):
+            _checked_method(cfg)
+    else:
+        assert _checked_method(cfg).contextual == 2
+        windowed = _config(model_type, {"method": "visionzip", "tokens": 8}, fullatt_block_indexes=[])
+        with pytest.raises(ValueError, match=r"fullatt_block_indexes=\[\] \(every block is windowed\)"):
+            _checked_method(windowed)
     cfg.vtc = {"method": "pool", "tokens": 9}
     assert _checked_method(cfg).tokens == 9
     cfg.vtc = None
     assert _checked_method(cfg) is None
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_image_token_counts_are_the_methods(family, qwen_runs):
+    """``get_num_image_tokens`` is the method's count for the image's merged grid (by hand); ``get_max_image_tokens``
+    (what sizes vLLM's encoder budget and cache, ``get_mm_max_tokens_per_item``) bounds every grid's count, exactly
+    where the count grows with each side; without a method both are vLLM's own."""
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    import vtc.integrations.vllm as plugin
+    from vtc.integrations.vllm.config import kept_tokens, method_from_config
+
+    plugin.register()
+    mc = ModelConfig(model=str(qwen_runs.checkpoint(family)), dtype="float32", max_model_len=512)
+    info = MULTIMODAL_REGISTRY.create_processor(mc).info
+    assert type(info).__name__.startswith("Vtc")
+    ip = info.get_image_processor()
+    cells = 36  # the checkpoint's max_pixels, 168 x 168: a 6 x 6 merged grid
+    grids = [
+        (a, b) for a in range(1, cells + 1) for b in range(1, cells // a + 1)
+    ]  # every grid of <= 36 tokens
+
+    def num(w, h):
+        return info.get_num_image_tokens(image_width=w, image_height=h, image_processor=ip, mm_kwargs={})
+
+    assert [num(w, h) for w, h in QWEN_SIZES] == [h * w // 28**2 for w, h in QWEN_SIZES]
+    assert info.get_max_image_tokens() == cells
+    for name, spec in QWEN_METHODS.items():
+        if spec is None:
+            continue
+        mc.hf_config.vtc = spec
+        try:
+            for w, h in QWEN_SIZES:
+                assert num(w, h) == kept_by_hand(name, h // 28, w // 28), (name, w, h)
+            top = info.get_max_image_tokens()
+            most = max(kept_tokens(method_from_config(mc.hf_config), g) for g in grids)
+            if name == "pool":  # the nearest layout to 9 on any grid: at most 2 * 9 - 1
+                assert most <= top == 17
+            else:  # by hand: dfmr's largest is the 1 x 36 strip (1 x 18), divprune's 36 / 4, visionzip's 10
+                assert top == most == {"dfmr": 18, "divprune": 9, "visionzip": 10}[name], name
+            assert info.get_mm_max_tokens_per_item(seq_len=512, mm_counts={"image": 1})["image"] == top
+        finally:
+            mc.hf_config.vtc = None
+
+
+def test_encoder_cuda_graphs_are_off_with_a_method():
+    """A CUDA-graph replay of the tower would bypass the method's encoder: no modality replays with a method, both
+    keep vLLM's own configuration without one."""
+    import dataclasses
+
+    from vllm.v1.worker.encoder_cudagraph_defs import EncoderCudaGraphConfig
+
+    from vtc.integrations.vllm.qwen import _VtcQwenModel
+
+    stock = EncoderCudaGraphConfig(**{f.name: None for f in dataclasses.fields(EncoderCudaGraphConfig)})
+    stock.modalities = ["image", "video"]
+
+    class Stock:
+        def get_encoder_cudagraph_config(self):
+            return dataclasses.replace(stock)
+
+    class Model(_VtcQwenModel, Stock):
+        def __init__(self, method):
+            self.vtc_method = method
+
+    assert Model(None).get_encoder_cudagraph_config().modalities == ["image", "video"]
+    assert Model(object()).get_encoder_cudagraph_config().modalities == []
+    assert stock.modalities == ["image", "video"]

@@ -78,6 +78,70 @@ def _split_frames(feats, frames, ds):
     return f_out, g_out, d_out
 
 
+def last_full_attention_block(n_blocks: int, full_indexes, model_type: str, what: str) -> int:
+    """Index of the last block of a Qwen-VL tower of ``n_blocks`` that attends over a whole image (video frame):
+    the last block when ``full_indexes`` (Qwen2.5-VL's ``fullatt_block_indexes``) is None, else the last of those.
+
+    Raises
+    ------
+    ValueError
+        ``full_indexes`` empty: every block attends within windows, no block sees a whole image.
+    """
+    if full_indexes is None:
+        return n_blocks - 1
+    full = sorted(int(i) % n_blocks for i in full_indexes)
+    if not full:
+        raise ValueError(
+            f"{what} reads the tower's attention over a whole image, but this {model_type} tower has "
+            "fullatt_block_indexes=[] (every block is windowed). Use a method that needs no attention (divprune, "
+            "cdpruner, pool, dfmr)."
+        )
+    return full[-1]
+
+
+def merged_token_attention(
+    q: torch.Tensor, k: torch.Tensor, bounds: list[int], scale: float, unit: int, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per merged token, the attention it receives and its key, from one tower block's rotated queries and keys
+    (the formula of :meth:`QwenVLAdapter.tower_attention`; the vLLM plugin calls it on vLLM's tower too).
+
+    Parameters
+    ----------
+    q, k : torch.Tensor
+        ``[H, S, dh]`` float32 rotated queries and keys of the block, in the tower's patch order.
+    bounds : list[int]
+        ``[F + 1]`` cumulative patch counts of the frames (attention never crosses frames).
+    scale : float
+        The block's softmax scale.
+    unit : int
+        Patches per merged token (``spatial_merge_size**2``, consecutive in the tower's order).
+    chunk : int
+        Most attention weights (heads x queries x keys) held at once.
+
+    Returns
+    -------
+    attention : torch.Tensor
+        ``[S / unit]`` float32: ``mean_{h, i} softmax(q_h k_h^T * scale)[i, j]`` over the frame's queries ``i``,
+        averaged over the merged token's patches ``j``.
+    keys : torch.Tensor
+        ``[S / unit, dh]``: ``k`` averaged over heads and the merged token's patches.
+    """
+    H, S = q.shape[0], q.shape[1]
+    received = []
+    for a, b in zip(bounds[:-1], bounds[1:]):  # one frame at a time (attention does not cross frames)
+        kf = k[:, a:b]
+        L = b - a
+        step = max(1, chunk // max(1, H * L))
+        acc = torch.zeros(L, dtype=torch.float32, device=q.device)
+        for c in range(a, b, step):
+            w = torch.softmax((q[:, c : min(b, c + step)] @ kf.transpose(-1, -2)) * scale, dim=-1)
+            acc += w.sum((0, 1))
+        received.append(acc / (H * L))
+    score = torch.cat(received).view(S // unit, unit).mean(1)
+    keys = k.mean(0).view(S // unit, unit, -1).mean(1)
+    return score, keys
+
+
 class QwenVLAdapter(ModelAdapter):
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
     text_model_types = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
@@ -348,16 +412,7 @@ class QwenVLAdapter(ModelAdapter):
                 "method that needs no attention (divprune, cdpruner, pool, dfmr)."
             )
         full = getattr(self._base.visual, "fullatt_block_indexes", None)
-        if full is None:
-            return len(blocks) - 1
-        full = sorted(int(i) % len(blocks) for i in full)
-        if not full:
-            raise ValueError(
-                f"{what} reads the tower's attention over a whole image, but this "
-                f"{self.model.config.model_type} tower has fullatt_block_indexes=[] (every block is windowed). "
-                "Use a method that needs no attention (divprune, cdpruner, pool, dfmr)."
-            )
-        return full[-1]
+        return last_full_attention_block(len(blocks), full, self.model.config.model_type, what)
 
     def _window_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
         """``[sum(t*h'*w')]`` the merged-token order inside a Qwen2.5-VL tower (its window permutation), None
@@ -419,21 +474,8 @@ class QwenVLAdapter(ModelAdapter):
         cos, sin = block_inputs["position_embeddings"]
         q, k = rope(q, k, cos, sin)
         q, k = q.transpose(0, 1).float(), k.transpose(0, 1).float()  # [H, S, dh]
-        H = q.shape[0]
         bounds = block_inputs["cu_seqlens"].tolist()
-        received = []
-        for a, b in zip(bounds[:-1], bounds[1:]):  # one frame at a time (attention does not cross frames)
-            kf = k[:, a:b]
-            L = b - a
-            step = max(1, self.ATTN_CHUNK // max(1, H * L))
-            acc = torch.zeros(L, dtype=torch.float32, device=q.device)
-            for c in range(a, b, step):
-                w = torch.softmax((q[:, c : min(b, c + step)] @ kf.transpose(-1, -2)) * attn.scaling, dim=-1)
-                acc += w.sum((0, 1))
-            received.append(acc / (H * L))
-        u = self.merge_size**2
-        score = torch.cat(received).view(S // u, u).mean(1)
-        keys = k.mean(0).view(S // u, u, -1).mean(1)
+        score, keys = merged_token_attention(q, k, bounds, attn.scaling, self.merge_size**2, self.ATTN_CHUNK)
         order = self._window_order(grid_thw)
         if order is not None:  # back from the window order to the merger's output order
             back = torch.argsort(order.to(score.device))

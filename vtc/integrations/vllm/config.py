@@ -7,6 +7,7 @@ placeholders of a request when it is processed: ``pool``, ``divprune``, ``vision
 
 from __future__ import annotations
 
+from vtc.engine.units import resolve_count
 from vtc.methods.base import CountedPreLLMMethod, PreLLMMethod
 from vtc.methods.dfmr import DFMR, pooled_grid
 from vtc.registry import build_dataclass, get_method_class
@@ -66,6 +67,33 @@ def kept_tokens(method: PreLLMMethod, grid: tuple[int, int], cls: int = 0) -> in
     if not isinstance(method, CountedPreLLMMethod):
         raise ValueError(f"vtc method {method.name!r} has no fixed token count per image")
     return method.tokens_on_grid((h, w)) + cls
+
+
+def max_kept_tokens(method: PreLLMMethod, max_cells: int) -> int:
+    """The most tokens ``method`` places for one image whose grid has at most ``max_cells`` tokens (any ``(h, w)``
+    with ``h * w <= max_cells``): what a serving engine reserves per image (its encoder budget and cache).
+
+    Exact for the methods whose count does not fall when a side grows (DFMR's ``ceil(h / f) * ceil(w / f)``, and
+    every count of ``h * w`` alone: ``min(tokens, h * w)``, ``max(1, round(ratio * h * w))``), whose largest grids
+    are the ``(a, max_cells // a)``. ``pool`` keeps the ``a x b`` layout nearest its count ``k``, which can exceed
+    ``k`` on some grids and is not monotone in the grid; its layout ``(1, min(w, k))`` is always a candidate, so
+    the nearest is at most ``k - 1`` away: ``2 * k - 1`` (with ``k`` the count of ``max_cells``) bounds it.
+    """
+    if max_cells < 1:
+        raise ValueError(f"max_cells={max_cells}: an image grid holds at least 1 token")
+    if isinstance(method, DFMR):
+        return max(kept_tokens(method, (a, max_cells // a)) for a in range(1, max_cells + 1))
+    if not isinstance(method, CountedPreLLMMethod):
+        raise ValueError(f"vtc method {method.name!r} has no fixed token count per image")
+    # the count of the largest grid (a count above it keeps the image whole); no call to ``count``, which records
+    # images kept whole
+    if method.tokens is not None:
+        k = min(method.tokens, max_cells)
+    else:
+        k = resolve_count(None, method.ratio, max_cells, method.name)
+    if type(method).tokens_on_grid is CountedPreLLMMethod.tokens_on_grid:  # a count of h * w alone
+        return k
+    return min(max_cells, 2 * k - 1)
 
 
 class TowerShape:

@@ -3,15 +3,18 @@ classes are vLLM's own.
 
 With a method:
 
-* each image's placeholder run holds the method's count for its merged grid (the prompt update's replacement);
+* each image's placeholder run holds the method's count for its merged grid (the prompt update's replacement), and
+  the processing info's counts (``get_num_image_tokens``, ``get_max_image_tokens``: vLLM's encoder budget, cache
+  and profiling) are the method's;
 * the image encoder runs vLLM's tower, then the method's own ``reduce`` on each merged grid (the features the
   transformers adapter hands it, :meth:`vtc.adapters.qwen_vl.QwenVLAdapter.vision_units`) and, on Qwen3-VL, reduces
   the DeepStack features with the adapter's own ``finish_features``;
 * M-RoPE positions: every token keeps the ``(t, h, w)`` position it has in the uncompressed prompt, as on vtc's
   transformers path (:mod:`vtc.integrations.vllm.mrope`).
 
-Videos keep vLLM's stock layout (the plugin compresses images). Methods that read the tower's attention
-(``visionzip``) are refused on these models.
+Videos keep vLLM's stock layout (the plugin compresses images). ``visionzip`` scores the merged tokens with the
+attention of the tower's last full-attention block, recomputed from that block's input as the transformers adapter
+does (:mod:`vtc.integrations.vllm.qwen_attention`); on Qwen3-VL only its ``contextual=0`` runs (DeepStack), as there.
 
 Shape names: ``N = h * w`` tokens of an image's merged ``(h, w)`` grid, ``k`` tokens kept, ``D`` LLM width, ``L``
 DeepStack levels.
@@ -19,6 +22,7 @@ DeepStack levels.
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import torch
@@ -39,13 +43,31 @@ from vllm.multimodal.processing import PromptReplacement
 
 from vtc.adapters.qwen_vl import QwenVLAdapter
 from vtc.engine.units import ImageInputs, ImagePart
-from vtc.integrations.vllm.config import TowerShape, kept_tokens, method_from_config
+from vtc.integrations.vllm.config import TowerShape, kept_tokens, max_kept_tokens, method_from_config
 from vtc.integrations.vllm.mrope import OFFSET_CHANNELS, PositionOffsets, cell_offsets, compressed_positions
+from vtc.integrations.vllm.qwen_attention import scored_block, tower_attention
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     """The ``project`` of Qwen-VL units: their features are already the merger's output."""
     return x
+
+
+class QwenTowerShape(TowerShape):
+    """What a method's ``check`` reads of a Qwen-VL model served by vLLM, as the transformers adapter answers it:
+    the largest merged grid, the scored tower block, and whether the decoder adds per-token features (DeepStack).
+    """
+
+    def __init__(self, config):
+        super().__init__(QwenVLAdapter.MAX_GRID, None, config.vision_config.depth)
+        self.model = SimpleNamespace(config=config)
+
+    def check_vision_attention(self, what: str, vision_feature_layer=None) -> int:
+        return scored_block(self.model.config.vision_config, self.model.config.model_type, what)
+
+    def visual_injections(self) -> list:
+        """Non-empty on Qwen3-VL, whose decoder adds DeepStack features at the visual tokens."""
+        return ["deepstack"] if hasattr(self.model.config.vision_config, "deepstack_visual_indexes") else []
 
 
 def _checked_method(config):
@@ -54,17 +76,13 @@ def _checked_method(config):
     Raises
     ------
     ValueError
-        A method that reads the tower's attention, or one the adapter's largest grid refuses.
+        A method the adapter's largest grid refuses, visionzip with contextual tokens on Qwen3-VL (DeepStack), or
+        on a tower without a full-attention block.
     """
     method = method_from_config(config)
     if method is None:
         return None
-    if method.needs_attention:
-        raise ValueError(
-            f"vtc {method.name} reads the vision tower's attention, which the plugin does not yet recompute on "
-            f"vLLM's {config.model_type} tower; use pool, divprune or dfmr (mode='fixed') there, or serve a LLaVA."
-        )
-    method.check(TowerShape(QwenVLAdapter.MAX_GRID, None, config.vision_config.depth))
+    method.check(QwenTowerShape(config))
     return method
 
 
@@ -73,6 +91,61 @@ def _merged_grid(grid_thw, merge: int) -> tuple[int, int]:
     if t != 1:
         raise ValueError(f"an image has one frame, got image_grid_thw={[t, h, w]}")
     return h // merge, w // merge
+
+
+class _VtcProcessingInfo:
+    """Processing-info mixin: an image's token count is the method's count for its merged grid.
+
+    vLLM lays out a Qwen image's placeholders from its ``image_grid_thw`` (:class:`_VtcPromptUpdates`), not from
+    ``get_num_image_tokens``; that count reaches the engine through ``get_max_image_tokens`` ->
+    ``get_mm_max_tokens_per_item``, which sizes the encoder's compute budget and cache and the number of
+    largest images a profiling run encodes at once. The scheduler charges an image its placeholders (the method's
+    count) against those budgets and the cache holds the method's embeddings, so the largest count the method
+    places for an image (:func:`~vtc.integrations.vllm.config.max_kept_tokens`) is the right value, not the stock
+    count of the largest grid.
+    """
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int, image_processor, mm_kwargs) -> int:
+        method = _checked_method(self.get_hf_config())
+        if method is None:
+            return super().get_num_image_tokens(
+                image_width=image_width,
+                image_height=image_height,
+                image_processor=image_processor,
+                mm_kwargs=mm_kwargs,
+            )
+        size, _ = self._get_vision_info(
+            image_width=image_width,
+            image_height=image_height,
+            num_frames=1,
+            image_processor=image_processor,
+            mm_kwargs=mm_kwargs,
+            modality="image",
+        )
+        vc = self.get_hf_config().vision_config
+        unit = vc.patch_size * vc.spatial_merge_size
+        return kept_tokens(method, (size.height // unit, size.width // unit))
+
+    def get_max_image_tokens(self) -> int:
+        method = _checked_method(self.get_hf_config())
+        if method is None:
+            return super().get_max_image_tokens()
+        size = self.get_image_size_with_most_features()
+        cells = super().get_num_image_tokens(
+            image_width=size.width,
+            image_height=size.height,
+            image_processor=self.get_image_processor(),
+            mm_kwargs={},
+        )
+        return max_kept_tokens(method, cells)
+
+
+class VtcQwen2_5_VLProcessingInfo(_VtcProcessingInfo, Qwen2_5_VLProcessingInfo):
+    pass
+
+
+class VtcQwen3VLProcessingInfo(_VtcProcessingInfo, Qwen3VLProcessingInfo):
+    pass
 
 
 class _VtcPromptUpdates:
@@ -114,7 +187,16 @@ class VtcQwen3VLMultiModalProcessor(_VtcPromptUpdates, Qwen3VLMultiModalProcesso
     pass
 
 
-def reduce_qwen_images(method, feats, grids: list[tuple[int, int]], width: int, levels: int, model_type: str):
+def reduce_qwen_images(
+    method,
+    feats,
+    grids: list[tuple[int, int]],
+    width: int,
+    levels: int,
+    model_type: str,
+    attention=None,
+    keys=None,
+):
     """Per image, ``[k, D * (1 + L) + 3]``: the method's embeddings, their DeepStack features and position offsets.
 
     Parameters
@@ -127,6 +209,9 @@ def reduce_qwen_images(method, feats, grids: list[tuple[int, int]], width: int, 
         ``D``.
     levels : int
         ``L`` (0: no DeepStack).
+    attention, keys : Sequence[torch.Tensor] or None
+        Per image, ``[N]`` the attention its merged tokens receive and ``[N, dh]`` their keys (methods that read
+        the tower's attention).
     """
     parts: list[ImagePart | None] = [None] * len(feats)
     by_grid: dict[tuple[int, int], list[int]] = {}
@@ -134,7 +219,11 @@ def reduce_qwen_images(method, feats, grids: list[tuple[int, int]], width: int, 
         by_grid.setdefault(g, []).append(i)
     for grid, idx in by_grid.items():  # one reduce per grid, as the transformers adapter groups units
         x = torch.stack([feats[i][:, :width] for i in idx])
-        red = method.reduce(ImageInputs(selected=x, cls=0, grid=grid, project=_identity))
+        att = None if attention is None else torch.stack([attention[i] for i in idx])
+        key = None if keys is None else torch.stack([keys[i] for i in idx])
+        red = method.reduce(
+            ImageInputs(selected=x, cls=0, grid=grid, project=_identity, attention=att, keys=key)
+        )
         for j, i in enumerate(idx):
             parts[i] = ImagePart(
                 embeds=red.embeds[j],
@@ -196,11 +285,32 @@ class _VtcQwenModel:
                 "vtc compresses images from their pixels; this engine has a vtc method and got image embeddings. "
                 "Pass images, or serve without the 'vtc' entry of hf_overrides."
             )
-        feats = super()._process_image_input(image_input)
+        thw = image_input["image_grid_thw"].tolist()
         merge = self.config.vision_config.spatial_merge_size
-        grids = [_merged_grid(g, merge) for g in image_input["image_grid_thw"].tolist()]
+        grids = [_merged_grid(g, merge) for g in thw]
+        attention = keys = None
+        if method.needs_attention:
+            block = scored_block(self.config.vision_config, self.config.model_type, method.name)
+            feats, score, kvec = tower_attention(
+                self.visual, block, thw, lambda: super(_VtcQwenModel, self)._process_image_input(image_input)
+            )
+            cuts = [h * w for h, w in grids]
+            attention, keys = score.split(cuts), kvec.split(cuts)
+        else:
+            feats = super()._process_image_input(image_input)
         width = self.config.vision_config.out_hidden_size
-        return reduce_qwen_images(method, feats, grids, width, self._vtc_levels(), self.config.model_type)
+        return reduce_qwen_images(
+            method, feats, grids, width, self._vtc_levels(), self.config.model_type, attention, keys
+        )
+
+    def get_encoder_cudagraph_config(self):
+        """With a method, no modality replays vLLM's encoder CUDA graphs (``cudagraph_mm_encoder``): a replay runs
+        the stock tower in place of ``embed_multimodal``, which places the method's image embeddings and adds the
+        position channels to every item's (vLLM turns them off for its EVS pruning the same way)."""
+        config = super().get_encoder_cudagraph_config()
+        if self.vtc_method is None:
+            return config
+        return dataclasses.replace(config, modalities=[])
 
     def _process_video_input(self, video_input):
         out = super()._process_video_input(video_input)
@@ -228,7 +338,9 @@ class _VtcQwenModel:
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    VtcQwen2_5_VLMultiModalProcessor, info=Qwen2_5_VLProcessingInfo, dummy_inputs=Qwen2_5_VLDummyInputsBuilder
+    VtcQwen2_5_VLMultiModalProcessor,
+    info=VtcQwen2_5_VLProcessingInfo,
+    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
 )
 class VtcQwen2_5_VLForConditionalGeneration(_VtcQwenModel, Qwen2_5_VLForConditionalGeneration):
     """vLLM's Qwen2.5-VL with the vtc method of ``hf_config.vtc`` (module docstring)."""
@@ -239,7 +351,7 @@ class VtcQwen2_5_VLForConditionalGeneration(_VtcQwenModel, Qwen2_5_VLForConditio
 
 
 @MULTIMODAL_REGISTRY.register_processor(
-    VtcQwen3VLMultiModalProcessor, info=Qwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
+    VtcQwen3VLMultiModalProcessor, info=VtcQwen3VLProcessingInfo, dummy_inputs=Qwen3VLDummyInputsBuilder
 )
 class VtcQwen3VLForConditionalGeneration(_VtcQwenModel, Qwen3VLForConditionalGeneration):
     """vLLM's Qwen3-VL with the vtc method of ``hf_config.vtc``; DeepStack features follow the kept tokens."""
