@@ -22,6 +22,8 @@ MODELS = {
     "LlavaForConditionalGeneration": "vtc.integrations.vllm.llava:VtcLlavaForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "vtc.integrations.vllm.qwen:VtcQwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "vtc.integrations.vllm.qwen:VtcQwen3VLForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "vtc.integrations.vllm.anyres:VtcLlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration": "vtc.integrations.vllm.anyres:VtcLlavaOnevisionForConditionalGeneration",
 }
 
 
