@@ -144,7 +144,10 @@ def _config(model_type: str, vtc: dict, tower: str = "clip_vision_model", strate
         ),
         ({"method": "visionzip", "tokens": 16, "contextual": 0}, "visionzip contextual=0 cannot run"),
         ({"method": "cdpruner", "tokens": 16}, "cdpruner ranks tokens by the prompt's instruction"),
-        ({"method": "dfmr", "mode": "threshold"}, "content"),
+        (
+            {"method": "dfmr", "mode": "budget", "budget_per_image": 20},
+            "dfmr mode=.budget. cannot run inside vLLM",
+        ),
     ],
 )
 def test_content_dependent_counts_are_refused(model_type, vtc, match):
