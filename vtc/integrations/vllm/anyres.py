@@ -131,7 +131,7 @@ def _stand_in(method, grid: tuple[int, int]) -> ImagePart:
     Raises
     ------
     ValueError
-        A reduction to single patches of a several-row grid (the newline count depends on the image).
+        A reduction to single patches short of the whole grid (the newline count depends on which rows keep one).
     """
     h, w = grid
     n = h * w
