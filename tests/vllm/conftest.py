@@ -94,8 +94,17 @@ QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 
 
 class QwenRuns:
-    """Per Qwen family, built on first use and kept for the session: the tiny checkpoint (saved by the project
-    venv's transformers), vLLM + plugin's runs of :data:`prompts.QWEN_METHODS` and transformers + vtc's."""
+    """Per saved family (Qwen, AnyRes), built on first use and kept for the session: the tiny checkpoint (saved by the
+    project venv's transformers), vLLM + plugin's runs of the family's :func:`prompts.methods` and transformers +
+    vtc's."""
+
+    #: the module that saves a family's checkpoint (``python -m MODULE FAMILY OUT_DIR``)
+    BUILDERS = {
+        "qwen2_5_vl": "qwen_checkpoint",
+        "qwen3_vl": "qwen_checkpoint",
+        "llava_next": "anyres_checkpoint",
+        "llava_onevision": "anyres_checkpoint",
+    }
 
     def __init__(self, root: Path):
         self.root = root
@@ -112,21 +121,21 @@ class QwenRuns:
             log = self.root / f"ckpt_{family}.log"
             with log.open("w") as f:
                 p = subprocess.run(
-                    [ref_python(), "-m", "qwen_checkpoint", family, str(path)],
+                    [ref_python(), "-m", self.BUILDERS[family], family, str(path)],
                     env=engine_env(OMP_NUM_THREADS="1"), stdout=f, stderr=subprocess.STDOUT, timeout=600, cwd=HERE,
                 )  # fmt: skip
             if p.returncode != 0:
-                raise RuntimeError(f"qwen_checkpoint {family} failed:\n{log.read_text()[-4000:]}")
+                raise RuntimeError(f"{self.BUILDERS[family]} {family} failed:\n{log.read_text()[-4000:]}")
             return path
 
         return self._get(("ckpt", family), make)
 
     def vllm(self, family: str) -> dict:
-        from prompts import QWEN_METHODS
+        from prompts import methods
 
         def make():
             out = self.root / f"vllm_{family}.json"
-            cmd = [sys.executable, "-m", "run_vllm", str(self.checkpoint(family)), str(out), *QWEN_METHODS]
+            cmd = [sys.executable, "-m", "run_vllm", str(self.checkpoint(family)), str(out), *methods(family)]
             return run_json(cmd, out, engine_env())
 
         return self._get(("vllm", family), make)
@@ -144,3 +153,9 @@ class QwenRuns:
 @pytest.fixture(scope="session")
 def qwen_runs(tmp_path_factory) -> QwenRuns:
     return QwenRuns(tmp_path_factory.mktemp("qwen"))
+
+
+@pytest.fixture(scope="session")
+def anyres_runs(tmp_path_factory) -> QwenRuns:
+    """LLaVA-NeXT and LLaVA-OneVision runs (tests/vllm/test_vllm_anyres.py)."""
+    return QwenRuns(tmp_path_factory.mktemp("anyres"))

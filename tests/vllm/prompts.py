@@ -33,9 +33,33 @@ QWEN_METHODS = {
 #: (6, 4), (6, 6), so the two images of a prompt differ in size
 QWEN_SIZES = [(112, 112), (168, 112), (112, 168), (168, 168)]
 
+#: the configurations tested on the tiny LLaVA-NeXT and LLaVA-OneVision (6x6 base views; ``tokens`` and ``ratio``
+#: apply per unit: the base view and the high-resolution part); divprune is refused there (the plugin says why)
+ANYRES_METHODS = {
+    "stock": None,
+    "pool": {"method": "pool", "tokens": 16},
+    "pool_ratio": {"method": "pool", "ratio": 0.2},
+    "visionzip": {"method": "visionzip", "ratio": 0.25},
+    "dfmr": {"method": "dfmr", "mode": "fixed", "factor": 2},
+}
+#: image sizes (width, height) of the AnyRes prompts, cycled over the images (48-px crops, tests/vllm/anyres_checkpoint):
+#: 2x2 crops; 2x3 (NeXT) / 3x4 (OneVision) unpadded; 3x2 / 4x3 unpadded; 3x3 / 4x4 shrunk by OneVision to 18x18;
+#: 2x3 unpadded to 10 rows
+ANYRES_SIZES = [(96, 96), (150, 100), (100, 150), (190, 190), (120, 60)]
+ANYRES_FAMILIES = ("llava_next", "llava_onevision")
+
 
 def methods(family: str) -> dict:
-    return METHODS if family == "llava" else QWEN_METHODS
+    if family == "llava":
+        return METHODS
+    return ANYRES_METHODS if family in ANYRES_FAMILIES else QWEN_METHODS
+
+
+def image_sizes(family: str) -> list[tuple[int, int]] | None:
+    """The (width, height) sizes a family's images are resized to, cycled (None: the synthetic 96x96 kept)."""
+    if family == "llava":
+        return None
+    return ANYRES_SIZES if family in ANYRES_FAMILIES else QWEN_SIZES
 
 
 #: amplitude of the fixed noise added to the Qwen prompts' images (intensity levels of 255)
@@ -58,19 +82,21 @@ def _noisy(im, seed: int):
 
 def samples(family: str = "llava"):
     """``N_SINGLE`` one-image and ``N_DOUBLE`` two-image samples of the synthetic ``val`` split (resized to
-    :data:`QWEN_SIZES` with a fixed noise, :func:`_noisy`, for the Qwen families)."""
+    :func:`image_sizes` for the Qwen and AnyRes families, with a fixed noise for Qwen, :func:`_noisy`)."""
     items = make_split("val", N_SINGLE) + make_split("val", N_DOUBLE, two_image=True)
-    if family != "llava":
+    sizes = image_sizes(family)
+    if sizes is not None:
         for i, s in enumerate(items):
-            s.images = [
-                _noisy(im.resize(QWEN_SIZES[(i + j) % len(QWEN_SIZES)]), 2 * i + j)
-                for j, im in enumerate(s.images)
-            ]
+            resized = [im.resize(sizes[(i + j) % len(sizes)]) for j, im in enumerate(s.images)]
+            if family not in ANYRES_FAMILIES:
+                resized = [_noisy(im, 2 * i + j) for j, im in enumerate(resized)]
+            s.images = resized
     return items
 
 
 def family_of(checkpoint) -> str:
-    """The checkpoint's ``model_type`` (``llava``, ``qwen2_5_vl``, ``qwen3_vl``)."""
+    """The checkpoint's ``model_type`` (``llava``, ``qwen2_5_vl``, ``qwen3_vl``, ``llava_next``,
+    ``llava_onevision``)."""
     import json
     from pathlib import Path
 

@@ -24,6 +24,11 @@ ENGINE_ARGS = dict(
     gpu_memory_utilization=0.05,
     seed=0,
 )
+#: AnyRes prompts: up to two images of 444 tokens each (stock); no videos on OneVision
+FAMILY_ARGS = {
+    "llava_next": dict(max_model_len=1024),
+    "llava_onevision": dict(max_model_len=1024, limit_mm_per_prompt={"image": 2, "video": 0}),
+}
 
 
 def requests(processor, family: str = "llava"):
@@ -46,7 +51,8 @@ def run(checkpoint: str, names: list[str]) -> dict:
     for name in names:
         spec = methods(family)[name]
         t0 = time.perf_counter()
-        llm = LLM(checkpoint, hf_overrides={"vtc": spec} if spec else None, **ENGINE_ARGS)
+        args = dict(ENGINE_ARGS, **FAMILY_ARGS.get(family, {}))
+        llm = LLM(checkpoint, hf_overrides={"vtc": spec} if spec else None, **args)
         start = time.perf_counter() - t0
         res = llm.generate(reqs, params, use_tqdm=False)
         rows = []

@@ -12,7 +12,8 @@ With such an entry each image gets the method's fixed token count of placeholder
 ``get_num_image_tokens``) and the model's image encoder returns the method's embeddings for it
 (:mod:`vtc.integrations.vllm.encode`), computed by the same ``reduce`` the transformers path calls. On Qwen2.5-VL
 and Qwen3-VL (:mod:`vtc.integrations.vllm.qwen`) the count follows each image's merged grid and every token keeps
-its M-RoPE position of the uncompressed prompt (:mod:`vtc.integrations.vllm.mrope`).
+its M-RoPE position of the uncompressed prompt (:mod:`vtc.integrations.vllm.mrope`). On LLaVA-NeXT and LLaVA-OneVision
+(:mod:`vtc.integrations.vllm.anyres`) the count follows each image's size, as vtc's AnyRes adapter lays it out.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ MODELS = {
     "LlavaForConditionalGeneration": "vtc.integrations.vllm.llava:VtcLlavaForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "vtc.integrations.vllm.qwen:VtcQwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration": "vtc.integrations.vllm.qwen:VtcQwen3VLForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "vtc.integrations.vllm.anyres:VtcLlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration": "vtc.integrations.vllm.anyres:VtcLlavaOnevisionForConditionalGeneration",
 }
 
 
