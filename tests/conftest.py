@@ -111,6 +111,22 @@ def pytest_collection_modifyitems(config, items):
         )
         if shared:
             item.add_marker(pytest.mark.xdist_group(module.nodeid))
+    _groups_contiguous(items)
+
+
+def _groups_contiguous(items) -> None:
+    """Run the tests of one xdist group back to back (a stable sort: each group moves to its first test's place,
+    ungrouped tests keep theirs), so that a group's shared runs (e.g. the shared matrix's per-(family, attn)
+    memo) are made once and freed once in one process too, not only under ``--dist loadgroup``."""
+    first: dict = {}
+    keys = []
+    for i, item in enumerate(items):
+        mark = item.get_closest_marker("xdist_group")
+        name = (mark.args[0] if mark.args else mark.kwargs.get("name")) if mark is not None else None
+        keys.append(i if name is None else first.setdefault(name, i))
+    order = sorted(range(len(items)), key=lambda i: keys[i])
+    if order != list(range(len(items))):
+        items[:] = [items[i] for i in order]
 
 
 @pytest.hookimpl(wrapper=True)
