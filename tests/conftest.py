@@ -112,6 +112,26 @@ def pytest_collection_modifyitems(config, items):
         if shared:
             item.add_marker(pytest.mark.xdist_group(module.nodeid))
     _groups_contiguous(items)
+    if config.getvalue("loadgroup") and os.environ.get("PYTEST_XDIST_WORKER"):
+        _group_suffix(items)
+
+
+def _group_suffix(items) -> None:
+    """What pytest-xdist's worker does for ``--dist loadgroup`` (``item._nodeid += "@group"``, read by the
+    scheduler), done where pytest 9 reads it: its ``Item.nodeid`` comes from ``item._id``, so xdist 3.8's write
+    is lost and every group would be spread over the workers (module fixtures built on each, shared runs
+    repeated)."""
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        names = sorted(
+            {
+                str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                for m in item.iter_markers("xdist_group")
+            }
+        )
+        if names and "@" not in item.nodeid.rpartition("]")[2]:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")
 
 
 def _groups_contiguous(items) -> None:
