@@ -112,7 +112,9 @@ def pytest_collection_modifyitems(config, items):
         if shared:
             item.add_marker(pytest.mark.xdist_group(module.nodeid))
     _groups_contiguous(items)
-    if config.getvalue("loadgroup") and os.environ.get("PYTEST_XDIST_WORKER"):
+    if getattr(config.option, "loadgroup", False) and os.environ.get(
+        "PYTEST_XDIST_WORKER"
+    ):  # set on xdist workers
         _group_suffix(items)
 
 
