@@ -111,6 +111,44 @@ def pytest_collection_modifyitems(config, items):
         )
         if shared:
             item.add_marker(pytest.mark.xdist_group(module.nodeid))
+    _groups_contiguous(items)
+    if getattr(config.option, "loadgroup", False) and os.environ.get(
+        "PYTEST_XDIST_WORKER"
+    ):  # set on xdist workers
+        _group_suffix(items)
+
+
+def _group_suffix(items) -> None:
+    """What pytest-xdist's worker does for ``--dist loadgroup`` (``item._nodeid += "@group"``, read by the
+    scheduler), done where pytest 9 reads it: its ``Item.nodeid`` comes from ``item._id``, so xdist 3.8's write
+    is lost and every group would be spread over the workers (module fixtures built on each, shared runs
+    repeated)."""
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        names = sorted(
+            {
+                str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                for m in item.iter_markers("xdist_group")
+            }
+        )
+        if names and "@" not in item.nodeid.rpartition("]")[2]:
+            item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(names)}")
+
+
+def _groups_contiguous(items) -> None:
+    """Run the tests of one xdist group back to back (a stable sort: each group moves to its first test's place,
+    ungrouped tests keep theirs), so that a group's shared runs (e.g. the shared matrix's per-(family, attn)
+    memo) are made once and freed once in one process too, not only under ``--dist loadgroup``."""
+    first: dict = {}
+    keys = []
+    for i, item in enumerate(items):
+        mark = item.get_closest_marker("xdist_group")
+        name = (mark.args[0] if mark.args else mark.kwargs.get("name")) if mark is not None else None
+        keys.append(i if name is None else first.setdefault(name, i))
+    order = sorted(range(len(items)), key=lambda i: keys[i])
+    if order != list(range(len(items))):
+        items[:] = [items[i] for i in order]
 
 
 @pytest.hookimpl(wrapper=True)

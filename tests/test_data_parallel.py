@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import inproc
 import pytest
 
 pytest.importorskip("lmms_eval")
@@ -70,8 +71,11 @@ def _lmms_args(checkpoint: Path, preset: Path, out: Path) -> list[str]:
     ]
 
 
-def _run(cmd: list[str], cwd: Path) -> dict:
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=cwd)
+def _run(cmd: list[str], cwd: Path, in_process: bool = False) -> dict:
+    if in_process:  # the reference: lmms-eval's CLI in this process (the launcher is what this test is about)
+        done = inproc.run(cmd, env=_env(), cwd=cwd)
+    else:
+        done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=cwd)
     log = f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     assert done.returncode == 0 and "Error during evaluation" not in log, log
     files = sorted(cwd.glob("out/**/*_results.json"))
@@ -90,7 +94,10 @@ def runs(tmp_path_factory):
     single, dp = root / "single", root / "dp"
     single.mkdir()
     dp.mkdir()
-    out["single"] = _run([sys.executable, *_lmms_args(DEFAULT_CHECKPOINT, preset, single / "out")], single)
+    # lmms-eval's own CLI (``-m lmms_eval`` runs the same ``dispatch.main``) in one process: in this one
+    out["single"] = _run(
+        ["lmms-eval", *_lmms_args(DEFAULT_CHECKPOINT, preset, single / "out")[2:]], single, True
+    )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
     out["dp"] = _run([*torchrun, *_lmms_args(DEFAULT_CHECKPOINT, preset, dp / "out")], dp)

@@ -7,6 +7,7 @@ import csv
 import json
 import re
 
+import inproc
 import pytest
 from test_lmms_plugin import make_tiny_checkpoint
 
@@ -119,8 +120,6 @@ def test_grid_picks_up_registered_pre_llm_methods(monkeypatch):
 
 
 def test_synthetic_lmms_task_runs_with_per_question_type_accuracy(ckpt, tmp_path):
-    import subprocess
-
     from test_lmms_plugin import _bin, _env, _results_files
 
     from vtc.eval.report import build_rows, collect_runs
@@ -152,7 +151,7 @@ def test_synthetic_lmms_task_runs_with_per_question_type_accuracy(ckpt, tmp_path
         str(out),
         "--no-report",
     ]
-    done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    done = inproc.run(cmd, env=_env(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     files = _results_files(out)
     assert len(files) == 4  # none, pdrop_default, random with seeds 0 and 1

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
+import inproc
 import pytest
 from test_lmms_plugin import CHAT_TEMPLATE, TASKS, WORDS, _bin, _env, _results_files, run_vtc_eval, tiny_text
 
@@ -153,7 +153,7 @@ def test_lmms_eval_cli_runs_on_smolvlm(checkpoints, tmp_path):
         "--model_args",
         f"pretrained={checkpoints['smolvlm']},vtc_method=fastv_k2_r50,device=cpu,dtype=float32",
     ]
-    done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = inproc.run(cmd, env=_env(tmp_path), cwd=tmp_path)
     log = f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     assert done.returncode == 0 and "Error during evaluation" not in log, log
     (f,) = _results_files(out)
@@ -180,6 +180,6 @@ def test_vtc_bench_runs_on_smolvlm(checkpoints, tmp_path):
         str(out),
     ]
     cmd += ["--no-progress"]
-    done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = inproc.run(cmd, env=_env(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     assert out.is_file() and "pdrop_default" in out.read_text()

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
+import inproc
 import pytest
 
 pytest.importorskip("lmms_eval")
@@ -163,7 +163,7 @@ def test_lmms_eval_cli_runs_on_internvl(checkpoint, tmp_path):
     ]
     cmd += ["--limit", "4", "--batch_size", "2", "--verbosity", "WARNING", "--output_path", str(out)]
     cmd += ["--model_args", f"pretrained={checkpoint},vtc_method=fastv_k2_r50,device=cpu,dtype=float32"]
-    done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    done = inproc.run(cmd, env=_env(tmp_path), cwd=tmp_path)
     log = f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     assert done.returncode == 0 and "Error during evaluation" not in log, log
     (f,) = _results_files(out)
@@ -192,6 +192,6 @@ def test_vtc_bench_runs_on_internvl(checkpoint, tmp_path):
         str(out),
     ]
     cmd += ["--no-progress"]
-    done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    done = inproc.run(cmd, env=_env(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     assert out.is_file() and "pdrop_default" in out.read_text()

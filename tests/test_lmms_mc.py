@@ -4,9 +4,9 @@ methods and gives the answers of scoring the same choices by hand with the hooke
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
+import inproc
 import pytest
 import torch
 from test_lmms_plugin import _bin, _env
@@ -49,7 +49,7 @@ def test_multiple_choice_task_matches_hand_scoring(tmp_path):
     cmd = [_bin("vtc"), "eval", "--model", str(CKPT), "--methods", *METHODS, "--tasks", "vtc_synthetic_mc"]
     cmd += ["--limit", str(N), "--device", "cpu", "--output", str(out), "--no-report", "--log-samples"]
     cmd += ["--force-simple"]
-    done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    done = inproc.run(cmd, env=_env(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     docs = [json.loads(line) for line in (TASK / "test.jsonl").read_text().splitlines()[:N]]
     for i, method in enumerate(METHODS):

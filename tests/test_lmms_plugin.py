@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import inproc
 import pytest
 
 pytest.importorskip("lmms_eval")
@@ -162,14 +163,25 @@ def tiny_clip(image_size: int):
     )
 
 
-def run_vtc_eval(checkpoint: Path, methods: list[str], out: Path, tmp: Path, extra=(), timeout: int = 400):
+def run_vtc_eval(
+    checkpoint: Path,
+    methods: list[str],
+    out: Path,
+    tmp: Path,
+    extra=(),
+    timeout: int = 400,
+    subprocess_=False,
+):
     """``vtc eval`` on the offline task (4 questions, batches of 2, CPU); returns ``({method or preset: per-task
     vtc block}, stdout)``, the blocks read from the results files after checking every file has the task's
-    accuracy."""
+    accuracy. In this process (``inproc``), or in a real ``vtc`` process with ``subprocess_=True``."""
     cmd = [_bin("vtc"), "eval", "--model", str(checkpoint), "--methods", *methods]
     cmd += ["--tasks", "vtc_offline", "--limit", "4", "--batch-size", "2", "--device", "cpu"]
     cmd += ["--output", str(out), *extra]
-    done = subprocess.run(cmd, env=_env(tmp), capture_output=True, text=True, timeout=timeout, cwd=tmp)
+    if subprocess_:
+        done = subprocess.run(cmd, env=_env(tmp), capture_output=True, text=True, timeout=timeout, cwd=tmp)
+    else:
+        done = inproc.run(cmd, env=_env(tmp), cwd=tmp)
     assert done.returncode == 0, f"vtc eval failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     blocks = {}
     for f in _results_files(out):
@@ -322,7 +334,10 @@ def test_lmms_eval_cli_writes_vtc_block(cli_runs, checkpoint):
 def test_vtc_eval_and_report(checkpoint, tmp_path):
     out = tmp_path / "results"
     env = _env(tmp_path)
-    blocks, stdout = run_vtc_eval(checkpoint, ["none", "pdrop_default", "fastv"], out, tmp_path, timeout=300)
+    # the one real `vtc eval` process of the suite (the other eval tests run it in the test process)
+    blocks, stdout = run_vtc_eval(
+        checkpoint, ["none", "pdrop_default", "fastv"], out, tmp_path, timeout=300, subprocess_=True
+    )
     assert len(_results_files(out)) == 3
     assert set(blocks) == {"none", "pdrop_default", "fastv"}
     assert blocks["none"]["avg_visual_tokens_per_layer"] == [GRID * GRID] * N_LAYERS

@@ -6,6 +6,7 @@ original positions vs a masking reference."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def pytest_generate_tests(metafunc):
     names = metafunc.fixturenames
     if "fam" not in names:
         return
-    params, ids = [], []
+    params = []
     for fname, fam in FAMILIES.items():
         cases = [None]
         if "case" in names:
@@ -49,10 +50,12 @@ def pytest_generate_tests(metafunc):
                     if "spec" in names:
                         p.append(spec)
                         pid.append(spec["id"])
-                    params.append(tuple(p))
-                    ids.append("-".join(pid))
+                    # one xdist group per (family, attn): one worker runs them all, so the runs they share
+                    # (_unpatched, _patched) are made once in the suite (conftest keeps a group contiguous)
+                    group = pytest.mark.xdist_group(f"matrix-{fname}-{attn}")
+                    params.append(pytest.param(*p, marks=group, id="-".join(pid)))
     argnames = ["fam"] + [n for n in ("case", "spec") if n in names]
-    metafunc.parametrize(",".join(argnames), params, ids=ids)
+    metafunc.parametrize(",".join(argnames), params)
 
 
 @pytest.fixture
@@ -80,6 +83,46 @@ def _unpatched(model, family, fam, case):
     return _UNPATCHED[key]
 
 
+@dataclass
+class _Run:
+    """One patched run of a spec on a prompt case: ``vtc.apply``, a cached ``generate``, then ``remove()``; and
+    what each test of the key reads from it (recorded before the removal, hooks and session after it)."""
+
+    seq: torch.Tensor  # [B, T + STEPS]
+    logits: torch.Tensor  # [STEPS, B, V]
+    out: object  # the generate output (its cache)
+    stats: object  # the handle's CallStats of the run
+    shares: list  # the plan's per-layer shares
+    selections: dict  # layer -> per-row kept indices
+    hooks_before: list  # snapshot_hooks before apply
+    hooks_after: list  # ... after remove()
+    session_after: object  # model._vtc_session after remove()
+
+
+#: ``(family, attn, case, spec id) -> _Run``; the tests of one key (cached vs no-cache, removal, counts, batch rows,
+#: original positions) assert on one run instead of repeating it; only the current (family, attn) is kept
+_RUNS: dict = {}
+
+
+def _patched(model, family, fam, case, spec) -> _Run:
+    key = (*fam, case, spec["id"])
+    if key not in _RUNS:
+        for k in [k for k in _RUNS if k[:2] != tuple(fam)]:
+            del _RUNS[k]
+        inputs = family.make_inputs(case)
+        hooks0 = snapshot_hooks(model)
+        h = vtc.apply(model, spec["method"], **_kwargs(family, spec))
+        try:
+            seq, logits, out = generate(model, inputs, STEPS)
+            stats, shares = h.stats, h.session.plan.schedule.shares
+            selections = dict(h.session.state.selections)
+        finally:
+            h.remove()
+        hooks1, session1 = snapshot_hooks(model), getattr(model, "_vtc_session", None)
+        _RUNS[key] = _Run(seq, logits, out, stats, shares, selections, hooks0, hooks1, session1)
+    return _RUNS[key]
+
+
 def test_identity_is_bit_exact(model, family, fam, case, spec):
     inputs = family.make_inputs(case)
     seq0, logits0 = _unpatched(model, family, fam, case)
@@ -92,23 +135,24 @@ def test_identity_is_bit_exact(model, family, fam, case, spec):
     assert torch.equal(logits0, logits1)
 
 
-def test_cached_decode_equals_nocache_recompute(model, family, case, spec):
+def test_cached_decode_equals_nocache_recompute(model, family, fam, case, spec):
     inputs = family.make_inputs(case)
+    run = _patched(model, family, fam, case, spec)
+    assert run.selections, "the method made no selection"
+    # the run's kept sets replayed (forced) on a no-cache recompute of every step
     with vtc.apply(model, spec["method"], **_kwargs(family, spec)) as h:
-        seq, logits, _ = generate(model, inputs, STEPS)
-        selections = h.session.state.selections
-        assert selections, "the method made no selection"
-        h.session.forced = selections
+        h.forced = run.selections
         seq_ref, logits_ref = greedy_nocache(model, inputs, STEPS, **family.NOCACHE)
-    assert torch.equal(seq, seq_ref)
-    assert (logits - logits_ref).abs().max().item() <= 1e-5
+    assert torch.equal(run.seq, seq_ref)
+    assert (run.logits - logits_ref).abs().max().item() <= 1e-5
 
 
-def test_batch_equals_rows_alone(model, family, spec):
+def test_batch_equals_rows_alone(model, family, fam, spec):
     for case in family.BATCH_CASES:
         inputs = family.make_inputs(case)
+        run = _patched(model, family, fam, case, spec)
+        seq, logits = run.seq, run.logits
         with vtc.apply(model, spec["method"], **_kwargs(family, spec)):
-            seq, logits, _ = generate(model, inputs, STEPS)
             T = inputs["input_ids"].shape[1]
             for b, row in enumerate(family.split_rows(case)):
                 seq_b, logits_b, _ = generate(model, row, STEPS)
@@ -118,16 +162,14 @@ def test_batch_equals_rows_alone(model, family, spec):
 
 def test_removal_restores_the_model(model, family, fam, case, spec):
     inputs = family.make_inputs(case)
-    hooks0 = snapshot_hooks(model)
     seq0, logits0 = _unpatched(model, family, fam, case)
-    h = vtc.apply(model, spec["method"], **_kwargs(family, spec))
-    seq1, _, _ = generate(model, inputs, STEPS)
-    h.remove()
-    assert snapshot_hooks(model) == hooks0
-    assert getattr(model, "_vtc_session", None) is None
+    run = _patched(model, family, fam, case, spec)  # applied, generated, removed
+    assert run.hooks_after == run.hooks_before
+    assert run.session_after is None
     seq2, logits2, _ = generate(model, inputs, STEPS)
     assert torch.equal(seq0, seq2) and torch.equal(logits0, logits2)
     # a context manager removes too, even when the body raises
+    hooks0 = snapshot_hooks(model)
     with pytest.raises(RuntimeError, match="boom"):
         with vtc.apply(model, spec["method"], **_kwargs(family, spec)):
             raise RuntimeError("boom")
@@ -167,7 +209,7 @@ def _cache_slots(layer) -> int:
     return held
 
 
-def test_counts_and_cache_lengths_follow_the_schedule(model, family, case, spec):
+def test_counts_and_cache_lengths_follow_the_schedule(model, family, fam, case, spec):
     inputs = family.make_inputs(case)
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
@@ -180,10 +222,8 @@ def test_counts_and_cache_lengths_follow_the_schedule(model, family, case, spec)
     # per-image budgets: each image (budget item) of a row keeps floor(N_image * share) of its own tokens
     images = family.item_tokens(case)
     assert [sum(i) for i in images] == n0
-    with vtc.apply(model, spec["method"], **_kwargs(family, spec)) as h:
-        _, _, out = generate(model, inputs, STEPS)
-        shares = h.session.plan.schedule.shares
-        st = h.stats
+    run = _patched(model, family, fam, case, spec)
+    out, shares, st = run.out, run.shares, run.stats
     B = ids.shape[0]
     shared = _kv_shared_layers(model)
     for l, share in enumerate(shares):
@@ -218,7 +258,7 @@ def test_counts_and_cache_lengths_follow_the_schedule(model, family, case, spec)
             assert slots >= max(st.cache_len[l])
 
 
-def test_original_positions_equal_masking_reference(model, family, case):
+def test_original_positions_equal_masking_reference(model, family, fam, case):
     from vtc.adapters import get_adapter
 
     inputs = family.make_inputs(case)
@@ -229,9 +269,8 @@ def test_original_positions_equal_masking_reference(model, family, case):
         if plan.positions != "original" or plan.mode != "drop":
             continue
         checked += 1
-        with vtc.apply(model, spec["method"], **kwargs) as h:
-            seq, logits, _ = generate(model, inputs, STEPS)
-            sel = {l: v for l, v in h.session.state.selections.items()}
+        run = _patched(model, family, fam, case, spec)
+        seq, logits, sel = run.seq, run.logits, run.selections
         extra = family.mask_reference(inputs) if hasattr(family, "mask_reference") else {}
         allowed = dropped_masks(
             sel, inputs, family.VISUAL_TOKENS, model.config.text_config.num_hidden_layers, **extra

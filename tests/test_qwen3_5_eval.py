@@ -8,9 +8,9 @@ reported (positive, and lower with the method)."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
+import inproc
 import pytest
 from test_lmms_plugin import TASKS, WORDS, _bin, _env, _results_files, run_vtc_eval, tiny_text
 from test_qwen_eval import CHAT_TEMPLATE, PIXELS, SPECIAL, _method_yaml
@@ -152,7 +152,7 @@ def test_vtc_eval_and_lmms_plugin_on_qwen3_5(qwen3_5_checkpoint, tmp_path):
     cmd += [f"pretrained={qwen3_5_checkpoint},vtc_method={fastv},device=cpu,dtype=float32"]
     cmd += ["--tasks", "vtc_offline", "--include_path", str(TASKS), "--limit", "4", "--batch_size", "2"]
     cmd += ["--verbosity", "WARNING", "--output_path", str(lm_out)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = inproc.run(cmd, env=env, cwd=tmp_path)
     log = f"{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
     assert done.returncode == 0 and "Error during evaluation" not in log, log
     (f,) = _results_files(lm_out)
@@ -171,7 +171,7 @@ def test_vtc_bench_on_qwen3_5(qwen3_5_checkpoint, tmp_path):
     cmd = [_bin("vtc"), "bench", "--model", str(qwen3_5_checkpoint), "--method", fastv, "--device", "cpu"]
     cmd += ["--threads", "1", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--no-progress"]
     cmd += ["--out", str(tmp_path / "bench.json")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = inproc.run(cmd, env=env, cwd=tmp_path)
     assert done.returncode == 0, f"vtc bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     report = json.loads((tmp_path / "bench.json").read_text())
     base, method = report["variants"]
@@ -201,7 +201,7 @@ def test_vtc_bench_on_qwen3_vl_moe(tmp_path):
     cmd = [_bin("vtc"), "bench", "--model", str(path), "--method", fastv, "--device", "cpu"]
     cmd += ["--threads", "1", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--no-progress"]
     cmd += ["--out", str(tmp_path / "bench.json")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = inproc.run(cmd, env=env, cwd=tmp_path)
     assert done.returncode == 0, f"vtc bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     base, method = json.loads((tmp_path / "bench.json").read_text())["variants"]
     assert 0 < method["tflops_full_prefill"] < base["tflops_full_prefill"]

@@ -6,9 +6,9 @@ processor's own image grids."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
+import inproc
 import pytest
 from test_lmms_plugin import TASKS, WORDS, _bin, _env, _results_files, run_vtc_eval, tiny_text
 
@@ -158,7 +158,7 @@ def test_vtc_eval_and_lmms_plugin_on_qwen(qwen_checkpoint, tmp_path):
     cmd += [f"pretrained={qwen_checkpoint},vtc_method={fastv},device=cpu,dtype=float32"]
     cmd += ["--tasks", "vtc_offline", "--include_path", str(TASKS), "--limit", "4", "--batch_size", "2"]
     cmd += ["--verbosity", "WARNING", "--output_path", str(lm_out)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = inproc.run(cmd, env=env, cwd=tmp_path)
     log = f"{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
     assert done.returncode == 0 and "Error during evaluation" not in log, log
     (f,) = _results_files(lm_out)
@@ -177,6 +177,6 @@ def test_vtc_bench_on_qwen(qwen_checkpoint, tmp_path):
     cmd = [_bin("vtc"), "bench", "--model", str(qwen_checkpoint), "--method", fastv, "--device", "cpu"]
     cmd += ["--threads", "1", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--no-progress"]
     cmd += ["--out", str(tmp_path / "bench.json")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = inproc.run(cmd, env=env, cwd=tmp_path)
     assert done.returncode == 0, f"vtc bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     assert (tmp_path / "bench.json").stat().st_size > 0

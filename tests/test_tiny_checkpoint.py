@@ -114,8 +114,8 @@ def test_lmms_task_through_the_harness_matches_direct_evaluation(loaded, tmp_pat
     """``vtc eval`` (lmms-eval + the vtc_llava_hf plugin) on the shipped checkpoint scores the
     ``vtc_synthetic`` task exactly as the plain-HF evaluation of the same questions, overall and per type."""
     import json
-    import subprocess
 
+    import inproc
     from test_lmms_plugin import _bin, _env, _results_files
 
     n = 32  # includes a question the checkpoint gets wrong (test index 27)
@@ -124,7 +124,7 @@ def test_lmms_task_through_the_harness_matches_direct_evaluation(loaded, tmp_pat
     out = tmp_path / "results"
     cmd = [_bin("vtc"), "eval", "--model", str(CKPT), "--methods", "none", "--tasks", "vtc_synthetic"]
     cmd += ["--limit", str(n), "--batch-size", "8", "--device", "cpu", "--output", str(out), "--no-report"]
-    done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = inproc.run(cmd, env=_env(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     (f,) = _results_files(out)
     res = json.loads(f.read_text())["results"]["vtc_synthetic"]
