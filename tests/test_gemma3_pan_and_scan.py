@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from test_gemma_eval import tiny_gemma3
 
 import vtc
 from vtc.adapters.gemma import pan_and_scan_crops
@@ -37,15 +38,7 @@ SCHEDULE = {"kind": "explicit", "shares": [1.0, 1.0] + [SHARE] * 4, "boundaries"
 def setup():
     from PIL import Image
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import (
-        Gemma3Config,
-        Gemma3ForConditionalGeneration,
-        Gemma3ImageProcessor,
-        Gemma3Processor,
-        Gemma3TextConfig,
-        PreTrainedTokenizerFast,
-        SiglipVisionConfig,
-    )
+    from transformers import Gemma3ImageProcessor, Gemma3Processor, PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -79,38 +72,7 @@ def setup():
     inputs = proc(images=images, text=text, return_tensors="pt", padding=True, images_kwargs=PAS)
     crops = proc.image_processor(images, **PAS)["num_crops"]
     torch.manual_seed(0)
-    cfg = Gemma3Config(
-        text_config=Gemma3TextConfig(
-            vocab_size=len(vocab),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-            sliding_window=8,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"] * 2,
-            pad_token_id=vocab["<pad>"],
-            bos_token_id=vocab["<bos>"],
-            eos_token_id=vocab["<eos>"],
-        ),
-        vision_config=SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=16,
-            patch_size=2,
-        ),
-        mm_tokens_per_image=PER,
-        image_token_index=vocab["<image_soft_token>"],
-        boi_token_index=vocab["<start_of_image>"],
-        eoi_token_index=vocab["<end_of_image>"],
-    )
-    model = Gemma3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.1)
-    model.generation_config.pad_token_id = vocab["<pad>"]
+    model = tiny_gemma3(vocab, PER)
     model.generation_config.eos_token_id = None
     return model, inputs, crops, vocab
 

@@ -52,25 +52,17 @@ def _tokenizer():
     return tok, vocab
 
 
-def make_tiny_gemma3_checkpoint(path: Path, seed: int = 0) -> Path:
+def tiny_gemma3(vocab: dict, per_image: int = PER_IMAGE):
+    """The tiny Gemma 3 of these tests (sliding window 8, a 2-layer SigLIP tower, ``per_image`` soft tokens) for the
+    tokenizer ``vocab``, built from the current RNG state; its projector weights are drawn at a visible scale."""
     import torch
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
-        Gemma3ImageProcessor,
-        Gemma3Processor,
         Gemma3TextConfig,
         SiglipVisionConfig,
     )
 
-    tok, vocab = _tokenizer()
-    processor = Gemma3Processor(
-        image_processor=Gemma3ImageProcessor(size={"height": 16, "width": 16}, do_pan_and_scan=False),
-        tokenizer=tok,
-        chat_template=CHAT_TEMPLATE,
-        image_seq_length=PER_IMAGE,
-    )
-    torch.manual_seed(seed)
     cfg = Gemma3Config(
         text_config=Gemma3TextConfig(
             vocab_size=len(vocab),
@@ -94,7 +86,7 @@ def make_tiny_gemma3_checkpoint(path: Path, seed: int = 0) -> Path:
             image_size=16,
             patch_size=2,
         ),
-        mm_tokens_per_image=PER_IMAGE,
+        mm_tokens_per_image=per_image,
         image_token_index=vocab["<image_soft_token>"],
         boi_token_index=vocab["<start_of_image>"],
         eoi_token_index=vocab["<end_of_image>"],
@@ -103,6 +95,22 @@ def make_tiny_gemma3_checkpoint(path: Path, seed: int = 0) -> Path:
     with torch.no_grad():
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.1)
     model.generation_config.pad_token_id = vocab["<pad>"]
+    return model
+
+
+def make_tiny_gemma3_checkpoint(path: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
+
+    tok, vocab = _tokenizer()
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessor(size={"height": 16, "width": 16}, do_pan_and_scan=False),
+        tokenizer=tok,
+        chat_template=CHAT_TEMPLATE,
+        image_seq_length=PER_IMAGE,
+    )
+    torch.manual_seed(seed)
+    model = tiny_gemma3(vocab)
     model.generation_config.eos_token_id = vocab["<eos>"]
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)

@@ -18,7 +18,6 @@ Shape names: ``B`` batch, ``Tv`` view length, ``Tk`` kept length.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -128,14 +127,4 @@ class KeyReuse:
         return hook
 
     def _timed(self, fn):
-        def run(*args):
-            t = self.session.timing
-            if t is None:
-                return fn(*args)
-            t0 = time.perf_counter()
-            try:
-                return fn(*args)
-            finally:
-                t.prefill_s += time.perf_counter() - t0
-
-        return run
+        return self.session._timed(fn, False)  # host time of prefill hooks (these never act at decode)
