@@ -2,13 +2,14 @@
 
 A scorer that ranks with layer ``l``'s own projections (PyramidDrop's rule: layer ``l``'s ``input_layernorm`` and
 ``k_proj`` applied to its input, the whole view) computes every key layer ``l`` then computes again for the tokens
-it keeps. While the scorer runs, the engine records that projection (the norm's output ``[B, Tv, D]`` and the
-``k_proj`` output ``[B, Tv, Hkv*dh]``, before any per-head norm or rotary); when layer ``l`` runs on the kept rows,
-its norm and ``k_proj`` calls are answered with the recorded rows gathered at the kept slots instead of computing
-them again. The selection's extra key work thus shrinks to the rows it drops.
+it keeps. While the scorer runs, the engine records that projection (the ``k_proj`` output ``[B, Tv, Hkv*dh]``,
+before any per-head norm or rotary); when layer ``l`` runs on the kept rows, its ``k_proj`` call is answered with
+the recorded rows gathered at the kept slots instead of projecting them again (a gather of ``Hkv*dh`` values a row
+instead of a ``D x Hkv*dh`` product). The selection's extra key work thus shrinks to the rows it drops. The norm is
+computed again (serving it too would cost a gather as large as the norm itself).
 
 Only an exact chain is served: the layer's norm must receive the very tensor the engine passed to the layer, and
-``k_proj`` the very tensor served for that norm (identity checks, no values compared); any other call computes as
+``k_proj`` the very tensor that norm returned (identity checks, no values compared); any other call computes as
 usual. Inference only: a selection carries no gradient, so under autograd the layer projects its own keys.
 New left padding gets zero keys (masked everywhere, as the padding's own keys are). The modules come from
 :meth:`vtc.adapters.ModelAdapter.key_projection`.
@@ -34,7 +35,7 @@ class KeyRecord:
     normed: torch.Tensor | None = None  # the norm's output on ``hidden`` while recording
     keys: torch.Tensor | None = None  # [B, Tv, Hkv*dh] while recording, [B, Tk, Hkv*dh] once armed
     armed: bool = False
-    serving_norm: bool = False
+    expect: torch.Tensor | None = None  # the norm's output on the kept input: what k_proj must receive
     serving: bool = False
 
 
@@ -49,7 +50,6 @@ class KeyReuse:
     def attach(self, register) -> None:
         """``register(module, fn, pre)`` registers one hook (the session's, so removal takes them all)."""
         for l, (norm, k_proj) in self.modules.items():
-            register(norm, self._timed(self._norm_pre(l)), True)
             register(norm, self._timed(self._norm_post(l)), False)
             register(k_proj, self._timed(self._k_pre(l)), True)
             register(k_proj, self._timed(self._k_post(l)), False)
@@ -67,8 +67,7 @@ class KeyReuse:
             st.key_record = None
             return
         r.keys = gather_rows(r.keys, src, 0)
-        r.normed = gather_rows(r.normed, src, 0)
-        r.hidden, r.armed = hidden, True
+        r.hidden, r.normed, r.armed = hidden, None, True
 
     # --- hooks -----------------------------------------------------------------------------------------
     def _record(self, l: int):
@@ -78,26 +77,14 @@ class KeyReuse:
         r = st.key_record
         return r if r is not None and r.layer == l else None
 
-    def _norm_pre(self, l: int):
-        def hook(module, args, kwargs):
-            r = self._record(l)
-            if r is not None and r.armed and args and args[0] is r.hidden:
-                r.serving_norm = True
-                return (args[0].narrow(-2, 0, 0), *args[1:]), kwargs  # nothing left to normalise
-            return None
-
-        return hook
-
     def _norm_post(self, l: int):
         def hook(module, args, kwargs, output):
             r = self._record(l)
-            if r is None:
-                return None
-            if r.serving_norm:
-                r.serving_norm = False
-                return r.normed
-            if not r.armed and args and args[0] is r.hidden:
-                r.normed = output
+            if r is not None and args and args[0] is r.hidden:
+                if r.armed:
+                    r.expect = output
+                else:
+                    r.normed = output
             return None
 
         return hook
@@ -105,7 +92,7 @@ class KeyReuse:
     def _k_pre(self, l: int):
         def hook(module, args, kwargs):
             r = self._record(l)
-            if r is not None and r.armed and args and args[0] is r.normed:
+            if r is not None and r.armed and r.expect is not None and args and args[0] is r.expect:
                 r.serving = True
                 return (args[0].narrow(-2, 0, 0), *args[1:]), kwargs  # nothing left to project
             return None
