@@ -162,7 +162,8 @@ class DecoderKnowledge:
     def key_projection(self, layer_idx: int) -> tuple[nn.Module, nn.Module] | None:
         """``(input_layernorm, k_proj)`` of layer ``layer_idx``: the modules both a scorer's key projection
         (:meth:`project_qk`) and the layer itself run on the layer's input. The engine records the scorer's keys
-        and answers the layer's own ``k_proj`` call on the kept rows with them (:mod:`vtc.engine.reuse`); None
+        and answers the layer's own ``k_proj`` call on the kept rows (the one that receives the norm's output) with
+        them (:mod:`vtc.engine.reuse`); None
         (a layer without both) projects as usual. Called once per selection layer at apply."""
         layer = self.layers[layer_idx]
         norm = getattr(layer, "input_layernorm", None)
