@@ -7,11 +7,9 @@ config (``flops_dims``, read by :mod:`vtc.flops`). Nothing outside ``vtc/adapter
 
 from __future__ import annotations
 
-import sys
-
 from torch import nn
 
-from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter
+from vtc.adapters.base import ConfigOnlyAdapter, ModelAdapter, unwrap_model
 from vtc.adapters.gemma import Gemma3Adapter
 from vtc.adapters.gemma4 import Gemma4Adapter
 from vtc.adapters.glm4v import Glm4vAdapter
@@ -60,38 +58,6 @@ def adapter_class(model_type: str | None) -> type[ModelAdapter]:
     if model_type not in ADAPTERS:
         raise ValueError(f"unsupported model_type={model_type!r}; vtc supports {supported_model_types()}")
     return ADAPTERS[model_type]
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a PEFT wrapper, or ``model`` itself.
-
-    A ``PeftModel`` (``get_peft_model``, ``PeftModel.from_pretrained``) holds a tuner (``LoraModel`` ...) that
-    holds the transformers model; LoRA layers replace ``nn.Linear`` modules inside it but leave its trunk, its
-    decoder layers and its ``forward`` path as they are, so vtc hooks the inner model and the wrapper's calls
-    reach them. Without ``peft`` imported no model can be such a wrapper.
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-        A transformers model, a ``peft.PeftModel`` / ``PeftMixedModel``, or a PEFT tuner (``BaseTuner``).
-
-    Returns
-    -------
-    torch.nn.Module
-    """
-    peft = sys.modules.get("peft")
-    if peft is None:
-        return model
-    from peft.tuners.tuners_utils import BaseTuner
-
-    wrappers = tuple(getattr(peft, n) for n in ("PeftModel", "PeftMixedModel") if hasattr(peft, n))
-    while True:
-        if wrappers and isinstance(model, wrappers):
-            model = model.get_base_model()
-        elif isinstance(model, BaseTuner):
-            model = model.model
-        else:
-            return model
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

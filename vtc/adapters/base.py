@@ -11,6 +11,7 @@ Shape names: ``B`` batch, ``T`` sequence, ``D`` hidden, ``H`` query heads, ``Hkv
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -223,3 +224,35 @@ def visual_runs(visual: torch.Tensor) -> list[tuple[int, int, int]]:
     starts = [(b, t) for b, t, e in found if e == 1]
     ends = [t for _, t, e in found if e == -1]
     return [(b, t, e - t) for (b, t), e in zip(starts, ends)]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a PEFT wrapper, or ``model`` itself.
+
+    A ``PeftModel`` (``get_peft_model``, ``PeftModel.from_pretrained``) holds a tuner (``LoraModel`` ...) that
+    holds the transformers model; LoRA layers replace ``nn.Linear`` modules inside it but leave its trunk, its
+    decoder layers and its ``forward`` path as they are, so vtc hooks the inner model and the wrapper's calls
+    reach them. Without ``peft`` imported no model can be such a wrapper.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A transformers model, a ``peft.PeftModel`` / ``PeftMixedModel``, or a PEFT tuner (``BaseTuner``).
+
+    Returns
+    -------
+    torch.nn.Module
+    """
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return model
+    from peft.tuners.tuners_utils import BaseTuner
+
+    wrappers = tuple(getattr(peft, n) for n in ("PeftModel", "PeftMixedModel") if hasattr(peft, n))
+    while True:
+        if wrappers and isinstance(model, wrappers):
+            model = model.get_base_model()
+        elif isinstance(model, BaseTuner):
+            model = model.model
+        else:
+            return model

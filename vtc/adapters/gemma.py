@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vtc.adapters.base import ModelAdapter, visual_runs
+from vtc.adapters.base import ModelAdapter, unwrap_model, visual_runs
 from vtc.adapters.config_fields import Getter, required, vit_tower_dims
 from vtc.engine.types import ImageSpan
 
@@ -316,8 +316,6 @@ def pan_and_scan_crops(model: nn.Module, num_crops) -> Iterator[None]:
     >>> with vtc.apply(model, "pyramid_drop"), pan_and_scan_crops(model, crops):          # doctest: +SKIP
     ...     out = model.generate(**inputs, max_new_tokens=32)
     """
-    from vtc.adapters import unwrap_model
-
     model = unwrap_model(model)  # the module the adapter reads (a PEFT wrapper's inner model)
     if getattr(getattr(model, "config", None), "model_type", None) != "gemma3":
         raise ValueError(
