@@ -110,12 +110,14 @@ def _key_calls(model, layers):
         {"method": "pyramid_drop", "layers": [1, 2, 3], "lam": 0.5},
         {"method": "pyramid_drop", "layers": [2], "lam": 0.5, "positions": "original"},
         {"method": "progressive", "mode": "skip", "dense_above": 0.99, "floor": 0.2},
+        {"method": "dart"},
     ],
-    ids=["pdrop_compact", "pdrop_original", "prd_skip"],
+    ids=["pdrop_compact", "pdrop_original", "prd_skip", "dart"],
 )
 def test_selection_keys_are_served_to_their_layer(attn, case, spec):
-    """At a selection ranked with its own layer's projections, that layer takes its kept rows' keys from the
-    scorer's projection (its k_proj projects nothing), and the outputs equal a run where it projects them."""
+    """At a selection ranked with its own layer's projections (last-query attention, DART's key norms), that layer
+    takes its kept rows' keys from the scorer's projection (its k_proj projects nothing), and the outputs equal a
+    run where it projects them."""
     model = make_model(attn)
     inputs = make_inputs(case)
     with vtc.apply(model, spec) as h, torch.no_grad():
@@ -188,3 +190,16 @@ def test_served_keys_save_exactly_the_kept_rows_projection():
     by_hand = sum(2 * B * kept_rows[l] * cfg.hidden_size * kv_width for l in layers)
     assert by_hand > 0
     assert total[False] - total[True] == by_hand
+
+
+def test_scorers_that_project_no_keys_get_no_reuse_hooks():
+    """FastV (the previous layer's cached keys), random and uniform never project the selection layer's keys: no
+    norm or k_proj hook is registered for them."""
+    model = make_model("sdpa")
+    for spec in ({"method": "fastv", "k": 2, "r": 0.5}, {"method": "random"}, {"method": "uniform"}):
+        with vtc.apply(model, spec) as h:
+            assert not h.session.layers.key_reuse.modules, spec
+            layers = model.model.language_model.layers
+            assert not any(
+                m.self_attn.k_proj._forward_hooks or m.input_layernorm._forward_hooks for m in layers
+            )

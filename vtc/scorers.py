@@ -34,6 +34,9 @@ class Scorer:
 
     #: the engine saves layer ``l-1``'s input for scorers that rank with the previous layer
     needs_prev_input: ClassVar[bool] = False
+    #: the scorer projects the selection layer's own keys of the whole view (``project_qk`` / ``project_k``): the
+    #: engine then hands them on to that layer's kept rows (:mod:`vtc.engine.reuse`); no effect on the ranking
+    projects_keys: ClassVar[bool] = False
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         raise NotImplementedError
@@ -176,6 +179,10 @@ class LastQueryAttention(Scorer):
     def needs_prev_input(self) -> bool:  # type: ignore[override]
         return self.source == "prev"
 
+    @property
+    def projects_keys(self) -> bool:  # type: ignore[override]
+        return self.source == "next"
+
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         if self.source == "next":
             layer, hidden, view = ctx.rank_layer, ctx.hidden, ctx.view
@@ -297,6 +304,8 @@ class Duplication(Scorer):
     backend : {"auto", "torch", "triton"}
         Backend of ``vtc.kernels.max_cosine_to_pivots``.
     """
+
+    projects_keys: ClassVar[bool] = True
 
     pivot_image: int = 4
     pivot_text: int = 4

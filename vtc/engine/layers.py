@@ -52,8 +52,11 @@ class LayerSurgery(DecodeSurgery, SharedKVReaders):
         self.kv_sources = {s for _, s in self.shared_pairs}
         # the cache layer that sizes each layer's mask (a KV-shared layer holds none: its source's)
         self.cache_layer = [s.kv_source if s.cache == "shared" else l for l, s in enumerate(self.specs)]
-        # selection layers ranked with their own projections hand the keys they projected on to the layer
-        self.key_reuse = KeyReuse(session, {l for l in self.selection if self.specs[l].rank_with is None})
+        # selection layers ranked with their own key projection hand the keys on to the layer (no hooks otherwise)
+        own = plan is not None and getattr(plan.scorer, "projects_keys", False)
+        self.key_reuse = KeyReuse(
+            session, {l for l in self.selection if own and self.specs[l].rank_with is None}
+        )
 
     def _positional_token_inputs(self) -> dict[int, list[str]]:
         """Layer -> names of its positional parameters after the hidden states, for layers with per-token inputs
