@@ -12,7 +12,8 @@ Only an exact chain is served: the layer's norm must receive the very tensor the
 ``k_proj`` the very tensor that norm returned (identity checks, no values compared); any other call computes as
 usual. Inference only: a selection carries no gradient, so under autograd the layer projects its own keys.
 New left padding gets zero keys (masked everywhere, as the padding's own keys are). The modules come from
-:meth:`vtc.adapters.ModelAdapter.key_projection`.
+:meth:`vtc.adapters.ModelAdapter.key_projection`; the hooks exist only for scorers that say they project the
+selection layer's keys (``Scorer.projects_keys``: last-query attention with ``source="next"``, DART).
 
 Shape names: ``B`` batch, ``Tv`` view length, ``Tk`` kept length.
 """
