@@ -28,9 +28,16 @@ def positions_like_generate(mask: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_nocache(
-    model, inputs: dict, steps: int = 4, layer_masks=None, positions=None, grow=(), recurrent=()
+    model, inputs: dict, steps: int = 4, layer_masks=None, positions=None, grow=(), recurrent=(), replay=None
 ):
     """Greedy decoding that recomputes the whole sequence at every step, without any cache.
+
+    ``replay``: optional ``[B, T + steps]`` sequences of a cached run (prompt first): instead of ``steps`` growing
+    forwards, one no-cache forward over the prompt and the first ``steps - 1`` replayed tokens gives the logits
+    of every step at once (a causal model's logits at a position do not depend on later tokens), and the
+    returned sequences are the prompt followed by each step's argmax: equal to ``replay`` exactly when the
+    cached run chose the greedy token of this recompute at every step. The same forward as the last step of
+    the growing loop, so a cached run is checked at every step for a quarter of the work.
 
     ``layer_masks``: optional callable ``(layer_idx, T) -> [B, 1, T, T] bool`` giving the allowed
     attention of each layer (a masking reference); installed as temporary pre-hooks.
@@ -96,9 +103,18 @@ def greedy_nocache(
             else layer.register_forward_pre_hook(make(l), with_kwargs=True)
             for l, layer in enumerate(layers)
         ]
+    T0 = ids.shape[1]
+    if replay is not None:
+        if replay.shape != (ids.shape[0], T0 + steps) or not torch.equal(replay[:, :T0], ids):
+            raise ValueError(
+                f"replay {tuple(replay.shape)} does not start with the prompt {tuple(ids.shape)}"
+            )
+        fed = replay[:, T0 : T0 + steps - 1]
+        ids = torch.cat([ids, fed], 1)
+        mask = torch.cat([mask, torch.ones_like(fed)], 1)
     try:
         with torch.no_grad():
-            for _ in range(steps):
+            for _ in range(1 if replay is not None else steps):
                 extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
                 for k in grow:
                     if extra.get(k) is not None:
@@ -109,6 +125,10 @@ def greedy_nocache(
                 out = model(
                     input_ids=ids, attention_mask=mask if had_mask else None, use_cache=False, **extra
                 )
+                if replay is not None:  # logits of every step; the greedy tokens they choose
+                    steps_logits = out.logits[:, T0 - 1 :].transpose(0, 1)
+                    chosen = steps_logits.argmax(-1).transpose(0, 1)
+                    return torch.cat([ids[:, :T0], chosen], 1), steps_logits
                 last = out.logits[:, -1]
                 logits.append(last)
                 nxt = last.argmax(-1, keepdim=True)

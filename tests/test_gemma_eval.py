@@ -4,9 +4,9 @@ and ``vtc bench``; its visual tokens per layer are checked against counts made b
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
+import inproc
 import pytest
 from test_lmms_plugin import WORDS, _bin, _env, run_vtc_eval
 
@@ -155,7 +155,7 @@ def test_vtc_eval_and_bench_on_gemma3(gemma3_checkpoint, tmp_path):
     cmd = [_bin("vtc"), "bench", "--model", str(gemma3_checkpoint), "--method", fastv, "--device", "cpu"]
     cmd += ["--threads", "1", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--no-progress"]
     cmd += ["--out", str(tmp_path / "bench.json")]
-    done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = inproc.run(cmd, env=_env(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, f"vtc bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     assert (tmp_path / "bench.json").stat().st_size > 0
 
@@ -324,13 +324,13 @@ def test_gemma4_checkpoint_runs_under_vtc_eval_bench_and_flops(gemma4_checkpoint
     cmd = [_bin("vtc"), "bench", "--model", str(ckpt), "--method", fastv, "--device", "cpu"]
     cmd += ["--threads", "1", "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--no-progress"]
     cmd += ["--out", str(tmp_path / "bench.json")]
-    done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = inproc.run(cmd, env=_env(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, f"vtc bench failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     bench = json.loads((tmp_path / "bench.json").read_text())
     by = {v["variant"]: v for v in bench["variants"]}
     assert 0 < by[fastv]["tflops_full_prefill"] < by["unpatched"]["tflops_full_prefill"]
     cmd = [_bin("vtc"), "flops", "--model", str(ckpt), "--method", fastv, "--json"]
-    done = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    done = inproc.run(cmd, env=_env(tmp_path), cwd=tmp_path)
     assert done.returncode == 0, f"vtc flops failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     table = json.loads(done.stdout)
     assert table["visual_tokens"] == 64  # isqrt(70)² soft tokens of a square image

@@ -39,7 +39,9 @@ def pytest_generate_tests(metafunc):
         specs = [None]
         if "spec" in names:
             specs = [s for s in METHOD_SPECS if s["id"] not in getattr(fam, "SKIP_SPECS", set())]
-        for attn in ("sdpa", "eager"):
+        # the replay check compares two references that hold no attention kernel of their own: sdpa shows it
+        replay_check = metafunc.function.__name__ == "test_replay_reference_equals_stepwise_recompute"
+        for attn in ("sdpa",) if replay_check else ("sdpa", "eager"):
             for case in cases:
                 for spec in specs:
                     p = [(fname, attn)]
@@ -131,6 +133,7 @@ def test_identity_is_bit_exact(model, family, fam, case, spec):
     ) as h:
         seq1, logits1, _ = generate(model, inputs, STEPS)
         assert h.stats.decode_steps == STEPS - 1
+        assert h.stats.visual_input == h.stats.visual_original  # keep-all: the pre-LLM stage kept every token
     assert torch.equal(seq0, seq1)
     assert torch.equal(logits0, logits1)
 
@@ -142,7 +145,7 @@ def test_cached_decode_equals_nocache_recompute(model, family, fam, case, spec):
     # the run's kept sets replayed (forced) on a no-cache recompute of every step
     with vtc.apply(model, spec["method"], **_kwargs(family, spec)) as h:
         h.forced = run.selections
-        seq_ref, logits_ref = greedy_nocache(model, inputs, STEPS, **family.NOCACHE)
+        seq_ref, logits_ref = greedy_nocache(model, inputs, STEPS, replay=run.seq, **family.NOCACHE)
     assert torch.equal(run.seq, seq_ref)
     assert (run.logits - logits_ref).abs().max().item() <= 1e-5
 
@@ -276,8 +279,36 @@ def test_original_positions_equal_masking_reference(model, family, fam, case):
             sel, inputs, family.VISUAL_TOKENS, model.config.text_config.num_hidden_layers, **extra
         )
         seq_ref, logits_ref = greedy_nocache(
-            model, inputs, STEPS, layer_masks=allowed, recurrent=_recurrent_layers(model), **family.NOCACHE
+            model,
+            inputs,
+            STEPS,
+            layer_masks=allowed,
+            recurrent=_recurrent_layers(model),
+            replay=seq,
+            **family.NOCACHE,
         )
         assert torch.equal(seq, seq_ref), spec["id"]
         assert (logits - logits_ref).abs().max().item() <= 1e-5, spec["id"]
     assert checked >= 4
+
+
+def test_replay_reference_equals_stepwise_recompute(model, family, fam):
+    """The one-forward replay that the tests above use as their no-cache reference gives the logits and tokens of
+    the growing step-by-step recompute, plain and under the masking reference of a forced drop-mode run, on
+    every family (its first batch case: left padding, images of different sizes, a row without image)."""
+    case = family.BATCH_CASES[0]
+    inputs = family.make_inputs(case)
+    spec = next(s for s in METHOD_SPECS if s["id"] == "pdrop-original")
+    run = _patched(model, family, fam, case, spec)
+    extra = family.mask_reference(inputs) if hasattr(family, "mask_reference") else {}
+    allowed = dropped_masks(
+        run.selections, inputs, family.VISUAL_TOKENS, model.config.text_config.num_hidden_layers, **extra
+    )
+    for kw in ({}, {"layer_masks": allowed, "recurrent": _recurrent_layers(model)}):
+        seq_step, logits_step = greedy_nocache(model, inputs, STEPS, **kw, **family.NOCACHE)
+        seq_replay, logits_replay = greedy_nocache(
+            model, inputs, STEPS, replay=seq_step, **kw, **family.NOCACHE
+        )
+        assert torch.equal(seq_step, seq_replay), sorted(kw)
+        assert (logits_step - logits_replay).abs().max().item() <= 1e-5, sorted(kw)
+    assert torch.equal(seq_step, run.seq)  # the masking reference is the drop-mode run itself
