@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import lmms_index
 import model_cache
 import pytest
 import torch
@@ -18,6 +19,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny matmuls: threads only add overhead (and thrash a shared machine)
+lmms_index.install()  # lmms-eval's own task index read once per process, not once per evaluation
 
 IMAGE_TOKEN = 999
 PAD, BOS, EOS = 0, 1, 2
