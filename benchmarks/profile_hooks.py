@@ -1,0 +1,175 @@
+"""Where vtc's prefill hook time goes: one patched prefill of the ``hook_overhead.py ranking`` model under cProfile.
+
+    python benchmarks/profile_hooks.py pdrop_64 prd_skip --threads 1 --top 40
+
+For each preset: the hook time (:meth:`vtc.Handle.start_timing`) and prefill time of ``--repeats`` plain
+prefills (median), then one prefill under :mod:`cProfile`, printed by cumulative time restricted to vtc's
+own functions and the torch ops they call (``--top`` rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import time
+
+import torch
+
+import vtc
+from vtc.eval import bench
+from vtc.eval.flops_cli import method_spec
+from vtc.eval.threads import add_threads_arg, apply_threads
+
+
+def _span_targets():
+    """``(owner, attribute)`` of the engine functions whose inclusive time ``--spans`` reports."""
+    import vtc.adapters.decoder as dec
+    import vtc.engine.layers as layers
+    import vtc.engine.reuse as reuse
+    import vtc.scorers as scorers
+    from vtc.engine import callstate, decode
+
+    S = layers.LayerSurgery
+    return [
+        (S, "prefill"),
+        (S, "_nothing_dropped"),
+        (S, "keep_targets"),
+        (S, "counts"),
+        (S, "_select"),
+        (S, "_context"),
+        (S, "tables"),
+        (scorers.LastQueryAttention, "score"),
+        (scorers.Duplication, "score"),
+        (dec.DecoderKnowledge, "project_qk"),
+        (dec.DecoderKnowledge, "project_k"),
+        (dec.DecoderKnowledge, "heads"),
+        (dec.DecoderKnowledge, "_rotate_keys"),
+        (dec.DecoderKnowledge, "rotary"),
+        (scorers, "attention_scores"),
+        (scorers, "topk_mask"),
+        (S, "_kept_counts"),
+        (layers, "kept_src"),
+        (layers, "compact_rows"),
+        (layers, "gather_rows"),
+        (layers, "scatter_rows"),
+        (S, "_derive_view"),
+        (S, "_set_layer_kwargs"),
+        (S, "_prefill_mask"),
+        (S, "_reader_inputs"),
+        (S, "_record"),
+        (S, "_save_prev"),
+        (decode.DecodeSurgery, "_remember_decode"),
+        (reuse.KeyReuse, "begin"),
+        (reuse.KeyReuse, "arm"),
+        (callstate, "begin_prefill"),
+    ]
+
+
+class Spans:
+    """Inclusive host time and calls of each target (a recursive call counts once)."""
+
+    def __init__(self):
+        self.ms, self.n, self.depth, self.saved = {}, {}, {}, []
+        for owner, name in _span_targets():
+            fn = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
+            if fn is None:
+                continue
+            label = f"{getattr(owner, '__name__', owner)}.{name}".split(".")[-2:]
+            label = ".".join(label)
+            self.saved.append((owner, name, fn))
+            setattr(owner, name, self._wrap(label, fn))
+
+    def _wrap(self, label, fn):
+        def run(*args, **kwargs):
+            d = self.depth.get(label, 0)
+            self.depth[label] = d + 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth[label] = d
+                if d == 0:
+                    self.ms[label] = self.ms.get(label, 0.0) + (time.perf_counter() - t0) * 1e3
+                    self.n[label] = self.n.get(label, 0) + 1
+
+        return run
+
+    def reset(self):
+        self.ms, self.n = {}, {}
+
+    def remove(self):
+        for owner, name, fn in self.saved:
+            setattr(owner, name, fn)
+
+    def report(self, runs: int):
+        for label, ms in sorted(self.ms.items(), key=lambda kv: -kv[1]):
+            print(f"  {label:40s} {ms / runs:8.2f} ms  {self.n[label] / runs:6.1f} calls")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("presets", nargs="+")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--top", type=int, default=40)
+    p.add_argument("--sort", default="cumulative")
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument(
+        "--generate", type=int, default=0, help="run generate() with this many new tokens (0: one forward)"
+    )
+    p.add_argument("--spans", action="store_true", help="inclusive time per engine function (per prefill)")
+    add_threads_arg(p)
+    args = p.parse_args(argv)
+    apply_threads(args.threads)
+    model = bench.cpu_model(shape={"layers": args.layers})
+    inputs = bench.cpu_inputs(model, 1, bench.CPU_SHAPE["text_tokens"])
+
+    def call():
+        if args.generate:
+            model.generate(
+                **inputs, max_new_tokens=args.generate, min_new_tokens=args.generate, do_sample=False
+            )
+        else:
+            model(**inputs)
+
+    with torch.inference_mode():
+        call()  # warm up
+        for name in args.presets:
+            handle = vtc.apply(model, method_spec(name, None))
+            try:
+                hooks, total = [], []
+                for _ in range(args.repeats):
+                    handle.start_timing()
+                    t0 = time.perf_counter()
+                    call()
+                    total.append((time.perf_counter() - t0) * 1e3)
+                    hooks.append(handle.stop_timing().prefill_s * 1e3)
+                h, t = statistics.median(hooks), statistics.median(total)
+                if args.spans:
+                    spans = Spans()
+                    for _ in range(args.repeats):
+                        call()
+                    print(f"-- {name}: inclusive ms per prefill (wrapped; wrapping adds ~1 us a call)")
+                    spans.report(args.repeats)
+                    spans.remove()
+                print(
+                    f"== {name}: hooks {h:.1f} ms of {t:.1f} ms forward ({h / t:.2%}); runs {[round(x, 1) for x in hooks]}"
+                )
+                if not args.no_profile:
+                    prof = cProfile.Profile()
+                    prof.enable()
+                    call()
+                    prof.disable()
+                    st = pstats.Stats(prof)
+                    st.sort_stats(args.sort).print_stats(
+                        r"vtc/|kernels/|\{method|\{built-in method torch", args.top
+                    )
+            finally:
+                handle.remove()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
