@@ -29,7 +29,7 @@ def _span_targets():
     import vtc.engine.layers as layers
     import vtc.engine.reuse as reuse
     import vtc.scorers as scorers
-    from vtc.engine import callstate, decode
+    from vtc.engine import callstate, decode, session
 
     S = layers.LayerSurgery
     return [
@@ -64,6 +64,10 @@ def _span_targets():
         (reuse.KeyReuse, "begin"),
         (reuse.KeyReuse, "arm"),
         (callstate, "begin_prefill"),
+        (session.Session, "_top_pre"),
+        (session.Session, "_top_post"),
+        (session.Session, "_outer_post"),
+        (session, "expand_outputs"),
     ]
 
 
@@ -147,13 +151,17 @@ def main(argv=None) -> int:
                     total.append((time.perf_counter() - t0) * 1e3)
                     hooks.append(handle.stop_timing().prefill_s * 1e3)
                 h, t = statistics.median(hooks), statistics.median(total)
-                if args.spans:
+                if args.spans:  # wrapped before apply: the hooks registered as bound methods see the wrappers
+                    handle.remove()
                     spans = Spans()
+                    handle = vtc.apply(model, method_spec(name, None))
                     for _ in range(args.repeats):
                         call()
                     print(f"-- {name}: inclusive ms per prefill (wrapped; wrapping adds ~1 us a call)")
                     spans.report(args.repeats)
+                    handle.remove()
                     spans.remove()
+                    handle = vtc.apply(model, method_spec(name, None))
                 print(
                     f"== {name}: hooks {h:.1f} ms of {t:.1f} ms forward ({h / t:.2%}); runs {[round(x, 1) for x in hooks]}"
                 )

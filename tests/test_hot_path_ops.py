@@ -22,7 +22,7 @@ def _src(B: int, T: int, Tn: int, g: torch.Generator) -> torch.Tensor:
     return src
 
 
-@pytest.mark.parametrize("trailing", [(), (5,), (3, 4)])
+@pytest.mark.parametrize("trailing", [(), (5,), (3, 4), (80,), (4, 16)])  # short rows gather, long rows index
 def test_gather_rows_matches_a_loop(trailing):
     g = torch.Generator().manual_seed(0)
     B, T, Tn = 3, 11, 6
@@ -38,16 +38,17 @@ def test_gather_rows_matches_a_loop(trailing):
         assert torch.equal(out, ref)
 
 
-def test_gather_rows_of_a_batch_expanded_table():
+@pytest.mark.parametrize("dh", [4, 64])
+def test_gather_rows_of_a_batch_expanded_table(dh):
     # rotary tables arrive as [1, T, dh] expanded to B rows (stride 0): gathered per row all the same
     g = torch.Generator().manual_seed(1)
-    table = torch.randn(1, 9, 4, generator=g).expand(3, 9, 4)
+    table = torch.randn(1, 9, dh, generator=g).expand(3, 9, dh)
     src = _src(3, 9, 5, g)
     out = gather_rows(table, src, 0.0)
     for b in range(3):
         for j in range(5):
             s = int(src[b, j])
-            assert torch.equal(out[b, j], table[0, s] if s >= 0 else torch.zeros(4))
+            assert torch.equal(out[b, j], table[0, s] if s >= 0 else torch.zeros(dh))
 
 
 def test_scatter_rows_matches_a_loop_and_leaves_the_input_alone():

@@ -5,6 +5,8 @@ Shape names: ``B`` batch, ``T`` current length, ``Tn`` new length, ``D`` hidden.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vtc.engine.types import View, keep_at_least_one
@@ -49,11 +51,15 @@ def gather_rows(x: torch.Tensor, src: torch.Tensor, fill=0) -> torch.Tensor:
     if x.dim() == 2:
         out = x.gather(1, idx)
         pad = src < 0
-    else:
-        # whole rows of [B, T, ...] by advanced indexing: one copy per kept row, not one index lookup per value
+    elif math.prod(x.shape[2:]) >= 64:
+        # long rows of [B, T, ...] by advanced indexing: one copy per kept row, not one index lookup per value
         # (a gather with the index expanded over the trailing dims is 2-3x slower on a CPU); the same values
         rows = torch.arange(src.shape[0], device=src.device).unsqueeze(1)
         out = x[rows, idx]
+        pad = (src < 0).view(*src.shape, *([1] * (x.dim() - 2)))
+    else:
+        shape = idx.shape + x.shape[2:]
+        out = x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(shape))
         pad = (src < 0).view(*src.shape, *([1] * (x.dim() - 2)))
     if fill is None:
         return out
