@@ -1,10 +1,14 @@
-"""Where vtc's prefill hook time goes: one patched prefill of the ``hook_overhead.py ranking`` model under cProfile.
+"""Where vtc's prefill hook time goes: patched prefills of the ``hook_overhead.py ranking`` model, profiled.
 
-    python benchmarks/profile_hooks.py pdrop_64 prd_skip --threads 1 --top 40
+    python benchmarks/profile_hooks.py pdrop_64 prd_skip --threads 1 --spans --no-profile
+    python benchmarks/profile_hooks.py pdrop_64 --threads 1 --top 40 --sort tottime
 
-For each preset: the hook time (:meth:`vtc.Handle.start_timing`) and prefill time of ``--repeats`` plain
-prefills (median), then one prefill under :mod:`cProfile`, printed by cumulative time restricted to vtc's
-own functions and the torch ops they call (``--top`` rows).
+For each preset: the hook time (:meth:`vtc.Handle.start_timing`) and forward time of ``--repeats`` forwards
+(median; ``--generate N``: ``generate()`` with N new tokens instead). ``--spans``: the inclusive host time of the
+engine's functions per prefill (wrappers installed before ``vtc.apply``), and the split of the hook time into the
+scorer's ``score()`` (the ranking rule's own work: the layer's norm, key and query projections of the whole view,
+rotary, softmax) and all other hook work (selection, views, gathers, masks, bookkeeping). Without
+``--no-profile``: one more forward under :mod:`cProfile`, restricted to vtc and torch calls (``--top`` rows).
 """
 
 from __future__ import annotations
@@ -155,10 +159,26 @@ def main(argv=None) -> int:
                     handle.remove()
                     spans = Spans()
                     handle = vtc.apply(model, method_spec(name, None))
+                    fwd, hk = 0.0, 0.0
                     for _ in range(args.repeats):
+                        handle.start_timing()
+                        t0 = time.perf_counter()
                         call()
+                        fwd += (time.perf_counter() - t0) * 1e3
+                        hk += handle.stop_timing().prefill_s * 1e3
                     print(f"-- {name}: inclusive ms per prefill (wrapped; wrapping adds ~1 us a call)")
                     spans.report(args.repeats)
+                    ms = {k: v / args.repeats for k, v in spans.ms.items()}
+                    fwd, hk = fwd / args.repeats, hk / args.repeats
+                    score = ms.get("LastQueryAttention.score", 0.0) + ms.get("Duplication.score", 0.0)
+                    proj = ms.get("DecoderKnowledge.project_qk", 0.0) + ms.get(
+                        "DecoderKnowledge.project_k", 0.0
+                    )
+                    print(
+                        f"   hooks {hk:.1f} ms = {hk / fwd:.2%} of {fwd:.0f} ms; the scorer's score() {score:.1f} ms = "
+                        f"{score / fwd:.2%} (its projections of the whole view {proj:.1f} ms = {proj / fwd:.2%}); "
+                        f"all other hook work {hk - score:.1f} ms = {(hk - score) / fwd:.2%}"
+                    )
                     handle.remove()
                     spans.remove()
                     handle = vtc.apply(model, method_spec(name, None))
