@@ -88,6 +88,14 @@ def topk_mask(
     if items is None:
         raise ValueError("topk_mask: a per-item keep [B, G] needs items [B, Tv]")
     G = keep.shape[1]
+    if G == 1:
+        # one item a row: the candidates of item 0 in score order (the same stable order), the first keep[b] kept;
+        # the same slots as the grouping below without its second sort
+        eligible = (candidates & (items == 0)).gather(1, order)
+        kept_sorted = eligible & (eligible.cumsum(1) <= keep)
+        out = torch.zeros_like(candidates)
+        out.scatter_(1, order, kept_sorted)
+        return out
     it = torch.where(candidates, items, torch.full_like(items, G)).clamp(max=G)  # non-candidates: item G
     # stable sort by item of the score order: slots grouped by item, best first within each item
     it_sorted = it.gather(1, order)

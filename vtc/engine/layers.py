@@ -149,15 +149,18 @@ class LayerSurgery(DecodeSurgery, SharedKVReaders):
             pos = gather_rows(view.pos, src, 0)
             shift = None
         else:
-            base = st.base
-            first = (
-                torch.where(base.valid, base.pos, torch.full_like(base.pos, torch.iinfo(torch.long).max))
-                .min(1)
-                .values
-            )
-            first = torch.where(base.valid.any(1), first, torch.zeros_like(first))
-            pos = torch.where(valid, first.unsqueeze(1) + valid.long().cumsum(1) - 1, torch.zeros_like(src))
-            shift = base.valid.sum(1) - valid.sum(1)
+            if st.compact_base is None:  # once per call: the base view's first valid position and valid count
+                base = st.base
+                first = (
+                    torch.where(base.valid, base.pos, torch.full_like(base.pos, torch.iinfo(torch.long).max))
+                    .min(1)
+                    .values
+                )
+                first = torch.where(base.valid.any(1), first, torch.zeros_like(first))
+                st.compact_base = (first.unsqueeze(1), base.valid.sum(1))
+            first, n_base = st.compact_base
+            pos = torch.where(valid, first + valid.long().cumsum(1) - 1, torch.zeros_like(src))
+            shift = n_base - valid.sum(1)
         return View(
             src=new_src,
             valid=valid,
@@ -184,12 +187,16 @@ class LayerSurgery(DecodeSurgery, SharedKVReaders):
         the ``N_item`` tokens it entered the LLM with, at least one while ``share > 0`` (unless the schedule
         has ``allow_empty``); a row without text keeps at least one token.
         """
-        share = self.plan.schedule.shares[l]
-        empty_ok = getattr(self.plan.schedule, "allow_empty", False)
         st = self.state
-        if st.n_text0 is None:
-            st.n_text0 = [t - v for t, v in zip(st.stats.prefill_tokens[0], st.stats.visual_input)]
-        return [item_counts(sizes, t, share, empty_ok) for sizes, t in zip(st.item_sizes, st.n_text0)]
+        hit = st.keep_targets.get(l)
+        if hit is None:
+            share = self.plan.schedule.shares[l]
+            empty_ok = getattr(self.plan.schedule, "allow_empty", False)
+            if st.n_text0 is None:
+                st.n_text0 = [t - v for t, v in zip(st.stats.prefill_tokens[0], st.stats.visual_input)]
+            hit = [item_counts(sizes, t, share, empty_ok) for sizes, t in zip(st.item_sizes, st.n_text0)]
+            st.keep_targets[l] = hit
+        return hit
 
     def _nothing_dropped(self, l: int, view: View) -> bool:
         """True when the selection at ``l`` would keep every visual token of ``view`` (decided on the host)."""
@@ -208,11 +215,21 @@ class LayerSurgery(DecodeSurgery, SharedKVReaders):
         rank = self.specs[l].rank_with
         rank = l if rank is None else rank
         cos, sin = self.tables(view, self.specs[rank].rotary, hidden)
-        src = view.src.clamp(min=0)
-        pad = view.src < 0
         prev = st.saved_inputs.pop(l - 1, None)
-        spans = st.spans
-        n_rows = max((s.row for s in spans), default=-1) + 1
+        if st.slot_table is None:  # once per call: one gather per context instead of one per table
+            spans = st.spans
+            n_rows = max((s.row for s in spans), default=-1) + 1
+            items = st.item_index if st.item_index is not None else torch.full_like(st.image_index, -1)
+            cols = [items, st.image_ordinal, st.grid_rc[..., 0], st.grid_rc[..., 1], st.image_index]
+            table = torch.stack([c.long() for c in cols], -1)
+            st.slot_table = (
+                table,
+                max(st.stats.visual_input, default=0),
+                max((max(s.grid) for s in spans), default=1),
+                max([sum(1 for s in spans if s.row == b) for b in range(n_rows)], default=1) or 1,
+            )
+        table, max_visual, max_grid, max_images = st.slot_table
+        slots = gather_rows(table, view.src, -1)  # [B, Tv, 5]
         return ScoreContext(
             layer_idx=l,
             hidden=hidden,
@@ -221,15 +238,13 @@ class LayerSurgery(DecodeSurgery, SharedKVReaders):
             cos=cos,
             sin=sin,
             rank_layer=rank,
-            items=None if st.item_index is None else st.item_index.gather(1, src).masked_fill(pad, -1),
-            ordinal=st.image_ordinal.gather(1, src).masked_fill(pad, -1),
-            grid_rc=st.grid_rc.gather(1, src.unsqueeze(-1).expand(-1, -1, 2)).masked_fill(
-                pad.unsqueeze(-1), -1
-            ),
-            image=st.image_index.gather(1, src).masked_fill(pad, -1),
-            max_visual=max(st.stats.visual_input, default=0),
-            max_grid=max((max(s.grid) for s in spans), default=1),
-            max_images=max([sum(1 for s in spans if s.row == b) for b in range(n_rows)], default=1) or 1,
+            items=None if st.item_index is None else slots[..., 0],
+            ordinal=slots[..., 1],
+            grid_rc=slots[..., 2:4],
+            image=slots[..., 4],
+            max_visual=max_visual,
+            max_grid=max_grid,
+            max_images=max_images,
             prev_input=prev,
             cache=st.cache(),
         )

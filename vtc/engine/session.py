@@ -47,8 +47,9 @@ from vtc.engine.types import DecoderPlan, PreLLMComponent
 @dataclass
 class HookTiming:
     """Host seconds spent inside the hooks' work since it was enabled, split into prefill and decode (the
-    per-call state, every selection, ranking, mask and rotary rebuild). On a CPU this is the hooks' share
-    of the compute; on a GPU it is launch-side host time."""
+    per-call state, every selection, ranking, mask and rotary rebuild, skip mode's re-insertion of the routed
+    rows, the outputs laid back out in the caller's positions). On a CPU this is the hooks' share of the
+    compute; on a GPU it is launch-side host time."""
 
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -168,7 +169,7 @@ class Session:
             for l, layer in enumerate(self.adapter.layers):
                 self._hook(layer, pre(self.layers.make_pre(l)), pre=True)
                 if self.plan.mode == "skip" and l in self.layers.selection:
-                    self._hook(layer, self.layers.make_skip_post(l), pre=False)
+                    self._hook(layer, pre(self.layers.make_skip_post(l)), pre=False)
             self.layers.key_reuse.attach(self._hook)
         for owner, name in self.adapter.visual_injections():
             cur = owner.__dict__.get(name)
@@ -198,14 +199,16 @@ class Session:
             )
 
     def _timed_layer(self, hook):
-        def run(module, args, kwargs):
+        """``hook`` (a decoder layer's pre- or post-hook) timed as prefill or decode work by the call's phase."""
+
+        def run(*args):
             t = self.timing
             if t is None:
-                return hook(module, args, kwargs)
+                return hook(*args)
             st = self.state
             t0 = time.perf_counter()
             try:
-                return hook(module, args, kwargs)
+                return hook(*args)
             finally:
                 if st is not None and st.in_decode:
                     t.decode_s += time.perf_counter() - t0
@@ -376,5 +379,6 @@ class Session:
         L = self.adapter.num_layers
         if st.active and not st.in_decode:
             check = self._warn_counted_labels if getattr(self._tls, "items_given", False) else None
-            return expand_outputs(output, st, L, getattr(self._tls, "labels", None), check)
+            labels = getattr(self._tls, "labels", None)
+            return self._timed(expand_outputs, decode=False)(output, st, L, labels, check)
         return None

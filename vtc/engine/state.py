@@ -88,6 +88,13 @@ class CallState:
     layer_pos_none: bool = False
     # keys a selection projected, served to its layer's k_proj on the kept rows (vtc.engine.reuse)
     key_record: object | None = None
+    # per-call constants of the selections, built at the first one: layer -> visual tokens kept per row and budget
+    # item (host ints); the per-slot tables a ScoreContext reads, stacked [B, T0, 5] long (item, ordinal, grid row,
+    # grid column, image; -1 outside visual slots) with the context's host ints; compact positions' first valid
+    # position [B] and valid count [B] of the base view
+    keep_targets: dict[int, list[list[int]]] = field(default_factory=dict)
+    slot_table: tuple | None = None
+    compact_base: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def cache(self):
         return None if self.cache_ref is None else self.cache_ref()
