@@ -64,15 +64,16 @@ def _forget_memos(model) -> None:
         model.__dict__.pop(name, None)
 
 
-def _count(hooks: dict) -> int:
+def count_hooks(hooks: dict) -> int:
+    """Hooks of one hook dict, transformers' own output-capturing hooks left out."""
     return sum(1 for h in hooks.values() if getattr(h, "__module__", None) != _TF_CAPTURE) if hooks else 0
 
 
 def _modules_state(model) -> tuple:
     return tuple(
         (
-            _count(m._forward_pre_hooks),
-            _count(m._forward_hooks),
+            count_hooks(m._forward_pre_hooks),
+            count_hooks(m._forward_hooks),
             len(m._backward_hooks),
             len(m.__dict__) - (_TF_CAPTURE_MARK in m.__dict__),
             m.training,

@@ -4,6 +4,7 @@ forced replay of a recorded selection, which is applied to a *no-cache* recomput
 from __future__ import annotations
 
 import torch
+from model_cache import count_hooks
 
 
 def generate(model, inputs: dict, steps: int = 4):
@@ -231,5 +232,12 @@ def per_image_topk(scores: torch.Tensor, cand: torch.Tensor, per_image: int, sha
 
 
 def snapshot_hooks(model) -> list[tuple[str, int, int]]:
-    """Counts of hooks on every submodule, to check that removal leaves nothing behind."""
-    return [(n, len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()]
+    """Counts of hooks on every submodule, to check that removal leaves nothing behind.
+
+    transformers' own output-capturing hooks are not counted: transformers installs them on an instance, for good,
+    the first time anything asks it for attentions or hidden states (VisionZip asks the tower), and they record
+    nothing unless asked (the rule of :mod:`model_cache`, so the result does not depend on which test ran first)."""
+    return [
+        (n, count_hooks(m._forward_pre_hooks), count_hooks(m._forward_hooks))
+        for n, m in model.named_modules()
+    ]
