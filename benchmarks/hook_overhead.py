@@ -47,18 +47,23 @@ def decode_variants() -> list:
     ]
 
 
+#: every shipped preset that ranks or drops in the decoder (``benchmarks/selection_identity.py`` reads it too)
+RANKING_PRESETS = (
+    "pdrop_default",
+    "pdrop_192",
+    "pdrop_128",
+    "pdrop_64",
+    "fastv_k2_r50",
+    "dart",
+    "prd_drop",
+    "prd_skip",
+    "random_128",
+    "uniform_128",
+)
+
+
 def ranking_variants() -> list:
-    names = [
-        "pdrop_default",
-        "pdrop_192",
-        "pdrop_128",
-        "pdrop_64",
-        "fastv_k2_r50",
-        "dart",
-        "prd_drop",
-        "prd_skip",
-    ]
-    names += ["random_128", "uniform_128"]
+    names = list(RANKING_PRESETS)
     twins = [(f"{n}_reproject", method_spec(n, None), {"reuse_keys": False}) for n in REUSE_TWINS]
     return (
         names

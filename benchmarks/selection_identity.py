@@ -15,21 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-PRESETS = (
-    "pdrop_default",
-    "pdrop_192",
-    "pdrop_128",
-    "pdrop_64",
-    "fastv_k2_r50",
-    "dart",
-    "prd_drop",
-    "prd_skip",
-    "random_128",
-    "uniform_128",
-)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark script (no package here)
+from hook_overhead import RANKING_PRESETS as PRESETS  # noqa: E402
+
 SHAPE = {
     "hidden": 128,
     "heads": 4,
