@@ -5,8 +5,8 @@ tiny model for a second or two; a test whose subject is the evaluation, not the 
 with the command line it would give ``subprocess.run`` and reads the same ``returncode``, ``stdout`` and
 ``stderr``. The process itself (console scripts, ``python -m``, fresh imports, torchrun) keeps its real
 subprocess tests: ``test_lmms_plugin`` (``vtc eval``, ``vtc report``, ``lmms-eval``), ``test_data_parallel``
-(``python -m lmms_eval`` and torchrun), ``test_newcomer`` / ``test_cli`` (``python -m vtc``, ``vtc --help``) and
-one ``vtc bench`` (``test_eval_llava_next``).
+(torchrun), ``test_newcomer`` / ``test_cli`` (``python -m vtc``, ``vtc --help``); ``make wheel-test`` runs
+``vtc eval`` from the installed wheel.
 
 What a child process would not leak is restored afterwards: environment variables (``env`` is applied for the
 call, as the child's environment), the working directory, ``sys.argv``, torch's thread count, the datasets
