@@ -141,13 +141,18 @@ def _group_suffix(items) -> None:
 def _groups_contiguous(items) -> None:
     """Run the tests of one xdist group back to back (a stable sort: each group moves to its first test's place,
     ungrouped tests keep theirs), so that a group's shared runs (e.g. the shared matrix's per-(family, attn)
-    memo) are made once and freed once in one process too, not only under ``--dist loadgroup``."""
+    memo) are made once and freed once in one process too, not only under ``--dist loadgroup``.
+
+    The groups of a module fixture (a saved checkpoint, an evaluation, a subprocess: the longest units of the
+    suite, 10-30 s each) go first: xdist hands out work in this order, so they start while the many short tests
+    are still queued to fill the gaps, instead of one of them running alone on one core at the end."""
     first: dict = {}
     keys = []
     for i, item in enumerate(items):
         mark = item.get_closest_marker("xdist_group")
         name = (mark.args[0] if mark.args else mark.kwargs.get("name")) if mark is not None else None
-        keys.append(i if name is None else first.setdefault(name, i))
+        slot = i if name is None else first.setdefault(name, i)
+        keys.append((0 if name is not None and str(name).endswith(".py") else 1, slot))
     order = sorted(range(len(items)), key=lambda i: keys[i])
     if order != list(range(len(items))):
         items[:] = [items[i] for i in order]
