@@ -13,13 +13,12 @@ import math
 
 import pytest
 import torch
-from test_gemma_eval import tiny_gemma3
+from test_gemma_eval import _tokenizer, tiny_gemma3
 
 import vtc
 from vtc.adapters.gemma import pan_and_scan_crops
 from vtc.engine.prellm import last_prellm_call
 
-SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
 WORDS = (
     "here is the original image and are some crops to help you see better what colour shape describe".split()
 )
@@ -37,26 +36,9 @@ SCHEDULE = {"kind": "explicit", "shares": [1.0, 1.0] + [SHARE] * 4, "boundaries"
 @pytest.fixture(scope="module")
 def setup():
     from PIL import Image
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import Gemma3ImageProcessor, Gemma3Processor, PreTrainedTokenizerFast
+    from transformers import Gemma3ImageProcessor, Gemma3Processor
 
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={
-            "image_token": "<image_soft_token>",
-            "boi_token": "<start_of_image>",
-            "eoi_token": "<end_of_image>",
-        },
-        padding_side="left",
-    )
+    tok, vocab = _tokenizer(WORDS)  # the eval tests' word-level tokenizer, over these words
     proc = Gemma3Processor(
         image_processor=Gemma3ImageProcessor(size={"height": 16, "width": 16}),
         tokenizer=tok,

@@ -27,11 +27,14 @@ CHAT_TEMPLATE = (
 PER_IMAGE = 16
 
 
-def _tokenizer():
+def _tokenizer(words=None):
+    """A word-level Gemma 3 tokenizer (left padding, the three image tokens named) over ``SPECIAL + words``
+    (default: punctuation and the eval task's words); returns ``(tokenizer, vocab)``."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(SPECIAL + [":", "?", ".", ","] + sorted(set(WORDS)))}
+    words = [":", "?", ".", ","] + sorted(set(WORDS)) if words is None else list(words)
+    vocab = {w: i for i, w in enumerate(SPECIAL + words)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.Whitespace()

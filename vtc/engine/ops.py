@@ -48,22 +48,19 @@ def compact_rows(keep: torch.Tensor, width: int | None = None) -> tuple[torch.Te
 def gather_rows(x: torch.Tensor, src: torch.Tensor, fill=0) -> torch.Tensor:
     """``out[b, j] = x[b, src[b, j]]`` along dim 1, ``fill`` where ``src < 0``. ``x`` is ``[B, T, ...]``."""
     idx = src.clamp(min=0)
+    trailing = [1] * (x.dim() - 2)
     if x.dim() == 2:
         out = x.gather(1, idx)
-        pad = src < 0
     elif math.prod(x.shape[2:]) >= 64:
         # long rows of [B, T, ...] by advanced indexing: one copy per kept row, not one index lookup per value
         # (a gather with the index expanded over the trailing dims is 2-3x slower on a CPU); the same values
         rows = torch.arange(src.shape[0], device=src.device).unsqueeze(1)
         out = x[rows, idx]
-        pad = (src < 0).view(*src.shape, *([1] * (x.dim() - 2)))
     else:
-        shape = idx.shape + x.shape[2:]
-        out = x.gather(1, idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(shape))
-        pad = (src < 0).view(*src.shape, *([1] * (x.dim() - 2)))
+        out = x.gather(1, idx.view(*idx.shape, *trailing).expand(idx.shape + x.shape[2:]))
     if fill is None:
         return out
-    return out.masked_fill_(pad, fill)  # ``out`` is a fresh tensor
+    return out.masked_fill_((src < 0).view(*src.shape, *trailing), fill)  # ``out`` is a fresh tensor
 
 
 def scatter_rows(
